@@ -1,0 +1,132 @@
+"""Architecture references: how an artifact names the network its tensors belong to.
+
+An architecture is either a zoo name (``lenet300``) or an import path
+(``pkg.module:callable``) plus JSON keyword arguments. Import paths run user code, so they
+are only imported when the user named them on the command line (``allow_import``); a
+manifest alone can never make tedepr import a module.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .errors import BadInput, UnsafeInput
+from .zoo import MODELS
+
+_IMPORT_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """A buildable architecture reference, stored verbatim in every manifest."""
+
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    input_shape: tuple[int, ...] | None = None  # only needed for import paths
+
+    @property
+    def is_import(self) -> bool:
+        return ":" in self.name
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "kwargs": dict(self.kwargs)}
+        if self.input_shape is not None:
+            out["input_shape"] = list(self.input_shape)
+        return out
+
+    @classmethod
+    def from_json(cls, obj: Any) -> ArchSpec:
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+            raise BadInput("manifest 'arch' must be an object with a string 'name'")
+        kwargs = obj.get("kwargs", {})
+        if not isinstance(kwargs, dict):
+            raise BadInput("manifest 'arch.kwargs' must be an object")
+        shape = obj.get("input_shape")
+        if shape is not None:
+            shape = _parse_shape(shape)
+        return cls(obj["name"], kwargs, shape)
+
+
+def _parse_shape(shape: Any) -> tuple[int, ...]:
+    if (not isinstance(shape, list | tuple) or not shape
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0
+                       for s in shape)):
+        raise BadInput(f"input shape must be a non-empty list of positive ints, got {shape!r}")
+    return tuple(shape)
+
+
+def parse_arch(name: str, kwargs_json: str | None = None,
+               input_shape: str | None = None) -> ArchSpec:
+    """Build an :class:`ArchSpec` from the ``--arch``/``--arch-kwargs``/``--input-shape``
+    strings of the command line."""
+    kwargs: dict[str, Any] = {}
+    if kwargs_json:
+        try:
+            kwargs = json.loads(kwargs_json)
+        except json.JSONDecodeError as e:
+            raise BadInput(f"--arch-kwargs is not valid JSON: {e.msg} at column {e.colno}") from None
+        if not isinstance(kwargs, dict):
+            raise BadInput("--arch-kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'")
+    shape = None
+    if input_shape:
+        try:
+            shape = _parse_shape([int(s) for s in input_shape.replace("x", ",").split(",")])
+        except ValueError:
+            raise BadInput(f"--input-shape must look like 1,28,28, got {input_shape!r}") from None
+    if ":" in name:
+        if not _IMPORT_RE.match(name):
+            raise BadInput(f"--arch {name!r} is not of the form pkg.module:callable")
+    else:
+        MODELS.get(name)  # raises with the list of choices
+    return ArchSpec(name, kwargs, shape)
+
+
+def build(spec: ArchSpec, allow_import: bool = False) -> nn.Module:
+    """Instantiate ``spec``. Import paths need ``allow_import`` (the user typed them)."""
+    if spec.is_import:
+        if not allow_import:
+            raise UnsafeInput(
+                f"the architecture {spec.name!r} is an import path: importing it runs code. "
+                f"Pass --arch {spec.name} to confirm you trust that module"
+            )
+        factory = _import(spec.name)
+    else:
+        factory = MODELS.get(spec.name)
+    try:
+        model = factory(**spec.kwargs)
+    except TypeError as e:
+        raise BadInput(f"--arch-kwargs do not fit {spec.name}: {e}") from None
+    except (ValueError, RuntimeError) as e:
+        raise BadInput(f"cannot build {spec.name} with {spec.kwargs}: {e}") from None
+    if not isinstance(model, nn.Module):
+        raise BadInput(f"{spec.name} returned {type(model).__name__}, not a torch nn.Module")
+    if spec.input_shape is not None:
+        model.input_shape = spec.input_shape
+    if getattr(model, "input_shape", None) is None:
+        raise BadInput(f"{spec.name} declares no input shape: pass --input-shape (e.g. 3,32,32)")
+    model.input_shape = tuple(int(s) for s in model.input_shape)
+    if getattr(model, "input_kind", None) not in ("flat", "image", "sequence"):
+        n = len(model.input_shape)
+        model.input_kind = {1: "flat", 2: "sequence"}.get(n, "image")
+    return model
+
+
+def _import(path: str):
+    mod_name, _, attr = path.partition(":")
+    try:
+        obj: Any = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise BadInput(f"cannot import {mod_name!r} for --arch: {e}") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise BadInput(f"{mod_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise BadInput(f"--arch {path!r} is not callable")
+    return obj

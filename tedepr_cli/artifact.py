@@ -1,0 +1,278 @@
+"""The artifact format: what every stage reads and writes (DESIGN §3).
+
+An artifact is a directory ``OUT/`` holding ``model.safetensors`` (tensors in the compact
+layouts of :mod:`tedepr_cli.storage`, with the manifest embedded in the metadata) and
+``manifest.json`` (the same manifest, for humans and tools), or a single ``.safetensors``
+file carrying the manifest in its metadata. Loading needs no pickle: the manifest names
+the architecture, the tensorization plan rebuilds factorized layers, and the tensors fill
+them.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save_file
+from torch import nn
+
+from . import __version__
+from .arch import ArchSpec, build
+from .errors import BadInput, InputNotFound
+from .fsutil import atomic_output
+from .storage import decode, encode
+
+SCHEMA = "tedepr-artifact"
+SCHEMA_VERSION = 1
+MODEL_FILE = "model.safetensors"
+MANIFEST_FILE = "manifest.json"
+META_MANIFEST = "tedepr.manifest"
+META_ENCODING = "tedepr.encoding"
+
+
+@dataclass
+class Artifact:
+    """A model with everything needed to save, reload and continue it.
+
+    ``meta`` holds the manifest sections later stages fill (``tensorization``,
+    ``pruning``, ``training``, ``metrics``, ``history``, ...); unknown sections written by a
+    newer tedepr of the same schema version are kept as they are.
+    """
+
+    model: nn.Module
+    arch: ArchSpec | None
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.model.input_shape)
+
+    @property
+    def input_kind(self) -> str:
+        return self.model.input_kind
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self.meta.setdefault("history", [])
+
+    def record(self, command: str, options: dict[str, Any], seed: int | None = None) -> None:
+        """Append a stage to the history (what ran, with which options, when, by which
+        tedepr), so an artifact explains how it was made."""
+        self.history.append({
+            "command": command,
+            "options": _jsonable(options),
+            "seed": seed,
+            "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "tool_version": __version__,
+        })
+
+    def manifest(self) -> dict[str, Any]:
+        if self.arch is None:
+            raise BadInput(
+                "this model has no architecture reference (loaded from a .pt2 program or a "
+                "pickled module); pass --arch NAME so its weights can be stored in an artifact"
+            )
+        out: dict[str, Any] = {
+            "schema": SCHEMA,
+            "schema_version": SCHEMA_VERSION,
+            "tool_version": __version__,
+            "arch": self.arch.to_json(),
+            "input_shape": list(self.input_shape),
+            "input_kind": self.input_kind,
+        }
+        for k, v in self.meta.items():
+            if k not in out:
+                out[k] = _jsonable(v)
+        out.setdefault("history", [])
+        return out
+
+
+def _jsonable(obj: Any) -> Any:
+    """Options and metrics as plain JSON (paths -> str, tuples -> lists, tensors -> lists)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, float) and obj != obj:  # NaN is not JSON
+        return None
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    return str(obj)
+
+
+# ---------------------------------------------------------------------------- save
+def save_artifact(art: Artifact, path: str | Path, overwrite: bool = False,
+                  layout: str = "auto") -> Path:
+    """Write ``art`` atomically to ``path`` (a directory, or a file ending in
+    ``.safetensors``). Returns the path written."""
+    path = Path(path)
+    manifest = art.manifest()
+    state = {k: v for k, v in art.model.state_dict().items()}
+    tensors, encoding = encode(state, art.masks, layout=layout)
+    metadata = {
+        META_MANIFEST: json.dumps(manifest, sort_keys=True),
+        META_ENCODING: json.dumps(encoding, sort_keys=True),
+    }
+    single = path.suffix == ".safetensors"
+    with atomic_output(path, overwrite=overwrite, directory=not single) as tmp:
+        if single:
+            save_file(tensors, str(tmp), metadata=metadata)
+        else:
+            save_file(tensors, str(tmp / MODEL_FILE), metadata=metadata)
+            (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------------------- load
+def is_artifact(path: str | Path) -> bool:
+    """True for an artifact directory, or a .safetensors whose metadata has a manifest."""
+    p = Path(path)
+    if p.is_dir():
+        return (p / MODEL_FILE).exists() or (p / MANIFEST_FILE).exists()
+    if p.suffix == ".safetensors" and p.is_file():
+        try:
+            return META_MANIFEST in (_read_header(p).get("__metadata__") or {})
+        except BadInput:
+            return False
+    return False
+
+
+def _read_header(path: Path) -> dict[str, Any]:
+    """The safetensors JSON header, read without touching tensor data."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise BadInput(f"{path} is not a safetensors file (truncated header)")
+            n = int.from_bytes(raw, "little")
+            if n > 100_000_000 or n > path.stat().st_size:
+                raise BadInput(f"{path} is not a safetensors file (bad header length)")
+            header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise BadInput(f"{path} is not a safetensors file (unreadable header)") from None
+    if not isinstance(header, dict):
+        raise BadInput(f"{path} is not a safetensors file (header is not an object)")
+    return header
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file, with format errors as :class:`BadInput`."""
+    header = _read_header(path)
+    meta = header.get("__metadata__") or {}
+    try:
+        tensors = st_load(path.read_bytes())
+    except (SafetensorError, ValueError, RuntimeError, OverflowError) as e:
+        raise BadInput(f"{path} is not a valid safetensors file: {e}") from None
+    return tensors, meta
+
+
+def parse_manifest(text: str, where: str) -> dict[str, Any]:
+    """Parse and validate a manifest's envelope (schema, version, arch)."""
+    try:
+        m = json.loads(text)
+    except (json.JSONDecodeError, TypeError):
+        raise BadInput(f"{where}: manifest is not valid JSON") from None
+    if not isinstance(m, dict):
+        raise BadInput(f"{where}: manifest must be a JSON object")
+    if m.get("schema") != SCHEMA:
+        raise BadInput(f"{where}: not a tedepr artifact (schema {m.get('schema')!r})")
+    ver = m.get("schema_version")
+    if not isinstance(ver, int) or isinstance(ver, bool):
+        raise BadInput(f"{where}: manifest schema_version must be an integer")
+    if ver > SCHEMA_VERSION or ver < 1:
+        raise BadInput(f"{where}: artifact schema version {ver} is not supported by this "
+                       f"tedepr (supports 1..{SCHEMA_VERSION}); upgrade tedepr")
+    ArchSpec.from_json(m.get("arch"))
+    for key in ("history",):
+        if key in m and not isinstance(m[key], list):
+            raise BadInput(f"{where}: manifest '{key}' must be a list")
+    for key in ("tensorization", "pruning", "metrics", "training"):
+        if m.get(key) is not None and not isinstance(m[key], dict):
+            raise BadInput(f"{where}: manifest '{key}' must be an object")
+    return m
+
+
+def load_artifact(path: str | Path, allow_import: str | None = None) -> Artifact:
+    """Rebuild an artifact's model without pickles.
+
+    ``allow_import`` is the import path the user typed with ``--arch``; a manifest that
+    names any other import path is refused (it would run code the user did not name).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputNotFound(f"{p} does not exist")
+    if p.is_dir():
+        st_path = p / MODEL_FILE
+        if not st_path.is_file():
+            raise BadInput(f"{p} is not a tedepr artifact: {MODEL_FILE} is missing")
+    else:
+        st_path = p
+    tensors, meta = read_safetensors(st_path)
+    if META_MANIFEST not in meta:
+        raise BadInput(f"{st_path} has no tedepr manifest in its metadata")
+    manifest = parse_manifest(meta[META_MANIFEST], str(st_path))
+    if p.is_dir() and (p / MANIFEST_FILE).exists():
+        side = parse_manifest((p / MANIFEST_FILE).read_text(errors="replace"),
+                              str(p / MANIFEST_FILE))
+        if side != manifest:
+            raise BadInput(f"{p / MANIFEST_FILE} differs from the manifest embedded in "
+                           f"{MODEL_FILE}; the artifact was edited or is corrupt")
+    try:
+        encoding = json.loads(meta.get(META_ENCODING, "{}"))
+    except json.JSONDecodeError:
+        raise BadInput(f"{st_path}: encoding metadata is not valid JSON") from None
+    state, masks = decode(tensors, encoding)
+    spec = ArchSpec.from_json(manifest["arch"])
+    model = build(spec, allow_import=spec.is_import and spec.name == allow_import)
+    if manifest.get("tensorization"):
+        from .tensorized.plan import rebuild  # the coarse-grain stage owns this
+
+        rebuild(model, manifest["tensorization"])
+    load_state(model, state, where=str(p))
+    model_params = dict(model.named_parameters())
+    for name in masks:
+        if name not in model_params:
+            raise BadInput(f"{p}: mask for {name!r}, which is not a parameter of the model")
+    meta_out = {k: copy.deepcopy(v) for k, v in manifest.items()
+                if k not in ("schema", "schema_version", "tool_version", "arch",
+                             "input_shape", "input_kind")}
+    model.eval()
+    return Artifact(model=model, arch=spec, masks=masks, meta=meta_out, source=str(p))
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """``load_state_dict`` with every missing, unexpected and mis-shaped key named."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shaped = [f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
+              for k in expected if k in state and state[k].shape != expected[k].shape]
+    problems = []
+    if missing:
+        problems.append("missing keys: " + ", ".join(missing))
+    if unexpected:
+        problems.append("unexpected keys: " + ", ".join(unexpected))
+    if shaped:
+        problems.append("mis-shaped keys: " + ", ".join(shaped))
+    if problems:
+        raise BadInput(f"{where} does not fit the architecture; " + "; ".join(problems))
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise BadInput(f"{where} has NaN/Inf values in: {', '.join(bad)}")
+    converted = {k: v.to(expected[k].dtype) if v.dtype != expected[k].dtype
+                 and v.is_floating_point() and expected[k].is_floating_point() else v
+                 for k, v in state.items()}
+    model.load_state_dict(converted, strict=True)

@@ -1,0 +1,182 @@
+"""The ``tedepr`` command line: thin Typer commands over the library.
+
+Each command parses options, calls one library function and renders its result (a rich
+table on stdout, or ``--json``). Errors become one line on stderr and the exit code of
+:mod:`tedepr_cli.errors`; ``-v`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from . import __version__
+from .console import print_json, setup_logging, stderr, stdout, table
+from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, TedeprError
+
+HELP = """\
+tedepr - dual-grained model compression (TEDEPR, IEEE TPAMI 2024).
+
+Pipeline: decompose (weights -> low-rank tensor-train/ring cores, coarse grain) ->
+prune (score every core entry at initialization, keep the most trainable, fine grain) ->
+finetune (masked training) -> export (compact safetensors, ONNX) -> bench (latency and
+size against the dense original). Every stage reads and writes a self-describing
+artifact directory; `tedepr prune model.pt --arch lenet300 --sparsity 0.995` runs the
+one-shot path.
+"""
+
+app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False, rich_markup_mode=None)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# ---------------------------------------------------------------------------- options
+Verbose = Annotated[int, typer.Option("--verbose", "-v", count=True,
+                                      help="More detail on stderr; tracebacks on errors.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+Arch = Annotated[str | None, typer.Option(
+    "--arch", help="Architecture of a state_dict: a zoo name (see `tedepr zoo`) or "
+    "pkg.module:callable (imported: only name modules you trust).")]
+ArchKwargs = Annotated[str | None, typer.Option(
+    "--arch-kwargs", help="JSON keyword arguments for --arch, e.g. '{\"num_classes\": 10}'.")]
+InputShape = Annotated[str | None, typer.Option(
+    "--input-shape", help="Per-sample input shape for an --arch import path, e.g. 3,32,32.")]
+TrustPickle = Annotated[bool, typer.Option(
+    "--trust-pickle", help="Allow loading pickled modules/objects. Unpickling runs code "
+    "from the file: only for files you made or trust.")]
+ModelPath = Annotated[Path, typer.Argument(
+    help="Checkpoint (.pt/.pth/.safetensors state_dict, .pt2 program) or tedepr artifact.",
+    show_default=False)]
+
+
+def _version_cb(value: bool) -> None:
+    if value:
+        print(f"tedepr {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option(
+        "--version", callback=_version_cb, is_eager=True, help="Show the version and exit.")]
+        = False) -> None:
+    """tedepr - dual-grained model compression."""
+
+
+def command(fn: F) -> F:
+    """Register ``fn`` as a command with tedepr's logging and error conventions."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        verbose = kwargs.get("verbose", 0) or 0
+        setup_logging(verbose, kwargs.get("quiet", False))
+        try:
+            return fn(*args, **kwargs)
+        except TedeprError as e:
+            if verbose:
+                traceback.print_exc(file=sys.stderr)
+            print(f"tedepr: {e.label}: {e}", file=sys.stderr)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            print("tedepr: interrupted; nothing partial was written", file=sys.stderr)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except typer.Exit:
+            raise
+        except Exception as e:  # a bug: say so, show the traceback with -v
+            if verbose:
+                traceback.print_exc(file=sys.stderr)
+            print(f"tedepr: internal error: {type(e).__name__}: {e} "
+                  "(run with -v for the traceback and report it)", file=sys.stderr)
+            raise typer.Exit(EXIT_INTERNAL) from None
+
+    return app.command(name=fn.__name__.rstrip("_").replace("_", "-"))(wrapper)  # type: ignore[return-value]
+
+
+def _arch(arch: str | None, arch_kwargs: str | None, input_shape: str | None):
+    from .arch import parse_arch
+
+    if arch is None:
+        if arch_kwargs or input_shape:
+            from .errors import UsageError
+
+            raise UsageError("--arch-kwargs/--input-shape need --arch")
+        return None
+    return parse_arch(arch, arch_kwargs, input_shape)
+
+
+def _load(path: Path, arch: str | None, arch_kwargs: str | None, input_shape: str | None,
+          trust_pickle: bool):
+    from .loading import load_model
+
+    return load_model(path, _arch(arch, arch_kwargs, input_shape), trust_pickle=trust_pickle)
+
+
+# ---------------------------------------------------------------------------- commands
+@command
+def info(path: ModelPath, arch: Arch = None, arch_kwargs: ArchKwargs = None,
+         input_shape: InputShape = None, trust_pickle: TrustPickle = False,
+         json_out: JsonOut = False, verbose: Verbose = 0, quiet: Quiet = False) -> None:
+    """Describe a checkpoint or artifact: architecture, layers, parameters, size, history."""
+    from .console import human_bytes
+    from .info import describe
+
+    art = _load(path, arch, arch_kwargs, input_shape, trust_pickle)
+    d = describe(art)
+    if json_out:
+        print_json(d)
+        return
+    name = d["arch"]["name"] if d["arch"] else d["model_class"]
+    stdout.print(f"[bold]{path}[/bold]: {name}  input {tuple(d['input_shape'])} "
+                 f"({d['input_kind']})")
+    rows = [[r["name"], r["type"], r["shapes"], r["params"], r["kept"]] for r in d["layers"]]
+    stdout.print(table(None, ["layer", "type", "shapes", "params", "kept"], rows,
+                       right={3, 4}))
+    stdout.print(f"total params {d['params']:,}  kept {d['kept_params']:,}  "
+                 f"on disk {human_bytes(d['bytes_on_disk'])}")
+    for key in ("tensorization", "pruning", "training"):
+        if key in d:
+            stdout.print(f"{key}: {_brief(d[key])}")
+    if d["history"]:
+        stdout.print(table("history", ["#", "command", "time", "seed", "version"],
+                           [[i + 1, h.get("command"), h.get("time"), h.get("seed"),
+                             h.get("tool_version")] for i, h in enumerate(d["history"])],
+                           right={0}))
+
+
+def _brief(section: dict[str, Any]) -> str:
+    keys = [k for k, v in section.items() if not isinstance(v, dict | list)]
+    return ", ".join(f"{k}={section[k]}" for k in keys[:8])
+
+
+@command
+def zoo(json_out: JsonOut = False, verbose: Verbose = 0, quiet: Quiet = False) -> None:
+    """List the built-in architectures with their input shapes and parameter counts."""
+    from .zoo import MODELS
+
+    rows = []
+    for name in MODELS:
+        m = MODELS.get(name)()
+        rows.append({"name": name, "input_shape": list(m.input_shape),
+                     "input_kind": m.input_kind,
+                     "params": sum(p.numel() for p in m.parameters())})
+    if json_out:
+        print_json(rows)
+    else:
+        stdout.print(table(None, ["arch", "input", "kind", "params"],
+                           [[r["name"], str(tuple(r["input_shape"])), r["input_kind"],
+                             r["params"]] for r in rows], right={3}))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:  # during option parsing
+        stderr.print("tedepr: interrupted")
+        sys.exit(EXIT_INTERRUPTED)

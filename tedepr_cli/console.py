@@ -1,0 +1,79 @@
+"""Output conventions shared by every command (DESIGN §6).
+
+Results go to stdout (a rich table, or JSON with ``--json``); logs, warnings and progress
+go to stderr; progress bars only on a TTY. The library logs through the ``tedepr`` logger
+and never prints; this module is the only place that decides how things look.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+log = logging.getLogger("tedepr")
+
+stdout = Console(soft_wrap=True)
+stderr = Console(stderr=True, soft_wrap=True)
+
+
+class _StderrHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        prefix = {"WARNING": "warning: ", "ERROR": "error: "}.get(record.levelname, "")
+        print(f"tedepr: {prefix}{record.getMessage()}", file=sys.stderr, flush=True)
+
+
+def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
+    """INFO by default, DEBUG with -v, only errors with -q."""
+    level = logging.ERROR if quiet else (logging.DEBUG if verbose >= 1 else logging.INFO)
+    log.handlers[:] = [_StderrHandler()]
+    log.setLevel(level)
+    log.propagate = False
+
+
+def is_tty() -> bool:
+    return sys.stderr.isatty()
+
+
+def print_json(obj: Any) -> None:
+    """Machine output: one JSON document on stdout."""
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def table(title: str | None, columns: list[str], rows: list[list[Any]],
+          right: set[int] | None = None) -> Table:
+    """A rich table; numeric columns listed in ``right`` are right-aligned."""
+    t = Table(title=title, title_justify="left", header_style="bold")
+    right = right if right is not None else set(range(1, len(columns)))
+    for i, c in enumerate(columns):
+        t.add_column(c, justify="right" if i in right else "left")
+    for r in rows:
+        t.add_row(*[fmt(v) for v in r])
+    return t
+
+
+def fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e6):
+            return f"{v:.3e}"
+        return f"{v:.4g}"
+    return str(v)
+
+
+def human_bytes(n: int | float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"

@@ -1,0 +1,58 @@
+"""``tedepr info``: what a checkpoint or artifact holds, as data (the CLI renders it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .artifact import Artifact
+
+
+def bytes_on_disk(path: str | Path) -> int:
+    p = Path(path)
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    return p.stat().st_size if p.exists() else 0
+
+
+def layer_rows(model: nn.Module, masks: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per module that owns parameters: name, type, shapes, params, kept."""
+    rows = []
+    for mname, mod in model.named_modules():
+        own = list(mod.named_parameters(recurse=False))
+        if not own:
+            continue
+        total = sum(p.numel() for _, p in own)
+        kept = 0
+        for pname, p in own:
+            full = f"{mname}.{pname}" if mname else pname
+            kept += int(masks[full].sum()) if full in masks else p.numel()
+        shapes = ", ".join(f"{n}{list(p.shape)}" for n, p in own)
+        rows.append({"name": mname or "(root)", "type": type(mod).__name__, "shapes": shapes,
+                     "params": total, "kept": kept})
+    return rows
+
+
+def describe(art: Artifact) -> dict[str, Any]:
+    """A JSON-ready description of ``art``: architecture, layers, totals, history."""
+    rows = layer_rows(art.model, art.masks)
+    total = sum(p.numel() for p in art.model.parameters())
+    kept = sum(r["kept"] for r in rows)
+    out: dict[str, Any] = {
+        "path": art.source,
+        "arch": art.arch.to_json() if art.arch else None,
+        "model_class": type(art.model).__name__,
+        "input_shape": list(art.input_shape),
+        "input_kind": art.input_kind,
+        "params": total,
+        "kept_params": kept,
+        "bytes_on_disk": bytes_on_disk(art.source) if art.source else 0,
+        "layers": rows,
+        "history": art.history,
+    }
+    for key in ("origin", "tensorization", "pruning", "training", "metrics"):
+        if art.meta.get(key):
+            out[key] = art.meta[key]
+    return out

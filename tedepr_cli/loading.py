@@ -1,0 +1,236 @@
+"""Load any supported model input into an :class:`~tedepr_cli.artifact.Artifact`.
+
+Accepted inputs (DESIGN §3):
+
+* a tedepr artifact (directory, or ``.safetensors`` with a manifest);
+* a ``state_dict`` in ``.safetensors`` or ``.pt``/``.pth`` (``torch.load(weights_only=True)``)
+  plus an architecture (``--arch``);
+* a ``torch.export`` program ``.pt2`` (its pickled parts are checked first, see
+  :func:`_check_pt2`), used as is or, with ``--arch``, poured into that architecture;
+* a fully pickled ``nn.Module`` -- only with ``trust_pickle=True``: unpickling runs
+  arbitrary code from the file, so tedepr refuses it by default.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import pickletools
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .arch import ArchSpec, build
+from .artifact import Artifact, is_artifact, load_artifact, load_state, read_safetensors
+from .errors import BadInput, InputNotFound, UnsafeInput
+
+PICKLE_REFUSAL = (
+    "{path} is a pickled Python object, not plain tensors: unpickling it would run code "
+    "stored in the file. Save a state_dict instead (torch.save(model.state_dict(), ...)) or, "
+    "only if you trust the file's origin, pass --trust-pickle"
+)
+
+
+def load_model(path: str | Path, arch: ArchSpec | None = None,
+               trust_pickle: bool = False) -> Artifact:
+    """Load ``path`` as an :class:`Artifact` (model, architecture, masks, history)."""
+    p = Path(path)
+    if not p.exists():
+        raise InputNotFound(f"{p} does not exist")
+    if is_artifact(p):
+        art = load_artifact(p, allow_import=arch.name if arch and arch.is_import else None)
+        if arch is not None and arch.name != art.arch.name:
+            raise BadInput(f"{p} is an artifact of {art.arch.name!r}, but --arch says {arch.name!r}")
+        return art
+    if p.is_dir():
+        raise InputNotFound(f"{p} is a directory but not a tedepr artifact (no model.safetensors)")
+    suffix = p.suffix.lower()
+    if suffix == ".safetensors":
+        tensors, _ = read_safetensors(p)
+        return _from_state(p, tensors, arch)
+    if suffix == ".pt2":
+        return _load_pt2(p, arch, trust_pickle)
+    if suffix == ".onnx":
+        raise BadInput(f"{p}: ONNX models are an output of tedepr, not an input; "
+                       "load the PyTorch checkpoint or artifact instead")
+    return _load_torch_file(p, arch, trust_pickle)
+
+
+def _from_state(p: Path, state: dict[str, torch.Tensor], arch: ArchSpec | None,
+                source_kind: str = "state_dict") -> Artifact:
+    if arch is None:
+        raise BadInput(f"{p} holds only weights (a state_dict); pass --arch NAME "
+                       "(a zoo model) or --arch pkg.module:callable to say which network")
+    model = build(arch, allow_import=True)  # the user typed --arch on this command line
+    load_state(model, state, where=str(p))
+    model.eval()
+    art = Artifact(model=model, arch=arch, source=str(p))
+    art.meta["origin"] = {"path": str(p), "kind": source_kind}
+    return art
+
+
+def _find_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
+    """A state dict, or the one nested under a usual checkpoint key."""
+    if isinstance(obj, dict) and obj and all(isinstance(k, str) for k in obj):
+        if all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+        for key in ("state_dict", "model_state_dict", "model", "net", "weights"):
+            if key in obj:
+                found = _find_state_dict(obj[key])
+                if found is not None:
+                    return found
+    return None
+
+
+def _load_torch_file(p: Path, arch: ArchSpec | None, trust_pickle: bool) -> Artifact:
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # The safe loader refused: a pickle that imports/calls things, or just garbage.
+        if not _pickle_builds_objects(p.read_bytes()):
+            raise BadInput(f"{p} is not a readable PyTorch file: {_first_line(e)}") from None
+        if not trust_pickle:
+            raise UnsafeInput(PICKLE_REFUSAL.format(path=p)) from None
+        obj = _trusted_load(p)
+    except (RuntimeError, EOFError, ValueError, OSError, AttributeError, TypeError) as e:
+        raise BadInput(f"{p} is not a readable PyTorch file: {_first_line(e)}") from None
+    if isinstance(obj, nn.Module):
+        return _from_module(p, obj, arch, "pickled module")
+    state = _find_state_dict(obj)
+    if state is None:
+        raise BadInput(f"{p} holds a {type(obj).__name__}, not a state_dict of tensors or a "
+                       "module")
+    return _from_state(p, state, arch)
+
+
+def _trusted_load(p: Path) -> Any:
+    try:
+        return torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as e:  # user code ran: anything can fail
+        raise BadInput(f"{p}: unpickling failed: {_first_line(e)}") from None
+
+
+def _from_module(p: Path, module: nn.Module, arch: ArchSpec | None, kind: str) -> Artifact:
+    if arch is not None:
+        return _from_state(p, module.state_dict(), arch, source_kind=kind)
+    if getattr(module, "input_shape", None) is None:
+        raise BadInput(f"{p}: the module declares no input_shape; pass --arch to rebuild it")
+    if getattr(module, "input_kind", None) is None:
+        module.input_kind = {1: "flat", 2: "sequence"}.get(len(module.input_shape), "image")
+    module.eval()
+    art = Artifact(model=module, arch=None, source=str(p))
+    art.meta["origin"] = {"path": str(p), "kind": kind}
+    return art
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+# ---------------------------------------------------------------------------- .pt2
+_UNSAFE_OPS = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX",
+               "BUILD", "EXT1", "EXT2", "EXT4"}
+
+
+def _pickle_builds_objects(data: bytes) -> bool:
+    """True if ``data`` (a raw pickle, or a ``torch.save`` zip) is a well-formed pickle
+    that imports or calls something -- i.e. loading it would run code. Garbage is False."""
+    if data[:2] == b"PK":
+        try:
+            zf = zipfile.ZipFile(io.BytesIO(data))
+            member = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
+            if member is None:
+                return False
+            data = zf.read(member)
+        except (zipfile.BadZipFile, OSError, EOFError):
+            return False
+    try:
+        return any(op.name in _UNSAFE_OPS for op, _, _ in pickletools.genops(data))
+    except Exception:  # not a pickle at all
+        return False
+
+
+def _check_pt2(p: Path, data: bytes) -> None:
+    """Refuse a ``.pt2`` whose pickled members could run code.
+
+    ``torch.export.load`` unpickles sample inputs and some weights/constants and falls
+    back to ``weights_only=False`` when the safe loader fails, so every member that is not
+    a raw tensor payload or JSON is checked here first with the safe loader.
+    """
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+        names = zf.namelist()
+    except zipfile.BadZipFile:
+        raise BadInput(f"{p} is not a torch.export archive (not a zip file)") from None
+    raw_payloads: set[str] = set()
+    for name in names:
+        if name.endswith("_config.json") and "/data/" in name:
+            try:
+                cfg = json.loads(zf.read(name)).get("config", {})
+            except (json.JSONDecodeError, AttributeError):
+                raise BadInput(f"{p}: {name} is not valid JSON") from None
+            base = name.rsplit("/", 1)[0]
+            for entry in cfg.values():
+                if isinstance(entry, dict) and not entry.get("use_pickle", True):
+                    raw_payloads.add(f"{base}/{entry.get('path_name')}")
+    for name in names:
+        if name.endswith("/") or name in raw_payloads or name.endswith(".json"):
+            continue
+        blob = zf.read(name)
+        if blob[:2] == b"PK":
+            try:
+                torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError:
+                raise UnsafeInput(PICKLE_REFUSAL.format(path=f"{p} (member {name})")) from None
+            except Exception as e:
+                raise BadInput(f"{p}: member {name} is unreadable: {_first_line(e)}") from None
+        elif blob[:1] == b"\x80" and _pickle_builds_objects(blob):
+            raise UnsafeInput(PICKLE_REFUSAL.format(path=f"{p} (member {name})"))
+
+
+class ExportedProgramModule(nn.Module):
+    """Runs a ``torch.export`` program as a module. The program was captured in one mode
+    (usually eval) and cannot switch, so ``train()``/``eval()`` leave it as it is."""
+
+    def __init__(self, program: nn.Module) -> None:
+        super().__init__()
+        self.program = program
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.program(x)
+
+    def train(self, mode: bool = True) -> ExportedProgramModule:
+        self.training = mode
+        return self
+
+
+def _load_pt2(p: Path, arch: ArchSpec | None, trust_pickle: bool) -> Artifact:
+    data = p.read_bytes()
+    if not trust_pickle:
+        _check_pt2(p, data)
+    try:
+        ep = torch.export.load(io.BytesIO(data))
+    except Exception as e:  # torch raises many types for a bad archive
+        raise BadInput(f"{p} is not a loadable torch.export program: {_first_line(e)}") from None
+    if arch is not None:
+        # Buffers that are not persistent in the program live among its constants.
+        expected = set(build(arch, allow_import=True).state_dict())
+        state = dict(ep.state_dict)
+        state.update({k: v for k, v in ep.constants.items()
+                      if k in expected and isinstance(v, torch.Tensor)})
+        return _from_state(p, state, arch, source_kind="torch.export")
+    module = ExportedProgramModule(ep.module())
+    shapes = [n.meta["val"].shape for n in ep.graph.nodes
+              if n.op == "placeholder" and n.name in set(ep.graph_signature.user_inputs)]
+    if len(shapes) != 1:
+        raise BadInput(f"{p}: tedepr supports programs with one tensor input, found {len(shapes)}")
+    try:
+        module.input_shape = tuple(int(s) for s in shapes[0][1:])
+    except TypeError:
+        raise BadInput(f"{p}: the program's input shape is not static beyond the batch") from None
+    return _from_module(p, module, None, "torch.export")
