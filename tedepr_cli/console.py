@@ -17,7 +17,8 @@ from rich.table import Table
 
 log = logging.getLogger("tedepr")
 
-stdout = Console(soft_wrap=True)
+# Tables are results: when piped (CI logs, files) do not squeeze them into 80 columns.
+stdout = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 stderr = Console(stderr=True, soft_wrap=True)
 
 

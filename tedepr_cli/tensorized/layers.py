@@ -1,0 +1,39 @@
+"""Build any tensorized module from its JSON spec (the manifest's tensorization plan)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..errors import BadInput
+from .tr import TRConv2d, TRLinear
+from .tt import TTConv2d, TTLinear
+from .wrappers import TensorizedLSTM, TensorizedMHA
+
+FORMATS = ("tt", "tr")
+_CLASSES = {("linear", "tt"): TTLinear, ("linear", "tr"): TRLinear,
+            ("conv2d", "tt"): TTConv2d, ("conv2d", "tr"): TRConv2d}
+TENSORIZED = (TTLinear, TRLinear, TTConv2d, TRConv2d, TensorizedLSTM, TensorizedMHA)
+
+
+def build_layer(spec: dict[str, Any]) -> nn.Module:
+    """A tensorized module for ``spec``; malformed specs are :class:`BadInput`."""
+    if not isinstance(spec, dict):
+        raise BadInput("tensorization spec must be an object")
+    kind = spec.get("type")
+    try:
+        if kind == "lstm":
+            return TensorizedLSTM(spec)
+        if kind == "mha":
+            return TensorizedMHA(spec)
+        cls = _CLASSES.get((kind, spec.get("format")))
+        if cls is None:
+            raise BadInput(f"unknown tensorized layer type/format {kind!r}/{spec.get('format')!r}")
+        return cls(spec)
+    except (KeyError, TypeError, ValueError) as e:
+        raise BadInput(f"malformed tensorization spec ({type(e).__name__}: {e})") from None
+
+
+def is_tensorized(m: nn.Module) -> bool:
+    return isinstance(m, TENSORIZED)

@@ -1,0 +1,145 @@
+"""Drop-in tensorized ``nn.LSTM`` and ``nn.MultiheadAttention``.
+
+LSTM (TT-LSTM/TR-LSTM protocol, Yang et al. 2017; Pan et al. 2019): every input-to-hidden
+matrix ``W_ih`` (4H × D, the four gates folded into the first output mode) becomes a
+tensorized Linear; hidden-to-hidden ``W_hh`` stays dense. The recurrence is the one of
+``nn.LSTM`` (gates i, f, g, o), so outputs match a dense LSTM with the equivalent weights.
+
+MultiheadAttention keeps its packed ``in_proj_weight`` (3E × E) as one tensorized Linear
+E -> 3E and tensorizes ``out_proj``; attention itself is computed as in
+``nn.MultiheadAttention`` (scaled dot product, additive/boolean masks).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class TensorizedLSTM(nn.Module):
+    """``nn.LSTM`` with tensorized input projections (batch_first, layers, bidirectional)."""
+
+    kind = "lstm"
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        from .layers import build_layer
+
+        super().__init__()
+        self._spec = dict(spec)
+        self.hidden_size = int(spec["hidden_size"])
+        self.num_layers = int(spec["num_layers"])
+        self.bidirectional = bool(spec["bidirectional"])
+        self.batch_first = bool(spec["batch_first"])
+        dirs = 2 if self.bidirectional else 1
+        if len(spec["ih"]) != self.num_layers * dirs:
+            raise ValueError("LSTM spec needs one input projection per layer and direction")
+        self.ih = nn.ModuleList([build_layer(s) for s in spec["ih"]])
+        h = self.hidden_size
+        for name in self._suffixes():
+            self.register_parameter(f"weight_hh_{name}", nn.Parameter(torch.zeros(4 * h, h)))
+            if spec.get("bias", True):
+                self.register_parameter(f"bias_hh_{name}", nn.Parameter(torch.zeros(4 * h)))
+
+    def _suffixes(self) -> list[str]:
+        dirs = ["", "_reverse"] if self.bidirectional else [""]
+        return [f"l{k}{d}" for k in range(self.num_layers) for d in dirs]
+
+    def spec(self) -> dict[str, Any]:
+        return {**self._spec, "type": self.kind, "ih": [m.spec() for m in self.ih]}
+
+    def forward(self, x: Tensor, hx: tuple[Tensor, Tensor] | None = None
+                ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        b, steps = x.shape[0], x.shape[1]
+        dirs = 2 if self.bidirectional else 1
+        h0 = x.new_zeros(self.num_layers * dirs, b, self.hidden_size) if hx is None else hx[0]
+        c0 = x.new_zeros(self.num_layers * dirs, b, self.hidden_size) if hx is None else hx[1]
+        layer_in, hn, cn = x, [], []
+        for idx, name in enumerate(self._suffixes()):
+            d = idx % dirs
+            gx = self.ih[idx](layer_in)  # (B, T, 4H): the tensorized chain, all steps at once
+            w_hh = getattr(self, f"weight_hh_{name}")
+            b_hh = getattr(self, f"bias_hh_{name}", None)
+            h, c = h0[idx], c0[idx]
+            outs: list[Tensor] = [x] * steps
+            for t in (range(steps) if d == 0 else range(steps - 1, -1, -1)):
+                g = gx[:, t] + h @ w_hh.T
+                if b_hh is not None:
+                    g = g + b_hh
+                i, f, gg, o = g.chunk(4, dim=1)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(gg)
+                h = torch.sigmoid(o) * torch.tanh(c)
+                outs[t] = h
+            hn.append(h)
+            cn.append(c)
+            if d == 0:
+                fwd = torch.stack(outs, dim=1)
+            if d == dirs - 1:
+                layer_in = fwd if dirs == 1 else torch.cat([fwd, torch.stack(outs, dim=1)], dim=2)
+        out = layer_in if self.batch_first else layer_in.transpose(0, 1)
+        return out, (torch.stack(hn), torch.stack(cn))
+
+
+class TensorizedMHA(nn.Module):
+    """``nn.MultiheadAttention`` whose packed input projection and output projection are
+    tensorized Linears."""
+
+    kind = "mha"
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        from .layers import build_layer
+
+        super().__init__()
+        self._spec = dict(spec)
+        self.embed_dim = int(spec["embed_dim"])
+        self.num_heads = int(spec["num_heads"])
+        self.batch_first = bool(spec["batch_first"])
+        self.in_proj = build_layer(spec["in_proj"])
+        self.out_proj = build_layer(spec["out_proj"]) if spec.get("out_proj") else \
+            nn.Linear(self.embed_dim, self.embed_dim)
+
+    def spec(self) -> dict[str, Any]:
+        out = {**self._spec, "type": self.kind, "in_proj": self.in_proj.spec()}
+        out["out_proj"] = self.out_proj.spec() if hasattr(self.out_proj, "cores") else None
+        return out
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor,
+                key_padding_mask: Tensor | None = None, need_weights: bool = True,
+                attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        e, nh = self.embed_dim, self.num_heads
+        if query is key and key is value:
+            q, k, v = self.in_proj(query).split(e, dim=-1)
+        else:  # separate inputs: project each with its slice of the packed projection
+            q = self.in_proj(query)[..., :e]
+            k = self.in_proj(key)[..., e:2 * e]
+            v = self.in_proj(value)[..., 2 * e:]
+        b, lq, lk = q.shape[0], q.shape[1], k.shape[1]
+        q = q.reshape(b, lq, nh, e // nh).transpose(1, 2)
+        k = k.reshape(b, lk, nh, e // nh).transpose(1, 2)
+        v = v.reshape(b, lk, nh, e // nh).transpose(1, 2)
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(e // nh)
+        if is_causal and attn_mask is None:
+            attn_mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).triu(1)
+        for mask in (attn_mask, key_padding_mask):
+            if mask is None:
+                continue
+            if mask is key_padding_mask:
+                mask = mask.reshape(b, 1, 1, lk)
+            elif mask.dim() == 3:
+                mask = mask.reshape(b, nh, lq, lk)
+            att = att.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool else att + mask
+        w = F.softmax(att, dim=-1)
+        out = self.out_proj((w @ v).transpose(1, 2).reshape(b, lq, e))
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        if not need_weights:
+            return out, None
+        return out, w.mean(dim=1) if average_attn_weights else w
