@@ -334,6 +334,100 @@ def _print_plan(report: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     stdout.print(line)
 
 
+def _criteria_help() -> str:
+    from .pruning.criteria import CRITERIA
+
+    return ", ".join(CRITERIA.names())
+
+
+@command
+def prune(
+    path: ModelPath,
+    sparsity: Annotated[float | None, typer.Option(
+        "--sparsity", help="Fraction of the dense model's prunable weights to remove, in (0, 1).")] = None,
+    density: Annotated[float | None, typer.Option(
+        "--density", help="Alternative to --sparsity: the fraction to keep (1 - sparsity).")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Artifact to write (default: ./<input name>-pruned).",
+        show_default=False)] = None,
+    criterion: Annotated[str | None, typer.Option(
+        "--criterion", help="Scoring criterion: tedepr (default; trainability, needs --data), "
+        "snip, grasp, force (need --data), synflow, magnitude, random.")] = None,
+    data: DataOpt = None,
+    scope: Annotated[str, typer.Option("--scope", help="global (one top-K over all layers) or "
+                                       "layer (each layer keeps its share).")] = "global",
+    decompose_first: Annotated[bool, typer.Option(
+        "--decompose/--no-decompose", help="Decompose a dense checkpoint first (one-shot TEDEPR); "
+        "--no-decompose prunes the dense weights (the PaI baseline).")] = True,
+    fmt: Annotated[str, typer.Option("--format", help="Tensor format when decomposing first.")] = "tt",
+    rank: Annotated[int, typer.Option("--rank", help="Rank when decomposing first.")] = 8,
+    min_density: Annotated[float, typer.Option(
+        "--min-density", help="Collapse guard: each prunable tensor keeps at least this fraction "
+        "of its entries (always at least 1).")] = 0.0,
+    path_guard: Annotated[bool, typer.Option(
+        "--path-guard/--no-path-guard", help="Keep one unbroken path through every tensorized "
+        "layer's cores.")] = True,
+    steps: Annotated[int, typer.Option("--steps", help="tedepr: differentiable SGD steps.")] = 3,
+    inner_lr: Annotated[float, typer.Option("--inner-lr", help="tedepr: their learning rate.")] = 0.1,
+    rounds: Annotated[int, typer.Option("--rounds", help="synflow: pruning rounds.")] = 100,
+    iterations: Annotated[int, typer.Option("--iterations", help="force: pruning iterations.")] = 10,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per scoring batch.")] = 128,
+    threads: Annotated[int, typer.Option("--threads", help="CPU threads (results are "
+                                         "reproducible for a fixed thread count).")] = 1,
+    seed: Seed = 0,
+    overwrite: Overwrite = False,
+    arch: Arch = None, arch_kwargs: ArchKwargs = None, input_shape: InputShape = None,
+    trust_pickle: TrustPickle = False,
+    json_out: JsonOut = False, verbose: Verbose = 0, quiet: Quiet = False,
+) -> None:
+    """Fine grain: score every prunable entry at initialization and keep the most useful,
+    so that (1 - sparsity) x the dense model's prunable weights remain."""
+    import torch
+
+    from .artifact import save_artifact
+    from .console import log
+    from .decompose import DecomposeOptions
+    from .errors import UsageError
+    from .fsutil import check_output
+    from .prune import PruneOptions
+    from .prune import prune as run_prune
+    from .pruning.criteria import CriterionOptions
+
+    if (sparsity is None) == (density is None):
+        raise UsageError("give exactly one of --sparsity or --density")
+    s = sparsity if sparsity is not None else 1.0 - density
+    if threads < 1:
+        raise UsageError("--threads must be >= 1")
+    opts = PruneOptions(sparsity=s, criterion=criterion, scope=scope, min_density=min_density,
+                        path_guard=path_guard, batch_size=batch_size, seed=seed,
+                        decompose=decompose_first,
+                        criterion_options=CriterionOptions(steps=steps, inner_lr=inner_lr,
+                                                           rounds=rounds, iterations=iterations))
+    opts.validate()
+    dopts = DecomposeOptions(format=fmt, rank=rank, seed=seed)
+    dopts.validate()
+    out_path = output if output is not None else Path(f"{path.stem}-pruned")
+    check_output(out_path, overwrite)
+    torch.set_num_threads(threads)
+    torch_seed(seed)
+    art = _load(path, arch, arch_kwargs, input_shape, trust_pickle)
+    out, report = run_prune(art, opts, data, dopts)
+    save_artifact(out, out_path, overwrite=overwrite)
+    log.info(f"wrote {out_path}")
+    if json_out:
+        print_json({"output": str(out_path), **report})
+        return
+    rows = [[r["name"], r["kind"], f"{r['kept']:,}/{r['total']:,}", r["density"], r["dense_count"],
+             r["density_vs_dense"]] for r in report["layers"]]
+    stdout.print(table(f"pruned with {report['criterion']} ({report['scope']} scope)",
+                       ["layer", "kind", "kept/total", "density", "dense weights", "density vs dense"],
+                       rows, right={2, 3, 4, 5}))
+    sp = report["sparsity"]
+    stdout.print(f"kept {report['kept']:,} of {report['dense_prunable']:,} dense prunable weights: "
+                 f"sparsity {100 * sp['vs_dense']:.2f} % vs dense, {100 * sp['over_prunable']:.2f} % "
+                 f"over prunable entries, {100 * sp['over_all_params']:.2f} % over all parameters")
+
+
 def torch_seed(seed: int) -> None:
     """Seed every generator tedepr draws from."""
     import random

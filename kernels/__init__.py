@@ -1,0 +1,1 @@
+"""Kernel sources (C, Triton), installed as the package data ``tedepr_cli.csrc``."""

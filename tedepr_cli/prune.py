@@ -1,0 +1,179 @@
+"""The fine-grain stage: pruning at initialization (``tedepr prune``).
+
+A decomposed artifact has its core entries pruned; a dense checkpoint is first decomposed
+with default settings (the one-shot TEDEPR path) unless ``decompose=False`` (the dense
+pruning-at-initialization baseline). Masks are kept in the artifact and the pruned
+entries are exact zeros in the stored weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .artifact import Artifact
+from .console import log
+from .data import load_npz, present
+from .decompose import DecomposeOptions, decompose
+from .errors import BadInput, UsageError
+from .evaluate import num_outputs
+from .pruning.criteria import CRITERIA, CriterionOptions, ScoreContext
+from .pruning.masking import apply_masks, budget, check_collapse, select
+from .pruning.targets import prunable_groups
+
+DEFAULT_CRITERION = "tedepr"
+DATA_FREE_FALLBACK = "synflow"
+
+
+@dataclass
+class PruneOptions:
+    sparsity: float
+    criterion: str | None = None  # None: the default (tedepr, or synflow without data)
+    scope: str = "global"
+    min_density: float = 0.0
+    path_guard: bool = True
+    batch_size: int = 128
+    seed: int = 0
+    decompose: bool = True
+    criterion_options: CriterionOptions = field(default_factory=CriterionOptions)
+
+    def validate(self) -> None:
+        if not (0.0 < self.sparsity < 1.0):
+            raise UsageError(f"--sparsity must be in (0, 1), got {self.sparsity}")
+        if self.scope not in ("global", "layer"):
+            raise UsageError(f"--scope must be global or layer, got {self.scope!r}")
+        if not (0.0 <= self.min_density < 1.0):
+            raise UsageError(f"--min-density must be in [0, 1), got {self.min_density}")
+        if self.batch_size <= 0:
+            raise UsageError("--batch-size must be positive")
+        o = self.criterion_options
+        if o.steps < 0 or o.rounds < 1 or o.iterations < 1 or o.inner_lr <= 0:
+            raise UsageError("--steps >= 0, --rounds >= 1, --iterations >= 1, --inner-lr > 0 required")
+        if self.criterion is not None and self.criterion not in CRITERIA:
+            raise UsageError(f"unknown criterion {self.criterion!r}; choose one of: "
+                             f"{', '.join(CRITERIA.names())}")
+
+
+def _batches(data: Path, art: Artifact, n: int, size: int, gen: torch.Generator
+             ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` seeded random batches from the train split, presented as the model needs."""
+    from .data import check_labels
+
+    d = load_npz(data).subset("train")
+    check_labels(d.y, num_outputs(art.model, art.input_shape), d.path)
+    out = []
+    for _ in range(n):
+        idx = torch.randperm(len(d), generator=gen)[: min(size, len(d))].numpy()
+        out.append((present(d.x[idx], art.input_shape, art.input_kind), torch.from_numpy(d.y[idx])))
+    return out
+
+
+def resolve_criterion(requested: str | None, has_data: bool) -> tuple[str, str | None]:
+    """(criterion to use, fallback note). The default falls back to a data-free criterion
+    without data; an explicitly requested data-driven criterion needs data."""
+    name = requested or DEFAULT_CRITERION
+    crit = CRITERIA.get(name)
+    if crit.needs_data and not has_data:
+        if requested is not None:
+            free = ", ".join(n for n in CRITERIA if not CRITERIA.get(n).needs_data)
+            raise UsageError(f"criterion {name!r} scores with data: pass --data, or choose a "
+                             f"data-free criterion ({free})")
+        return DATA_FREE_FALLBACK, (f"no --data given: the default criterion {DEFAULT_CRITERION!r} needs "
+                                    f"data, so the data-free {DATA_FREE_FALLBACK!r} was used")
+    return name, None
+
+
+def prune(art: Artifact, opts: PruneOptions, data: Path | None = None,
+          decompose_opts: DecomposeOptions | None = None) -> tuple[Artifact, dict[str, Any]]:
+    """A new artifact with the least useful prunable entries masked to zero."""
+    opts.validate()
+    if art.masks:
+        raise BadInput(f"{art.source or 'the model'} is already pruned; prune the unpruned artifact")
+    criterion, fallback = resolve_criterion(opts.criterion, data is not None)
+    if fallback:
+        log.warning(fallback)
+    if not art.meta.get("tensorization") and opts.decompose:
+        dopts = decompose_opts or DecomposeOptions(seed=opts.seed)
+        art, _ = decompose(art, dopts)
+        log.info(f"decomposed with {dopts.format.upper()} rank {dopts.rank} before pruning "
+                 f"(pass a decomposed artifact or --no-decompose to control this)")
+    out = Artifact(model=copy.deepcopy(art.model).eval(), arch=art.arch, meta=copy.deepcopy(art.meta),
+                   source="")
+    model = out.model
+    groups = prunable_groups(model)
+    if not groups:
+        raise BadInput("the model has no prunable weights")
+    names = [n for g in groups for n in g.params]
+    params = dict(model.named_parameters())
+    dense = sum(g.dense_count for g in groups)
+    entries = sum(params[n].numel() for n in names)
+    kept = budget(opts.sparsity, dense)
+    gen = torch.Generator().manual_seed(opts.seed)
+    copts = opts.criterion_options
+    n_batches = {"tedepr": copts.steps + 1, "force": copts.iterations}.get(criterion, 1)
+    batches = _batches(data, art, n_batches, opts.batch_size, gen) if data is not None \
+        and CRITERIA.get(criterion).needs_data else None
+
+    def selector(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+        return select(scores, groups, k, opts.scope, opts.min_density, opts.path_guard)
+
+    t0 = time.perf_counter()
+    if kept >= entries:
+        log.warning(f"the budget keeps {kept:,} entries but the model has only {entries:,} prunable "
+                    f"entries: nothing pruned (sparsity vs dense already {1 - entries / dense:.4f})")
+        masks = {n: torch.ones_like(params[n], dtype=torch.bool) for n in names}
+    else:
+        ctx = ScoreContext(model=model, targets=names, batches=batches, input_shape=art.input_shape,
+                           generator=gen, options=copts, kept=kept, select=selector)
+        scores = CRITERIA.get(criterion).fn(ctx)
+        masks = selector(scores, kept)
+    score_s = time.perf_counter() - t0
+    check_collapse(groups, masks)
+    apply_masks(model, masks)
+    out.masks = masks
+    report = _report(model, groups, masks, dense, opts, criterion, fallback, data, score_s)
+    out.meta["pruning"] = report
+    out.record("prune", {**asdict(opts), "criterion": criterion, "data": str(data) if data else None},
+               seed=opts.seed)
+    return out, report
+
+
+def _report(model, groups, masks, dense: int, opts: PruneOptions, criterion: str,
+            fallback: str | None, data: Path | None, score_s: float) -> dict[str, Any]:
+    kept = sum(int(m.sum()) for m in masks.values())
+    entries = sum(m.numel() for m in masks.values())
+    all_params = sum(p.numel() for p in model.parameters())
+    layers = []
+    for g in groups:
+        k = sum(int(masks[n].sum()) for n in g.params)
+        t = sum(masks[n].numel() for n in g.params)
+        layers.append({"name": g.name, "kind": g.kind, "kept": k, "total": t, "density": k / t,
+                       "dense_count": g.dense_count, "density_vs_dense": k / g.dense_count,
+                       "tensors": {n: [int(masks[n].sum()), masks[n].numel()] for n in g.params}})
+    return {
+        "criterion": criterion,
+        "criterion_requested": opts.criterion or DEFAULT_CRITERION,
+        "fallback": fallback,
+        "data": str(data) if data else None,
+        "sparsity_target": opts.sparsity,
+        "scope": opts.scope,
+        "seed": opts.seed,
+        "kept": kept,
+        "budget": budget(opts.sparsity, dense),
+        "dense_prunable": dense,
+        "prunable_entries": entries,
+        "all_params": all_params,
+        "sparsity": {
+            "vs_dense": 1 - kept / dense,
+            "over_prunable": 1 - kept / entries,
+            "over_all_params": (entries - kept) / all_params,
+        },
+        "score_seconds": round(score_s, 3),
+        "layers": layers,
+        "criterion_options": asdict(opts.criterion_options),
+    }

@@ -1,0 +1,1 @@
+"""The fine grain: score prunable entries, turn scores into masks, guard against collapse."""

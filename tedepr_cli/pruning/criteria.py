@@ -1,0 +1,207 @@
+"""Pruning-at-initialization criteria: each scores every prunable entry (higher = keep).
+
+All criteria work the same on core entries of a tensorized model (autograd runs through
+the chain) and on dense weights. Scores are computed in eval mode, so normalization
+buffers are never touched; iterative criteria re-select masks with the shared
+:func:`~tedepr_cli.pruning.masking.select` between rounds.
+
+* ``tedepr`` -- trainability (ProsPr, Alizadeh et al. ICLR 2022): take ``steps``
+  differentiable SGD steps on the masked weights ``c ⊙ θ`` and score ``|∂L(θ_M)/∂c|`` at
+  ``c = 1``: entries whose removal most changes the loss *after* a little training.
+* ``snip`` -- connection sensitivity ``|g ⊙ θ|`` (Lee et al. ICLR 2019).
+* ``grasp`` -- gradient-signal preservation (Wang et al. ICLR 2020): keep-score
+  ``θ ⊙ Hg`` (GraSP removes the largest ``−θ ⊙ Hg``), logits at temperature 200.
+* ``synflow`` -- data-free synaptic flow (Tanaka et al. NeurIPS 2020): ``|θ ⊙ ∂R/∂θ|``
+  with ``R = 1ᵀ f_{|θ|}(1)``, iterated over ``rounds`` with an exponential schedule.
+* ``force`` -- iterative SNIP with resurrection (FORCE, de Jorge et al. ICLR 2021).
+* ``magnitude`` -- ``|θ|``; ``random`` -- uniform scores (honest baselines).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ..registry import Registry
+
+
+@dataclass
+class CriterionOptions:
+    steps: int = 3  # tedepr: differentiable SGD steps
+    inner_lr: float = 0.1  # tedepr: their learning rate
+    rounds: int = 100  # synflow: pruning rounds
+    iterations: int = 10  # force: pruning iterations
+    temperature: float = 200.0  # grasp
+
+
+@dataclass
+class ScoreContext:
+    """Everything a criterion may use."""
+
+    model: nn.Module
+    targets: list[str]  # prunable parameter names
+    batches: list[tuple[Tensor, Tensor]] | None
+    input_shape: tuple[int, ...]
+    generator: torch.Generator
+    options: CriterionOptions
+    kept: int  # final budget (iterative criteria schedule towards it)
+    select: Callable[[dict[str, Tensor], int], dict[str, Tensor]] = field(repr=False, default=None)
+
+
+@dataclass(frozen=True)
+class Criterion:
+    name: str
+    needs_data: bool
+    fn: Callable[[ScoreContext], dict[str, Tensor]]
+
+
+CRITERIA: Registry[Criterion] = Registry("criterion")
+
+
+def _register(name: str, needs_data: bool):
+    def deco(fn: Callable[[ScoreContext], dict[str, Tensor]]):
+        CRITERIA.register(name)(Criterion(name, needs_data, fn))
+        return fn
+
+    return deco
+
+
+def _params(ctx: ScoreContext) -> dict[str, Tensor]:
+    return {n: p.detach() for n, p in ctx.model.named_parameters()}
+
+
+def _loss(model: nn.Module, params: dict[str, Tensor], batch: tuple[Tensor, Tensor],
+          temperature: float = 1.0) -> Tensor:
+    x, y = batch
+    return F.cross_entropy(functional_call(model, params, (x,)) / temperature, y)
+
+
+# ---------------------------------------------------------------------------- criteria
+@_register("magnitude", needs_data=False)
+def magnitude(ctx: ScoreContext) -> dict[str, Tensor]:
+    p = _params(ctx)
+    return {n: p[n].abs() for n in ctx.targets}
+
+
+@_register("random", needs_data=False)
+def random_scores(ctx: ScoreContext) -> dict[str, Tensor]:
+    p = _params(ctx)
+    return {n: torch.rand(p[n].shape, generator=ctx.generator, dtype=torch.float64) for n in ctx.targets}
+
+
+def _grads(ctx: ScoreContext, params: dict[str, Tensor], batches) -> dict[str, Tensor]:
+    """Sum over ``batches`` of the loss gradient w.r.t. the (effective) target weights."""
+    total = {n: torch.zeros_like(params[n]) for n in ctx.targets}
+    for batch in batches:
+        leaves = {n: params[n].clone().requires_grad_(True) for n in ctx.targets}
+        loss = _loss(ctx.model, {**params, **leaves}, batch)
+        gs = torch.autograd.grad(loss, [leaves[n] for n in ctx.targets], allow_unused=True)
+        for n, g in zip(ctx.targets, gs, strict=True):
+            if g is not None:
+                total[n] += g
+    return total
+
+
+@_register("snip", needs_data=True)
+def snip(ctx: ScoreContext) -> dict[str, Tensor]:
+    p = _params(ctx)
+    g = _grads(ctx, p, ctx.batches[:1])
+    return {n: (g[n] * p[n]).abs() for n in ctx.targets}
+
+
+@_register("grasp", needs_data=True)
+def grasp(ctx: ScoreContext) -> dict[str, Tensor]:
+    p = _params(ctx)
+    t = ctx.options.temperature
+    batches = ctx.batches[:1]
+    stopped = {n: torch.zeros_like(p[n]) for n in ctx.targets}
+    for batch in batches:  # first gradient, no graph
+        leaves = {n: p[n].clone().requires_grad_(True) for n in ctx.targets}
+        gs = torch.autograd.grad(_loss(ctx.model, {**p, **leaves}, batch, t),
+                                 [leaves[n] for n in ctx.targets], allow_unused=True)
+        for n, g in zip(ctx.targets, gs, strict=True):
+            if g is not None:
+                stopped[n] += g
+    hg = {n: torch.zeros_like(p[n]) for n in ctx.targets}
+    for batch in batches:  # Hessian-gradient product by double backprop
+        leaves = {n: p[n].clone().requires_grad_(True) for n in ctx.targets}
+        gs = torch.autograd.grad(_loss(ctx.model, {**p, **leaves}, batch, t),
+                                 [leaves[n] for n in ctx.targets], create_graph=True, allow_unused=True)
+        z = sum((g * stopped[n]).sum() for n, g in zip(ctx.targets, gs, strict=True) if g is not None)
+        hs = torch.autograd.grad(z, [leaves[n] for n in ctx.targets], allow_unused=True)
+        for n, h in zip(ctx.targets, hs, strict=True):
+            if h is not None:
+                hg[n] += h
+    return {n: p[n] * hg[n] for n in ctx.targets}
+
+
+@_register("synflow", needs_data=False)
+def synflow(ctx: ScoreContext) -> dict[str, Tensor]:
+    model = copy.deepcopy(ctx.model).double().eval()
+    with torch.no_grad():  # linearize: |θ| everywhere (buffers too, as the reference does)
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.abs_()
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ones = torch.ones(1, *ctx.input_shape, dtype=torch.float64)
+    total = sum(base[n].numel() for n in ctx.targets)
+    rounds = max(1, ctx.options.rounds)
+    masks: dict[str, Tensor] | None = None
+    scores: dict[str, Tensor] = {}
+    for k in range(1, rounds + 1):
+        params = dict(base)
+        leaves = {n: (base[n] * masks[n] if masks else base[n]).clone().requires_grad_(True)
+                  for n in ctx.targets}
+        params.update(leaves)
+        r = functional_call(model, params, (ones,)).sum()
+        gs = torch.autograd.grad(r, [leaves[n] for n in ctx.targets], allow_unused=True)
+        scores = {n: ((g if g is not None else torch.zeros_like(leaves[n])) * leaves[n]).detach().abs()
+                  for n, g in zip(ctx.targets, gs, strict=True)}
+        if k < rounds:  # exponential schedule of densities towards the final budget
+            keep_k = int(round(total * (ctx.kept / total) ** (k / rounds)))
+            masks = ctx.select(scores, keep_k)
+    return scores
+
+
+@_register("force", needs_data=True)
+def force(ctx: ScoreContext) -> dict[str, Tensor]:
+    p = _params(ctx)
+    total = sum(p[n].numel() for n in ctx.targets)
+    its = max(1, ctx.options.iterations)
+    masks: dict[str, Tensor] | None = None
+    scores: dict[str, Tensor] = {}
+    for k in range(1, its + 1):
+        batch = ctx.batches[(k - 1) % len(ctx.batches)]
+        eff = {n: p[n] * masks[n] if masks else p[n] for n in ctx.targets}
+        g = _grads(ctx, {**p, **eff}, [batch])  # gradient at the pruned network, all entries
+        scores = {n: (g[n] * p[n]).abs() for n in ctx.targets}
+        if k < its:
+            keep_k = int(round(total * (ctx.kept / total) ** (k / its)))
+            masks = ctx.select(scores, keep_k)
+    return scores
+
+
+@_register("tedepr", needs_data=True)
+def tedepr(ctx: ScoreContext) -> dict[str, Tensor]:
+    """ProsPr-style trainability: meta-gradient of the loss after ``steps`` SGD steps."""
+    p = _params(ctx)
+    opts = ctx.options
+    cs = {n: torch.ones_like(p[n], requires_grad=True) for n in ctx.targets}
+    trainable = [n for n, q in ctx.model.named_parameters() if q.requires_grad]
+    w = {n: (p[n] * cs[n] if n in cs else p[n].clone().requires_grad_(True)) for n in trainable}
+    batches = ctx.batches
+    for t in range(opts.steps):
+        loss = _loss(ctx.model, {**p, **w}, batches[t % len(batches)])
+        gs = torch.autograd.grad(loss, [w[n] for n in trainable], create_graph=True, allow_unused=True)
+        w = {n: (w[n] - opts.inner_lr * g if g is not None else w[n])
+             for n, g in zip(trainable, gs, strict=True)}
+    final = _loss(ctx.model, {**p, **w}, batches[opts.steps % len(batches)])
+    gs = torch.autograd.grad(final, [cs[n] for n in ctx.targets], allow_unused=True)
+    return {n: (g.abs() if g is not None else torch.zeros_like(p[n])).detach()
+            for n, g in zip(ctx.targets, gs, strict=True)}

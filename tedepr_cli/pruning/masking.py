@@ -1,0 +1,154 @@
+"""Scores -> masks: global (or per-layer) top-K with collapse guards, and mask mechanics.
+
+The budget ``K = round((1 - sparsity) * D)`` where ``D`` is the dense original's prunable
+weight count (DESIGN §2.2). Before the global top-K, the guard reserves for every prunable
+tensor its best ``ceil(min_density * numel)`` entries, for every dense layer at least one
+weight, and for every tensorized layer the entries of its best-scoring path through the
+cores (greedy over rank indices, one entry per core), so no layer can end with its chain
+cut. Selection uses a stable descending sort, so ties
+resolve by position and the same scores always give the same mask.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import BadInput, CollapseError
+from .targets import Group
+
+
+@dataclass
+class Budget:
+    kept: int  # entries to keep in total
+    dense_count: int  # D, the dense original's prunable weights
+
+
+def budget(sparsity: float, dense_count: int) -> int:
+    """``K = round((1 - sparsity) · D)``, computed in decimal from the sparsity as written
+    (so 0.999 means exactly 0.999) and rounding halves up: no binary-float surprises."""
+    keep = (Decimal(1) - Decimal(repr(float(sparsity)))) * dense_count
+    return int(keep.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+def _clean(s: Tensor) -> Tensor:
+    s = s.detach().to(torch.float64).reshape(-1)
+    return torch.nan_to_num(s, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+
+
+def _best_path(scores: list[Tensor]) -> list[int]:
+    """Flat indices (one per core) of a greedy high-score path through cores shaped
+    ``(r_in, ..., r_out)`` whose rank indices chain up and close the ring."""
+    chosen: list[int] = []
+    first = scores[0].reshape(scores[0].shape[0], -1, scores[0].shape[-1])
+    flat = int(torch.argmax(_clean(first)))
+    a0, _, a = _unravel(flat, first.shape)
+    chosen.append(flat)
+    for k in range(1, len(scores)):
+        core = scores[k].reshape(scores[k].shape[0], -1, scores[k].shape[-1])
+        sub = _clean(core[a]).reshape(core.shape[1], core.shape[2])  # (mid, r_out)
+        if k == len(scores) - 1:
+            mid = int(torch.argmax(sub[:, a0]))
+            nxt = a0
+        else:
+            idx = int(torch.argmax(sub))
+            mid, nxt = divmod(idx, core.shape[2])
+        chosen.append((a * core.shape[1] + mid) * core.shape[2] + nxt)
+        a = nxt
+    return chosen
+
+
+def _unravel(flat: int, shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    a, rest = divmod(flat, shape[1] * shape[2])
+    m, b = divmod(rest, shape[2])
+    return a, m, b
+
+
+def select(scores: dict[str, Tensor], groups: list[Group], kept: int, scope: str = "global",
+           min_density: float = 0.0, path_guard: bool = True) -> dict[str, Tensor]:
+    """Boolean masks keeping ``kept`` entries (the highest scores, after the guards)."""
+    if scope == "layer":
+        total_dense = sum(g.dense_count for g in groups)
+        out: dict[str, Tensor] = {}
+        shares = _apportion([g.dense_count for g in groups], kept, total_dense)
+        for g, k in zip(groups, shares, strict=True):
+            out.update(select({n: scores[n] for n in g.params}, [g], k, "global", min_density,
+                              path_guard))
+        return out
+    if scope != "global":
+        raise BadInput(f"scope must be global or layer, got {scope!r}")
+    names = [n for g in groups for n in g.params]
+    sizes = [scores[n].numel() for n in names]
+    total = sum(sizes)
+    offsets = dict(zip(names, [sum(sizes[:i]) for i in range(len(sizes))], strict=True))
+    flat = torch.cat([_clean(scores[n]) for n in names]) if names else torch.zeros(0, dtype=torch.float64)
+    keep = torch.zeros(total, dtype=torch.bool)
+    kept = min(kept, total)
+    # guards: per-tensor floor, and one unbroken path per tensorized layer
+    kinds = {n: g.kind for g in groups for n in g.params}
+    for n, size in zip(names, sizes, strict=True):
+        floor = math.ceil(min_density * size)
+        if path_guard and kinds[n] == "dense":
+            floor = max(floor, 1)  # a dense layer's "path" is any kept weight
+        if floor:
+            part = flat[offsets[n]: offsets[n] + size]
+            top = torch.sort(part, descending=True, stable=True).indices[:floor]
+            keep[offsets[n] + top] = True
+    if path_guard:
+        for g in groups:
+            if g.kind == "cores":
+                for n, idx in zip(g.params, _best_path([scores[p] for p in g.params]), strict=True):
+                    keep[offsets[n] + idx] = True
+    reserved = int(keep.sum())
+    if reserved > kept:
+        raise BadInput(f"the collapse guard alone needs {reserved:,} entries but the budget keeps "
+                       f"{kept:,}: lower --min-density or the sparsity")
+    rest = flat.clone()
+    rest[keep] = -math.inf
+    order = torch.sort(rest, descending=True, stable=True).indices[: kept - reserved]
+    keep[order] = True
+    return {n: keep[offsets[n]: offsets[n] + s].reshape(scores[n].shape).clone()
+            for n, s in zip(names, sizes, strict=True)}
+
+
+def _apportion(weights: list[int], total: int, denom: int) -> list[int]:
+    """Integer shares of ``total`` proportional to ``weights`` (largest remainders)."""
+    raw = [total * w / denom for w in weights]
+    base = [int(math.floor(x)) for x in raw]
+    for i in sorted(range(len(raw)), key=lambda i: -(raw[i] - base[i]))[: total - sum(base)]:
+        base[i] += 1
+    return base
+
+
+def apply_masks(model: nn.Module, masks: dict[str, Tensor]) -> None:
+    """Zero the pruned entries in place (the stored parameters *are* the masked weights)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, m in masks.items():
+            params[n].mul_(m.to(params[n].dtype))
+
+
+def connected(masks: list[Tensor], kind: str) -> bool:
+    """Does any path survive? Dense: any kept weight. Cores: the boolean product of the
+    rank-transfer matrices ``R_k[a, b] = any(mask_k[a, ..., b])`` has a non-zero trace."""
+    if kind == "dense":
+        return bool(masks[0].any())
+    prod = None
+    for m in masks:
+        r = m.reshape(m.shape[0], -1, m.shape[-1]).any(dim=1).to(torch.float64)
+        prod = r if prod is None else ((prod @ r) > 0).to(torch.float64)
+    return bool(torch.diagonal(prod).any())
+
+
+def check_collapse(groups: list[Group], masks: dict[str, Tensor]) -> None:
+    """Raise :class:`CollapseError` naming the first layer whose paths are all cut."""
+    for g in groups:
+        if not connected([masks[n] for n in g.params], g.kind):
+            what = "all its weights are pruned" if g.kind == "dense" else \
+                "its cores no longer connect input to output"
+            raise CollapseError(f"layer {g.name} would collapse: {what}. Lower the sparsity, "
+                                f"raise --min-density, or keep the path guard on")

@@ -1,0 +1,63 @@
+"""What the fine grain may prune, and what each prunable tensor stands for.
+
+Prunable: the cores of tensorized layers, and the weights of dense Linear/Conv2d layers,
+LSTM ``weight_ih``/``weight_hh`` and MultiheadAttention ``in_proj_weight``. Biases,
+normalization parameters and embeddings are never pruned (as in SNIP/GraSP/SynFlow).
+
+Tensors are grouped by layer. Each group knows how many weights the *dense original* layer
+had (``dense_count``): the sparsity budget is always relative to the dense model
+(DESIGN §2.2), whether or not the layer was decomposed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..tensorized.base import TensorizedLayer
+from ..tensorized.wrappers import TensorizedLSTM
+
+
+@dataclass
+class Group:
+    """One prunable layer: its tensors (parameter names) and its dense weight count."""
+
+    name: str
+    kind: str  # "cores" or "dense"
+    params: list[str]
+    dense_count: int
+    module: nn.Module | None = field(default=None, repr=False)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def prunable_groups(model: nn.Module) -> list[Group]:
+    """Every prunable layer of ``model`` in module order."""
+    groups: list[Group] = []
+    for mname, mod in model.named_modules():
+        if isinstance(mod, TensorizedLayer):
+            groups.append(Group(mname, "cores", [_join(mname, f"cores.{i}") for i in range(len(mod.cores))],
+                                mod.dense_params(), mod))
+        elif isinstance(mod, nn.Linear | nn.Conv2d):
+            groups.append(Group(mname, "dense", [_join(mname, "weight")], mod.weight.numel(), mod))
+        elif isinstance(mod, nn.LSTM | TensorizedLSTM):
+            for pname, p in mod.named_parameters(recurse=False):
+                if pname.startswith("weight_"):
+                    groups.append(Group(_join(mname, pname), "dense", [_join(mname, pname)], p.numel(), mod))
+        elif isinstance(mod, nn.MultiheadAttention) and mod.in_proj_weight is not None:
+            groups.append(Group(_join(mname, "in_proj_weight"), "dense",
+                                [_join(mname, "in_proj_weight")], mod.in_proj_weight.numel(), mod))
+    return groups
+
+
+def prunable_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    params = dict(model.named_parameters())
+    return {n: params[n] for g in prunable_groups(model) for n in g.params}
+
+
+def dense_prunable_count(model: nn.Module) -> int:
+    """Prunable weights of the dense model this one came from (the budget's reference)."""
+    return sum(g.dense_count for g in prunable_groups(model))

@@ -1,0 +1,1 @@
+"""The coarse grain: tensor-train / tensor-ring layers, their initialization and planner."""
