@@ -137,9 +137,21 @@ def save_artifact(art: Artifact, path: str | Path, overwrite: bool = False,
 
 
 # ---------------------------------------------------------------------------- load
-def is_artifact(path: str | Path) -> bool:
-    """True for an artifact directory, or a .safetensors whose metadata has a manifest."""
+RUN_BEST = "best"
+
+
+def resolve(path: str | Path) -> Path:
+    """A finetune run directory stands for its best checkpoint (``RUN/best``)."""
     p = Path(path)
+    if p.is_dir() and not (p / MODEL_FILE).exists() and (p / RUN_BEST / MODEL_FILE).exists():
+        return p / RUN_BEST
+    return p
+
+
+def is_artifact(path: str | Path) -> bool:
+    """True for an artifact directory (or a finetune run directory), or a .safetensors
+    whose metadata has a manifest."""
+    p = resolve(path)
     if p.is_dir():
         return (p / MODEL_FILE).exists() or (p / MANIFEST_FILE).exists()
     if p.suffix == ".safetensors" and p.is_file():
@@ -211,7 +223,7 @@ def load_artifact(path: str | Path, allow_import: str | None = None) -> Artifact
     ``allow_import`` is the import path the user typed with ``--arch``; a manifest that
     names any other import path is refused (it would run code the user did not name).
     """
-    p = Path(path)
+    p = resolve(path)
     if not p.exists():
         raise InputNotFound(f"{p} does not exist")
     if p.is_dir():

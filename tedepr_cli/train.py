@@ -1,0 +1,402 @@
+"""Masked training (``tedepr finetune``): pruned entries stay exactly zero, runs resume
+exactly, and the same loop scales out under ``torchrun`` with DistributedDataParallel.
+
+A run directory ``OUT/`` holds ``best/`` and ``last/`` (artifacts, each replaced
+atomically), ``metrics.jsonl`` (one JSON line per epoch) and ``state.pt`` (the resumable
+state: weights, optimizer, schedule, epoch, best score; plain tensors, loaded with
+``weights_only=True``). Loading ``OUT`` as a model gives ``best/``.
+
+Exactness: each epoch's shuffle comes from ``seed + epoch`` alone and state is saved at
+epoch boundaries, so stopping after epoch k and resuming reproduces the uninterrupted run
+bit for bit. Under DDP every rank draws the same permutation and takes a strided share of
+each global batch; the loss is scaled so the all-reduced gradient equals the gradient of
+the mean loss over the global batch (same result as one process, up to float summation
+order).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .artifact import Artifact, save_artifact
+from .console import log
+from .data import check_labels, load_npz, present, stratified_split
+from .errors import BadInput, EngineUnavailable, OutputError, TrainingDiverged, UsageError
+from .evaluate import evaluate, num_outputs
+from .fsutil import atomic_output, check_output
+
+OPTIMIZERS = ("sgd", "adamw", "adam")
+SCHEDULES = ("cosine", "step", "constant")
+
+
+@dataclass
+class TrainOptions:
+    """The training recipe; stored in the artifact's manifest."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    step_epochs: int = 30
+    gamma: float = 0.1
+    label_smoothing: float = 0.0
+    val_fraction: float = 0.1
+    early_stopping: int = 0  # patience in epochs; 0 = off
+    limit_train: int = 0  # use only the first N (shuffled) training samples; 0 = all
+    seed: int = 0
+    device: str = "cpu"
+    threads: int = 1
+
+    def validate(self) -> None:
+        checks = [
+            (self.epochs >= 1, "--epochs must be >= 1"),
+            (self.batch_size >= 1, "--batch-size must be >= 1"),
+            (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
+            (self.lr > 0 and math.isfinite(self.lr), "--lr must be > 0"),
+            (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}"),
+            (self.warmup_epochs >= 0, "--warmup-epochs must be >= 0"),
+            (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
+            (0 <= self.val_fraction < 1, "--val-fraction must be in [0, 1)"),
+            (self.weight_decay >= 0, "--weight-decay must be >= 0"),
+            (self.early_stopping >= 0, "--early-stopping must be >= 0"),
+            (self.limit_train >= 0, "--limit-train must be >= 0"),
+            (self.threads >= 1, "--threads must be >= 1"),
+            (self.device in ("cpu", "cuda"), "--device must be cpu or cuda"),
+            (self.step_epochs >= 1 and 0 < self.gamma <= 1, "--step-epochs >= 1 and 0 < --gamma <= 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise UsageError(msg)
+
+
+# ---------------------------------------------------------------------------- data
+@dataclass
+class Splits:
+    x: torch.Tensor
+    y: torch.Tensor
+    val_x: torch.Tensor | None
+    val_y: torch.Tensor | None
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+
+def load_splits(data: Path, art: Artifact, opts: TrainOptions) -> Splits:
+    """Train (minus a stratified, seeded validation share), validation and test tensors."""
+    d = load_npz(data)
+    classes = num_outputs(art.model, art.input_shape)
+    check_labels(d.y, classes, d.path)
+    train, test = d.subset("train"), d.subset("test")
+    val_x = val_y = None
+    tx, ty = train.x, train.y
+    if opts.val_fraction > 0:
+        flags = stratified_split(train.y, opts.val_fraction, seed=opts.seed).astype(bool)
+        if flags.all() or not flags.any():
+            raise BadInput(f"{data}: too few training samples for --val-fraction {opts.val_fraction}")
+        val_x = present(train.x[flags], art.input_shape, art.input_kind)
+        val_y = torch.from_numpy(train.y[flags])
+        tx, ty = train.x[~flags], train.y[~flags]
+    if opts.limit_train:
+        keep = np.random.default_rng(opts.seed).permutation(len(ty))[: opts.limit_train]
+        tx, ty = tx[np.sort(keep)], ty[np.sort(keep)]
+    return Splits(present(tx, art.input_shape, art.input_kind), torch.from_numpy(ty), val_x, val_y,
+                  present(test.x, art.input_shape, art.input_kind), torch.from_numpy(test.y))
+
+
+# ---------------------------------------------------------------------------- masks
+class MaskEnforcer:
+    """Keeps pruned entries at exactly zero: gradients of masked entries are zeroed before
+    each step (so momentum/Adam moments stay zero) and the weights re-masked after it
+    (so weight decay cannot move them)."""
+
+    def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+        params = dict(model.named_parameters())
+        self.pairs = [(params[n], m.to(params[n].device)) for n, m in masks.items()]
+
+    def zero_grads(self) -> None:
+        for p, m in self.pairs:
+            if p.grad is not None:
+                p.grad.mul_(m)
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for p, m in self.pairs:
+            p.mul_(m)
+
+
+# ---------------------------------------------------------------------------- distributed
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_from_env() -> Dist:
+    """The torchrun environment (RANK/WORLD_SIZE/LOCAL_RANK), or a single process."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) <= 1:
+        return Dist()
+    return Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def _init_dist(d: Dist, device: str) -> None:
+    import torch.distributed as tdist
+
+    if d.world > 1 and not tdist.is_initialized():
+        tdist.init_process_group("nccl" if device == "cuda" else "gloo")
+
+
+# ---------------------------------------------------------------------------- schedule
+def lr_factor(step: int, steps_per_epoch: int, opts: TrainOptions) -> float:
+    """Linear warm-up, then cosine / step / constant decay, as a factor of ``opts.lr``."""
+    warm = opts.warmup_epochs * steps_per_epoch
+    if warm and step < warm:
+        return (step + 1) / warm
+    total = opts.epochs * steps_per_epoch
+    if opts.schedule == "cosine":
+        t = (step - warm) / max(total - warm, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+    if opts.schedule == "step":
+        return opts.gamma ** ((step // steps_per_epoch) // opts.step_epochs)
+    return 1.0
+
+
+def _optimizer(model: nn.Module, opts: TrainOptions) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if opts.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=opts.lr, momentum=opts.momentum, weight_decay=opts.weight_decay)
+    if opts.optimizer == "adam":
+        return torch.optim.Adam(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    return torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+
+
+# ---------------------------------------------------------------------------- loop
+STATE_FILE = "state.pt"
+METRICS_FILE = "metrics.jsonl"
+
+
+def _save_state(out: Path, state: dict[str, Any]) -> None:
+    with atomic_output(out / STATE_FILE, overwrite=True) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_state(out: Path) -> dict[str, Any]:
+    p = out / STATE_FILE
+    if not p.is_file():
+        raise BadInput(f"{out} has no {STATE_FILE} to resume from")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise BadInput(f"{p} is not a readable resume state: {str(e).splitlines()[0]}") from None
+
+
+def finetune(art: Artifact, data: Path, out: Path, opts: TrainOptions, resume: bool = False,
+             overwrite: bool = False, on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
+             on_batch: Callable[[int, int, int, float], None] | None = None
+             ) -> tuple[Artifact, dict[str, Any]]:
+    """Train ``art``'s model with its masks fixed; returns the best artifact and a summary.
+
+    ``on_epoch(epoch, metrics)`` runs after every epoch and ``on_batch(epoch, batch, steps,
+    loss)`` after every step, on the main process (progress UI; tests use them to
+    interrupt a run).
+    """
+    dist = dist_from_env()
+    if resume and not (out / STATE_FILE).exists():
+        ours = {"best", "last", METRICS_FILE}
+        if out.exists() and not all(c.name in ours or c.name.startswith(".") for c in out.iterdir()):
+            raise BadInput(f"{out} is not a tedepr finetune run (no {STATE_FILE}); nothing to resume")
+        log.info(f"{out} holds no completed epoch: starting from the beginning")
+        resume, overwrite = False, True
+    saved = _load_state(out) if resume else None
+    if saved is not None:
+        opts = TrainOptions(**{f.name: saved["options"][f.name] for f in fields(TrainOptions)
+                               if f.name in saved["options"]})
+        log.info(f"resuming {out} after epoch {saved['epoch']} with its saved recipe")
+    opts.validate()
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        raise EngineUnavailable("--device cuda: no CUDA device is available on this machine")
+    if not resume and dist.main:
+        check_output(out, overwrite)
+    torch.set_num_threads(opts.threads)
+    device = torch.device(f"cuda:{dist.local_rank}" if opts.device == "cuda" else "cpu")
+    _init_dist(dist, opts.device)
+    splits = load_splits(data, art, opts)
+    model = copy.deepcopy(art.model).to(device)
+    masks = {n: m.to(device) for n, m in art.masks.items()}
+    enforcer = MaskEnforcer(model, masks)
+    enforcer.apply()
+    opt = _optimizer(model, opts)
+    steps_per_epoch = math.ceil(len(splits.y) / opts.batch_size)
+    start_epoch, best, stale, history = 0, -1.0, 0, []
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        start_epoch, best, stale = saved["epoch"], saved["best"], saved["stale"]
+        history = [json.loads(x) for x in saved["history"]]
+        last_good: dict[str, Any] | None = saved
+    elif dist.main:
+        if out.exists() and overwrite:
+            import shutil
+
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        try:
+            out.mkdir(parents=True, exist_ok=False)
+        except OSError as e:
+            raise OutputError(f"cannot create {out}: {e.strerror}") from None
+    train_model: nn.Module = model
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [dist.local_rank] if opts.device == "cuda" else None
+        train_model = DistributedDataParallel(model, device_ids=ids)
+        # cores with a size-1 rank get grads whose (irrelevant) stride differs from DDP's
+        # bucket view: harmless, and not the user's concern
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    recipe = asdict(opts)
+    if saved is None:
+        last_good = None
+    for epoch in range(start_epoch, opts.epochs):
+        t0 = time.perf_counter()
+        shuffle = torch.Generator().manual_seed(opts.seed * 100003 + epoch)  # stateless: exact resume
+        perm = torch.randperm(len(splits.y), generator=shuffle)
+        model.train()
+        loss_sum, correct, seen = 0.0, 0, 0
+        for b in range(steps_per_epoch):
+            idx = perm[b * opts.batch_size:(b + 1) * opts.batch_size]
+            mine = idx[dist.rank::dist.world]
+            x, y = splits.x[mine].to(device), splits.y[mine].to(device)
+            for g in opt.param_groups:
+                g["lr"] = opts.lr * lr_factor(epoch * steps_per_epoch + b, steps_per_epoch, opts)
+            opt.zero_grad(set_to_none=True)
+            out_ = train_model(x)
+            # sum over my share / global batch, times world: DDP's average is the global mean
+            loss = F.cross_entropy(out_, y, reduction="sum", label_smoothing=opts.label_smoothing) \
+                * dist.world / len(idx)
+            if not torch.isfinite(loss):
+                _diverged(out, last_good, epoch, b, dist)
+            loss.backward()
+            enforcer.zero_grads()
+            opt.step()
+            enforcer.apply()
+            loss_sum += loss.item() * len(idx) / dist.world
+            correct += int((out_.argmax(1) == y).sum())
+            seen += len(mine)
+            if on_batch and dist.main:
+                on_batch(epoch + 1, b + 1, steps_per_epoch, loss.item() / dist.world)
+        metrics = {"epoch": epoch + 1, "train_loss": loss_sum / len(splits.y),
+                   "train_accuracy": correct / max(seen, 1),
+                   "lr": opt.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 3),
+                   "examples_per_s": round(len(splits.y) / max(time.perf_counter() - t0, 1e-9), 1)}
+        if not math.isfinite(metrics["train_loss"]):
+            _diverged(out, last_good, epoch, steps_per_epoch, dist)
+        model.eval()
+        if splits.val_x is not None:
+            v = evaluate(model, splits.val_x.to(device), splits.val_y.to(device))
+            metrics.update(val_loss=v["loss"], val_accuracy=v["accuracy"])
+        score = metrics.get("val_accuracy", -metrics["train_loss"])
+        improved = score > best
+        if improved:
+            best, stale = score, 0
+        else:
+            stale += 1
+        history.append(metrics)
+        if dist.main:
+            snapshot = _artifact(art, model, masks, recipe, history, "last")
+            save_artifact(snapshot, out / "last", overwrite=True)
+            if improved:
+                best_snapshot = _artifact(art, model, masks, recipe, history, "best")
+                save_artifact(best_snapshot, out / "best", overwrite=True)
+            _write_metrics(out, history)
+            state = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                     "optimizer": _cpu(opt.state_dict()), "epoch": epoch + 1, "best": best, "stale": stale,
+                     "history": [json.dumps(h) for h in history], "options": recipe}
+            _save_state(out, state)
+            last_good = state
+            if on_epoch:
+                on_epoch(epoch + 1, metrics)
+        if opts.early_stopping and stale >= opts.early_stopping:
+            log.info(f"early stopping after epoch {epoch + 1}: no improvement for {stale} epochs")
+            break
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        tdist.barrier()
+    best_art = _final(out, art) if dist.main else art
+    summary = {"epochs_run": len(history), "best_score": best, "history": history}
+    if dist.main:
+        best_model = best_art.model.to(device)
+        t = evaluate(best_model, splits.test_x.to(device), splits.test_y.to(device))
+        best_model.cpu()
+        summary["test_accuracy"] = t["accuracy"]
+        summary["test_loss"] = t["loss"]
+        best_art.meta.setdefault("metrics", {})["finetune"] = {
+            "test_accuracy": t["accuracy"], "test_loss": t["loss"], "best_val_accuracy": best
+            if splits.val_x is not None else None, "epochs_run": len(history), "data": str(data)}
+        save_artifact(best_art, out / "best", overwrite=True)
+    return best_art, summary
+
+
+def _cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_cpu(v) for v in obj]
+    return obj
+
+
+def _artifact(src: Artifact, model: nn.Module, masks: dict[str, torch.Tensor], recipe: dict[str, Any],
+              history: list[dict[str, Any]], which: str) -> Artifact:
+    cpu_model = copy.deepcopy(model).cpu().eval()
+    a = Artifact(model=cpu_model, arch=src.arch, masks={n: m.cpu() for n, m in masks.items()},
+                 meta=copy.deepcopy(src.meta), source="")
+    a.meta["training"] = {"recipe": recipe, "checkpoint": which, "epoch": history[-1]["epoch"],
+                          "last_metrics": history[-1]}
+    a.record("finetune", recipe, seed=recipe["seed"])
+    return a
+
+
+def _write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
+    with atomic_output(out / METRICS_FILE, overwrite=True) as tmp:
+        tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
+
+
+def _final(out: Path, src: Artifact) -> Artifact:
+    from .artifact import load_artifact
+
+    allow = src.arch.name if src.arch and src.arch.is_import else None
+    return load_artifact(out / "best", allow_import=allow)
+
+
+def _diverged(out: Path, last_good: dict[str, Any] | None, epoch: int, batch: int, dist: Dist) -> None:
+    where = f"epoch {epoch + 1}, batch {batch + 1}"
+    kept = f"the last good checkpoint is {out / 'last'}" if last_good else "no checkpoint was completed"
+    raise TrainingDiverged(f"loss became NaN/Inf at {where}; {kept}. Lower --lr or add --warmup-epochs")
+
+
+def epoch_line(epoch: int, total: int, m: dict[str, Any]) -> str:
+    val = f" val_acc {100 * m['val_accuracy']:.2f} %" if "val_accuracy" in m else ""
+    return (f"epoch {epoch}/{total}: loss {m['train_loss']:.4f} train_acc "
+            f"{100 * m['train_accuracy']:.2f} %{val} lr {m['lr']:.2e} ({m['seconds']:.1f} s)")

@@ -1,0 +1,181 @@
+"""Masked fine-tuning: zeros stay zero, exact resume, DDP equivalence, eval, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tedepr_cli.arch import parse_arch
+from tedepr_cli.artifact import load_artifact
+from tedepr_cli.errors import TrainingDiverged
+from tedepr_cli.loading import load_model
+from tedepr_cli.prune import PruneOptions, prune
+from tedepr_cli.train import TrainOptions, finetune
+
+from .conftest import LENET300, MNIST, ROOT, ZOO_CASES, run_cli
+
+
+@pytest.fixture(scope="module")
+def pruned():
+    art = load_model(LENET300, parse_arch("lenet300"))
+    out, _ = prune(art, PruneOptions(sparsity=0.995, criterion="snip"), MNIST)
+    return out
+
+
+def _quick(**kw):
+    base = dict(epochs=2, batch_size=64, limit_train=512, lr=3e-3, seed=5)
+    base.update(kw)
+    return TrainOptions(**base)
+
+
+def _weights(art):
+    return {k: v.clone() for k, v in art.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("optimizer,wd", [("adamw", 0.01), ("sgd", 5e-4), ("adam", 0.0)])
+def test_pruned_entries_stay_exactly_zero(pruned, tmp_path, optimizer, wd):
+    best, summary = finetune(pruned, MNIST, tmp_path / "run", _quick(optimizer=optimizer, weight_decay=wd,
+                                                                    lr=0.05 if optimizer == "sgd" else 3e-3))
+    params = dict(best.model.named_parameters())
+    for n, m in pruned.masks.items():
+        assert torch.equal(best.masks[n], m)
+        assert torch.count_nonzero(params[n].detach()[~m]) == 0  # bit for bit zero
+        assert torch.count_nonzero(params[n].detach()[m]) > 0
+    before = dict(pruned.model.named_parameters())
+    assert any(not torch.equal(params[n], before[n]) for n in pruned.masks)  # it did train
+    assert summary["epochs_run"] == 2 and 0 <= summary["test_accuracy"] <= 1
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
+    for which in ("best", "last"):
+        a = load_artifact(tmp_path / "run" / which)
+        assert a.meta["training"]["recipe"]["optimizer"] == optimizer
+        assert a.history[-1]["command"] == "finetune"
+
+
+def test_resume_after_interrupt_is_exact(pruned, tmp_path):
+    straight, _ = finetune(pruned, MNIST, tmp_path / "a", _quick(epochs=4))
+
+    def stop(epoch, metrics):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(pruned, MNIST, tmp_path / "b", _quick(epochs=4), on_epoch=stop)
+    assert json.loads((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 2
+    finetune(pruned, MNIST, tmp_path / "b", TrainOptions(), resume=True)  # recipe comes from the run
+    a, b = load_artifact(tmp_path / "a" / "last"), load_artifact(tmp_path / "b" / "last")
+    for k, v in a.model.state_dict().items():
+        assert torch.equal(v, b.model.state_dict()[k]), k
+    strip = ("seconds", "examples_per_s")
+    ma = [{k: v for k, v in json.loads(x).items() if k not in strip}
+          for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    mb = [{k: v for k, v in json.loads(x).items() if k not in strip}
+          for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert ma == mb
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(pruned, tmp_path, monkeypatch):
+    import tedepr_cli.train as T
+
+    real = T.F.cross_entropy
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        out = real(*a, **k)
+        return out * float("nan") if calls["n"] > 8 else out  # 8 steps = epoch 1
+
+    monkeypatch.setattr(T.F, "cross_entropy", flaky)
+    with pytest.raises(TrainingDiverged, match="last good checkpoint"):
+        finetune(pruned, MNIST, tmp_path / "r", _quick(epochs=3))
+    last = load_artifact(tmp_path / "r" / "last")
+    assert last.meta["training"]["epoch"] == 1
+    assert all(torch.isfinite(p).all() for p in last.model.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(ZOO_CASES))
+def test_every_zoo_family_finetunes_through_the_cli(name, tmp_path):
+    ck = tmp_path / "m.pt"
+    from tedepr_cli.zoo import MODELS
+
+    torch.manual_seed(0)
+    torch.save(MODELS.get(name)(**ZOO_CASES[name]).state_dict(), ck)
+    kw = json.dumps(ZOO_CASES[name])
+    r = run_cli("prune", ck, "--arch", name, "--arch-kwargs", kw, "--sparsity", "0.99",
+                "--criterion", "magnitude", "-o", tmp_path / "p")
+    assert r.exit_code == 0, r.stderr
+    r = run_cli("finetune", tmp_path / "p", "--data", MNIST, "-o", tmp_path / "ft", "--epochs", "1",
+                "--limit-train", "64", "--batch-size", "32", "--json")
+    assert r.exit_code == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["epochs_run"] == 1 and 0 <= d["test_accuracy"] <= 1
+    r = run_cli("eval", tmp_path / "ft", "--data", MNIST, "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["accuracy"] == pytest.approx(d["test_accuracy"])
+
+
+def test_eval_reports_per_class_accuracy():
+    r = run_cli("eval", LENET300, "--arch", "lenet300", "--data", MNIST, "--json")
+    assert r.exit_code == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["correct"] == json.loads((ROOT / "samples" / "lenet300.json").read_text())["correct"]
+    assert set(d["per_class_accuracy"]) == {str(c) for c in range(10)} and d["examples_per_s"] > 0
+    r = run_cli("eval", LENET300, "--arch", "lenet300", "--data", MNIST)
+    assert "per-class accuracy" in r.stdout
+
+
+def test_cli_bad_input(pruned, tmp_path):
+    from tedepr_cli.artifact import save_artifact
+
+    art = save_artifact(pruned, tmp_path / "p")
+    (tmp_path / "exists").mkdir()
+    r = run_cli("finetune", art, "--data", MNIST, "-o", tmp_path / "exists")
+    assert r.exit_code == 6
+    r = run_cli("finetune", art, "--data", MNIST, "-o", tmp_path / "x", "--lr", "-1")
+    assert r.exit_code == 2 and not (tmp_path / "x").exists()
+    r = run_cli("finetune", art, "--data", MNIST, "-o", tmp_path / "x", "--device", "cuda")
+    assert r.exit_code == (10 if not torch.cuda.is_available() else 0)
+    import numpy as np
+
+    np.savez(tmp_path / "bad.npz", x=np.zeros((20, 28, 28), np.uint8), y=np.full(20, 12))
+    r = run_cli("finetune", art, "--data", tmp_path / "bad.npz", "-o", tmp_path / "y")
+    assert r.exit_code == 4 and "out of range" in r.stderr and not (tmp_path / "y").exists()
+    r = run_cli("finetune", art, "--data", MNIST, "-o", tmp_path / "z", "--resume", "--overwrite")
+    assert r.exit_code == 2
+
+
+DDP_SCRIPT = """
+import sys, torch
+from tedepr_cli.artifact import load_artifact
+from tedepr_cli.train import TrainOptions, finetune
+art = load_artifact(sys.argv[1])
+opts = TrainOptions(epochs=1, batch_size=64, limit_train=256, lr=3e-3, seed=2, val_fraction=0.1,
+                    optimizer="sgd")
+finetune(art, sys.argv[2], __import__("pathlib").Path(sys.argv[3]), opts)
+"""
+
+
+def test_ddp_two_processes_match_single_process(pruned, tmp_path):
+    from tedepr_cli.artifact import save_artifact
+
+    art = save_artifact(pruned, tmp_path / "p")
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    single = subprocess.run([sys.executable, str(script), str(art), str(MNIST), str(tmp_path / "one")],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_addr", "127.0.0.1", "--master_port", str(29500 + os.getpid() % 1000)]
+    multi = subprocess.run([*torchrun, str(script), str(art), str(MNIST), str(tmp_path / "two")],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    a, b = load_artifact(tmp_path / "one" / "last"), load_artifact(tmp_path / "two" / "last")
+    for k, v in a.model.state_dict().items():
+        assert torch.allclose(v, b.model.state_dict()[k], rtol=1e-4, atol=1e-6), k
+    for n, m in a.masks.items():  # masks survive DDP
+        assert torch.equal(b.masks[n], m) and not dict(b.model.named_parameters())[n][~m].any()
