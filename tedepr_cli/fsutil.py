@@ -74,6 +74,10 @@ def atomic_output(target: str | Path, overwrite: bool = False, directory: bool =
         yield tmp
         if not tmp.exists():
             raise OutputError(f"internal: nothing was written for {target}")
+        if tmp.is_file():  # some writers create 0600 files: give outputs the usual umask mode
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
         _fsync_tree(tmp)
         if target.exists() or target.is_symlink():
             if not overwrite:  # appeared while we worked

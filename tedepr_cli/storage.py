@@ -2,7 +2,7 @@
 
 A masked (pruned) tensor is stored as its kept values plus the index structure of its
 mask, so bytes on disk follow the kept-entry count. For each masked tensor the smallest
-of three documented layouts is chosen:
+of four documented layouts is chosen:
 
 ``csr``      ``<name>::csr.values`` (kept values, row-major), ``<name>::csr.indices``
              (column of each value, narrowest unsigned dtype), ``<name>::csr.indptr``
@@ -10,6 +10,11 @@ of three documented layouts is chosen:
 ``coo``      ``<name>::coo.values`` and ``<name>::coo.index`` (flat positions, ascending).
 ``bitmask``  ``<name>::bitmask.values`` and ``<name>::bitmask.bits`` (``numpy.packbits``
              of the flattened mask, big-endian bit order).
+``delta``    ``<name>::delta.values`` and ``<name>::delta.gaps``: the gaps between
+             consecutive kept flat positions (first: the position itself; then
+             ``pos[i] - pos[i-1] - 1``) as unsigned LEB128 varints in a ``uint8`` array
+             -- about one byte per kept entry when gaps are < 128, close to the entropy
+             of the mask at extreme sparsity.
 
 An unmasked tensor is stored as itself under its own name. The per-tensor choice, shape and
 dtype live in the ``tedepr.encoding`` metadata entry (JSON). Decoding restores the dense
@@ -40,6 +45,40 @@ def narrowest_unsigned(max_value: int) -> type:
     return np.uint64
 
 
+def leb128_encode(values: np.ndarray) -> np.ndarray:
+    """Unsigned LEB128 (7 bits per byte, high bit = more bytes follow), vectorized."""
+    v = values.astype(np.uint64)
+    lens = np.ones(len(v), dtype=np.int64)
+    t = v >> np.uint64(7)
+    while t.any():
+        lens += t > 0
+        t >>= np.uint64(7)
+    out = np.empty(int(lens.sum()), dtype=np.uint8)
+    starts = np.cumsum(lens) - lens
+    for j in range(int(lens.max()) if len(lens) else 0):
+        sel = lens > j
+        byte = (v[sel] >> np.uint64(7 * j)) & np.uint64(0x7F)
+        more = (lens[sel] > j + 1).astype(np.uint64) << np.uint64(7)
+        out[starts[sel] + j] = (byte | more).astype(np.uint8)
+    return out
+
+
+def leb128_decode(data: np.ndarray, count: int) -> np.ndarray:
+    """Inverse of :func:`leb128_encode`; malformed input raises :class:`BadInput`."""
+    ends = np.flatnonzero(data < 0x80)
+    if len(ends) != count or (len(data) and (not len(ends) or ends[-1] != len(data) - 1)):
+        raise BadInput("varint-coded indices are malformed")
+    starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64) if count else np.zeros(0, np.int64)
+    lens = ends - starts + 1
+    if count and lens.max() > 9:
+        raise BadInput("varint-coded indices are too long")
+    out = np.zeros(count, dtype=np.int64)
+    for j in range(int(lens.max()) if count else 0):
+        sel = lens > j
+        out[sel] |= (data[starts[sel] + j].astype(np.int64) & 0x7F) << (7 * j)
+    return out
+
+
 def _to_torch(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a))
 
@@ -53,6 +92,7 @@ def _candidates(values_flat: torch.Tensor, mask: torch.Tensor) -> dict[str, dict
     out: dict[str, dict[str, Any]] = {
         "coo": {"values": vals, "index": _to_torch(pos.astype(narrowest_unsigned(max(numel - 1, 0))))},
         "bitmask": {"values": vals, "bits": _to_torch(np.packbits(flat_mask.astype(np.uint8)))},
+        "delta": {"values": vals, "gaps": _to_torch(leb128_encode(np.diff(pos, prepend=-1) - 1))},
     }
     if mask.dim() >= 2:
         rows = mask.shape[0]
@@ -77,7 +117,7 @@ def encode(state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None
            layout: str = "auto") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Turn a state dict plus masks into flat safetensors entries and their encoding map.
 
-    ``layout`` forces one of ``csr``/``coo``/``bitmask`` for every masked tensor (tests,
+    ``layout`` forces one of ``csr``/``coo``/``bitmask``/``delta`` for every masked tensor (tests,
     experiments); ``auto`` picks the smallest per tensor.
     """
     masks = masks or {}
@@ -145,6 +185,9 @@ def decode(tensors: dict[str, torch.Tensor], encoding: dict[str, Any]
         values = _part(tensors, name, lay, "values").to(dtype).reshape(-1)
         if lay == "coo":
             pos = _part(tensors, name, lay, "index").to(torch.int64)
+        elif lay == "delta":
+            gaps = leb128_decode(_part(tensors, name, lay, "gaps").numpy(), values.numel())
+            pos = torch.from_numpy(np.cumsum(gaps + 1) - 1)
         elif lay == "bitmask":
             bits = _part(tensors, name, lay, "bits").numpy()
             flat = np.unpackbits(bits)[:numel]

@@ -16,7 +16,7 @@ def _case(shape, density, seed=0):
     return w * m, m
 
 
-@pytest.mark.parametrize("layout", ["csr", "coo", "bitmask", "auto"])
+@pytest.mark.parametrize("layout", ["csr", "coo", "bitmask", "delta", "auto"])
 @pytest.mark.parametrize("shape,density", [((300, 784), 0.005), ((1, 28, 10, 8), 0.3),
                                            ((64,), 0.5), ((5, 7), 0.0), ((5, 7), 1.0)])
 def test_round_trip_is_bit_exact(layout, shape, density):
@@ -35,7 +35,7 @@ def test_sparse_layout_is_small():
     nnz = int(m.sum())
     # values (4 B) + 2-byte column indices + 301 row pointers (2 B)
     assert stored_bytes(tensors) <= nnz * 4 + nnz * 2 + 301 * 2
-    assert enc["w"]["layout"] in ("csr", "coo")
+    assert enc["w"]["layout"] in ("csr", "coo", "delta")
 
 
 def test_dense_mask_prefers_bitmask():
@@ -61,3 +61,23 @@ def test_corrupt_encoding_is_bad_input():
 def test_mask_shape_must_match():
     with pytest.raises(BadInput):
         encode({"w": torch.zeros(3, 3)}, {"w": torch.ones(3, dtype=torch.bool)})
+
+
+def test_varint_round_trip_and_malformed():
+    import numpy as np
+
+    from tedepr_cli.storage import leb128_decode, leb128_encode
+
+    v = np.array([0, 1, 127, 128, 300, 16383, 16384, 2**40], dtype=np.int64)
+    enc = leb128_encode(v)
+    assert len(enc) == 1 + 1 + 1 + 2 + 2 + 2 + 3 + 6
+    assert np.array_equal(leb128_decode(enc, len(v)), v)
+    with pytest.raises(BadInput):
+        leb128_decode(enc[:-1], len(v))
+
+
+def test_delta_layout_is_about_a_byte_per_entry_at_extreme_sparsity():
+    w, m = _case((300, 784), 0.005)
+    tensors, enc = encode({"w": w}, {"w": m}, layout="delta")
+    nnz = int(m.sum())
+    assert tensors["w::delta.gaps"].numel() <= 1.7 * nnz

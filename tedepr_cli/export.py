@@ -1,0 +1,316 @@
+"""``tedepr export``: a compact safetensors file and validated ONNX models.
+
+Everything is built in a temporary sibling of the output directory and renamed into place
+only after every format passed validation, so a failed export leaves nothing behind.
+
+* ``safetensors`` -- a single-file artifact (manifest in the metadata): masked tensors in
+  the smallest of the layouts of :mod:`tedepr_cli.storage`. Reloaded and compared with the
+  in-memory model bit for bit.
+* ``onnx`` -- the model traced by ``torch.onnx.export`` (dynamo), the tensor chain as plain
+  MatMul/Reshape/Transpose/Conv ops, one file, dynamic batch axis.
+* ``onnx-sparse`` -- the same graph with every mostly-zero initializer (cores, pruned
+  weights, and the exporter's folded views of them) stored as a ``sparse_initializer``
+  with INT64 indices (what ``onnx.checker`` requires). onnxruntime densifies them when it
+  loads the model: this saves disk, not memory or time.
+
+Each ONNX file is run with onnxruntime on sample inputs (from ``--data`` or random of the
+declared shape) at several batch sizes and compared with PyTorch; a miss beyond
+``atol + rtol·|ref|`` fails the export (exit code 8). ``sample_inputs.npy`` and
+``sample_outputs.npy`` are saved beside the models so :func:`validate_dir` can re-check
+them later without the original code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import json
+import logging
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save as st_save
+
+from .artifact import Artifact, load_artifact, save_artifact
+from .errors import BadInput, EngineUnavailable, UsageError, ValidationError
+from .fsutil import atomic_output
+
+FORMATS = ("safetensors", "onnx", "onnx-sparse")
+FILES = {"safetensors": "model.safetensors", "onnx": "model.onnx", "onnx-sparse": "model.sparse.onnx"}
+MIN_OPSET, MAX_OPSET = 17, 23
+SPARSE_MIN_ZEROS = 0.5  # initializers at least this sparse become sparse_initializers
+
+
+@dataclass
+class ExportOptions:
+    formats: list[str] = field(default_factory=lambda: ["safetensors", "onnx"])
+    opset: int = 18
+    atol: float = 1e-5
+    rtol: float = 1e-4
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 7])
+    seed: int = 0
+
+    def validate(self) -> None:
+        bad = [f for f in self.formats if f not in FORMATS]
+        if bad or not self.formats:
+            raise UsageError(f"--to takes a comma list of {', '.join(FORMATS)}; got {','.join(self.formats)}")
+        if not MIN_OPSET <= self.opset <= MAX_OPSET:
+            raise UsageError(f"--opset {self.opset} is not supported: use {MIN_OPSET}..{MAX_OPSET}")
+        if self.atol < 0 or self.rtol < 0:
+            raise UsageError("--atol/--rtol must be >= 0")
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            raise UsageError("--batch-sizes must be positive integers")
+
+
+# ---------------------------------------------------------------------------- sizes
+def sizes(data: bytes) -> tuple[int, int]:
+    """(raw bytes, gzip -9 bytes): what the disk and the wire would hold."""
+    return len(data), len(gzip.compress(data, compresslevel=9, mtime=0))
+
+
+def entropy_bytes(numel: int, kept: int) -> float:
+    """Information-theoretic minimum to say *which* ``kept`` of ``numel`` entries are kept:
+    ``log2 C(numel, kept)`` bits."""
+    if kept in (0, numel):
+        return 0.0
+    bits = (math.lgamma(numel + 1) - math.lgamma(kept + 1) - math.lgamma(numel - kept + 1)) / math.log(2)
+    return bits / 8
+
+
+def compact_report(art: Artifact, path: Path) -> dict[str, Any]:
+    """Bytes of the prunable (masked) part of a compact safetensors file against the
+    target ``4 bytes per kept value + the minimal index bytes``."""
+    from .artifact import META_ENCODING, read_safetensors
+
+    tensors, meta = read_safetensors(path)
+    enc = json.loads(meta[META_ENCODING])
+    stored = kept = 0
+    minimal_index = 0.0
+    for name, m in art.masks.items():
+        parts = [t for k, t in tensors.items() if k.startswith(f"{name}::")]
+        stored += sum(t.numel() * t.element_size() for t in parts)
+        k = int(m.sum())
+        kept += k
+        minimal_index += entropy_bytes(m.numel(), k)
+    target = 4 * kept + minimal_index
+    layouts: dict[str, int] = {}
+    for name in art.masks:
+        lay = enc[name]["layout"]
+        layouts[lay] = layouts.get(lay, 0) + 1
+    return {"masked_tensors": len(art.masks), "kept_values": kept, "stored_bytes": stored,
+            "minimal_bytes": round(target), "ratio": stored / target if target else None,
+            "layouts": layouts}
+
+
+# ---------------------------------------------------------------------------- onnx
+def _quiet_export():
+    """The exporter is chatty on stdout/stderr and in warnings; keep tedepr's streams clean."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore")
+    for name in ("torch.onnx", "torch._export", "torch.export", "onnxscript"):
+        lg = logging.getLogger(name)
+        old = lg.level
+        lg.setLevel(logging.ERROR)
+        stack.callback(lg.setLevel, old)
+    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+    return stack
+
+
+def to_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int):
+    """An ``onnx.ModelProto`` of ``model`` with a dynamic batch axis (input ``x``, output
+    ``logits``)."""
+    import torch.onnx
+
+    try:
+        with _quiet_export():
+            prog = torch.onnx.export(model, (example,), dynamo=True, external_data=False,
+                                     opset_version=opset, input_names=["x"], output_names=["logits"],
+                                     dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    except ImportError as e:
+        raise EngineUnavailable(f"ONNX export needs onnx/onnxscript: {e}") from None
+    except Exception as e:  # the exporter raises many kinds
+        raise ValidationError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    proto = prog.model_proto
+    for node in proto.graph.node:  # stack traces and FX dumps: a third of the file, and local paths
+        del node.metadata_props[:]
+    return proto
+
+
+def sparsify_initializers(proto) -> int:
+    """Move every mostly-zero initializer to ``graph.sparse_initializer`` (INT64 flat
+    indices, as ``onnx.checker`` requires). Returns how many moved."""
+    import onnx
+    from onnx import numpy_helper
+
+    keep, moved = [], 0
+    for init in proto.graph.initializer:
+        arr = numpy_helper.to_array(init)
+        if arr.size >= 16 and np.issubdtype(arr.dtype, np.floating) \
+                and (arr == 0).mean() >= SPARSE_MIN_ZEROS:
+            flat = arr.reshape(-1)
+            idx = np.flatnonzero(flat).astype(np.int64)
+            values = numpy_helper.from_array(flat[idx], name=init.name)
+            indices = numpy_helper.from_array(idx, name=f"{init.name}_indices")
+            sparse = onnx.helper.make_sparse_tensor(values, indices, list(arr.shape))
+            proto.graph.sparse_initializer.append(sparse)
+            moved += 1
+        else:
+            keep.append(init)
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(keep)
+    return moved
+
+
+def run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise EngineUnavailable(f"onnxruntime is not installed: {e}") from None
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    except Exception as e:
+        raise ValidationError(f"onnxruntime cannot run {path.name}: {str(e).splitlines()[0]}") from None
+
+
+def compare(got: np.ndarray, ref: np.ndarray, atol: float, rtol: float) -> dict[str, Any]:
+    """Max absolute / relative difference and whether ``|got - ref| <= atol + rtol·|ref|``."""
+    if got.shape != ref.shape:
+        return {"ok": False, "max_abs": None, "max_rel": None,
+                "why": f"shape {list(got.shape)} != {list(ref.shape)}"}
+    diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
+    ok = bool(np.isfinite(got).all() and (diff <= atol + rtol * np.abs(ref)).all())
+    rel = diff / np.maximum(np.abs(ref), 1e-12)
+    return {"ok": ok, "max_abs": float(diff.max()) if diff.size else 0.0,
+            "max_rel": float(rel.max()) if rel.size else 0.0}
+
+
+# ---------------------------------------------------------------------------- export
+def sample_inputs(art: Artifact, n: int, data: Path | None, seed: int) -> np.ndarray:
+    """``n`` inputs of the model's shape: the first test samples of ``data``, or random."""
+    if data is not None:
+        from .data import load_npz, present
+
+        d = load_npz(data).subset("test")
+        if len(d) < n:
+            raise BadInput(f"{data} has only {len(d)} test samples; need {n}")
+        return present(d.x[:n], art.input_shape, art.input_kind).numpy()
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, *art.input_shape, generator=g).numpy()
+
+
+def export(art: Artifact, out: Path, opts: ExportOptions, data: Path | None = None,
+           overwrite: bool = False) -> dict[str, Any]:
+    """Write the requested formats to ``out`` (a directory), each validated."""
+    import onnx
+
+    opts.validate()
+    model = art.model.eval()
+    n = max(opts.batch_sizes)
+    x_all = sample_inputs(art, n, data, opts.seed)
+    with torch.no_grad():
+        refs = {b: model(torch.from_numpy(x_all[:b])).numpy() for b in opts.batch_sizes}
+    report: dict[str, Any] = {"options": asdict(opts), "data": str(data) if data else None,
+                              "formats": {}, "validation": {}}
+    params = sum(p.numel() for p in model.parameters())
+    kept = params - sum(int((~m).sum()) for m in art.masks.values())
+    report["dense_original"] = _dense_original(art)
+    exported = art
+    with atomic_output(out, overwrite=overwrite, directory=True) as tmp:
+        np.save(tmp / "sample_inputs.npy", x_all)
+        np.save(tmp / "sample_outputs.npy", refs[n])
+        if "safetensors" in opts.formats:
+            exported = Artifact(model=art.model, arch=art.arch, masks=art.masks, meta=dict(art.meta))
+            exported.meta = json.loads(json.dumps(art.meta, default=str))
+            exported.record("export", {"formats": opts.formats})
+            path = save_artifact(exported, tmp / FILES["safetensors"])
+            allow = art.arch.name if art.arch and art.arch.is_import else None
+            back = load_artifact(path, allow_import=allow)
+            with torch.no_grad():
+                same = all(torch.equal(back.model(torch.from_numpy(x_all[:b])), torch.from_numpy(refs[b]))
+                           for b in opts.batch_sizes)
+            report["validation"]["safetensors"] = {"bit_exact": same}
+            if not same:
+                raise ValidationError("the compact safetensors file does not reload to the same outputs")
+            report["formats"]["safetensors"] = _row(path, params, kept)
+            report["compact"] = compact_report(art, path)
+        if "onnx" in opts.formats or "onnx-sparse" in opts.formats:
+            proto = to_onnx(model, torch.from_numpy(x_all[:2] if n >= 2 else x_all), opts.opset)
+            for fmt in ("onnx", "onnx-sparse"):
+                if fmt not in opts.formats:
+                    continue
+                p = proto
+                if fmt == "onnx-sparse":
+                    p = onnx.ModelProto()
+                    p.CopyFrom(proto)
+                    report["sparse_initializers"] = sparsify_initializers(p)
+                path = tmp / FILES[fmt]
+                onnx.save(p, str(path))
+                try:
+                    onnx.checker.check_model(str(path))
+                except onnx.checker.ValidationError as e:
+                    why = str(e).splitlines()[0]
+                    raise ValidationError(f"{path.name} fails onnx.checker: {why}") from None
+                checks = {b: compare(run_onnx(path, x_all[:b]), refs[b], opts.atol, opts.rtol)
+                          for b in opts.batch_sizes}
+                report["validation"][fmt] = {str(b): c for b, c in checks.items()}
+                bad = [b for b, c in checks.items() if not c["ok"]]
+                if bad:
+                    c = checks[bad[0]]
+                    raise ValidationError(f"{path.name} differs from PyTorch at batch {bad[0]}: max abs "
+                                          f"{c['max_abs']}, max rel {c['max_rel']} (atol {opts.atol}, "
+                                          f"rtol {opts.rtol})")
+                report["formats"][fmt] = _row(path, params, kept)
+        (tmp / "export.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return report
+
+
+def _row(path: Path, params: int, kept: int) -> dict[str, Any]:
+    raw, gz = sizes(path.read_bytes())
+    return {"file": path.name, "params": params, "kept": kept, "bytes": raw, "gzip_bytes": gz}
+
+
+def _dense_original(art: Artifact) -> dict[str, Any]:
+    """Size of the dense model the artifact came from (same architecture, fp32 safetensors)."""
+    if art.arch is None:
+        return {}
+    from .arch import build
+
+    dense = build(art.arch, allow_import=art.arch.is_import)
+    state = {k: v.contiguous() for k, v in dense.state_dict().items()}
+    raw, gz = sizes(st_save(state))
+    n = sum(p.numel() for p in dense.parameters())
+    return {"file": "(dense original, fp32 safetensors)", "params": n, "kept": n, "bytes": raw,
+            "gzip_bytes": gz, "note": "gzip size measured on this architecture's initial weights"}
+
+
+def validate_dir(path: Path, atol: float = 1e-5, rtol: float = 1e-4) -> dict[str, Any]:
+    """Re-run every exported model in ``path`` on its saved sample inputs."""
+    xi, xo = path / "sample_inputs.npy", path / "sample_outputs.npy"
+    if not xi.is_file() or not xo.is_file():
+        raise BadInput(f"{path} has no sample_inputs.npy/sample_outputs.npy (not a tedepr export)")
+    try:
+        x, y = np.load(xi, allow_pickle=False), np.load(xo, allow_pickle=False)
+    except ValueError as e:
+        raise BadInput(f"{path}: unreadable sample arrays: {e}") from None
+    results: dict[str, Any] = {}
+    for f in sorted(path.glob("*.onnx")):
+        results[f.name] = compare(run_onnx(f, x), y, atol, rtol)
+    st = path / FILES["safetensors"]
+    if st.exists():
+        art = load_artifact(st)
+        with torch.no_grad():
+            results[st.name] = compare(art.model(torch.from_numpy(x)).numpy(), y, atol, rtol)
+    if not results:
+        raise BadInput(f"{path} holds no exported model")
+    return results
