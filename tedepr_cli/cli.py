@@ -119,15 +119,36 @@ def _load(path: Path, arch: str | None, arch_kwargs: str | None, input_shape: st
 
 # ---------------------------------------------------------------------------- commands
 @command
-def info(path: ModelPath, arch: Arch = None, arch_kwargs: ArchKwargs = None,
+def info(path: Annotated[Path | None, typer.Argument(
+            help="Checkpoint (.pt/.pth/.safetensors state_dict, .pt2 program) or tedepr artifact "
+            "(optional with --data).", show_default=False)] = None,
+         data: Annotated[str | None, typer.Option(
+             "--data", help="Describe a data set instead (or as well): [reader:]PATH, see README "
+             "'Datasets'. With a model, also checks that the data fits it.")] = None,
+         arch: Arch = None, arch_kwargs: ArchKwargs = None,
          input_shape: InputShape = None, trust_pickle: TrustPickle = False,
          json_out: JsonOut = False, verbose: Verbose = 0, quiet: Quiet = False) -> None:
-    """Describe a checkpoint or artifact: architecture, layers, parameters, size, history."""
+    """Describe a checkpoint or artifact (architecture, layers, parameters, size, history)
+    and/or a data set (--data: reader, splits, classes, counts, sample shape)."""
     from .console import human_bytes
+    from .errors import UsageError
     from .info import describe
 
+    if path is None and data is None:
+        raise UsageError("give a model PATH, --data DATA, or both")
+    dd = _describe_data(data) if data is not None else None
+    if path is None:
+        if arch or arch_kwargs or input_shape:
+            raise UsageError("--arch/--arch-kwargs/--input-shape describe a model PATH; none was given")
+        if json_out:
+            print_json(dd[0])
+        else:
+            _print_data(dd[0])
+        return
     art = _load(path, arch, arch_kwargs, input_shape, trust_pickle)
     d = describe(art)
+    if dd is not None:
+        d["data"] = {**dd[0], "fits_model": _fits(dd[1], art)}
     if json_out:
         print_json(d)
         return
@@ -142,11 +163,64 @@ def info(path: ModelPath, arch: Arch = None, arch_kwargs: ArchKwargs = None,
     for key in ("tensorization", "pruning", "training"):
         if key in d:
             stdout.print(f"{key}: {_brief(d[key])}")
+    if art.meta.get("data"):
+        pre = art.meta["data"].get("preprocess") or {}
+        stdout.print(f"trained on: {art.meta['data'].get('reader')} data {art.meta['data'].get('path')}; "
+                     f"{_brief(pre)}")
     if d["history"]:
         stdout.print(table("history", ["#", "command", "time", "seed", "version"],
                            [[i + 1, h.get("command"), h.get("time"), h.get("seed"),
                              h.get("tool_version")] for i, h in enumerate(d["history"])],
                            right={0}))
+    if dd is not None:
+        stdout.print("")
+        _print_data(d["data"])
+
+
+def _describe_data(spec: str):
+    from .datasets import describe_dataset, open_dataset
+
+    ds = open_dataset(spec)
+    return describe_dataset(ds), ds
+
+
+def _fits(ds, art) -> dict[str, Any]:
+    """Whether ``ds`` can feed ``art``'s model: class count and one presented sample."""
+    import numpy as np
+
+    from .datasets import check_classes, make_split, resolve_preprocess
+    from .errors import TedeprError
+    from .evaluate import num_outputs
+
+    try:
+        check_classes(ds, num_outputs(art.model, art.input_shape))
+        pre = resolve_preprocess(ds, art.input_shape, art.input_kind, augment=False,
+                                 recorded=(art.meta.get("data") or {}).get("preprocess"))
+        make_split(ds, "test", art.input_shape, art.input_kind, pre).batch(np.arange(1))
+    except TedeprError as e:
+        return {"ok": False, "reason": str(e)}
+    return {"ok": True, "reason": None}
+
+
+def _print_data(d: dict[str, Any]) -> None:
+    names = d.get("class_names")
+    shown = f": {', '.join(map(str, names[:10]))}{', ...' if len(names) > 10 else ''}" if names else ""
+    stdout.print(f"[bold]{d['path']}[/bold]: {d['reader']} reader ({d['family']}), {d['classes']} classes"
+                 f"{shown}", markup=True, highlight=False)
+    rows = []
+    for name, s in d["splits"].items():
+        counts = [c for c in s["class_counts"] if c] or [0]
+        rows.append([name, s["count"], f"{min(counts)}-{max(counts)}", s["from"]])
+    stdout.print(table(None, ["split", "samples", "per class", "from"], rows, right={1, 2}))
+    shape = tuple(d["sample_shape"]) if d.get("sample_shape") else "?"
+    extra = " (sizes vary)" if d.get("sizes_vary") else ""
+    extra = " (lengths vary)" if d.get("time_steps_vary") else extra
+    stdout.print(f"sample shape {shape}{extra}, {d.get('dtype')}; {d.get('storage')}")
+    for n in d.get("notes", []):
+        stdout.print(f"note: {n}")
+    fit = d.get("fits_model")
+    if fit is not None:
+        stdout.print("fits the model: yes" if fit["ok"] else f"fits the model: no - {fit['reason']}")
 
 
 def _brief(section: dict[str, Any]) -> str:
@@ -431,9 +505,10 @@ def prune(
 @command
 def finetune(
     path: ModelPath,
-    data: Annotated[Path, typer.Option("--data", help="Labelled .npz data (train split trains, a "
-                                       "seeded --val-fraction of it validates, test split reports).",
-                                       show_default=False)],
+    data: Annotated[Path, typer.Option("--data", help="Labelled data, [reader:]PATH: .npz, CIFAR, MNIST "
+                                       "IDX, image folders, sequence clips (README 'Datasets'). The train "
+                                       "split trains, a seeded --val-fraction of it validates, the test "
+                                       "split reports.", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Run directory: best/ and last/ "
                                          "artifacts, metrics.jsonl, state.pt.", show_default=False)],
     epochs: Annotated[int, typer.Option("--epochs")] = 10,
@@ -456,6 +531,20 @@ def finetune(
         "--limit-train", help="Train on only N (seeded) samples: smoke tests.")] = 0,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
     threads: Annotated[int, typer.Option("--threads", help="CPU threads per process.")] = 1,
+    augment: Annotated[bool | None, typer.Option(
+        "--augment/--no-augment", help="Standard training augmentation of the data family (CIFAR: "
+        "random crop + flip; image folders: random-resized-crop + flip), seeded by --seed, epoch and "
+        "sample. Default: on for CIFAR and image folders, off otherwise.", show_default=False)] = None,
+    normalize: Annotated[str, typer.Option(
+        "--normalize", help="auto (the statistics recorded in the model's manifest, else the data "
+        "family's: CIFAR/ImageNet constants, none for others), standard, computed (on the train "
+        "split) or none.")] = "auto",
+    workers: Annotated[int, typer.Option(
+        "--workers", help="DataLoader worker processes reading and decoding batches (0: in the "
+        "training process). Results do not depend on it.")] = 0,
+    strict_data: Annotated[bool, typer.Option(
+        "--strict-data", help="Fail on an unreadable (corrupt) sample file instead of skipping it "
+        "with a count.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output exactly "
                                          "where it stopped (after its last completed epoch).")] = False,
     seed: Seed = 0,
@@ -476,7 +565,8 @@ def finetune(
                         warmup_epochs=warmup_epochs, step_epochs=step_epochs, gamma=gamma,
                         label_smoothing=label_smoothing, val_fraction=val_fraction,
                         early_stopping=early_stopping, limit_train=limit_train, seed=seed,
-                        device=device, threads=threads)
+                        device=device, threads=threads, augment=augment, normalize=normalize,
+                        workers=workers, strict_data=strict_data)
     opts.validate()
     if resume and overwrite:
         raise UsageError("--resume continues a run; --overwrite would discard it: choose one")
@@ -518,9 +608,10 @@ def finetune(
     if json_out:
         print_json(out)
         return
+    picked = (f"val accuracy {100 * summary['best_score']:.2f} %" if opts.val_fraction > 0
+              else f"training loss {-summary['best_score']:.4f}")
     stdout.print(f"{output}: {summary['epochs_run']} epochs; best checkpoint {output / 'best'} "
-                 f"(val accuracy {100 * summary['best_score']:.2f} %), test accuracy "
-                 f"{100 * summary['test_accuracy']:.2f} %")
+                 f"({picked}), test accuracy {100 * summary['test_accuracy']:.2f} %")
 
 
 def _progress(epochs: int):
@@ -541,10 +632,18 @@ def _progress(epochs: int):
 @command
 def eval_(
     path: ModelPath,
-    data: Annotated[Path, typer.Option("--data", help="Labelled .npz data.", show_default=False)],
+    data: Annotated[Path, typer.Option("--data", help="Labelled data, [reader:]PATH (README "
+                                       "'Datasets').", show_default=False)],
     split: Annotated[str, typer.Option("--split", help="test, train or all.")] = "test",
     batch_size: Annotated[int, typer.Option("--batch-size")] = 256,
     threads: Annotated[int, typer.Option("--threads")] = 1,
+    normalize: Annotated[str, typer.Option(
+        "--normalize", help="auto (the statistics recorded in the model's manifest, else the data "
+        "family's), standard, computed or none.")] = "auto",
+    workers: Annotated[int, typer.Option("--workers", help="DataLoader worker processes reading "
+                                         "batches (0: this process).")] = 0,
+    strict_data: Annotated[bool, typer.Option(
+        "--strict-data", help="Fail on an unreadable sample file instead of skipping it.")] = False,
     arch: Arch = None, arch_kwargs: ArchKwargs = None, input_shape: InputShape = None,
     trust_pickle: TrustPickle = False,
     json_out: JsonOut = False, verbose: Verbose = 0, quiet: Quiet = False,
@@ -552,26 +651,32 @@ def eval_(
     """Loss, top-1 and per-class accuracy and throughput of a model on labelled data."""
     import torch
 
-    from .data import load_split
+    from .datasets import check_classes, make_split, open_dataset, resolve_preprocess
     from .errors import UsageError
-    from .evaluate import evaluate, num_outputs
+    from .evaluate import evaluate_split, num_outputs
 
-    if batch_size < 1 or threads < 1:
-        raise UsageError("--batch-size and --threads must be >= 1")
+    if batch_size < 1 or threads < 1 or workers < 0:
+        raise UsageError("--batch-size and --threads must be >= 1, --workers >= 0")
     torch.set_num_threads(threads)
     art = _load(path, arch, arch_kwargs, input_shape, trust_pickle)
     classes = num_outputs(art.model, art.input_shape)
-    x, y = load_split(data, split, art.input_shape, art.input_kind, classes)
-    m = evaluate(art.model, x, y, batch_size=batch_size, num_classes=classes)
-    m.update(path=str(path), data=str(data), split=split)
+    ds = open_dataset(data)
+    check_classes(ds, classes)
+    pre = resolve_preprocess(ds, art.input_shape, art.input_kind, normalize=normalize, augment=False,
+                             recorded=(art.meta.get("data") or {}).get("preprocess"), strict=strict_data)
+    s = make_split(ds, split, art.input_shape, art.input_kind, pre, strict=strict_data)
+    m = evaluate_split(art.model, s, batch_size=batch_size, num_classes=classes, workers=workers)
+    m.update(path=str(path), data=str(data), split=split, reader=ds.reader, normalize=pre.normalize)
     if json_out:
         print_json(m)
         return
     stdout.print(f"{path} on {data} ({split}, {m['samples']:,} samples): accuracy "
                  f"{100 * m['accuracy']:.2f} % ({m['correct']:,} correct), loss {m['loss']:.4f}, "
                  f"{m['examples_per_s']:,.0f} examples/s ({threads} thread{'s' if threads > 1 else ''})")
+    names = ds.class_names or ds.classes
     stdout.print(table("per-class accuracy", ["class", "accuracy"],
-                       [[c, a] for c, a in m["per_class_accuracy"].items()]))
+                       [[f"{c} ({names[c]})" if names and c < len(names) and names[c] != str(c) else c, a]
+                        for c, a in m["per_class_accuracy"].items()]))
 
 
 @command
@@ -665,6 +770,122 @@ def validate(
                               f"(atol {atol}, rtol {rtol})")
 
 
+@command
+def bench(
+    path: Annotated[Path, typer.Argument(help="Compressed artifact, finetune run or export directory.",
+                                         show_default=False)],
+    baseline: Annotated[Path | None, typer.Option(
+        "--baseline", help="The dense checkpoint it came from (weights into the same architecture); "
+        "without it the dense architecture is built with random weights (timing only).")] = None,
+    batch: Annotated[str, typer.Option("--batch", help="Batch sizes, e.g. 1,32.")] = "1,32",
+    threads: Annotated[int, typer.Option("--threads", help="Threads for every engine (default 1: "
+                                         "two threads on two shared cores are noisy).")] = 1,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed rounds first.")] = 10,
+    iters: Annotated[int, typer.Option("--iters", help="Timed rounds (each runs every engine once).")] = 100,
+    seconds: Annotated[float | None, typer.Option("--time", help="Time budget in seconds instead of "
+                                                  "--iters.")] = None,
+    engines: Annotated[str | None, typer.Option(
+        "--engines", help="Comma list of dense-torch, dense-ort, chain-torch, tedepr, chain-ort, triton "
+        "(default: all that can run here).")] = None,
+    strict: Annotated[bool, typer.Option("--strict-engines", help="Fail (exit 10) instead of skipping "
+                                         "an unavailable engine named in --engines.")] = False,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    replan: Annotated[bool, typer.Option("--replan", help="Ignore stored execution plans.")] = False,
+    data: DataOpt = None,
+    json_file: Annotated[Path | None, typer.Option(
+        "--json", help="Write every figure as JSON to this file ('-' for stdout).")] = None,
+    fail_if_slower: Annotated[float | None, typer.Option(
+        "--fail-if-slower", help="Gate (exit 11): fail if the tedepr engine is slower than RATIO x the "
+        "dense baseline (or x the same engine in --compare-to).")] = None,
+    compare_to: Annotated[Path | None, typer.Option(
+        "--compare-to", help="A saved bench JSON for --fail-if-slower.")] = None,
+    max_size: Annotated[int | None, typer.Option(
+        "--max-size", help="Gate (exit 12): fail if the compressed artifact exceeds BYTES.")] = None,
+    min_speedup: Annotated[float | None, typer.Option(
+        "--min-speedup", help="Gate (exit 13): fail if the tedepr engine's speed-up is below X.")] = None,
+    verbose: Verbose = 0, quiet: Quiet = False,
+) -> None:
+    """Honest latency and size: every engine side by side, interleaved, with medians, IQR,
+    percentiles, speed-ups with their spread, sizes, planner choices and accuracy."""
+    import json as _json
+
+    from .bench.core import BenchOptions, check_gates, load_saved, load_target, run_bench
+    from .console import human_bytes, log
+    from .errors import UsageError
+
+    try:
+        batches = [int(b) for b in batch.split(",") if b.strip()]
+    except ValueError:
+        raise UsageError(f"--batch takes integers like 1,32; got {batch!r}") from None
+    opts = BenchOptions(batches=batches, threads=threads, warmup=warmup, iters=iters, seconds=seconds,
+                        engines=[e.strip() for e in engines.split(",")] if engines else None,
+                        device=device, strict=strict, replan=replan)
+    opts.validate()
+    if compare_to is not None and fail_if_slower is None:
+        raise UsageError("--compare-to is used by --fail-if-slower: give both")
+    saved = load_saved(compare_to) if compare_to is not None else None
+    if baseline is not None and not baseline.exists():
+        from .errors import InputNotFound
+
+        raise InputNotFound(f"--baseline {baseline} does not exist")
+    target = load_target(path)
+    report = run_bench(target, opts, baseline, data)
+    failures = check_gates(report, fail_if_slower, max_size, min_speedup, saved, opts.gate_engine)
+    report["gates"] = {"fail_if_slower": fail_if_slower, "max_size": max_size, "min_speedup": min_speedup,
+                       "failed": [str(f) for f in failures]}
+    if json_file is not None:
+        text = _json.dumps(report, indent=2, default=str) + "\n"
+        if str(json_file) == "-":
+            sys.stdout.write(text)
+        else:
+            from .fsutil import atomic_output
+
+            with atomic_output(json_file, overwrite=True) as tmp:
+                tmp.write_text(text)
+            log.info(f"wrote {json_file}")
+    if str(json_file) != "-":
+        _print_bench(report, human_bytes)
+    for w in report["warnings"]:
+        log.warning(w)
+    if failures:
+        for f in failures[1:]:
+            log.error(str(f))
+        raise failures[0]
+
+
+def _print_bench(report: dict[str, Any], human_bytes) -> None:
+    m = report["machine"]
+    stdout.print(f"{report['target']} vs dense baseline ({report['baseline_weights']}); {m['cpu']}, "
+                 f"{m['threads']} thread(s), torch {m['torch']}, onnxruntime {m['onnxruntime']}, kernels "
+                 f"{'on' if m['kernel']['available'] else 'off'}")
+    for b, row in report["results"].items():
+        rows = []
+        for e, s in row.items():
+            sp = s["speedup_vs_dense_torch"]
+            rows.append([e, 1e6 * s["median_s"], 1e6 * s["iqr_s"], 1e6 * s["p90_s"], 1e6 * s["p99_s"],
+                         f"{1e6 * s['mean_s']:.1f} ± {1e6 * s['std_s']:.1f}", s["throughput_per_s"],
+                         f"{sp['median']:.2f}x [{sp['q1']:.2f}-{sp['q3']:.2f}]",
+                         human_bytes(s["peak_memory_bytes"]) if s["peak_memory_bytes"] is not None else None])
+        stdout.print(table(f"batch {b} (µs)", ["engine", "median", "IQR", "p90", "p99", "mean ± σ",
+                                               "samples/s", "speed-up vs dense", "peak mem"], rows))
+    srows = [[k, v.get("params"), v.get("kept"), v["bytes"], human_bytes(v["bytes"]), v["gzip_bytes"]]
+             for k, v in report["sizes"].items()]
+    stdout.print(table("size", ["format", "params", "kept", "bytes", "", "gzip bytes"], srows))
+    for b, plan in report.get("execution_plans", {}).items():
+        f = plan["flops"]
+        choices = ", ".join(f"{n}={r['choice']}" for n, r in plan["layers"].items())
+        stdout.print(f"plan at batch {b}{' (fresh)' if plan.get('fresh') else ' (stored)'}: {choices}; "
+                     f"{100 * f['share_on_sparse_or_factorized']:.1f} % of the compressed layers' FLOPs on "
+                     f"sparse/factorized kernels")
+    acc = report.get("accuracy")
+    if acc:
+        base = "unknown (no --baseline)" if acc["baseline"] is None else f"{100 * acc['baseline']:.2f} %"
+        stdout.print(f"accuracy on {acc['data']} (test): baseline {base}, compressed "
+                     f"{100 * acc['compressed']:.2f} %")
+    for name, why in report.get("skipped_engines", {}).items():
+        stdout.print(f"skipped {name}: {why}")
+
+
 def torch_seed(seed: int) -> None:
     """Seed every generator tedepr draws from."""
     import random
@@ -684,3 +905,41 @@ def main() -> None:
     except KeyboardInterrupt:  # during option parsing
         stderr.print("tedepr: interrupted")
         sys.exit(EXIT_INTERRUPTED)
+
+
+@command
+def kernels(
+    check: Annotated[bool, typer.Option(
+        "--check", help="Build the compiled kernel and run a quick correctness self-test; "
+        "exit 10 if it cannot be built (or fails the test).")] = False,
+    json_out: JsonOut = False, verbose: Verbose = 0, quiet: Quiet = False,
+) -> None:
+    """Report the inference kernels this machine can run: the C compiler, flags and cache
+    of the compiled CPU chain kernel (built on first use), Triton and CUDA."""
+    from .errors import EngineUnavailable
+    from .kernels.report import report
+
+    rep = report(check)
+    cpu, tri = rep["cpu"], rep["triton"]
+    if json_out:
+        print_json(rep)
+    else:
+        rows = [["compiled CPU kernel", "yes" if cpu["available"] else "no",
+                 cpu["library"] if cpu["available"] else cpu["reason"]],
+                ["compiler", cpu["compiler"] or "-", cpu["compiler_version"] or "-"],
+                ["flags", " ".join(cpu["flags"]), f"{cpu['vector_floats'] or '-'} floats per vector"],
+                ["cache", cpu["cache_dir"], "compiled now" if cpu["compiled"] else "-"],
+                ["triton", "yes" if tri["available"] else "no",
+                 tri["triton"] if tri["available"] else tri["reason"]],
+                ["cuda", "yes" if rep["cuda"]["available"] else "no", rep["cuda"]["device"] or "-"]]
+        if "check" in rep:
+            chk = rep["check"]
+            rows.append(["self-test", "ok" if chk["ok"] else "FAILED",
+                         f"max rel. error {chk['max_rel_error']:.2e} (tolerance {chk['tolerance']:g}, "
+                         f"{len(chk['cases'])} cases)"])
+        stdout.print(table("kernels", ["engine", "available", "detail"], rows, right=set()))
+    if check and not cpu["available"]:
+        raise EngineUnavailable(f"compiled kernel cannot be built here: {cpu['reason']}")
+    if check and not rep["check"]["ok"]:
+        raise EngineUnavailable(f"compiled kernel failed its self-test (max rel. error "
+                                f"{rep['check']['max_rel_error']:.2e}); use the torch path")

@@ -1,4 +1,6 @@
-"""Labelled data from ``.npz`` files, presented in the layout a model declares.
+"""Labelled data from ``.npz`` files, presented in the layout a model declares (the other
+``--data`` layouts - CIFAR, MNIST IDX, image folders, sequence clips - live in
+:mod:`tedepr_cli.datasets`, which builds on :func:`present`).
 
 An ``.npz`` holds ``x`` (samples, any layout: ``N×H×W``, ``N×C×H×W``, ``N×H×W×C``,
 ``N×T×F`` or ``N×F``; ``uint8`` is scaled to [0, 1], floats are used as they are), ``y``
@@ -159,7 +161,19 @@ def check_labels(y: np.ndarray | torch.Tensor, num_classes: int, where: str) -> 
 
 def load_split(path: str | Path, split: str, input_shape: tuple[int, ...], kind: str,
                num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``split`` of ``path`` as (inputs, labels) tensors ready for the model."""
-    data = load_npz(path).subset(split)
-    check_labels(data.y, num_classes, data.path)
-    return present(data.x, input_shape, kind), torch.from_numpy(data.y)
+    """The ``split`` of ``path`` (any ``--data`` layout, see :mod:`.datasets`) as (inputs,
+    labels) tensors ready for the model, with the data family's standard evaluation
+    preprocessing. Holds the whole split in memory: stream large data with
+    :func:`.datasets.make_split` instead."""
+    from .datasets import check_classes, make_split, open_dataset, resolve_preprocess
+
+    ds = open_dataset(path)
+    check_classes(ds, num_classes)
+    pre = resolve_preprocess(ds, input_shape, kind, augment=False)
+    s = make_split(ds, split, input_shape, kind, pre)
+    b = s.load(np.arange(len(s)))
+    if b.skipped:
+        from .console import log
+
+        log.warning(f"skipped {b.skipped} unreadable sample(s), e.g. {b.error}")
+    return b.x, b.y

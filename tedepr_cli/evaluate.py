@@ -1,38 +1,58 @@
-"""Accuracy and loss of a model on labelled inputs (used by info/decompose/eval/bench)."""
+"""Accuracy and loss of a model on labelled inputs (used by info/decompose/eval/bench).
+
+:func:`evaluate` takes tensors already in memory; :func:`evaluate_split` streams a
+:class:`~tedepr_cli.datasets.Split` batch by batch (optionally with DataLoader workers),
+so evaluation never needs the whole split in memory. Both give the same numbers on the
+same samples and batch size.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+if TYPE_CHECKING:
+    from .datasets import Split
+
+log = logging.getLogger("tedepr")
+
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256,
-             num_classes: int | None = None) -> dict[str, Any]:
-    """Mean cross-entropy, top-1 accuracy, per-class accuracy and examples/s."""
+def _run(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int | None,
+         device: torch.device | None) -> dict[str, Any]:
     was_training = model.training
     model.eval()
-    n = len(y)
-    loss_sum, correct = 0.0, 0
-    preds = torch.empty(n, dtype=torch.long)
+    loss_sum = 0.0
+    preds: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    elapsed = 0.0
     t0 = time.perf_counter()
-    for i in range(0, n, batch_size):
-        out = model(x[i:i + batch_size])
-        loss_sum += float(F.cross_entropy(out, y[i:i + batch_size], reduction="sum"))
-        preds[i:i + batch_size] = out.argmax(1)
+    for x, y in batches:
+        if device is not None:
+            x, y = x.to(device), y.to(device)
+        if len(y):
+            out = model(x)
+            loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
+            preds.append(out.argmax(1).cpu())
+            labels.append(y.cpu())
     elapsed = time.perf_counter() - t0
     model.train(was_training)
-    correct = int((preds == y).sum())
-    k = num_classes or int(max(int(y.max()), int(preds.max())) + 1)
+    pred = torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+    y = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
+    n = len(y)
+    correct = int((pred == y).sum())
+    k = num_classes or (int(max(int(y.max()), int(pred.max())) + 1) if n else 0)
     per_class = {}
     for c in range(k):
         sel = y == c
         if sel.any():
-            per_class[c] = float((preds[sel] == c).float().mean())
+            per_class[c] = float((pred[sel] == c).float().mean())
     return {
         "samples": n,
         "loss": loss_sum / max(n, 1),
@@ -41,6 +61,36 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
         "per_class_accuracy": per_class,
         "examples_per_s": n / elapsed if elapsed > 0 else float("inf"),
     }
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256,
+             num_classes: int | None = None) -> dict[str, Any]:
+    """Mean cross-entropy, top-1 accuracy, per-class accuracy and examples/s."""
+    return _run(model, ((x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(y), batch_size)),
+                num_classes, None)
+
+
+def evaluate_split(model: nn.Module, split: Split, batch_size: int = 256, num_classes: int | None = None,
+                   device: torch.device | None = None, workers: int = 0) -> dict[str, Any]:
+    """:func:`evaluate` over a streamed split; unreadable samples (skipped, not strict)
+    are counted in ``skipped``. Throughput includes reading and decoding."""
+    from .datasets import iterate, sequential
+
+    skipped = [0, None]
+
+    def batches() -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        for b in iterate(split, sequential(len(split), batch_size), workers=workers):
+            if b.skipped:
+                skipped[0] += b.skipped
+                skipped[1] = skipped[1] or b.error
+            yield b.x, b.y
+
+    m = _run(model, batches(), num_classes, device)
+    if skipped[0]:
+        log.warning(f"skipped {skipped[0]} unreadable sample(s), e.g. {skipped[1]} "
+                    f"(--strict-data makes this an error)")
+        m["skipped"] = skipped[0]
+    return m
 
 
 def num_outputs(model: nn.Module, input_shape: tuple[int, ...]) -> int:

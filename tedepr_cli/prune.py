@@ -18,15 +18,16 @@ import torch
 
 from .artifact import Artifact
 from .console import log
-from .data import load_npz, present
 from .decompose import DecomposeOptions, decompose
 from .errors import BadInput, UsageError
 from .evaluate import num_outputs
 from .pruning.criteria import CRITERIA, CriterionOptions, ScoreContext
-from .pruning.masking import apply_masks, budget, check_collapse, select
+from .pruning.masking import apply_masks, budget, check_collapse, rank_paths, select
 from .pruning.targets import prunable_groups
+from .tensorized.tt import TTLinear
 
 DEFAULT_CRITERION = "tedepr"
+SCOPES = ("global", "normalized", "layer")
 DATA_FREE_FALLBACK = "synflow"
 
 
@@ -45,8 +46,8 @@ class PruneOptions:
     def validate(self) -> None:
         if not (0.0 < self.sparsity < 1.0):
             raise UsageError(f"--sparsity must be in (0, 1), got {self.sparsity}")
-        if self.scope not in ("global", "layer"):
-            raise UsageError(f"--scope must be global or layer, got {self.scope!r}")
+        if self.scope not in SCOPES:
+            raise UsageError(f"--scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
         if not (0.0 <= self.min_density < 1.0):
             raise UsageError(f"--min-density must be in [0, 1), got {self.min_density}")
         if self.batch_size <= 0:
@@ -61,15 +62,19 @@ class PruneOptions:
 
 def _batches(data: Path, art: Artifact, n: int, size: int, gen: torch.Generator
              ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``n`` seeded random batches from the train split, presented as the model needs."""
-    from .data import check_labels
+    """``n`` seeded random batches from the train split (any ``--data`` layout), presented
+    as the model needs (with the data family's evaluation preprocessing)."""
+    from .datasets import check_classes, make_split, open_dataset, resolve_preprocess
 
-    d = load_npz(data).subset("train")
-    check_labels(d.y, num_outputs(art.model, art.input_shape), d.path)
+    ds = open_dataset(data)
+    check_classes(ds, num_outputs(art.model, art.input_shape))
+    pre = resolve_preprocess(ds, art.input_shape, art.input_kind, augment=False,
+                             recorded=(art.meta.get("data") or {}).get("preprocess"))
+    train = make_split(ds, "train", art.input_shape, art.input_kind, pre)
     out = []
     for _ in range(n):
-        idx = torch.randperm(len(d), generator=gen)[: min(size, len(d))].numpy()
-        out.append((present(d.x[idx], art.input_shape, art.input_kind), torch.from_numpy(d.y[idx])))
+        idx = torch.randperm(len(train), generator=gen)[: min(size, len(train))].numpy()
+        out.append(train.batch(idx))
     return out
 
 
@@ -137,6 +142,8 @@ def prune(art: Artifact, opts: PruneOptions, data: Path | None = None,
     apply_masks(model, masks)
     out.masks = masks
     report = _report(model, groups, masks, dense, opts, criterion, fallback, data, score_s)
+    for w in report["warnings"]:
+        log.warning(w)
     out.meta["pruning"] = report
     out.record("prune", {**asdict(opts), "criterion": criterion, "data": str(data) if data else None},
                seed=opts.seed)
@@ -148,13 +155,24 @@ def _report(model, groups, masks, dense: int, opts: PruneOptions, criterion: str
     kept = sum(int(m.sum()) for m in masks.values())
     entries = sum(m.numel() for m in masks.values())
     all_params = sum(p.numel() for p in model.parameters())
-    layers = []
+    layers: list[dict[str, Any]] = []
+    warnings: list[str] = []
     for g in groups:
         k = sum(int(masks[n].sum()) for n in g.params)
         t = sum(masks[n].numel() for n in g.params)
-        layers.append({"name": g.name, "kind": g.kind, "kept": k, "total": t, "density": k / t,
-                       "dense_count": g.dense_count, "density_vs_dense": k / g.dense_count,
-                       "tensors": {n: [int(masks[n].sum()), masks[n].numel()] for n in g.params}})
+        row = {"name": g.name, "kind": g.kind, "kept": k, "total": t, "density": k / t,
+               "dense_count": g.dense_count, "density_vs_dense": k / g.dense_count,
+               "tensors": {n: [int(masks[n].sum()), masks[n].numel()] for n in g.params}}
+        if g.kind == "cores":
+            row["rank_paths"] = rank_paths([masks[n] for n in g.params])
+            separate = not isinstance(g.module, TTLinear)  # rank-one term per path
+            floor = max(2, min(g.module.in_features, g.module.out_features) // 16)
+            if separate and row["rank_paths"] < floor:
+                warnings.append(f"{g.name} keeps only {row['rank_paths']:.0f} rank path(s) through its "
+                                f"cores, so its effective weight has rank <= {row['rank_paths']:.0f}: it is "
+                                f"nearly dead. Ring/conv chains need closed paths; at this sparsity prefer "
+                                f"--format tt, a lower rank, or a lower sparsity")
+        layers.append(row)
     return {
         "criterion": criterion,
         "criterion_requested": opts.criterion or DEFAULT_CRITERION,
@@ -175,5 +193,6 @@ def _report(model, groups, masks, dense: int, opts: PruneOptions, criterion: str
         },
         "score_seconds": round(score_s, 3),
         "layers": layers,
+        "warnings": warnings,
         "criterion_options": asdict(opts.criterion_options),
     }

@@ -9,9 +9,15 @@ state: weights, optimizer, schedule, epoch, best score; plain tensors, loaded wi
 Exactness: each epoch's shuffle comes from ``seed + epoch`` alone and state is saved at
 epoch boundaries, so stopping after epoch k and resuming reproduces the uninterrupted run
 bit for bit. Under DDP every rank draws the same permutation and takes a strided share of
-each global batch; the loss is scaled so the all-reduced gradient equals the gradient of
-the mean loss over the global batch (same result as one process, up to float summation
-order).
+each global batch (:func:`~tedepr_cli.datasets.epoch_batches`); the loss is scaled so the
+all-reduced gradient equals the gradient of the mean loss over the global batch (same
+result as one process, up to float summation order).
+
+Data comes through :class:`~tedepr_cli.datasets.Split` objects (``len``, ``labels``,
+``batch(indices, epoch)``): small in-memory arrays are presented once, larger or
+memory-mapped data and image files are read per batch (``--workers`` DataLoader
+processes). Augmentation draws from ``seed + epoch + sample`` only, so it too resumes
+exactly and is the same on any number of ranks or workers.
 """
 
 from __future__ import annotations
@@ -34,12 +40,25 @@ from torch import nn
 
 from .artifact import Artifact, save_artifact
 from .console import log
-from .data import check_labels, load_npz, present, stratified_split
+from .data import stratified_split
+from .datasets import (
+    NORMALIZE_CHOICES,
+    Dataset,
+    Preprocess,
+    Split,
+    check_classes,
+    epoch_batches,
+    iterate,
+    make_split,
+    open_dataset,
+    resolve_preprocess,
+)
 from .errors import BadInput, EngineUnavailable, OutputError, TrainingDiverged, UsageError
-from .evaluate import evaluate, num_outputs
+from .evaluate import evaluate_split, num_outputs
 from .fsutil import atomic_output, check_output
 
 OPTIMIZERS = ("sgd", "adamw", "adam")
+_NORMALIZE_HELP = f"--normalize must be one of {', '.join(NORMALIZE_CHOICES)}"
 SCHEDULES = ("cosine", "step", "constant")
 
 
@@ -64,6 +83,10 @@ class TrainOptions:
     seed: int = 0
     device: str = "cpu"
     threads: int = 1
+    augment: bool | None = None  # None: the data family's default (on for CIFAR / image folders)
+    normalize: str = "auto"  # auto | standard | computed | none (see datasets.resolve_preprocess)
+    workers: int = 0  # DataLoader worker processes reading batches; 0 = in this process
+    strict_data: bool = False  # unreadable sample files are an error instead of skipped
 
     def validate(self) -> None:
         checks = [
@@ -81,6 +104,8 @@ class TrainOptions:
             (self.threads >= 1, "--threads must be >= 1"),
             (self.device in ("cpu", "cuda"), "--device must be cpu or cuda"),
             (self.step_epochs >= 1 and 0 < self.gamma <= 1, "--step-epochs >= 1 and 0 < --gamma <= 1"),
+            (self.workers >= 0, "--workers must be >= 0"),
+            (self.normalize in NORMALIZE_CHOICES, _NORMALIZE_HELP),
         ]
         for ok, msg in checks:
             if not ok:
@@ -90,34 +115,45 @@ class TrainOptions:
 # ---------------------------------------------------------------------------- data
 @dataclass
 class Splits:
-    x: torch.Tensor
-    y: torch.Tensor
-    val_x: torch.Tensor | None
-    val_y: torch.Tensor | None
-    test_x: torch.Tensor
-    test_y: torch.Tensor
+    train: Split
+    val: Split | None
+    test: Split
+    data: dict[str, Any]  # the manifest's ``data`` section: reader, classes, preprocessing
+
+
+def data_section(ds: Dataset, pre: Preprocess) -> dict[str, Any]:
+    """What the manifest records about the data a model was trained on."""
+    names = ds.class_names or ds.classes
+    return {"reader": ds.reader, "path": ds.path, "family": ds.family, "classes": ds.num_classes,
+            "class_names": names if names is not None and len(names) <= 1000 else None,
+            "preprocess": pre.to_json()}
 
 
 def load_splits(data: Path, art: Artifact, opts: TrainOptions) -> Splits:
-    """Train (minus a stratified, seeded validation share), validation and test tensors."""
-    d = load_npz(data)
-    classes = num_outputs(art.model, art.input_shape)
-    check_labels(d.y, classes, d.path)
-    train, test = d.subset("train"), d.subset("test")
-    val_x = val_y = None
-    tx, ty = train.x, train.y
+    """Train (minus a stratified, seeded validation share), validation and test splits."""
+    ds = open_dataset(data)
+    check_classes(ds, num_outputs(art.model, art.input_shape))
+    shape, kind = art.input_shape, art.input_kind
+    pre = resolve_preprocess(ds, shape, kind, normalize=opts.normalize, augment=opts.augment, seed=opts.seed,
+                             recorded=(art.meta.get("data") or {}).get("preprocess"), strict=opts.strict_data)
+    log.info(f"preprocessing: normalize {pre.normalize}"
+             + (f" (mean {pre.mean}, std {pre.std})" if pre.mean else "")
+             + f", augment {pre.augment or 'off'}")
+    train = make_split(ds, "train", shape, kind, pre, train=True, strict=opts.strict_data)
+    val = None
     if opts.val_fraction > 0:
-        flags = stratified_split(train.y, opts.val_fraction, seed=opts.seed).astype(bool)
+        flags = stratified_split(train.labels_np, opts.val_fraction, seed=opts.seed).astype(bool)
         if flags.all() or not flags.any():
-            raise BadInput(f"{data}: too few training samples for --val-fraction {opts.val_fraction}")
-        val_x = present(train.x[flags], art.input_shape, art.input_kind)
-        val_y = torch.from_numpy(train.y[flags])
-        tx, ty = train.x[~flags], train.y[~flags]
+            raise BadInput(f"{data}: too few training samples for --val-fraction {opts.val_fraction} "
+                           f"({int(flags.sum())} of {len(flags)} held out, stratified per class); "
+                           f"change it, or pass --val-fraction 0 to pick the best epoch by training loss")
+        val = train.subset(np.flatnonzero(flags), train=False)
+        train = train.subset(np.flatnonzero(~flags))
     if opts.limit_train:
-        keep = np.random.default_rng(opts.seed).permutation(len(ty))[: opts.limit_train]
-        tx, ty = tx[np.sort(keep)], ty[np.sort(keep)]
-    return Splits(present(tx, art.input_shape, art.input_kind), torch.from_numpy(ty), val_x, val_y,
-                  present(test.x, art.input_shape, art.input_kind), torch.from_numpy(test.y))
+        keep = np.random.default_rng(opts.seed).permutation(len(train))[: opts.limit_train]
+        train = train.subset(np.sort(keep))
+    test = make_split(ds, "test", shape, kind, pre, train=False, strict=opts.strict_data)
+    return Splits(train, val, test, data_section(ds, pre))
 
 
 # ---------------------------------------------------------------------------- masks
@@ -247,8 +283,10 @@ def finetune(art: Artifact, data: Path, out: Path, opts: TrainOptions, resume: b
     enforcer = MaskEnforcer(model, masks)
     enforcer.apply()
     opt = _optimizer(model, opts)
-    steps_per_epoch = math.ceil(len(splits.y) / opts.batch_size)
-    start_epoch, best, stale, history = 0, -1.0, 0, []
+    n_train = len(splits.train)
+    steps_per_epoch = math.ceil(n_train / opts.batch_size)
+    # best: the val accuracy, or minus the training loss without --val-fraction
+    start_epoch, best, stale, history = 0, -math.inf, 0, []
     if saved is not None:
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
@@ -278,41 +316,45 @@ def finetune(art: Artifact, data: Path, out: Path, opts: TrainOptions, resume: b
         last_good = None
     for epoch in range(start_epoch, opts.epochs):
         t0 = time.perf_counter()
-        shuffle = torch.Generator().manual_seed(opts.seed * 100003 + epoch)  # stateless: exact resume
-        perm = torch.randperm(len(splits.y), generator=shuffle)
+        batches = epoch_batches(n_train, opts.batch_size, opts.seed, epoch, dist.rank, dist.world)
         model.train()
-        loss_sum, correct, seen = 0.0, 0, 0
-        for b in range(steps_per_epoch):
-            idx = perm[b * opts.batch_size:(b + 1) * opts.batch_size]
-            mine = idx[dist.rank::dist.world]
-            x, y = splits.x[mine].to(device), splits.y[mine].to(device)
+        loss_sum, correct, seen, skipped, skip_note = 0.0, 0, 0, 0, None
+        loaded = iterate(splits.train, [mine for mine, _ in batches], epoch, opts.workers)
+        for b, ((_, global_len), batch) in enumerate(zip(batches, loaded, strict=True)):
+            x, y = batch.x.to(device), batch.y.to(device)
+            if batch.skipped:
+                skipped += batch.skipped
+                skip_note = skip_note or batch.error
             for g in opt.param_groups:
                 g["lr"] = opts.lr * lr_factor(epoch * steps_per_epoch + b, steps_per_epoch, opts)
             opt.zero_grad(set_to_none=True)
             out_ = train_model(x)
             # sum over my share / global batch, times world: DDP's average is the global mean
             loss = F.cross_entropy(out_, y, reduction="sum", label_smoothing=opts.label_smoothing) \
-                * dist.world / len(idx)
+                * dist.world / global_len
             if not torch.isfinite(loss):
                 _diverged(out, last_good, epoch, b, dist)
             loss.backward()
             enforcer.zero_grads()
             opt.step()
             enforcer.apply()
-            loss_sum += loss.item() * len(idx) / dist.world
+            loss_sum += loss.item() * global_len / dist.world
             correct += int((out_.argmax(1) == y).sum())
-            seen += len(mine)
+            seen += len(y)
             if on_batch and dist.main:
                 on_batch(epoch + 1, b + 1, steps_per_epoch, loss.item() / dist.world)
-        metrics = {"epoch": epoch + 1, "train_loss": loss_sum / len(splits.y),
+        if skipped:
+            log.warning(f"epoch {epoch + 1}: skipped {skipped} unreadable sample(s), e.g. {skip_note} "
+                        f"(--strict-data makes this an error)")
+        metrics = {"epoch": epoch + 1, "train_loss": loss_sum / n_train,
                    "train_accuracy": correct / max(seen, 1),
                    "lr": opt.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 3),
-                   "examples_per_s": round(len(splits.y) / max(time.perf_counter() - t0, 1e-9), 1)}
+                   "examples_per_s": round(n_train / max(time.perf_counter() - t0, 1e-9), 1)}
         if not math.isfinite(metrics["train_loss"]):
             _diverged(out, last_good, epoch, steps_per_epoch, dist)
         model.eval()
-        if splits.val_x is not None:
-            v = evaluate(model, splits.val_x.to(device), splits.val_y.to(device))
+        if splits.val is not None:
+            v = evaluate_split(model, splits.val, device=device, workers=opts.workers)
             metrics.update(val_loss=v["loss"], val_accuracy=v["accuracy"])
         score = metrics.get("val_accuracy", -metrics["train_loss"])
         improved = score > best
@@ -322,10 +364,10 @@ def finetune(art: Artifact, data: Path, out: Path, opts: TrainOptions, resume: b
             stale += 1
         history.append(metrics)
         if dist.main:
-            snapshot = _artifact(art, model, masks, recipe, history, "last")
+            snapshot = _artifact(art, model, masks, recipe, history, "last", splits.data)
             save_artifact(snapshot, out / "last", overwrite=True)
             if improved:
-                best_snapshot = _artifact(art, model, masks, recipe, history, "best")
+                best_snapshot = _artifact(art, model, masks, recipe, history, "best", splits.data)
                 save_artifact(best_snapshot, out / "best", overwrite=True)
             _write_metrics(out, history)
             state = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -346,13 +388,13 @@ def finetune(art: Artifact, data: Path, out: Path, opts: TrainOptions, resume: b
     summary = {"epochs_run": len(history), "best_score": best, "history": history}
     if dist.main:
         best_model = best_art.model.to(device)
-        t = evaluate(best_model, splits.test_x.to(device), splits.test_y.to(device))
+        t = evaluate_split(best_model, splits.test, device=device, workers=opts.workers)
         best_model.cpu()
         summary["test_accuracy"] = t["accuracy"]
         summary["test_loss"] = t["loss"]
         best_art.meta.setdefault("metrics", {})["finetune"] = {
             "test_accuracy": t["accuracy"], "test_loss": t["loss"], "best_val_accuracy": best
-            if splits.val_x is not None else None, "epochs_run": len(history), "data": str(data)}
+            if splits.val is not None else None, "epochs_run": len(history), "data": str(data)}
         save_artifact(best_art, out / "best", overwrite=True)
     return best_art, summary
 
@@ -368,12 +410,13 @@ def _cpu(obj: Any) -> Any:
 
 
 def _artifact(src: Artifact, model: nn.Module, masks: dict[str, torch.Tensor], recipe: dict[str, Any],
-              history: list[dict[str, Any]], which: str) -> Artifact:
+              history: list[dict[str, Any]], which: str, data: dict[str, Any]) -> Artifact:
     cpu_model = copy.deepcopy(model).cpu().eval()
     a = Artifact(model=cpu_model, arch=src.arch, masks={n: m.cpu() for n, m in masks.items()},
                  meta=copy.deepcopy(src.meta), source="")
     a.meta["training"] = {"recipe": recipe, "checkpoint": which, "epoch": history[-1]["epoch"],
                           "last_metrics": history[-1]}
+    a.meta["data"] = data
     a.record("finetune", recipe, seed=recipe["seed"])
     return a
 

@@ -86,3 +86,13 @@ def test_label_range_checked():
         check_labels(np.array([0, 12]), 10, "d")
     x, y = load_split(MNIST, "test", (784,), "flat", 10)
     assert x.shape == (1000, 784) and int(y.max()) == 9
+
+
+def test_load_split_reads_every_layout_and_all_keeps_file_order(tmp_path):
+    from .test_datasets import make_mnist_idx
+
+    x, y = load_split(make_mnist_idx(tmp_path / "m"), "test", (1, 32, 32), "image", 10)
+    assert x.shape == (10, 1, 32, 32) and y.tolist() == list(range(10))  # 28x28 centred in 32x32
+    d = load_npz(MNIST)
+    xa, ya = load_split(MNIST, "all", (784,), "flat", 10)
+    assert torch.equal(ya, torch.from_numpy(d.y)) and torch.equal(xa, present(d.x, (784,), "flat"))

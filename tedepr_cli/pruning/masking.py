@@ -79,8 +79,17 @@ def select(scores: dict[str, Tensor], groups: list[Group], kept: int, scope: str
             out.update(select({n: scores[n] for n in g.params}, [g], k, "global", min_density,
                               path_guard))
         return out
-    if scope != "global":
-        raise BadInput(f"scope must be global or layer, got {scope!r}")
+    if scope == "normalized":
+        # every layer's scores relative to its own mean: layers compete on *relative*
+        # importance, so a layer whose entries have small raw scores (many rank paths
+        # share each entry, e.g. tensor-ring cores) is not starved by a dense one
+        scores = dict(scores)
+        for g in groups:
+            m = torch.cat([_clean(scores[n]).clamp_min(0) for n in g.params]).mean()
+            for n in g.params:
+                scores[n] = _clean(scores[n]).reshape(scores[n].shape) / (float(m) if float(m) > 0 else 1.0)
+    elif scope != "global":
+        raise BadInput(f"scope must be global, normalized or layer, got {scope!r}")
     names = [n for g in groups for n in g.params]
     sizes = [scores[n].numel() for n in names]
     total = sum(sizes)
@@ -142,6 +151,18 @@ def connected(masks: list[Tensor], kind: str) -> bool:
         r = m.reshape(m.shape[0], -1, m.shape[-1]).any(dim=1).to(torch.float64)
         prod = r if prod is None else ((prod @ r) > 0).to(torch.float64)
     return bool(torch.diagonal(prod).any())
+
+
+def rank_paths(masks: list[Tensor]) -> float:
+    """How many chains of rank indices survive through the kept entries (the trace of the
+    product of 0/1 rank-transfer matrices). With separate input and output cores (TR
+    Linear, the conv chain) every surviving path adds a rank-one term to the layer's
+    channel mixing, so this bounds the effective weight's rank."""
+    prod = None
+    for m in masks:
+        r = m.reshape(m.shape[0], -1, m.shape[-1]).any(dim=1).to(torch.float64)
+        prod = r if prod is None else prod @ r
+    return float(torch.diagonal(prod).sum())
 
 
 def check_collapse(groups: list[Group], masks: dict[str, Tensor]) -> None:

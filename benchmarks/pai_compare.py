@@ -1,0 +1,308 @@
+"""Does TEDEPR beat pruning-at-initialization at extreme sparsity? (issue 9)
+
+One command, resumable, results cached per run:
+
+    python benchmarks/pai_compare.py --jobs 2                # the full grid (hours)
+    python benchmarks/pai_compare.py --quick                 # LeNet-300-100, 99.5 %, 3 epochs (CI)
+    python benchmarks/pai_compare.py --report-only           # re-aggregate cached runs
+
+Every run trains from scratch on the bundled real MNIST sample (samples/mnist5k.npz, its
+fixed 4,000/1,000 split; 10 % of train held out to pick the best epoch) and reports test
+accuracy of the best-by-validation checkpoint. Methods (all at the same budget: the
+kept weights are (1 - sparsity) x the dense model's prunable weights):
+
+  dense            no pruning (reference)
+  tt-tedepr        TEDEPR: TT cores (rank 8, variance-preserving init) + trainability criterion
+  tr-tedepr        the same with tensor-ring cores
+  tt-snip/-synflow/-random   the TT model with another fine-grain criterion (ablation)
+  tt-budget        an *unpruned* TT sized to the budget (ablation of the fine grain, DESIGN §5)
+  snip/grasp/synflow/random/magnitude   dense-weight pruning at initialization (the paper's baselines)
+
+The training recipe is the same for every method of a model (AdamW, lr 1e-3, batch 128,
+cosine schedule; epochs per model below). Cached results live in
+benchmarks/results/pai/runs/*.json; the report goes to docs/pai_results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "samples" / "mnist5k.npz"
+
+MODELS = {  # zoo kwargs for 28x28 grayscale; ResNet inputs padded to 32x32 by the data module
+    "lenet300": ({}, 30),
+    "lenet5": ({}, 30),
+    "lstm": ({}, 20),
+    "vit_tiny": ({}, 20),
+    "resnet20": ({"in_channels": 1}, 10),
+}
+TENSORIZED = ["tt-tedepr", "tr-tedepr", "tt-snip", "tt-synflow", "tt-random", "tt-budget"]
+DENSE_PAI = ["snip", "grasp", "synflow", "random", "magnitude"]
+METHODS = ["dense", *TENSORIZED, *DENSE_PAI]
+SPARSITIES = [0.99, 0.995, 0.999]
+RANK = 8
+LR = 1e-3
+
+
+def run_key(model: str, method: str, sparsity: float | None, seed: int) -> str:
+    s = "na" if sparsity is None else f"{sparsity:g}"
+    return f"{model}__{method}__{s}__s{seed}"
+
+
+def budget_tt(art, sparsity: float, seed: int):
+    """The largest unpruned TT (modes 2..4, uniform rank) whose entries fit the budget."""
+    from tedepr_cli.decompose import DecomposeOptions, decompose
+    from tedepr_cli.pruning.masking import budget
+    from tedepr_cli.pruning.targets import dense_prunable_count, prunable_params
+
+    k = budget(sparsity, dense_prunable_count(art.model))
+    best = None
+    for modes in (2, 3, 4):
+        for rank in range(1, 33):
+            try:
+                out, _ = decompose(art, DecomposeOptions(rank=rank, modes=modes, init="random", seed=seed,
+                                                         include=["*"], exclude=[]))
+            except Exception:
+                break
+            n = sum(p.numel() for p in prunable_params(out.model).values())
+            if n > k:
+                break
+            if best is None or n > best[0]:
+                best = (n, out, modes, rank)
+    if best is None:  # nothing fits: the smallest TT, reported with its real count
+        out, _ = decompose(art, DecomposeOptions(rank=1, modes=4, init="random", seed=seed))
+        n = sum(p.numel() for p in prunable_params(out.model).values())
+        best = (n, out, 4, 1)
+    return best
+
+
+def one_run(model: str, method: str, sparsity: float | None, seed: int, epochs: int, out_dir: str) -> dict:
+    """Build, (decompose,) prune and train one configuration; returns its result row."""
+    import torch
+
+    torch.set_num_threads(1)
+    from tedepr_cli.arch import build, parse_arch
+    from tedepr_cli.artifact import Artifact
+    from tedepr_cli.decompose import DecomposeOptions, decompose
+    from tedepr_cli.prune import PruneOptions, prune
+    from tedepr_cli.pruning.targets import dense_prunable_count, prunable_params
+    from tedepr_cli.train import TrainOptions, finetune
+
+    kwargs, _ = MODELS[model]
+    torch.manual_seed(seed)
+    spec = parse_arch(model, json.dumps(kwargs))
+    art = Artifact(model=build(spec).eval(), arch=spec)
+    dense_count = dense_prunable_count(art.model)
+    t0 = time.perf_counter()
+    note = ""
+    if method == "dense":
+        pass
+    elif method in DENSE_PAI:
+        popts = PruneOptions(sparsity=sparsity, criterion=method, decompose=False, seed=seed)
+        art, _ = prune(art, popts, DATA)
+    elif method == "tt-budget":
+        _, art, modes, rank = budget_tt(art, sparsity, seed)
+        note = f"{modes} modes, rank {rank}"
+    else:
+        fmt, crit = method.split("-")
+        art, _ = decompose(art, DecomposeOptions(format=fmt, rank=RANK, init="random", seed=seed))
+        art, _ = prune(art, PruneOptions(sparsity=sparsity, criterion=crit, seed=seed), DATA)
+    prune_s = time.perf_counter() - t0
+    params = prunable_params(art.model)
+    kept = sum(int(art.masks[n].sum()) if n in art.masks else p.numel() for n, p in params.items())
+    run_dir = Path(out_dir) / "runs" / run_key(model, method, sparsity, seed)
+    opts = TrainOptions(epochs=epochs, batch_size=128, optimizer="adamw", lr=LR, seed=seed)
+    t1 = time.perf_counter()
+    best, summary = finetune(art, DATA, run_dir, opts, overwrite=True)
+    train_s = time.perf_counter() - t1
+    return {"model": model, "method": method, "sparsity": sparsity, "seed": seed, "epochs": epochs,
+            "test_accuracy": summary["test_accuracy"], "best_val_accuracy": summary["best_score"],
+            "kept": kept, "dense_prunable": dense_count, "prune_seconds": round(prune_s, 2),
+            "train_seconds": round(train_s, 2), "seconds_per_epoch": round(train_s / epochs, 3),
+            "artifact": str(run_dir / "best"), "note": note}
+
+
+def grid(models, methods, sparsities, seeds):
+    for model in models:
+        for seed in seeds:
+            for method in methods:
+                if method == "dense":
+                    yield model, method, None, seed
+                else:
+                    for s in sparsities:
+                        yield model, method, s, seed
+
+
+def measure(row: dict) -> dict:
+    """Bytes on disk (compact safetensors) and CPU latency at batch 1 and 32 of a trained run."""
+    import tempfile
+
+    import torch
+
+    from tedepr_cli.artifact import load_artifact, save_artifact
+
+    torch.set_num_threads(1)
+    art = load_artifact(row["artifact"])
+    with tempfile.TemporaryDirectory() as d:
+        row["bytes"] = save_artifact(art, Path(d) / "m.safetensors").stat().st_size
+    try:
+        from tedepr_cli.bench import latency_of
+    except ImportError:
+        latency_of = None
+    for b in (1, 32):
+        x = torch.rand(b, *art.input_shape)
+        if latency_of is not None:
+            row[f"latency_b{b}_ms"] = latency_of(art, x)
+        else:
+            with torch.no_grad():
+                for _ in range(3):
+                    art.model(x)
+                ts = []
+                for _ in range(20):
+                    t = time.perf_counter()
+                    art.model(x)
+                    ts.append(time.perf_counter() - t)
+            row[f"latency_b{b}_ms"] = 1e3 * statistics.median(ts)
+    return row
+
+
+def report(out_dir: Path, doc: Path) -> str:
+    rows = [json.loads(p.read_text()) for p in sorted((out_dir / "runs").glob("*.json"))]
+    if not rows:
+        return "no results yet"
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["method"], r["sparsity"]), []).append(r)
+
+    def fmt(vals, scale=1.0, nd=1):
+        vals = [v * scale for v in vals if v is not None]
+        if not vals:
+            return "-"
+        m = statistics.mean(vals)
+        return f"{m:.{nd}f} ± {statistics.stdev(vals):.{nd}f}" if len(vals) > 1 else f"{m:.{nd}f}"
+
+    lines = ["# TEDEPR vs pruning at initialization on real MNIST (sample)", "",
+             "Generated by `benchmarks/pai_compare.py` (see its docstring for the protocol). Test accuracy",
+             "(%) of the best-by-validation epoch, mean ± std over seeds; kept = prunable weights kept",
+             "(budget = (1 − sparsity) × dense prunable weights); bytes = compact safetensors file;",
+             "latency = median CPU forward, 1 thread.", ""]
+    for model in MODELS:
+        mrows = [k for k in groups if k[0] == model]
+        if not mrows:
+            continue
+        kwargs, epochs = MODELS[model]
+        head = ("| method | sparsity | test acc % | kept | bytes | lat. b1 ms | lat. b32 ms | s/epoch "
+                "| seeds |")
+        lines += [f"## {model} ({epochs} epochs)", "", head, "|---|---|---|---|---|---|---|---|---|"]
+        for method in METHODS:
+            for s in [None, *SPARSITIES]:
+                g = groups.get((model, method, s))
+                if not g:
+                    continue
+                lines.append(
+                    f"| {method} | {'-' if s is None else f'{100 * s:g} %'} | "
+                    f"{fmt([r['test_accuracy'] for r in g], 100)} | {fmt([r['kept'] for r in g], nd=0)} | "
+                    f"{fmt([r.get('bytes') for r in g], nd=0)} | "
+                    f"{fmt([r.get('latency_b1_ms') for r in g], nd=3)} | "
+                    f"{fmt([r.get('latency_b32_ms') for r in g], nd=3)} | "
+                    f"{fmt([r['seconds_per_epoch'] for r in g], nd=2)} | {len(g)} |")
+        lines.append("")
+    summary = _claims(groups)
+    lines += ["## The claim, checked", "", *summary, ""]
+    text = "\n".join(lines)
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text)
+    return text
+
+
+def _claims(groups) -> list[str]:
+    out = []
+    for model in MODELS:
+        dense = groups.get((model, "dense", None))
+        if not dense:
+            continue
+        d = statistics.mean(r["test_accuracy"] for r in dense)
+        for s in SPARSITIES:
+            t = groups.get((model, "tt-tedepr", s))
+            base = [(m, statistics.mean(r["test_accuracy"] for r in groups[(model, m, s)]))
+                    for m in DENSE_PAI if (model, m, s) in groups]
+            if not t or not base:
+                continue
+            tv = statistics.mean(r["test_accuracy"] for r in t)
+            bm, bv = max(base, key=lambda x: x[1])
+            out.append(f"- {model} at {100 * s:g} %: TEDEPR-TT {100 * tv:.1f} % vs dense {100 * d:.1f} % "
+                       f"(gap {100 * (d - tv):+.1f} points), best dense-weight PaI {bm} {100 * bv:.1f} % "
+                       f"(TEDEPR {100 * (tv - bv):+.1f} points)")
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pai"))
+    ap.add_argument("--doc", default=str(ROOT / "docs" / "pai_results.md"))
+    ap.add_argument("--quick", action="store_true", help="LeNet-300-100, 99.5 %%, 3 epochs, 1 seed")
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)))
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--epochs", type=int, default=0, help="override every model's epochs")
+    ap.add_argument("--jobs", type=int, default=1, help="parallel runs (one thread each)")
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out)
+    models = args.models.split(",")
+    methods = args.methods.split(",")
+    sparsities = [float(s) for s in args.sparsities.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if args.quick:
+        models, sparsities, seeds = ["lenet300"], [0.995], [0]
+        methods = ["dense", "tt-tedepr", "tt-budget", "snip", "synflow"]
+        args.epochs = args.epochs or 3
+        out = Path(args.out) if args.out != str(ROOT / "benchmarks" / "results" / "pai") else out / "quick"
+    unknown = set(models) - set(MODELS) or set(methods) - set(METHODS)
+    if unknown:
+        print(f"unknown: {sorted(unknown)}", file=sys.stderr)
+        return 2
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    todo = []
+    for model, method, s, seed in grid(models, methods, sparsities, seeds):
+        key = run_key(model, method, s, seed)
+        if not (out / "runs" / f"{key}.json").exists():
+            todo.append((model, method, s, seed, args.epochs or MODELS[model][1]))
+    start = time.time()
+    if not args.report_only and todo:
+        cached = len(list(grid(models, methods, sparsities, seeds))) - len(todo)
+        print(f"{len(todo)} runs to do ({cached} cached)", flush=True)
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            futs = {pool.submit(one_run, *t, str(out)): t for t in todo}
+            for f in as_completed(futs):
+                t = futs[f]
+                key = run_key(*t[:4])
+                try:
+                    row = measure(f.result())
+                except Exception:
+                    print(f"FAILED {key}:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+                    continue
+                (out / "runs" / f"{key}.json").write_text(json.dumps(row, indent=1))
+                print(f"{key}: test {100 * row['test_accuracy']:.1f} % kept {row['kept']} "
+                      f"({row['train_seconds']:.0f} s)", flush=True)
+    wall = time.time() - start
+    doc = Path(args.doc) if not args.quick else out / "report.md"
+    text = report(out, doc)
+    print(text.split("## The claim, checked")[-1].strip() if "claim" in text else text)
+    print(f"wall time {wall:.0f} s; report: {doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,520 @@
+/* tedepr sparse tensor-chain kernel: one call runs a whole tensorized layer for a batch.
+ *
+ * A layer is a chain of steps. Step k multiplies a sparse core matrix A_k (CSR, rows = the
+ * core axes the step produces, columns = the axes it contracts) into the activation buffer
+ * X_k, stored "feature-major": X_k[kk][f] with the contracted index kk as the row and the
+ * free indices + batch as the contiguous column f = g * B + b (B = batch, innermost):
+ *
+ *     Y[o][f] = sum_j val[j] * X_k[col[j]][f]      for j in row_ptr[o] .. row_ptr[o+1]
+ *
+ * The permutation into the next step's layout is fused into the store: element (o, f) goes
+ * to out[unit * (roff[o] + goff[g]) + b * bstride] (unit = B, bstride = 1 between steps),
+ * so no step ever transposes a buffer.
+ * The columns are walked in tiles of 64/32/16/8/4/1 floats held in registers while the CSR
+ * rows stream past; every output element is written exactly once.
+ *
+ * Portable C99 + GCC/Clang vector extensions (SSE, AVX2, AVX-512, NEON alike); fp32;
+ * deterministic: each output element is one sum in an order fixed by the CSR and the tile
+ * width (a function of the batch size), never by the thread count. Threads: the caller
+ * passes nthreads (default 1 from Python); tiles of each step are split statically across
+ * POSIX threads, with a barrier between steps.
+ *
+ * ABI: see kernels/README.md; bump TEDEPR_ABI when a struct or a signature changes.
+ */
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+
+#define TEDEPR_ABI 2
+
+#ifndef TEDEPR_VB
+#if defined(__AVX512F__)
+#define TEDEPR_VB 16
+#elif defined(__AVX__)
+#define TEDEPR_VB 8
+#else
+#define TEDEPR_VB 4
+#endif
+#endif
+
+typedef float vf __attribute__((vector_size(TEDEPR_VB * 4)));
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+
+/* One step of the chain (mirrored by tedepr_cli/kernels/cpu.py:_Step). */
+typedef struct {
+    int32_t n_rows;        /* output rows o of the step (CSR rows) */
+    int32_t n_in_rows;     /* rows kk of the input buffer */
+    int32_t g_in;          /* free groups of the input buffer: it has g_in * B columns */
+    int32_t col_bytes;     /* 2 (uint16 columns) or 4 (int32 columns) */
+    const int32_t *row_ptr; /* n_rows + 1 */
+    const void *col;       /* input row kk of each stored entry */
+    const float *val;      /* stored entries */
+    const int32_t *roff;   /* n_rows: destination offset of each output row, in units */
+    const int32_t *goff;   /* g_in: destination offset of each free group, in units */
+} tedepr_step;
+
+typedef struct {
+    int32_t n_steps;
+    int32_t n_in;          /* N: features of x */
+    int32_t n_out;         /* M: features of y */
+    int32_t buf_units;     /* largest intermediate buffer, per batch element */
+    const tedepr_step *steps;
+    const float *bias;     /* M floats or NULL: used by tedepr_chain_forward */
+    int32_t nthreads;      /* used by tedepr_chain_forward */
+    int32_t pad_;
+    int64_t chunk;         /* used by tedepr_chain_forward (0: auto) */
+} tedepr_chain;
+
+int tedepr_abi(void) { return TEDEPR_ABI; }
+int tedepr_vector_floats(void) { return TEDEPR_VB; }
+
+#ifndef TEDEPR_DIRECT_MAX
+#define TEDEPR_DIRECT_MAX 8 /* batch-major outputs of up to this many samples are written in place */
+#endif
+#ifndef TEDEPR_CACHE_BYTES
+#define TEDEPR_CACHE_BYTES (512 * 1024) /* intermediates of one batch chunk should fit here (L2) */
+#endif
+
+/* Samples per chunk: a call runs the chain on chunks of the batch so that the intermediate
+ * buffers stay in cache. Batch-major chunks are rows of x and y; feature-major chunks are
+ * column blocks, copied in and written back in place. Auto chunks are 8 or a multiple of
+ * 16 samples (runs of >= 8 lanes keep the stores vectorised); batch-major runs of fewer
+ * than 8 samples through a multi-step chain go one by one (the in-place B = 1 path is the
+ * fast one there). */
+static int64_t batch_chunk(const tedepr_chain *c, int64_t batch, int32_t fm, int64_t chunk) {
+    if (batch <= 1) return batch;
+    if (chunk <= 0) {
+        const int64_t per = 4 * (2 * (int64_t)c->buf_units + c->n_in + c->n_out);
+        chunk = TEDEPR_CACHE_BYTES / (per > 0 ? per : 1);
+        chunk = chunk >= 16 ? chunk - chunk % 16 : 8;
+    }
+    (void)fm;
+    return chunk < batch ? chunk : batch;
+}
+
+/* Floats of workspace one call needs (input copy, two ping-pong buffers, output buffer). */
+int64_t tedepr_chain_workspace(const tedepr_chain *c, int64_t batch, int32_t x_fm, int32_t y_fm,
+                               int64_t chunk) {
+    const int64_t b = batch_chunk(c, batch, x_fm && y_fm, chunk);
+    int64_t n = 2 * (int64_t)c->buf_units * b + (int64_t)c->n_in * b;
+    if (!y_fm && b > TEDEPR_DIRECT_MAX) n += (int64_t)c->n_out * b;
+    return n + 16;
+}
+
+/* ------------------------------------------------------------ register transposes */
+#if defined(__clang__)
+#define SHUF8(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+typedef int32_t v8i __attribute__((vector_size(32)));
+#define SHUF8(a, b, ...) __builtin_shuffle(a, b, (v8i){__VA_ARGS__})
+#endif
+
+/* In-register transpose of an 8 x 8 block (three butterfly stages). */
+static inline void transpose8(v8 r[8]) {
+    v8 t[8];
+    for (int i = 0; i < 4; i++) {
+        t[i] = SHUF8(r[i], r[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+        t[i + 4] = SHUF8(r[i], r[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+    }
+    for (int i = 0; i < 8; i += 4)
+        for (int k = 0; k < 2; k++) {
+            r[i + k] = SHUF8(t[i + k], t[i + k + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+            r[i + k + 2] = SHUF8(t[i + k], t[i + k + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+        }
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = SHUF8(r[i], r[i + 1], 0, 8, 2, 10, 4, 12, 6, 14);
+        t[i + 1] = SHUF8(r[i], r[i + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+    }
+    for (int i = 0; i < 8; i++) r[i] = t[i];
+}
+
+/* Store a block of 16 rows x L lanes (tmp, row-major) whose rows are consecutive in
+ * memory: lane l's 16 values go to base + lane[l] as two vector stores, after 8 x 8
+ * register transposes, instead of 16 scalar stores. */
+static void flush_rows16(const float *restrict tmp, int L, float *restrict base,
+                         const int64_t *restrict lane) {
+    for (int l0 = 0; l0 < L; l0 += 8) {
+        v8 a[8], b[8];
+        for (int i = 0; i < 8; i++) {
+            memcpy(&a[i], tmp + i * L + l0, sizeof(v8));
+            memcpy(&b[i], tmp + (i + 8) * L + l0, sizeof(v8));
+        }
+        transpose8(a);
+        transpose8(b);
+        for (int k = 0; k < 8; k++) {
+            memcpy(base + lane[l0 + k], &a[k], sizeof(v8));
+            memcpy(base + lane[l0 + k] + 8, &b[k], sizeof(v8));
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ the tile kernels */
+/* Row loop over one column tile of L = NV * E floats (E floats per vector VT): the tile's
+ * accumulators live in registers, P partial sums over alternate stored entries keep
+ * enough independent multiply-adds in flight (rows are short), one broadcast
+ * multiply-add per stored entry and vector. mode E (or 8): every run of E (or 8) lanes
+ * lands on consecutive addresses (lane[] gives each start): vector stores. mode -1: a
+ * partial tile, lanes with lane[l] < 0 are padding and not stored. mode 0: lanes scatter;
+ * RB rows are buffered and written lane by lane, so consecutive rows (roff + 1) fill
+ * each cache line in turn (with register transposes where they are adjacent in memory)
+ * instead of touching L lines per row. */
+#define RB 16
+#ifndef TEDEPR_CHAINS
+#define TEDEPR_CHAINS 4 /* independent multiply-add chains a row keeps in flight */
+#endif
+#define PARTIALS(NV) (TEDEPR_CHAINS / (NV) < 1 ? 1 : TEDEPR_CHAINS / (NV) > 4 ? 4 : TEDEPR_CHAINS / (NV))
+#define DEFINE_TILE(NAME, VT, NV, CT)                                                        \
+    static void NAME(const tedepr_step *s, const float *restrict X, int64_t ld,              \
+                     float *restrict out, int64_t unit, const int64_t *restrict lane,        \
+                     int mode) {                                                             \
+        enum { E = (int)(sizeof(VT) / 4), L = NV * E, P = E == 1 ? 1 : PARTIALS(NV) };     \
+        const int32_t *rp = s->row_ptr, *roff = s->roff;                                    \
+        const CT *restrict col = (const CT *)s->col;                                        \
+        const float *restrict val = s->val;                                                  \
+        float tmp[RB][L];                                                                    \
+        for (int32_t o0 = 0; o0 < s->n_rows; o0 += RB) {                                     \
+            const int nb = s->n_rows - o0 < RB ? s->n_rows - o0 : RB;                        \
+            for (int i = 0; i < nb; i++) {                                                   \
+                const int32_t o = o0 + i, je = rp[o + 1];                                    \
+                int32_t j = rp[o];                                                           \
+                VT acc[P][NV];                                                               \
+                for (int p = 0; p < P; p++)                                                  \
+                    for (int v = 0; v < NV; v++) acc[p][v] = (VT){0};                        \
+                for (; j + P <= je; j += P)                                                  \
+                    for (int p = 0; p < P; p++) {                                            \
+                        const float w = val[j + p];                                          \
+                        const float *xp = X + (int64_t)col[j + p] * ld;                      \
+                        for (int v = 0; v < NV; v++) {                                       \
+                            VT t;                                                            \
+                            memcpy(&t, xp + v * E, sizeof t);                                \
+                            acc[p][v] += w * t;                                              \
+                        }                                                                    \
+                    }                                                                        \
+                for (; j < je; j++) {                                                        \
+                    const float w = val[j];                                                  \
+                    const float *xp = X + (int64_t)col[j] * ld;                              \
+                    for (int v = 0; v < NV; v++) {                                           \
+                        VT t;                                                                \
+                        memcpy(&t, xp + v * E, sizeof t);                                    \
+                        acc[0][v] += w * t;                                                  \
+                    }                                                                        \
+                }                                                                            \
+                for (int p = 1; p < P; p++)                                                  \
+                    for (int v = 0; v < NV; v++) acc[0][v] += acc[p][v];                     \
+                if (mode == E) {                                                             \
+                    float *dst = out + unit * (int64_t)roff[o];                              \
+                    for (int v = 0; v < NV; v++) memcpy(dst + lane[v * E], &acc[0][v], sizeof(VT)); \
+                } else if (E >= 8 && mode == 8) {                                            \
+                    float *dst = out + unit * (int64_t)roff[o];                              \
+                    for (int v = 0; v < NV; v++)                                             \
+                        for (int c = 0; c + 8 <= E; c += 8)                                  \
+                            memcpy(dst + lane[v * E + c], (const float *)&acc[0][v] + c, 32); \
+                } else {                                                                     \
+                    memcpy(tmp[i], acc[0], sizeof tmp[i]);                                   \
+                }                                                                            \
+            }                                                                                \
+            if (mode <= 0) {                                                                 \
+                int seq = mode == 0 && unit == 1 && nb == RB && L % 8 == 0;                  \
+                for (int i = 1; seq && i < RB; i++) seq = roff[o0 + i] == roff[o0] + i;      \
+                if (seq)                                                                     \
+                    flush_rows16(tmp[0], L, out + roff[o0], lane);                           \
+                else                                                                         \
+                    for (int l = 0; l < L; l++)                                              \
+                        if (lane[l] >= 0)                                                    \
+                            for (int i = 0; i < nb; i++)                                     \
+                                out[unit * (int64_t)roff[o0 + i] + lane[l]] = tmp[i][l];     \
+            }                                                                                \
+        }                                                                                    \
+    }
+
+#define DEFINE_TILES(SUF, CT)                                                                \
+    DEFINE_TILE(tile64_##SUF, vf, 64 / TEDEPR_VB, CT)                                        \
+    DEFINE_TILE(tile32_##SUF, vf, 32 / TEDEPR_VB, CT)                                        \
+    DEFINE_TILE(tile16_##SUF, vf, 16 / TEDEPR_VB, CT)                                        \
+    DEFINE_TILE(tile8_##SUF, v8, 1, CT)                                                      \
+    DEFINE_TILE(tile4_##SUF, v4, 1, CT)                                                      \
+    DEFINE_TILE(tile1_##SUF, float, 1, CT)
+
+DEFINE_TILES(u16, uint16_t)
+DEFINE_TILES(i32, int32_t)
+
+typedef void (*tile_fn)(const tedepr_step *, const float *, int64_t, float *, int64_t,
+                        const int64_t *, int);
+
+static const int TILE_W[6] = {64, 32, 16, 8, 4, 1};
+static const int TILE_E[6] = {TEDEPR_VB, TEDEPR_VB, TEDEPR_VB, 8, 4, 1};
+static const tile_fn TILES_U16[6] = {tile64_u16, tile32_u16, tile16_u16, tile8_u16, tile4_u16, tile1_u16};
+static const tile_fn TILES_I32[6] = {tile64_i32, tile32_i32, tile16_i32, tile8_i32, tile4_i32, tile1_i32};
+
+/* The tile for the next rem columns: the widest that fits, or (when the input buffer has
+ * slack after its end) one partial 8-wide tile for 2..7 columns instead of 4 + 1 + 1 + 1
+ * sweeps over the core. Returns the kind; *valid gets the columns it covers. */
+static int next_tile(int64_t rem, int overread, int *valid) {
+    int k = 0;
+    while (TILE_W[k] > rem) k++;
+    *valid = TILE_W[k];
+    if (overread && rem >= 2 && rem < 8) {
+        *valid = (int)rem;
+        return 3;
+    }
+    return k;
+}
+
+static int64_t n_tiles(int64_t n, int overread) {
+    int64_t t = n / 64;
+    int valid;
+    for (n %= 64; n > 0; n -= valid, t++) next_tile(n, overread, &valid);
+    return t;
+}
+
+/* Run tiles [t0, t1) of one step. overread: X may be read up to 8 floats past its end. */
+static void run_step(const tedepr_step *s, int64_t batch, const float *X, float *out, int64_t unit,
+                     int64_t bstride, int overread, int64_t t0, int64_t t1) {
+    const int64_t F = (int64_t)s->g_in * batch, ld = F;
+    const tile_fn *tiles = s->col_bytes == 2 ? TILES_U16 : TILES_I32;
+    int64_t f0 = 0, t = 0;
+    int64_t lane[64];
+    while (f0 < F && t < t1) {
+        int valid;
+        const int k = next_tile(F - f0, overread, &valid), w = TILE_W[k], e = TILE_E[k];
+        if (t >= t0) {
+            /* destination of each lane: unit * goff[g] + b * bstride, f = g * B + b */
+            int64_t g = f0 / batch, b = f0 % batch;
+            int run_e = 1, run_8 = e >= 8 && e % 8 == 0;
+            for (int l = 0; l < valid; l++) {
+                lane[l] = unit * (int64_t)s->goff[g] + b * bstride;
+                if (l % 8 && lane[l] != lane[l - 1] + 1) run_8 = run_e = 0;
+                else if (l % e && lane[l] != lane[l - 1] + 1) run_e = 0;
+                if (++b == batch) { b = 0; g++; }
+            }
+            for (int l = valid; l < w; l++) lane[l] = -1;
+            const int mode = valid < w ? -1 : run_e ? e : run_8 ? 8 : 0;
+            tiles[k](s, X + f0, ld, out, unit, lane, mode);
+        }
+        f0 += valid;
+        t++;
+    }
+}
+
+/* One h x w block (h, w <= 16) of dst = transpose(src), where src has row stride cols
+ * and dst row stride rows. */
+static void transpose_block(const float *restrict src, float *restrict dst, int64_t rows,
+                            int64_t cols, int64_t r0, int64_t c0, int h, int w) {
+    if (h == 16 && w == 16) {
+        /* whole cache lines in, whole cache lines out: power-of-two strides cannot thrash */
+        v8 q[4][8];
+        for (int i = 0; i < 8; i++)
+            for (int k = 0; k < 4; k++)
+                memcpy(&q[k][i], src + (r0 + i + 8 * (k & 1)) * cols + c0 + 8 * (k >> 1), sizeof(v8));
+        for (int k = 0; k < 4; k++) transpose8(q[k]);
+        for (int i = 0; i < 8; i++)
+            for (int k = 0; k < 4; k++)
+                memcpy(dst + (c0 + i + 8 * (k >> 1)) * rows + r0 + 8 * (k & 1), &q[k][i], sizeof(v8));
+        return;
+    }
+    for (int i = 0; i < h; i++)
+        for (int k = 0; k < w; k++) dst[(c0 + k) * rows + r0 + i] = src[(r0 + i) * cols + c0 + k];
+}
+
+/* dst (cols x rows) = transpose of src (rows x cols) + bias (one value per src row, may be
+ * NULL). Wide src: 16 x 16 blocks (whole cache lines in and out). Tall src: 8 destination
+ * rows at a time, so that only 8 write streams are open (long power-of-two rows would
+ * otherwise all fall in one cache set). */
+static void transpose(const float *restrict src, float *restrict dst, int64_t rows, int64_t cols,
+                      const float *restrict bias) {
+    if (rows <= cols) {
+        for (int64_t r = 0; r < rows; r += 16)
+            for (int64_t c = 0; c < cols; c += 16)
+                transpose_block(src, dst, rows, cols, r, c, rows - r < 16 ? (int)(rows - r) : 16,
+                                cols - c < 16 ? (int)(cols - c) : 16);
+    } else {
+        int64_t c = 0;
+        for (; c + 8 <= cols; c += 8) {
+            int64_t r = 0;
+            for (; r + 16 <= rows; r += 16) {
+                v8 a[8], b[8];
+                for (int i = 0; i < 8; i++) {
+                    memcpy(&a[i], src + (r + i) * cols + c, sizeof(v8));
+                    memcpy(&b[i], src + (r + 8 + i) * cols + c, sizeof(v8));
+                }
+                transpose8(a);
+                transpose8(b);
+                for (int k = 0; k < 8; k++) {
+                    memcpy(dst + (c + k) * rows + r, &a[k], sizeof(v8));
+                    memcpy(dst + (c + k) * rows + r + 8, &b[k], sizeof(v8));
+                }
+            }
+            for (; r < rows; r++)
+                for (int k = 0; k < 8; k++) dst[(c + k) * rows + r] = src[r * cols + c + k];
+        }
+        for (; c < cols; c++)
+            for (int64_t r = 0; r < rows; r++) dst[c * rows + r] = src[r * cols + c];
+    }
+    if (bias)
+        for (int64_t c = 0; c < cols; c++)
+            for (int64_t r = 0; r < rows; r++) dst[c * rows + r] += bias[r];
+}
+
+/* ------------------------------------------------------------------------ driver */
+typedef struct {
+    const tedepr_chain *c;
+    const float *x;
+    float *y;
+    int64_t batch, nouter, xs, ys, chunk;
+    int32_t x_fm, y_fm, nthreads;
+    const float *bias;
+    float *work;
+    pthread_barrier_t bar;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int state; /* 0: wait, 1: go, -1: abort (a thread could not be started) */
+} job_t;
+
+typedef struct {
+    job_t *job;
+    int id;
+} worker_t;
+
+static void sync_all(job_t *j) {
+    if (j->nthreads > 1) pthread_barrier_wait(&j->bar);
+}
+
+/* One chunk: x -> y for B of the call's samples; x and y point at the chunk's first
+ * sample (row b0 of a batch-major array, column b0 of a feature-major one). */
+static void run_block(job_t *j, int id, const float *x, float *y, int64_t B) {
+    const tedepr_chain *c = j->c;
+    const int64_t M = c->n_out, N = c->n_in, Ball = j->batch;
+    float *pack = j->work;
+    float *ping = pack + N * B;
+    float *pong = ping + (int64_t)c->buf_units * B;
+    float *ybuf = pong + (int64_t)c->buf_units * B;
+    /* input: feature-major (N, B) is read in place (or its column block copied out);
+     * batch-major (B, N) is transposed */
+    const float *X = x;
+    if (j->x_fm ? B < Ball : B > 1) {
+        if (id == 0) {
+            if (j->x_fm) {
+                for (int64_t n = 0; n < N; n++) memcpy(pack + n * B, x + n * Ball, 4 * (size_t)B);
+            } else {
+                transpose(x, pack, B, N, NULL);
+            }
+        }
+        X = pack;
+        sync_all(j);
+    }
+    /* output: feature-major (M, B) is the buffers' own layout, written in place (unit: the
+     * call's batch); so is a narrow batch-major (B, M) (the batch at stride M, each feature
+     * at unit 1); a wide batch-major one is written as (M, B) and transposed once */
+    const int via_buf = !j->y_fm && B > TEDEPR_DIRECT_MAX;
+    for (int32_t k = 0; k < c->n_steps; k++) {
+        const tedepr_step *s = &c->steps[k];
+        const int last = k + 1 == c->n_steps;
+        float *out = last ? (via_buf ? ybuf : y) : ((k & 1) ? pong : ping);
+        int64_t unit = B, bstride = 1;
+        if (last && j->y_fm) unit = Ball;
+        if (last && !j->y_fm && !via_buf) unit = 1, bstride = M;
+        const int overread = X != x; /* workspace buffers have slack; the caller's x not */
+        const int64_t nt = n_tiles((int64_t)s->g_in * B, overread);
+        const int64_t t0 = nt * id / j->nthreads, t1 = nt * (id + 1) / j->nthreads;
+        run_step(s, B, X, out, unit, bstride, overread, t0, t1);
+        sync_all(j);
+        X = out;
+    }
+    if (id == 0) {
+        if (via_buf) {
+            transpose(ybuf, y, M, B, j->bias);
+        } else if (j->bias && j->y_fm) {
+            for (int64_t m = 0; m < M; m++)
+                for (int64_t b = 0; b < B; b++) y[m * Ball + b] += j->bias[m];
+        } else if (j->bias) {
+            for (int64_t b = 0; b < B; b++)
+                for (int64_t m = 0; m < M; m++) y[b * M + m] += j->bias[m];
+        }
+    }
+    sync_all(j);
+}
+
+static void chain_work(job_t *j, int id) {
+    const int64_t B = j->batch, M = j->c->n_out, N = j->c->n_in;
+    for (int64_t i = 0; i < j->nouter; i++)
+        for (int64_t b0 = 0, nb; b0 < B; b0 += nb) {
+            nb = B - b0 < j->chunk ? B - b0 : j->chunk;
+            if (!j->x_fm && !j->y_fm && nb < 8 && j->c->n_steps > 1) nb = 1;
+            run_block(j, id, j->x + i * j->xs + b0 * (j->x_fm ? 1 : N),
+                      j->y + i * j->ys + b0 * (j->y_fm ? 1 : M), nb);
+        }
+}
+
+static void *worker(void *arg) {
+    worker_t *wk = (worker_t *)arg;
+    job_t *j = wk->job;
+    pthread_mutex_lock(&j->mu);
+    while (j->state == 0) pthread_cond_wait(&j->cv, &j->mu);
+    const int go = j->state > 0;
+    pthread_mutex_unlock(&j->mu);
+    if (go) chain_work(j, wk->id);
+    return NULL;
+}
+
+/* Run the chain on nouter independent blocks: block i reads x + i*xs and writes y + i*ys.
+ * x is (B, N) batch-major, or (N, B) feature-major if x_fm; likewise y with y_fm. bias
+ * (M floats) may be NULL. chunk: samples per batch chunk of a batch-major call (0: auto,
+ * see batch_chunk). work holds tedepr_chain_workspace(c, batch, x_fm, y_fm, chunk) floats.
+ * nthreads threads
+ * (the caller's included) share each step; 1 runs inline. Returns 0, or -1 on bad
+ * arguments. If a thread cannot be started the call runs on the caller's thread alone. */
+int tedepr_chain_run(const tedepr_chain *c, const float *x, float *y, int64_t batch,
+                     int64_t nouter, int64_t xs, int64_t ys, int32_t x_fm, int32_t y_fm,
+                     const float *bias, float *work, int32_t nthreads, int64_t chunk) {
+    if (!c || !x || !y || !work || batch < 0 || nouter < 0 || c->n_steps < 1) return -1;
+    if (batch == 0 || nouter == 0) return 0;
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > 64) nthreads = 64;
+    job_t job;
+    memset(&job, 0, sizeof job);
+    job.c = c; job.x = x; job.y = y; job.batch = batch; job.nouter = nouter;
+    job.xs = xs; job.ys = ys; job.x_fm = x_fm; job.y_fm = y_fm; job.bias = bias;
+    job.work = work; job.nthreads = 1;
+    job.chunk = batch_chunk(c, batch, x_fm && y_fm, chunk);
+    if (nthreads == 1) {
+        chain_work(&job, 0);
+        return 0;
+    }
+    pthread_t th[64];
+    worker_t wk[64];
+    pthread_mutex_init(&job.mu, NULL);
+    pthread_cond_init(&job.cv, NULL);
+    int started = 1;
+    for (int t = 1; t < nthreads; t++, started++) {
+        wk[t].job = &job;
+        wk[t].id = t;
+        if (pthread_create(&th[t], NULL, worker, &wk[t])) break;
+    }
+    job.nthreads = started;
+    const int ok = started == nthreads && !pthread_barrier_init(&job.bar, NULL, (unsigned)nthreads);
+    pthread_mutex_lock(&job.mu);
+    job.state = ok ? 1 : -1;
+    pthread_cond_broadcast(&job.cv);
+    pthread_mutex_unlock(&job.mu);
+    if (!ok) job.nthreads = 1;
+    chain_work(&job, 0);
+    for (int t = 1; t < started; t++) pthread_join(th[t], NULL);
+    if (ok) pthread_barrier_destroy(&job.bar);
+    pthread_cond_destroy(&job.cv);
+    pthread_mutex_destroy(&job.mu);
+    return 0;
+}
+
+/* The common call with few arguments (each ctypes argument costs time at batch 1):
+ * batch-major (B, N) -> (B, M) with the chain's own bias, threads and chunk. */
+int tedepr_chain_forward(const tedepr_chain *c, const float *x, float *y, int64_t batch,
+                         float *work) {
+    return tedepr_chain_run(c, x, y, batch, 1, 0, 0, 0, 0, c->bias, work, c->nthreads, c->chunk);
+}
+
+/* The same for feature-major (N, B) -> (M, B). */
+int tedepr_chain_forward_fm(const tedepr_chain *c, const float *x, float *y, int64_t batch,
+                            float *work) {
+    return tedepr_chain_run(c, x, y, batch, 1, 0, 0, 1, 1, c->bias, work, c->nthreads, c->chunk);
+}

@@ -1,0 +1,1 @@
+"""`tedepr bench`: side-by-side latency, size and accuracy of compressed vs dense models."""
