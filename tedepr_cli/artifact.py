@@ -25,7 +25,7 @@ from torch import nn
 
 from . import __version__
 from .arch import ArchSpec, build
-from .errors import BadInput, InputNotFound
+from .errors import BadInput, InputNotFound, UnsafeInput
 from .fsutil import atomic_output
 from .storage import decode, encode
 
@@ -230,6 +230,11 @@ def load_artifact(path: str | Path, allow_import: str | None = None) -> Artifact
         st_path = p / MODEL_FILE
         if not st_path.is_file():
             raise BadInput(f"{p} is not a tedepr artifact: {MODEL_FILE} is missing")
+        root = p.resolve()
+        for member in (st_path, p / MANIFEST_FILE):
+            if member.exists() and root not in member.resolve().parents:
+                raise UnsafeInput(f"{member} points outside its artifact directory (symlink to "
+                                  f"{member.resolve()}); refusing to follow it")
     else:
         st_path = p
     tensors, meta = read_safetensors(st_path)
