@@ -12,14 +12,16 @@ accuracy of the best-by-validation checkpoint. Methods (all at the same budget: 
 kept weights are (1 - sparsity) x the dense model's prunable weights):
 
   dense            no pruning (reference)
-  tt-tedepr        TEDEPR: TT cores (rank 8, variance-preserving init) + trainability criterion
+  tt-tedepr        TEDEPR: TT cores (variance-preserving init, rank "auto": the largest rank whose
+                   cores hold <= 4x the budget) + trainability criterion
   tr-tedepr        the same with tensor-ring cores
   tt-snip/-synflow/-random   the TT model with another fine-grain criterion (ablation)
   tt-budget        an *unpruned* TT sized to the budget (ablation of the fine grain, DESIGN §5)
   snip/grasp/synflow/random/magnitude   dense-weight pruning at initialization (the paper's baselines)
 
-The training recipe is the same for every method of a model (AdamW, lr 1e-3, batch 128,
-cosine schedule; epochs per model below). Cached results live in
+The training recipe is the same for every method of a model (AdamW, batch 128, cosine
+schedule, epochs per model below) and so is the tuning: every run trains once per learning
+rate in LRS and keeps the one with the best validation accuracy. Cached results live in
 benchmarks/results/pai/runs/*.json; the report goes to docs/pai_results.md.
 """
 
@@ -49,8 +51,8 @@ TENSORIZED = ["tt-tedepr", "tr-tedepr", "tt-snip", "tt-synflow", "tt-random", "t
 DENSE_PAI = ["snip", "grasp", "synflow", "random", "magnitude"]
 METHODS = ["dense", *TENSORIZED, *DENSE_PAI]
 SPARSITIES = [0.99, 0.995, 0.999]
-RANK = 8
-LR = 1e-3
+COARSE_RATIO = 4.0
+LRS = (1e-3, 1e-2)
 
 
 def run_key(model: str, method: str, sparsity: float | None, seed: int) -> str:
@@ -92,7 +94,7 @@ def one_run(model: str, method: str, sparsity: float | None, seed: int, epochs: 
     torch.set_num_threads(1)
     from tedepr_cli.arch import build, parse_arch
     from tedepr_cli.artifact import Artifact
-    from tedepr_cli.decompose import DecomposeOptions, decompose
+    from tedepr_cli.decompose import DecomposeOptions
     from tedepr_cli.prune import PruneOptions, prune
     from tedepr_cli.pruning.targets import dense_prunable_count, prunable_params
     from tedepr_cli.train import TrainOptions, finetune
@@ -114,21 +116,36 @@ def one_run(model: str, method: str, sparsity: float | None, seed: int, epochs: 
         note = f"{modes} modes, rank {rank}"
     else:
         fmt, crit = method.split("-")
-        art, _ = decompose(art, DecomposeOptions(format=fmt, rank=RANK, init="random", seed=seed))
-        art, _ = prune(art, PruneOptions(sparsity=sparsity, criterion=crit, seed=seed), DATA)
+        dopts = DecomposeOptions(format=fmt, rank=None, init="random", seed=seed)
+        popts = PruneOptions(sparsity=sparsity, criterion=crit, seed=seed, coarse_ratio=COARSE_RATIO)
+        art, rep = prune(art, popts, DATA, dopts)
+        note = f"rank {rep['rank_auto']['rank']}" if rep.get("rank_auto") else ""
     prune_s = time.perf_counter() - t0
     params = prunable_params(art.model)
     kept = sum(int(art.masks[n].sum()) if n in art.masks else p.numel() for n, p in params.items())
     run_dir = Path(out_dir) / "runs" / run_key(model, method, sparsity, seed)
-    opts = TrainOptions(epochs=epochs, batch_size=128, optimizer="adamw", lr=LR, seed=seed)
     t1 = time.perf_counter()
-    best, summary = finetune(art, DATA, run_dir, opts, overwrite=True)
-    train_s = time.perf_counter() - t1
+    tried = {}
+    for lr in LRS:  # the same small sweep for every method; keep the best on validation
+        opts = TrainOptions(epochs=epochs, batch_size=128, optimizer="adamw", lr=lr, seed=seed)
+        _, s = finetune(art, DATA, run_dir.with_name(f"{run_dir.name}__lr{lr:g}"), opts, overwrite=True)
+        tried[lr] = s
+    lr = max(tried, key=lambda k: tried[k]["best_score"])
+    summary = tried[lr]
+    import shutil
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.with_name(f"{run_dir.name}__lr{lr:g}").rename(run_dir)
+    for other in tried:
+        if other != lr:
+            shutil.rmtree(run_dir.with_name(f"{run_dir.name}__lr{other:g}"), ignore_errors=True)
+    train_s = (time.perf_counter() - t1) / len(LRS)
     return {"model": model, "method": method, "sparsity": sparsity, "seed": seed, "epochs": epochs,
             "test_accuracy": summary["test_accuracy"], "best_val_accuracy": summary["best_score"],
             "kept": kept, "dense_prunable": dense_count, "prune_seconds": round(prune_s, 2),
             "train_seconds": round(train_s, 2), "seconds_per_epoch": round(train_s / epochs, 3),
-            "artifact": str(run_dir / "best"), "note": note}
+            "artifact": str(run_dir / "best"), "note": note, "lr": lr,
+            "val_by_lr": {f"{k:g}": v["best_score"] for k, v in tried.items()}}
 
 
 def grid(models, methods, sparsities, seeds):
@@ -154,24 +171,15 @@ def measure(row: dict) -> dict:
     art = load_artifact(row["artifact"])
     with tempfile.TemporaryDirectory() as d:
         row["bytes"] = save_artifact(art, Path(d) / "m.safetensors").stat().st_size
-    try:
-        from tedepr_cli.bench import latency_of
-    except ImportError:
-        latency_of = None
+    from tedepr_cli.bench.stats import Plan, interleaved
+    from tedepr_cli.execution import build_model, plan_execution
+
     for b in (1, 32):
         x = torch.rand(b, *art.input_shape)
-        if latency_of is not None:
-            row[f"latency_b{b}_ms"] = latency_of(art, x)
-        else:
-            with torch.no_grad():
-                for _ in range(3):
-                    art.model(x)
-                ts = []
-                for _ in range(20):
-                    t = time.perf_counter()
-                    art.model(x)
-                    ts.append(time.perf_counter() - t)
-            row[f"latency_b{b}_ms"] = 1e3 * statistics.median(ts)
+        model = build_model(art, plan_execution(art, b))  # what `tedepr bench`'s tedepr engine runs
+        with torch.no_grad():
+            ts = interleaved({"m": lambda m=model, x=x: m(x)}, Plan(warmup=5, iters=30))["m"]
+        row[f"latency_b{b}_ms"] = 1e3 * statistics.median(ts)
     return row
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ class PruneOptions:
     batch_size: int = 128
     seed: int = 0
     decompose: bool = True
+    coarse_ratio: float = 4.0  # one-shot path, rank "auto": cores hold about this x the budget
     criterion_options: CriterionOptions = field(default_factory=CriterionOptions)
 
     def validate(self) -> None:
@@ -52,6 +53,8 @@ class PruneOptions:
             raise UsageError(f"--min-density must be in [0, 1), got {self.min_density}")
         if self.batch_size <= 0:
             raise UsageError("--batch-size must be positive")
+        if not self.coarse_ratio >= 1:
+            raise UsageError(f"--coarse-ratio must be >= 1, got {self.coarse_ratio}")
         o = self.criterion_options
         if o.steps < 0 or o.rounds < 1 or o.iterations < 1 or o.inner_lr <= 0:
             raise UsageError("--steps >= 0, --rounds >= 1, --iterations >= 1, --inner-lr > 0 required")
@@ -93,6 +96,36 @@ def resolve_criterion(requested: str | None, has_data: bool) -> tuple[str, str |
     return name, None
 
 
+def auto_rank(art: Artifact, dopts: DecomposeOptions, opts: PruneOptions, max_rank: int = 64) -> int:
+    """The coarse/fine balance of the one-shot path: the largest uniform rank whose
+    decomposed model has at most ``coarse_ratio`` x the budget's prunable entries, so the
+    coarse grain does most of the compression and the fine grain prunes the last factor
+    (rank 1 if even that is too large). A fixed rank often leaves the fine grain to cut
+    so deep that chains lose their rank paths (see docs/pai_results.md)."""
+    from .pruning.targets import dense_prunable_count
+    from .tensorized.plan import plan_model
+
+    dense = dense_prunable_count(art.model)
+    limit = opts.coarse_ratio * budget(opts.sparsity, dense)
+
+    def entries(r: int) -> int:
+        plans = plan_model(art.model, art.input_shape, replace(dopts, rank=r))
+        return dense - sum(p.dense_params - p.params for p in plans if p.spec is not None)
+
+    lo, hi, best = 1, max_rank, 1
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        try:
+            fits = entries(mid) <= limit
+        except BadInput:  # e.g. above a fixed --modes' full rank
+            fits = False
+        if fits:
+            best, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    return best
+
+
 def prune(art: Artifact, opts: PruneOptions, data: Path | None = None,
           decompose_opts: DecomposeOptions | None = None) -> tuple[Artifact, dict[str, Any]]:
     """A new artifact with the least useful prunable entries masked to zero."""
@@ -102,10 +135,15 @@ def prune(art: Artifact, opts: PruneOptions, data: Path | None = None,
     criterion, fallback = resolve_criterion(opts.criterion, data is not None)
     if fallback:
         log.warning(fallback)
+    rank_note = None
     if not art.meta.get("tensorization") and opts.decompose:
-        dopts = decompose_opts or DecomposeOptions(seed=opts.seed)
+        dopts = decompose_opts or DecomposeOptions(seed=opts.seed, rank=None)
+        if dopts.rank is None and dopts.compression is None:
+            dopts = replace(dopts, rank=auto_rank(art, dopts, opts))
+            rank_note = {"rank": dopts.rank, "coarse_ratio": opts.coarse_ratio}
         art, _ = decompose(art, dopts)
-        log.info(f"decomposed with {dopts.format.upper()} rank {dopts.rank} before pruning "
+        how = f" (auto: cores about {opts.coarse_ratio:g}x the budget)" if rank_note else ""
+        log.info(f"decomposed with {dopts.format.upper()} rank {dopts.rank}{how} before pruning "
                  f"(pass a decomposed artifact or --no-decompose to control this)")
     out = Artifact(model=copy.deepcopy(art.model).eval(), arch=art.arch, meta=copy.deepcopy(art.meta),
                    source="")
@@ -144,6 +182,8 @@ def prune(art: Artifact, opts: PruneOptions, data: Path | None = None,
     report = _report(model, groups, masks, dense, opts, criterion, fallback, data, score_s)
     for w in report["warnings"]:
         log.warning(w)
+    if rank_note:
+        report["rank_auto"] = rank_note
     out.meta["pruning"] = report
     out.record("prune", {**asdict(opts), "criterion": criterion, "data": str(data) if data else None},
                seed=opts.seed)

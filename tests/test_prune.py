@@ -178,8 +178,23 @@ def test_exact_kept_counts_tensorized(sparsity):
 
 
 def test_budget_above_entries_keeps_everything():
-    out, rep = prune(_lenet(), PruneOptions(sparsity=0.9, criterion="magnitude"))
+    out, rep = prune(_lenet(), PruneOptions(sparsity=0.9, criterion="magnitude"), None,
+                     DecomposeOptions(rank=8))
     assert rep["kept"] == rep["prunable_entries"] == 11_200
+
+
+@pytest.mark.parametrize("sparsity,ratio", [(0.99, 4.0), (0.995, 4.0), (0.995, 2.0), (0.999, 4.0)])
+def test_auto_rank_balances_coarse_and_fine(sparsity, ratio):
+    out, rep = prune(_lenet(), PruneOptions(sparsity=sparsity, criterion="magnitude", coarse_ratio=ratio))
+    auto = rep["rank_auto"]
+    assert auto["rank"] >= 1 and auto["coarse_ratio"] == ratio
+    assert rep["prunable_entries"] <= ratio * rep["kept"] or auto["rank"] == 1
+    # one rank more would exceed the ratio (the rank is the largest that fits)
+    from tedepr_cli.decompose import decompose as dec
+
+    bigger, _ = dec(_lenet(), DecomposeOptions(rank=auto["rank"] + 1))
+    n = sum(p.numel() for n_, p in bigger.model.named_parameters() if "cores" in n_ or n_.endswith("weight"))
+    assert n > ratio * rep["kept"]
 
 
 def test_layer_scope_gives_each_layer_its_share():

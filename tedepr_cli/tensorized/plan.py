@@ -29,6 +29,10 @@ from .layers import FORMATS, build_layer
 SUPPORTED = (nn.Linear, nn.Conv2d, nn.LSTM, nn.MultiheadAttention)
 MAX_AUTO_MODES = 4
 MIN_STEM_CHANNELS = 4
+# Each chain step costs a fixed overhead besides its FLOPs (a call, a permute): about 2 µs
+# at 30 GFLOP/s on one core (DESIGN §4), so `--modes auto` does not trade a few FLOPs for
+# an extra step.
+STEP_COST_FLOPS = 60_000
 
 
 @dataclass
@@ -373,9 +377,8 @@ def _plan_layer(name: str, kind: str, mod: nn.Module, shape: list[int], dense: i
         if params >= dense:
             continue
         chain, dense_f = _work(spec)
-        candidates.append((chain, d, spec))
-        if opts.modes == "auto" and opts.compression is None:
-            break  # fixed rank: the fewest modes that compress is also the least work
+        steps = sum(len(chain_dims(s)) for s in _sub_specs(spec))
+        candidates.append((chain + STEP_COST_FLOPS * steps, d, spec))
     if not candidates:
         if rank is not None and opts.compression is None and not explicit:
             return LayerPlan(name, kind, shape, None, dense, dense, None,
@@ -386,9 +389,9 @@ def _plan_layer(name: str, kind: str, mod: nn.Module, shape: list[int], dense: i
             if explicit:
                 raise BadInput(f"{name}: {why} with {opts.modes} modes")
             return LayerPlan(name, kind, shape, None, dense, dense, None, f"kept dense: {why}")
-    chain, d, spec = min(candidates, key=lambda c: (c[0], c[1]))
+    _, d, spec = min(candidates, key=lambda c: (c[0], c[1]))
     params = sum(_spec_params(s) for s in _sub_specs(spec))
-    _, dense_f = _work(spec)
+    chain, dense_f = _work(spec)
     return LayerPlan(name, kind, shape, spec, params, dense, chain / dense_f, f"{d} modes")
 
 

@@ -1,0 +1,133 @@
+"""`tedepr bench`: side-by-side latency, size and accuracy."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ..cli import (
+    DataOpt,
+    Quiet,
+    Verbose,
+    command,
+)
+from ..console import stdout, table
+
+
+@command
+def bench(
+    path: Annotated[Path, typer.Argument(help="Compressed artifact, finetune run or export directory.",
+                                         show_default=False)],
+    baseline: Annotated[Path | None, typer.Option(
+        "--baseline", help="The dense checkpoint it came from (weights into the same architecture); "
+        "without it the dense architecture is built with random weights (timing only).")] = None,
+    batch: Annotated[str, typer.Option("--batch", help="Batch sizes, e.g. 1,32.")] = "1,32",
+    threads: Annotated[int, typer.Option("--threads", help="Threads for every engine (default 1: "
+                                         "two threads on two shared cores are noisy).")] = 1,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed rounds first.")] = 10,
+    iters: Annotated[int, typer.Option("--iters", help="Timed rounds (each runs every engine once).")] = 100,
+    seconds: Annotated[float | None, typer.Option("--time", help="Time budget in seconds instead of "
+                                                  "--iters.")] = None,
+    engines: Annotated[str | None, typer.Option(
+        "--engines", help="Comma list of dense-torch, dense-ort, chain-torch, tedepr, chain-ort, triton "
+        "(default: all that can run here).")] = None,
+    strict: Annotated[bool, typer.Option("--strict-engines", help="Fail (exit 10) instead of skipping "
+                                         "an unavailable engine named in --engines.")] = False,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    replan: Annotated[bool, typer.Option("--replan", help="Ignore stored execution plans.")] = False,
+    data: DataOpt = None,
+    json_file: Annotated[Path | None, typer.Option(
+        "--json", help="Write every figure as JSON to this file ('-' for stdout).")] = None,
+    fail_if_slower: Annotated[float | None, typer.Option(
+        "--fail-if-slower", help="Gate (exit 11): fail if the tedepr engine is slower than RATIO x the "
+        "dense baseline (or x the same engine in --compare-to).")] = None,
+    compare_to: Annotated[Path | None, typer.Option(
+        "--compare-to", help="A saved bench JSON for --fail-if-slower.")] = None,
+    max_size: Annotated[int | None, typer.Option(
+        "--max-size", help="Gate (exit 12): fail if the compressed artifact exceeds BYTES.")] = None,
+    min_speedup: Annotated[float | None, typer.Option(
+        "--min-speedup", help="Gate (exit 13): fail if the tedepr engine's speed-up is below X.")] = None,
+    verbose: Verbose = 0, quiet: Quiet = False,
+) -> None:
+    """Honest latency and size: every engine side by side, interleaved, with medians, IQR,
+    percentiles, speed-ups with their spread, sizes, planner choices and accuracy."""
+    import json as _json
+
+    from ..bench.core import BenchOptions, check_gates, load_saved, load_target, run_bench
+    from ..console import human_bytes, log
+    from ..errors import UsageError
+
+    try:
+        batches = [int(b) for b in batch.split(",") if b.strip()]
+    except ValueError:
+        raise UsageError(f"--batch takes integers like 1,32; got {batch!r}") from None
+    opts = BenchOptions(batches=batches, threads=threads, warmup=warmup, iters=iters, seconds=seconds,
+                        engines=[e.strip() for e in engines.split(",")] if engines else None,
+                        device=device, strict=strict, replan=replan)
+    opts.validate()
+    if compare_to is not None and fail_if_slower is None:
+        raise UsageError("--compare-to is used by --fail-if-slower: give both")
+    saved = load_saved(compare_to) if compare_to is not None else None
+    if baseline is not None and not baseline.exists():
+        from ..errors import InputNotFound
+
+        raise InputNotFound(f"--baseline {baseline} does not exist")
+    target = load_target(path)
+    report = run_bench(target, opts, baseline, data)
+    failures = check_gates(report, fail_if_slower, max_size, min_speedup, saved, opts.gate_engine)
+    report["gates"] = {"fail_if_slower": fail_if_slower, "max_size": max_size, "min_speedup": min_speedup,
+                       "failed": [str(f) for f in failures]}
+    if json_file is not None:
+        text = _json.dumps(report, indent=2, default=str) + "\n"
+        if str(json_file) == "-":
+            sys.stdout.write(text)
+        else:
+            from ..fsutil import atomic_output
+
+            with atomic_output(json_file, overwrite=True) as tmp:
+                tmp.write_text(text)
+            log.info(f"wrote {json_file}")
+    if str(json_file) != "-":
+        _print_bench(report, human_bytes)
+    for w in report["warnings"]:
+        log.warning(w)
+    if failures:
+        for f in failures[1:]:
+            log.error(str(f))
+        raise failures[0]
+
+
+def _print_bench(report: dict[str, Any], human_bytes) -> None:
+    m = report["machine"]
+    stdout.print(f"{report['target']} vs dense baseline ({report['baseline_weights']}); {m['cpu']}, "
+                 f"{m['threads']} thread(s), torch {m['torch']}, onnxruntime {m['onnxruntime']}, kernels "
+                 f"{'on' if m['kernel']['available'] else 'off'}")
+    for b, row in report["results"].items():
+        rows = []
+        for e, s in row.items():
+            sp = s["speedup_vs_dense_torch"]
+            rows.append([e, 1e6 * s["median_s"], 1e6 * s["iqr_s"], 1e6 * s["p90_s"], 1e6 * s["p99_s"],
+                         f"{1e6 * s['mean_s']:.1f} ± {1e6 * s['std_s']:.1f}", s["throughput_per_s"],
+                         f"{sp['median']:.2f}x [{sp['q1']:.2f}-{sp['q3']:.2f}]",
+                         human_bytes(s["peak_memory_bytes"]) if s["peak_memory_bytes"] is not None else None])
+        stdout.print(table(f"batch {b} (µs)", ["engine", "median", "IQR", "p90", "p99", "mean ± σ",
+                                               "samples/s", "speed-up vs dense", "peak mem"], rows))
+    srows = [[k, v.get("params"), v.get("kept"), v["bytes"], human_bytes(v["bytes"]), v["gzip_bytes"]]
+             for k, v in report["sizes"].items()]
+    stdout.print(table("size", ["format", "params", "kept", "bytes", "", "gzip bytes"], srows))
+    for b, plan in report.get("execution_plans", {}).items():
+        f = plan["flops"]
+        choices = ", ".join(f"{n}={r['choice']}" for n, r in plan["layers"].items())
+        stdout.print(f"plan at batch {b}{' (fresh)' if plan.get('fresh') else ' (stored)'}: {choices}; "
+                     f"{100 * f['share_on_sparse_or_factorized']:.1f} % of the compressed layers' FLOPs on "
+                     f"sparse/factorized kernels")
+    acc = report.get("accuracy")
+    if acc:
+        base = "unknown (no --baseline)" if acc["baseline"] is None else f"{100 * acc['baseline']:.2f} %"
+        stdout.print(f"accuracy on {acc['data']} (test): baseline {base}, compressed "
+                     f"{100 * acc['compressed']:.2f} %")
+    for name, why in report.get("skipped_engines", {}).items():
+        stdout.print(f"skipped {name}: {why}")

@@ -1,0 +1,286 @@
+"""`tedepr decompose` (coarse grain) and `tedepr prune` (fine grain)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ..cli import (
+    Arch,
+    ArchKwargs,
+    DataOpt,
+    InputShape,
+    JsonOut,
+    ModelPath,
+    Output,
+    Overwrite,
+    Quiet,
+    Seed,
+    TrustPickle,
+    Verbose,
+    _load,
+    command,
+    torch_seed,
+)
+from ..console import print_json, stdout, table
+
+
+def _parse_ranks(values: list[str]) -> tuple[int | None, dict[str, int]]:
+    from ..errors import UsageError
+
+    rank, overrides = None, {}
+    for v in values:
+        for item in v.split(","):
+            name, eq, r = item.strip().rpartition("=")
+            try:
+                val = int(r)
+            except ValueError:
+                raise UsageError(f"--rank takes R or name=R, got {item!r}") from None
+            if eq:
+                overrides[name] = val
+            elif rank is not None:
+                raise UsageError("--rank R given twice")
+            else:
+                rank = val
+    return rank, overrides
+
+
+def _parse_modes(values: list[str]) -> tuple[str | int, dict[str, tuple[list[int], list[int]]]]:
+    from ..errors import UsageError
+
+    mode: str | int = "auto"
+    overrides: dict[str, tuple[list[int], list[int]]] = {}
+    for v in values:
+        name, eq, spec = v.partition("=")
+        if not eq:
+            if v.strip() == "auto":
+                mode = "auto"
+                continue
+            try:
+                mode = int(v)
+            except ValueError:
+                raise UsageError(f"--modes takes auto, N or name=IN:OUT, got {v!r}") from None
+            continue
+        try:
+            ins, outs = spec.split(":")
+            overrides[name.strip()] = ([int(x) for x in ins.split("x")],
+                                       [int(x) for x in outs.split("x")])
+        except ValueError:
+            raise UsageError(f"--modes {v!r}: write name=IN:OUT, e.g. fc1=28x28:15x20") from None
+    return mode, overrides
+
+
+def _split_globs(values: list[str]) -> list[str]:
+    return [p.strip() for v in values for p in v.split(",") if p.strip()]
+
+
+def _accuracy(art, data: Path, split: str = "test") -> float:
+    from ..data import load_split
+    from ..evaluate import evaluate, num_outputs
+
+    x, y = load_split(data, split, art.input_shape, art.input_kind,
+                      num_outputs(art.model, art.input_shape))
+    return evaluate(art.model, x, y)["accuracy"]
+
+
+@command
+def decompose(
+    path: ModelPath,
+    output: Output,
+    fmt: Annotated[str, typer.Option("--format", help="Tensor format: tt (tensor-train) or tr "
+                                     "(tensor-ring).")] = "tt",
+    rank: Annotated[list[str] | None, typer.Option(
+        "--rank", help="Rank R for every layer, and/or per-layer overrides name=R (globs, "
+        "repeatable). Default 8.")] = None,
+    compression: Annotated[float | None, typer.Option(
+        "--compression", help="Instead of --rank: largest ranks whose cores are X times "
+        "smaller than each dense layer.")] = None,
+    modes: Annotated[list[str] | None, typer.Option(
+        "--modes", help="Modes per side: auto (fewest that meet the budget: fastest) or N; "
+        "per layer name=IN:OUT, e.g. fc1=28x28:15x20 (repeatable).")] = None,
+    include: Annotated[list[str] | None, typer.Option(
+        "--include", help="Only tensorize layers matching these globs (repeatable).")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(
+        "--exclude", help="Never tensorize layers matching these globs (repeatable).")] = None,
+    chain: Annotated[str, typer.Option(
+        "--chain", help="linear (exactly a low-rank weight) or nonlinear (BN+ReLU between "
+        "chain steps).")] = "linear",
+    init: Annotated[str, typer.Option(
+        "--init", help="pretrained (TT/TR-SVD of the checkpoint's weights) or random "
+        "(variance-preserving).")] = "pretrained",
+    init_variance: Annotated[str, typer.Option(
+        "--init-variance", help="Target of --init random: he (2/fan_in) or lecun (1/fan_in).")] = "he",
+    data: DataOpt = None,
+    seed: Seed = 0,
+    overwrite: Overwrite = False,
+    arch: Arch = None, arch_kwargs: ArchKwargs = None, input_shape: InputShape = None,
+    trust_pickle: TrustPickle = False,
+    json_out: JsonOut = False, verbose: Verbose = 0, quiet: Quiet = False,
+) -> None:
+    """Coarse grain: turn each weight matrix / conv kernel into tensor-train or tensor-ring
+    cores whose forward is a chain of small contractions. Prints the per-layer plan."""
+    from ..artifact import save_artifact
+    from ..console import log
+    from ..decompose import DecomposeOptions, totals
+    from ..decompose import decompose as run_decompose
+    from ..errors import UsageError
+    from ..fsutil import check_output
+
+    r, overrides = _parse_ranks(rank or [])
+    if compression is not None and r is not None:
+        raise UsageError("give either --rank R or --compression X (name=R overrides combine with both)")
+    m, mode_overrides = _parse_modes(modes or ["auto"])
+    opts = DecomposeOptions(format=fmt, rank=8 if r is None else r, mode_overrides=mode_overrides,
+                            rank_overrides=overrides, compression=compression, modes=m,
+                            include=_split_globs(include or []), exclude=_split_globs(exclude or []),
+                            chain=chain, init=init, init_variance=init_variance, seed=seed)
+    if compression is not None:
+        opts.rank = None
+    opts.validate()
+    check_output(output, overwrite)
+    torch_seed(seed)
+    art = _load(path, arch, arch_kwargs, input_shape, trust_pickle)
+    before = sum(p.numel() for p in art.model.parameters())
+    acc_before = _accuracy(art, data) if data else None
+    out, report = run_decompose(art, opts)
+    summary = totals(report, before, sum(p.numel() for p in out.model.parameters()))
+    if data:
+        summary["accuracy_before"] = acc_before
+        summary["accuracy_after"] = _accuracy(out, data)
+        out.meta.setdefault("metrics", {})["decompose"] = {
+            "data": str(data), "split": "test", "accuracy_before": acc_before,
+            "accuracy_after": summary["accuracy_after"]}
+    out.meta["tensorization"]["summary"] = summary
+    save_artifact(out, output, overwrite=overwrite)
+    log.info(f"wrote {output}")
+    if json_out:
+        print_json({"output": str(output), "summary": summary, "layers": report})
+        return
+    _print_plan(report, summary)
+
+
+def _print_plan(report: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    rows = []
+    for x in report:
+        modes = (f"{'x'.join(map(str, x['in_modes']))}->{'x'.join(map(str, x['out_modes']))}"
+                 if x["tensorized"] else "-")
+        rows.append([x["name"], x["type"], "x".join(map(str, x["shape"])), modes,
+                     ",".join(map(str, x["ranks"])) if x["ranks"] else "-", x["params"],
+                     x["compression"], x["work_ratio"], x.get("rel_error"), x["note"]])
+    stdout.print(table("tensorization plan", ["layer", "type", "shape", "modes", "ranks", "params",
+                                              "compr.", "work/dense", "rel.err", "note"],
+                       rows, right={5, 6, 7, 8}))
+    line = (f"params {summary['params_before']:,} -> {summary['params_after']:,} "
+            f"({summary['compression']:.1f}x); {summary['layers_tensorized']} layers tensorized")
+    if "accuracy_after" in summary:
+        line += (f"; test accuracy {100 * summary['accuracy_before']:.2f} % -> "
+                 f"{100 * summary['accuracy_after']:.2f} % (before fine-tuning)")
+    stdout.print(line)
+
+
+def _criteria_help() -> str:
+    from ..pruning.criteria import CRITERIA
+
+    return ", ".join(CRITERIA.names())
+
+
+@command
+def prune(
+    path: ModelPath,
+    sparsity: Annotated[float | None, typer.Option(
+        "--sparsity", help="Fraction of the dense model's prunable weights to remove, in (0, 1).")] = None,
+    density: Annotated[float | None, typer.Option(
+        "--density", help="Alternative to --sparsity: the fraction to keep (1 - sparsity).")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Artifact to write (default: ./<input name>-pruned).",
+        show_default=False)] = None,
+    criterion: Annotated[str | None, typer.Option(
+        "--criterion", help="Scoring criterion: tedepr (default; trainability, needs --data), "
+        "snip, grasp, force (need --data), synflow, magnitude, random.")] = None,
+    data: DataOpt = None,
+    scope: Annotated[str, typer.Option("--scope", help="global (one top-K over all layers) or "
+                                       "layer (each layer keeps its share).")] = "global",
+    decompose_first: Annotated[bool, typer.Option(
+        "--decompose/--no-decompose", help="Decompose a dense checkpoint first (one-shot TEDEPR); "
+        "--no-decompose prunes the dense weights (the PaI baseline).")] = True,
+    fmt: Annotated[str, typer.Option("--format", help="Tensor format when decomposing first.")] = "tt",
+    rank: Annotated[str, typer.Option("--rank", help="Rank when decomposing first: an integer, or auto "
+                                      "(the largest rank whose cores hold about --coarse-ratio x the "
+                                      "budget).")] = "auto",
+    coarse_ratio: Annotated[float, typer.Option(
+        "--coarse-ratio", help="With --rank auto: core entries per kept entry before pruning.")] = 4.0,
+    min_density: Annotated[float, typer.Option(
+        "--min-density", help="Collapse guard: each prunable tensor keeps at least this fraction "
+        "of its entries (always at least 1).")] = 0.0,
+    path_guard: Annotated[bool, typer.Option(
+        "--path-guard/--no-path-guard", help="Keep one unbroken path through every tensorized "
+        "layer's cores.")] = True,
+    steps: Annotated[int, typer.Option("--steps", help="tedepr: differentiable SGD steps.")] = 3,
+    inner_lr: Annotated[float, typer.Option("--inner-lr", help="tedepr: their learning rate.")] = 0.1,
+    rounds: Annotated[int, typer.Option("--rounds", help="synflow: pruning rounds.")] = 100,
+    iterations: Annotated[int, typer.Option("--iterations", help="force: pruning iterations.")] = 10,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per scoring batch.")] = 128,
+    threads: Annotated[int, typer.Option("--threads", help="CPU threads (results are "
+                                         "reproducible for a fixed thread count).")] = 1,
+    seed: Seed = 0,
+    overwrite: Overwrite = False,
+    arch: Arch = None, arch_kwargs: ArchKwargs = None, input_shape: InputShape = None,
+    trust_pickle: TrustPickle = False,
+    json_out: JsonOut = False, verbose: Verbose = 0, quiet: Quiet = False,
+) -> None:
+    """Fine grain: score every prunable entry at initialization and keep the most useful,
+    so that (1 - sparsity) x the dense model's prunable weights remain."""
+    import torch
+
+    from ..artifact import save_artifact
+    from ..console import log
+    from ..decompose import DecomposeOptions
+    from ..errors import UsageError
+    from ..fsutil import check_output
+    from ..prune import PruneOptions
+    from ..prune import prune as run_prune
+    from ..pruning.criteria import CriterionOptions
+
+    if (sparsity is None) == (density is None):
+        raise UsageError("give exactly one of --sparsity or --density")
+    s = sparsity if sparsity is not None else 1.0 - density
+    if threads < 1:
+        raise UsageError("--threads must be >= 1")
+    opts = PruneOptions(sparsity=s, criterion=criterion, scope=scope, min_density=min_density,
+                        path_guard=path_guard, batch_size=batch_size, seed=seed,
+                        decompose=decompose_first, coarse_ratio=coarse_ratio,
+                        criterion_options=CriterionOptions(steps=steps, inner_lr=inner_lr,
+                                                           rounds=rounds, iterations=iterations))
+    opts.validate()
+    if rank == "auto":
+        rank_value = None
+    else:
+        try:
+            rank_value = int(rank)
+        except ValueError:
+            raise UsageError(f"--rank must be an integer or auto, got {rank!r}") from None
+    dopts = DecomposeOptions(format=fmt, rank=rank_value if rank_value is not None else 8, seed=seed)
+    dopts.validate()
+    dopts.rank = rank_value
+    out_path = output if output is not None else Path(f"{path.stem}-pruned")
+    check_output(out_path, overwrite)
+    torch.set_num_threads(threads)
+    torch_seed(seed)
+    art = _load(path, arch, arch_kwargs, input_shape, trust_pickle)
+    out, report = run_prune(art, opts, data, dopts)
+    save_artifact(out, out_path, overwrite=overwrite)
+    log.info(f"wrote {out_path}")
+    if json_out:
+        print_json({"output": str(out_path), **report})
+        return
+    rows = [[r["name"], r["kind"], f"{r['kept']:,}/{r['total']:,}", r["density"], r["dense_count"],
+             r["density_vs_dense"]] for r in report["layers"]]
+    stdout.print(table(f"pruned with {report['criterion']} ({report['scope']} scope)",
+                       ["layer", "kind", "kept/total", "density", "dense weights", "density vs dense"],
+                       rows, right={2, 3, 4, 5}))
+    sp = report["sparsity"]
+    stdout.print(f"kept {report['kept']:,} of {report['dense_prunable']:,} dense prunable weights: "
+                 f"sparsity {100 * sp['vs_dense']:.2f} % vs dense, {100 * sp['over_prunable']:.2f} % "
+                 f"over prunable entries, {100 * sp['over_all_params']:.2f} % over all parameters")

@@ -1,0 +1,116 @@
+"""`tedepr export` and `tedepr validate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..cli import (
+    Arch,
+    ArchKwargs,
+    DataOpt,
+    InputShape,
+    JsonOut,
+    ModelPath,
+    Overwrite,
+    Quiet,
+    Seed,
+    TrustPickle,
+    Verbose,
+    _load,
+    command,
+)
+from ..console import print_json, stdout, table
+
+
+@command
+def export(
+    path: ModelPath,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write the exported "
+                                         "files into.", show_default=False)],
+    to: Annotated[str, typer.Option("--to", help="Comma list of safetensors, onnx, onnx-sparse "
+                                    "(cores/weights as ONNX sparse_initializers).")] = "safetensors,onnx",
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset (17..23).")] = 18,
+    atol: Annotated[float, typer.Option("--atol", help="Validation: absolute tolerance.")] = 1e-5,
+    rtol: Annotated[float, typer.Option("--rtol", help="Validation: relative tolerance.")] = 1e-4,
+    batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Batch sizes validated "
+                                             "(the ONNX batch axis is dynamic).")] = "1,7",
+    data: DataOpt = None,
+    seed: Seed = 0,
+    overwrite: Overwrite = False,
+    arch: Arch = None, arch_kwargs: ArchKwargs = None, input_shape: InputShape = None,
+    trust_pickle: TrustPickle = False,
+    json_out: JsonOut = False, verbose: Verbose = 0, quiet: Quiet = False,
+) -> None:
+    """Export a compact safetensors file and ONNX models of the chain, each validated
+    against PyTorch (exit 8 on a miss); prints a size table."""
+    from ..console import human_bytes, log
+    from ..errors import UsageError
+    from ..export import ExportOptions
+    from ..export import export as run_export
+    from ..fsutil import check_output
+
+    try:
+        sizes = [int(b) for b in batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        raise UsageError(f"--batch-sizes must be integers like 1,7; got {batch_sizes!r}") from None
+    opts = ExportOptions(formats=[f.strip() for f in to.split(",") if f.strip()], opset=opset,
+                         atol=atol, rtol=rtol, batch_sizes=sizes, seed=seed)
+    opts.validate()
+    check_output(output, overwrite)
+    art = _load(path, arch, arch_kwargs, input_shape, trust_pickle)
+    report = run_export(art, output, opts, data, overwrite=overwrite)
+    log.info(f"wrote {output}")
+    if json_out:
+        print_json({"output": str(output), **report})
+        return
+    rows = []
+    for name, r in [("dense original", report.get("dense_original") or {}),
+                    *[(f, report["formats"][f]) for f in report["formats"]]]:
+        if r:
+            rows.append([name, r["params"], r["kept"], r["bytes"], human_bytes(r["bytes"]),
+                         r["gzip_bytes"], human_bytes(r["gzip_bytes"])])
+    stdout.print(table(f"export to {output}", ["format", "params", "kept", "bytes", "", "gzip bytes", ""],
+                       rows, right={1, 2, 3, 4, 5, 6}))
+    c = report.get("compact")
+    if c and c["ratio"] is not None:
+        entropy = c["minimal_bytes"] - 4 * c["kept_values"]
+        stdout.print(f"compact safetensors, prunable part: {c['stored_bytes']:,} B for {c['kept_values']:,} "
+                     f"kept values = {c['ratio']:.3f} x the minimum (4 B per value + {entropy:,} B "
+                     f"index entropy); layouts {c['layouts']}")
+    for fmt, v in report["validation"].items():
+        if fmt == "safetensors":
+            stdout.print(f"validated safetensors: reload bit-exact = {v['bit_exact']}")
+        else:
+            worst = max(v.values(), key=lambda c: c["max_abs"])
+            stdout.print(f"validated {fmt} with onnxruntime at batch {', '.join(v)}: max abs diff "
+                         f"{worst['max_abs']:.3g}, max rel diff {worst['max_rel']:.3g}")
+
+
+@command
+def validate(
+    path: Annotated[Path, typer.Argument(help="A directory written by `tedepr export`.",
+                                         show_default=False)],
+    atol: Annotated[float, typer.Option("--atol")] = 1e-5,
+    rtol: Annotated[float, typer.Option("--rtol")] = 1e-4,
+    json_out: JsonOut = False, verbose: Verbose = 0, quiet: Quiet = False,
+) -> None:
+    """Re-check an export directory: run every model on its saved sample inputs and compare
+    with the saved outputs (exit 8 on a miss), without the original code or checkpoint."""
+    from ..errors import InputNotFound, ValidationError
+    from ..export import validate_dir
+
+    if not path.is_dir():
+        raise InputNotFound(f"{path} is not a directory written by tedepr export")
+    results = validate_dir(path, atol, rtol)
+    if json_out:
+        print_json(results)
+    else:
+        stdout.print(table(f"validation of {path}", ["file", "ok", "max abs", "max rel"],
+                           [[f, r["ok"], r["max_abs"], r["max_rel"]] for f, r in results.items()]))
+    bad = [f for f, r in results.items() if not r["ok"]]
+    if bad:
+        raise ValidationError(f"{', '.join(bad)} no longer match the saved outputs "
+                              f"(atol {atol}, rtol {rtol})")

@@ -1,0 +1,203 @@
+"""`tedepr finetune` and `tedepr eval`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ..cli import (
+    Arch,
+    ArchKwargs,
+    InputShape,
+    JsonOut,
+    ModelPath,
+    Overwrite,
+    Quiet,
+    Seed,
+    TrustPickle,
+    Verbose,
+    _load,
+    command,
+    torch_seed,
+)
+from ..console import print_json, stdout, table
+
+
+@command
+def finetune(
+    path: ModelPath,
+    data: Annotated[Path, typer.Option("--data", help="Labelled data, [reader:]PATH: .npz, CIFAR, MNIST "
+                                       "IDX, image folders, sequence clips (README 'Datasets'). The train "
+                                       "split trains, a seeded --val-fraction of it validates, the test "
+                                       "split reports.", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Run directory: best/ and last/ "
+                                         "artifacts, metrics.jsonl, state.pt.", show_default=False)],
+    epochs: Annotated[int, typer.Option("--epochs")] = 10,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Global batch size.")] = 128,
+    optimizer: Annotated[str, typer.Option("--optimizer", help="sgd (momentum), adamw or adam.")] = "adamw",
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 1e-3,
+    momentum: Annotated[float, typer.Option("--momentum", help="SGD momentum.")] = 0.9,
+    weight_decay: Annotated[float, typer.Option("--weight-decay")] = 0.0,
+    schedule: Annotated[str, typer.Option("--schedule", help="cosine, step or constant.")] = "cosine",
+    warmup_epochs: Annotated[float, typer.Option("--warmup-epochs", help="Linear warm-up length.")] = 0.0,
+    step_epochs: Annotated[int, typer.Option("--step-epochs", help="step schedule: epochs per decay.")] = 30,
+    gamma: Annotated[float, typer.Option("--gamma", help="step schedule: decay factor.")] = 0.1,
+    label_smoothing: Annotated[float, typer.Option("--label-smoothing")] = 0.0,
+    val_fraction: Annotated[float, typer.Option(
+        "--val-fraction", help="Share of the train split held out (stratified, seeded) to pick the "
+        "best checkpoint and for early stopping; 0 picks by training loss.")] = 0.1,
+    early_stopping: Annotated[int, typer.Option(
+        "--early-stopping", help="Stop after N epochs without validation improvement (0: off).")] = 0,
+    limit_train: Annotated[int, typer.Option(
+        "--limit-train", help="Train on only N (seeded) samples: smoke tests.")] = 0,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    threads: Annotated[int, typer.Option("--threads", help="CPU threads per process.")] = 1,
+    augment: Annotated[bool | None, typer.Option(
+        "--augment/--no-augment", help="Standard training augmentation of the data family (CIFAR: "
+        "random crop + flip; image folders: random-resized-crop + flip), seeded by --seed, epoch and "
+        "sample. Default: on for CIFAR and image folders, off otherwise.", show_default=False)] = None,
+    normalize: Annotated[str, typer.Option(
+        "--normalize", help="auto (the statistics recorded in the model's manifest, else the data "
+        "family's: CIFAR/ImageNet constants, none for others), standard, computed (on the train "
+        "split) or none.")] = "auto",
+    workers: Annotated[int, typer.Option(
+        "--workers", help="DataLoader worker processes reading and decoding batches (0: in the "
+        "training process). Results do not depend on it.")] = 0,
+    strict_data: Annotated[bool, typer.Option(
+        "--strict-data", help="Fail on an unreadable (corrupt) sample file instead of skipping it "
+        "with a count.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output exactly "
+                                         "where it stopped (after its last completed epoch).")] = False,
+    seed: Seed = 0,
+    overwrite: Overwrite = False,
+    arch: Arch = None, arch_kwargs: ArchKwargs = None, input_shape: InputShape = None,
+    trust_pickle: TrustPickle = False,
+    json_out: JsonOut = False, verbose: Verbose = 0, quiet: Quiet = False,
+) -> None:
+    """Train a (pruned, tensorized or dense) model with its masks fixed: pruned entries stay
+    exactly zero. Runs under torchrun for DistributedDataParallel (only rank 0 writes)."""
+    from ..console import log
+    from ..errors import UsageError
+    from ..train import TrainOptions, dist_from_env, epoch_line
+    from ..train import finetune as run_finetune
+
+    opts = TrainOptions(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
+                        momentum=momentum, weight_decay=weight_decay, schedule=schedule,
+                        warmup_epochs=warmup_epochs, step_epochs=step_epochs, gamma=gamma,
+                        label_smoothing=label_smoothing, val_fraction=val_fraction,
+                        early_stopping=early_stopping, limit_train=limit_train, seed=seed,
+                        device=device, threads=threads, augment=augment, normalize=normalize,
+                        workers=workers, strict_data=strict_data)
+    opts.validate()
+    if resume and overwrite:
+        raise UsageError("--resume continues a run; --overwrite would discard it: choose one")
+    torch_seed(seed)
+    art = _load(path, arch, arch_kwargs, input_shape, trust_pickle)
+    main_rank = dist_from_env().main
+    progress = _progress(epochs) if (main_rank and not quiet and not json_out) else None
+
+    def on_epoch(epoch: int, m: dict[str, Any]) -> None:
+        if progress is None:
+            log.info(epoch_line(epoch, epochs, m))
+        else:
+            progress.console.print(epoch_line(epoch, epochs, m))
+
+    def on_batch(epoch: int, b: int, steps: int, loss: float) -> None:
+        if progress is not None:
+            progress.update(progress.task_ids[0], completed=(epoch - 1) * steps + b, total=epochs * steps,
+                            description=f"epoch {epoch}/{epochs} loss {loss:.4f}")
+
+    try:
+        if progress is not None:
+            progress.start()
+        best, summary = run_finetune(art, data, output, opts, resume=resume, overwrite=overwrite,
+                                     on_epoch=on_epoch, on_batch=on_batch)
+    except KeyboardInterrupt:
+        if progress is not None:
+            progress.stop()
+        print(f"tedepr: interrupted; {output} keeps the last completed epoch: continue with "
+              f"--resume", file=sys.stderr)
+        raise typer.Exit(130) from None
+    finally:
+        if progress is not None:
+            progress.stop()
+    if not main_rank:
+        return
+    out = {"output": str(output), "best": str(output / "best"), **{k: v for k, v in summary.items()
+                                                                     if k != "history"},
+           "epochs": summary["history"]}
+    if json_out:
+        print_json(out)
+        return
+    picked = (f"val accuracy {100 * summary['best_score']:.2f} %" if opts.val_fraction > 0
+              else f"training loss {-summary['best_score']:.4f}")
+    stdout.print(f"{output}: {summary['epochs_run']} epochs; best checkpoint {output / 'best'} "
+                 f"({picked}), test accuracy {100 * summary['test_accuracy']:.2f} %")
+
+
+def _progress(epochs: int):
+    """A rich progress bar on a TTY, else None (plain per-epoch lines on stderr)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..console import is_tty
+    from ..console import stderr as err_console
+
+    if not is_tty():
+        return None
+    p = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                 console=err_console, transient=True)
+    p.add_task(f"epoch 1/{epochs}", total=None)
+    return p
+
+
+@command
+def eval_(
+    path: ModelPath,
+    data: Annotated[Path, typer.Option("--data", help="Labelled data, [reader:]PATH (README "
+                                       "'Datasets').", show_default=False)],
+    split: Annotated[str, typer.Option("--split", help="test, train or all.")] = "test",
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 256,
+    threads: Annotated[int, typer.Option("--threads")] = 1,
+    normalize: Annotated[str, typer.Option(
+        "--normalize", help="auto (the statistics recorded in the model's manifest, else the data "
+        "family's), standard, computed or none.")] = "auto",
+    workers: Annotated[int, typer.Option("--workers", help="DataLoader worker processes reading "
+                                         "batches (0: this process).")] = 0,
+    strict_data: Annotated[bool, typer.Option(
+        "--strict-data", help="Fail on an unreadable sample file instead of skipping it.")] = False,
+    arch: Arch = None, arch_kwargs: ArchKwargs = None, input_shape: InputShape = None,
+    trust_pickle: TrustPickle = False,
+    json_out: JsonOut = False, verbose: Verbose = 0, quiet: Quiet = False,
+) -> None:
+    """Loss, top-1 and per-class accuracy and throughput of a model on labelled data."""
+    import torch
+
+    from ..datasets import check_classes, make_split, open_dataset, resolve_preprocess
+    from ..errors import UsageError
+    from ..evaluate import evaluate_split, num_outputs
+
+    if batch_size < 1 or threads < 1 or workers < 0:
+        raise UsageError("--batch-size and --threads must be >= 1, --workers >= 0")
+    torch.set_num_threads(threads)
+    art = _load(path, arch, arch_kwargs, input_shape, trust_pickle)
+    classes = num_outputs(art.model, art.input_shape)
+    ds = open_dataset(data)
+    check_classes(ds, classes)
+    pre = resolve_preprocess(ds, art.input_shape, art.input_kind, normalize=normalize, augment=False,
+                             recorded=(art.meta.get("data") or {}).get("preprocess"), strict=strict_data)
+    s = make_split(ds, split, art.input_shape, art.input_kind, pre, strict=strict_data)
+    m = evaluate_split(art.model, s, batch_size=batch_size, num_classes=classes, workers=workers)
+    m.update(path=str(path), data=str(data), split=split, reader=ds.reader, normalize=pre.normalize)
+    if json_out:
+        print_json(m)
+        return
+    stdout.print(f"{path} on {data} ({split}, {m['samples']:,} samples): accuracy "
+                 f"{100 * m['accuracy']:.2f} % ({m['correct']:,} correct), loss {m['loss']:.4f}, "
+                 f"{m['examples_per_s']:,.0f} examples/s ({threads} thread{'s' if threads > 1 else ''})")
+    names = ds.class_names or ds.classes
+    stdout.print(table("per-class accuracy", ["class", "accuracy"],
+                       [[f"{c} ({names[c]})" if names and c < len(names) and names[c] != str(c) else c, a]
+                        for c, a in m["per_class_accuracy"].items()]))
