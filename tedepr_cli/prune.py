@@ -38,6 +38,7 @@ class PruneOptions:
     scope: str = "global"
     min_density: float = 0.0
     path_guard: bool = True
+    connectivity: bool = True
     batch_size: int = 128
     seed: int = 0
     decompose: bool = True
@@ -163,7 +164,7 @@ def prune(art: Artifact, opts: PruneOptions, data: Path | None = None,
         and CRITERIA.get(criterion).needs_data else None
 
     def selector(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
-        return select(scores, groups, k, opts.scope, opts.min_density, opts.path_guard)
+        return select(scores, groups, k, opts.scope, opts.min_density, opts.path_guard, opts.connectivity)
 
     t0 = time.perf_counter()
     if kept >= entries:
@@ -210,8 +211,8 @@ def _report(model, groups, masks, dense: int, opts: PruneOptions, criterion: str
             if separate and row["rank_paths"] < floor:
                 warnings.append(f"{g.name} keeps only {row['rank_paths']:.0f} rank path(s) through its "
                                 f"cores, so its effective weight has rank <= {row['rank_paths']:.0f}: it is "
-                                f"nearly dead. Ring/conv chains need closed paths; at this sparsity prefer "
-                                f"--format tt, a lower rank, or a lower sparsity")
+                                f"nearly dead. Try a lower rank (fewer, denser cores), --scope normalized, "
+                                f"or a lower sparsity")
         layers.append(row)
     return {
         "criterion": criterion,

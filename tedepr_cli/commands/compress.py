@@ -217,6 +217,9 @@ def prune(
     path_guard: Annotated[bool, typer.Option(
         "--path-guard/--no-path-guard", help="Keep one unbroken path through every tensorized "
         "layer's cores.")] = True,
+    connectivity: Annotated[bool, typer.Option(
+        "--connectivity/--no-connectivity", help="Spend the budget only on core entries that lie "
+        "on complete paths through their layer's chain (effective sparsity).")] = True,
     steps: Annotated[int, typer.Option("--steps", help="tedepr: differentiable SGD steps.")] = 3,
     inner_lr: Annotated[float, typer.Option("--inner-lr", help="tedepr: their learning rate.")] = 0.1,
     rounds: Annotated[int, typer.Option("--rounds", help="synflow: pruning rounds.")] = 100,
@@ -249,7 +252,7 @@ def prune(
     if threads < 1:
         raise UsageError("--threads must be >= 1")
     opts = PruneOptions(sparsity=s, criterion=criterion, scope=scope, min_density=min_density,
-                        path_guard=path_guard, batch_size=batch_size, seed=seed,
+                        path_guard=path_guard, connectivity=connectivity, batch_size=batch_size, seed=seed,
                         decompose=decompose_first, coarse_ratio=coarse_ratio,
                         criterion_options=CriterionOptions(steps=steps, inner_lr=inner_lr,
                                                            rounds=rounds, iterations=iterations))

@@ -69,15 +69,16 @@ def _unravel(flat: int, shape: tuple[int, int, int]) -> tuple[int, int, int]:
 
 
 def select(scores: dict[str, Tensor], groups: list[Group], kept: int, scope: str = "global",
-           min_density: float = 0.0, path_guard: bool = True) -> dict[str, Tensor]:
-    """Boolean masks keeping ``kept`` entries (the highest scores, after the guards)."""
+           min_density: float = 0.0, path_guard: bool = True, connect: bool = True) -> dict[str, Tensor]:
+    """Boolean masks keeping ``kept`` entries (the highest scores, after the guards; with
+    ``connect``, only entries on complete paths through each chain's cores)."""
     if scope == "layer":
         total_dense = sum(g.dense_count for g in groups)
         out: dict[str, Tensor] = {}
         shares = _apportion([g.dense_count for g in groups], kept, total_dense)
         for g, k in zip(groups, shares, strict=True):
             out.update(select({n: scores[n] for n in g.params}, [g], k, "global", min_density,
-                              path_guard))
+                              path_guard, connect))
         return out
     if scope == "normalized":
         # every layer's scores relative to its own mean: layers compete on *relative*
@@ -120,8 +121,66 @@ def select(scores: dict[str, Tensor], groups: list[Group], kept: int, scope: str
     rest[keep] = -math.inf
     order = torch.sort(rest, descending=True, stable=True).indices[: kept - reserved]
     keep[order] = True
+    if connect:
+        shapes = {n: scores[n].shape for n in names}
+        chains = [[(offsets[n], sizes[i], shapes[n]) for i, n in enumerate(names) if n in g.params]
+                  for g in groups if g.kind == "cores"]
+        _connect(keep, flat, chains, kept)
     return {n: keep[offsets[n]: offsets[n] + s].reshape(scores[n].shape).clone()
             for n, s in zip(names, sizes, strict=True)}
+
+
+def path_connectable(masks: list[Tensor]) -> list[Tensor]:
+    """For every core of a chain, the ``(r_in, r_out)`` pairs through which an entry would
+    lie on a complete path (ring closed) given the *other* cores' kept entries."""
+    rel = [m.reshape(m.shape[0], -1, m.shape[-1]).any(dim=1).to(torch.float64) for m in masks]
+    r0 = masks[0].shape[0]
+    fwd = [torch.eye(r0, dtype=torch.float64)]  # (start a0, index entering core k)
+    for r in rel[:-1]:
+        fwd.append(((fwd[-1] @ r) > 0).to(torch.float64))
+    bwd = [torch.eye(r0, dtype=torch.float64)]  # (index leaving core k, start a0)
+    for r in reversed(rel[1:]):
+        bwd.insert(0, ((r @ bwd[0]) > 0).to(torch.float64))
+    return [(f.T @ b.T) > 0 for f, b in zip(fwd, bwd, strict=True)]
+
+
+def _connect(keep: Tensor, flat: Tensor, chains: list[list[tuple[int, int, torch.Size]]], kept: int) -> None:
+    """Spend the budget only on entries that lie on complete paths (effective sparsity,
+    Vysogorets & Kempe 2023): drop kept core entries no path uses, then refill with the
+    best-scored entries that would connect, in rounds so new paths open new candidates."""
+
+    def conn_mask() -> Tensor:
+        ok = torch.ones_like(keep)
+        for chain in chains:
+            masks = [keep[o:o + n].reshape(sh) for o, n, sh in chain]
+            for (o, n, sh), c in zip(chain, path_connectable(masks), strict=True):
+                view = c.reshape(sh[0], *([1] * (len(sh) - 2)), sh[-1]).expand(sh)
+                ok[o:o + n] = view.reshape(-1)
+        return ok
+
+    if not chains:
+        return
+    for _ in range(64):
+        ok = conn_mask()
+        dead = keep & ~ok
+        if dead.any():
+            keep[dead] = False
+            continue
+        need = kept - int(keep.sum())
+        cand = flat.clone()
+        cand[keep | ~ok] = -math.inf
+        avail = int(torch.isfinite(cand).sum()) if need > 0 else 0
+        if need <= 0:
+            return
+        if avail == 0:
+            break
+        take = max(1, min(need, avail, math.ceil(need / 4)))  # rounds: new paths, new candidates
+        keep[torch.sort(cand, descending=True, stable=True).indices[:take]] = True
+    need = kept - int(keep.sum())
+    if need > 0:  # no entry can join a path any more: keep the exact budget, by score
+        cand = flat.clone()
+        cand[keep] = -math.inf
+        keep[torch.sort(cand, descending=True, stable=True).indices[:need]] = True
 
 
 def _apportion(weights: list[int], total: int, denom: int) -> list[int]:

@@ -1,7 +1,10 @@
 """The interface every tensorized layer shares (coarse grain, DESIGN §2.1).
 
 A tensorized layer holds its cores in one ``ParameterList`` named ``cores`` (in chain
-order; these are what the fine grain prunes), an optional dense ``bias``, and a JSON
+order; these are what the fine grain prunes; read them with ``list(self.cores)[i:j]``,
+never ``self.cores[i:j]``: slicing a ParameterList re-wraps the tensors that
+``torch.func.functional_call`` substitutes, which silently cuts autograd -- the
+pruning criteria differentiate through exactly that call), an optional dense ``bias``, and a JSON
 ``spec`` that rebuilds it. It can return its dense equivalent weight (tests, export, the
 execution planner) and count the work of its chain against the dense layer.
 

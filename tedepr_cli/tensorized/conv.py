@@ -50,7 +50,7 @@ class ChainConv2d(TensorizedLayer):
 
     @property
     def in_cores(self) -> list[Tensor]:
-        return list(self.cores[: self.n_in])
+        return list(self.cores)[: self.n_in]
 
     @property
     def kernel_core(self) -> Tensor:
@@ -58,7 +58,7 @@ class ChainConv2d(TensorizedLayer):
 
     @property
     def out_cores(self) -> list[Tensor]:
-        return list(self.cores[self.n_in + 1:])
+        return list(self.cores)[self.n_in + 1:]
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape

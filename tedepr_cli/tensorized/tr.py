@@ -37,18 +37,18 @@ class TRLinear(TensorizedLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
-        s = ring_input(x.reshape(-1, x.shape[-1]), list(self.cores[: self.n_in]),
+        s = ring_input(x.reshape(-1, x.shape[-1]), list(self.cores)[: self.n_in],
                        self._spec["in_modes"])
         if self.chain == "nonlinear":
             s = self.act(s.reshape(s.shape[0], -1)).reshape(s.shape)
-        y = ring_output(s, list(self.cores[self.n_in:]))
+        y = ring_output(s, list(self.cores)[self.n_in:])
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, -1)
 
     def dense_weight(self) -> Tensor:
         self._require_linear_chain()
-        return ring_dense(list(self.cores[: self.n_in]), list(self.cores[self.n_in:]))
+        return ring_dense(list(self.cores)[: self.n_in], list(self.cores)[self.n_in:])
 
     def dense_weight_shape_numel(self) -> int:
         return self.in_features * self.out_features
