@@ -178,6 +178,10 @@ def run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
     opts.log_severity_level = 3
     try:
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # empty, truncated or not ONNX at all
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise BadInput(f"{path} is not a loadable ONNX model: {why}") from None
+    try:
         return sess.run(None, {sess.get_inputs()[0].name: x})[0]
     except Exception as e:
         raise ValidationError(f"onnxruntime cannot run {path.name}: {str(e).splitlines()[0]}") from None

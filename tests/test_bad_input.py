@@ -117,6 +117,13 @@ def fx(tmp_path_factory):
     pruned, _ = prune(good, PruneOptions(sparsity=0.99, criterion="magnitude"))
     files["pruned"] = save_artifact(pruned, d / "pruned")
     files["dec"] = d / "pruned"  # already decomposed too
+    for name, blob in (("onnx-empty", b""), ("onnx-trunc", b"\x08\x07\x12\x04ab")):
+        e = d / name
+        e.mkdir()
+        np.save(e / "sample_inputs.npy", np.zeros((1, 784), np.float32))
+        np.save(e / "sample_outputs.npy", np.zeros((1, 10), np.float32))
+        (e / "model.onnx").write_bytes(blob)
+        files[name] = e
     files["exists"] = d / "exists"
     (d / "exists").mkdir()
     files["afile"] = d / "afile"
@@ -271,6 +278,8 @@ CASES = [
     ("exp-exists", ["export", P % "pruned", "-o", P % "exists"], 6, "--overwrite"),
     ("val-not-dir", ["validate", "{f:dir}/none"], 3, "not a directory"),
     ("val-no-samples", ["validate", P % "exists"], 4, "sample_inputs"),
+    ("val-empty-onnx", ["validate", P % "onnx-empty"], 4, "not a loadable ONNX"),
+    ("val-truncated-onnx", ["validate", P % "onnx-trunc"], 4, "not a loadable ONNX"),
     # --- bench
     ("bench-engine", ["bench", P % "pruned", "--engines", "gpu9000"], 2, "engine"),
     ("bench-batch", ["bench", P % "pruned", "--batch", "0"], 2, "--batch"),
