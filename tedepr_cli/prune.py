@@ -207,7 +207,7 @@ def _report(model, groups, masks, dense: int, opts: PruneOptions, criterion: str
         if g.kind == "cores":
             row["rank_paths"] = rank_paths([masks[n] for n in g.params])
             separate = not isinstance(g.module, TTLinear)  # rank-one term per path
-            floor = max(2, min(g.module.in_features, g.module.out_features) // 16)
+            floor = 3  # rank <= 2: the layer passes (almost) nothing on
             if separate and row["rank_paths"] < floor:
                 warnings.append(f"{g.name} keeps only {row['rank_paths']:.0f} rank path(s) through its "
                                 f"cores, so its effective weight has rank <= {row['rank_paths']:.0f}: it is "
