@@ -265,6 +265,8 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=0, help="override every model's epochs")
     ap.add_argument("--jobs", type=int, default=1, help="parallel runs (one thread each)")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--remeasure", action="store_true",
+                    help="re-time every cached run (same code and machine state for all rows)")
     args = ap.parse_args()
     out = Path(args.out)
     models = args.models.split(",")
@@ -304,6 +306,11 @@ def main() -> int:
                 (out / "runs" / f"{key}.json").write_text(json.dumps(row, indent=1))
                 print(f"{key}: test {100 * row['test_accuracy']:.1f} % kept {row['kept']} "
                       f"({row['train_seconds']:.0f} s)", flush=True)
+    if args.remeasure:
+        for p in sorted((out / "runs").glob("*.json")):
+            row = json.loads(p.read_text())
+            if row["model"] in models and Path(row["artifact"]).exists():
+                p.write_text(json.dumps(measure(row), indent=1))
     wall = time.time() - start
     doc = Path(args.doc) if not args.quick else out / "report.md"
     text = report(out, doc)

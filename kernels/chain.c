@@ -23,9 +23,10 @@
  */
 #include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
-#define TEDEPR_ABI 2
+#define TEDEPR_ABI 3
 
 #ifndef TEDEPR_VB
 #if defined(__AVX512F__)
@@ -47,6 +48,7 @@ typedef struct {
     int32_t n_in_rows;     /* rows kk of the input buffer */
     int32_t g_in;          /* free groups of the input buffer: it has g_in * B columns */
     int32_t col_bytes;     /* 2 (uint16 columns) or 4 (int32 columns) */
+    int32_t g_lo, g_hi;    /* live free groups [g_lo, g_hi): only their outputs are ever read */
     const int32_t *row_ptr; /* n_rows + 1 */
     const void *col;       /* input row kk of each stored entry */
     const float *val;      /* stored entries */
@@ -69,6 +71,7 @@ typedef struct {
 int tedepr_abi(void) { return TEDEPR_ABI; }
 int tedepr_vector_floats(void) { return TEDEPR_VB; }
 
+#define OVERREAD_SLACK 64 /* floats every workspace keeps after its buffers (tiles read past) */
 #ifndef TEDEPR_DIRECT_MAX
 #define TEDEPR_DIRECT_MAX 8 /* batch-major outputs of up to this many samples are written in place */
 #endif
@@ -76,18 +79,27 @@ int tedepr_vector_floats(void) { return TEDEPR_VB; }
 #define TEDEPR_CACHE_BYTES (512 * 1024) /* intermediates of one batch chunk should fit here (L2) */
 #endif
 
+/* An auto chunk from the samples that fit the cache budget: a multiple of 16 (whole
+ * 16-float vectors of lanes), rounded up from 12 (a chunk of 8 on 16-float vectors halves
+ * every store), else 8 (huge intermediates: staying in cache matters more). Measured:
+ * LeNet-300's fused program (15 fit) runs 1.8x faster at 16 than at 8; a 1024 TT layer
+ * of rank 16 (3 fit) 1.1x faster at 8 than at 16. */
+static int64_t round_chunk(int64_t fit) {
+    if (fit >= 16) return fit - fit % 16;
+    return fit >= 12 ? 16 : 8;
+}
+
 /* Samples per chunk: a call runs the chain on chunks of the batch so that the intermediate
  * buffers stay in cache. Batch-major chunks are rows of x and y; feature-major chunks are
- * column blocks, copied in and written back in place. Auto chunks are 8 or a multiple of
- * 16 samples (runs of >= 8 lanes keep the stores vectorised); batch-major runs of fewer
+ * column blocks, copied in and written back in place. Auto chunks: see round_chunk;
+ * batch-major runs of fewer
  * than 8 samples through a multi-step chain go one by one (the in-place B = 1 path is the
  * fast one there). */
 static int64_t batch_chunk(const tedepr_chain *c, int64_t batch, int32_t fm, int64_t chunk) {
     if (batch <= 1) return batch;
     if (chunk <= 0) {
         const int64_t per = 4 * (2 * (int64_t)c->buf_units + c->n_in + c->n_out);
-        chunk = TEDEPR_CACHE_BYTES / (per > 0 ? per : 1);
-        chunk = chunk >= 16 ? chunk - chunk % 16 : 8;
+        chunk = round_chunk(TEDEPR_CACHE_BYTES / (per > 0 ? per : 1));
     }
     (void)fm;
     return chunk < batch ? chunk : batch;
@@ -99,7 +111,7 @@ int64_t tedepr_chain_workspace(const tedepr_chain *c, int64_t batch, int32_t x_f
     const int64_t b = batch_chunk(c, batch, x_fm && y_fm, chunk);
     int64_t n = 2 * (int64_t)c->buf_units * b + (int64_t)c->n_in * b;
     if (!y_fm && b > TEDEPR_DIRECT_MAX) n += (int64_t)c->n_out * b;
-    return n + 16;
+    return n + OVERREAD_SLACK;
 }
 
 /* ------------------------------------------------------------ register transposes */
@@ -129,22 +141,36 @@ static inline void transpose8(v8 r[8]) {
     for (int i = 0; i < 8; i++) r[i] = t[i];
 }
 
-/* Store a block of 16 rows x L lanes (tmp, row-major) whose rows are consecutive in
- * memory: lane l's 16 values go to base + lane[l] as two vector stores, after 8 x 8
- * register transposes, instead of 16 scalar stores. */
-static void flush_rows16(const float *restrict tmp, int L, float *restrict base,
-                         const int64_t *restrict lane) {
-    for (int l0 = 0; l0 < L; l0 += 8) {
+/* Unaligned, alias-free vector loads and stores by type punning (no address of an
+ * accumulator is ever taken, so the accumulators stay in registers). */
+typedef float vfu __attribute__((vector_size(TEDEPR_VB * 4), aligned(4), may_alias));
+typedef float v8u __attribute__((vector_size(32), aligned(4), may_alias));
+typedef float v4u __attribute__((vector_size(16), aligned(4), may_alias));
+typedef float f1u __attribute__((aligned(4), may_alias));
+
+/* Store the first nl lanes of a block of nr (8..16) rows x L lanes (tmp, row-major, L a
+ * multiple of 8) whose rows are consecutive in memory: lane l's values go to base +
+ * lane[l] as one or two vector stores of 8, after 8 x 8 register transposes, instead of
+ * nr scalar stores (rows past 8 of a short block are stored one by one). */
+static void flush_rows(const float *restrict tmp, int L, int nl, int nr, float *restrict base,
+                       const int64_t *restrict lane) {
+    for (int l0 = 0; l0 < nl; l0 += 8) {
+        const int nk = nl - l0 < 8 ? nl - l0 : 8;
         v8 a[8], b[8];
-        for (int i = 0; i < 8; i++) {
-            memcpy(&a[i], tmp + i * L + l0, sizeof(v8));
-            memcpy(&b[i], tmp + (i + 8) * L + l0, sizeof(v8));
-        }
+        for (int i = 0; i < 8; i++) a[i] = *(const v8u *)(tmp + i * L + l0);
         transpose8(a);
-        transpose8(b);
-        for (int k = 0; k < 8; k++) {
-            memcpy(base + lane[l0 + k], &a[k], sizeof(v8));
-            memcpy(base + lane[l0 + k] + 8, &b[k], sizeof(v8));
+        if (nr == 16) {
+            for (int i = 0; i < 8; i++) b[i] = *(const v8u *)(tmp + (i + 8) * L + l0);
+            transpose8(b);
+            for (int k = 0; k < nk; k++) {
+                *(v8u *)(base + lane[l0 + k]) = a[k];
+                *(v8u *)(base + lane[l0 + k] + 8) = b[k];
+            }
+        } else {
+            for (int k = 0; k < nk; k++) {
+                *(v8u *)(base + lane[l0 + k]) = a[k];
+                for (int i = 8; i < nr; i++) base[lane[l0 + k] + i] = tmp[i * L + l0 + k];
+            }
         }
     }
 }
@@ -154,25 +180,26 @@ static void flush_rows16(const float *restrict tmp, int L, float *restrict base,
  * accumulators live in registers, P partial sums over alternate stored entries keep
  * enough independent multiply-adds in flight (rows are short), one broadcast
  * multiply-add per stored entry and vector. mode E (or 8): every run of E (or 8) lanes
- * lands on consecutive addresses (lane[] gives each start): vector stores. mode -1: a
- * partial tile, lanes with lane[l] < 0 are padding and not stored. mode 0: lanes scatter;
- * RB rows are buffered and written lane by lane, so consecutive rows (roff + 1) fill
- * each cache line in turn (with register transposes where they are adjacent in memory)
- * instead of touching L lines per row. */
+ * lands on consecutive addresses (lane[] gives each start): vector stores. mode 0: lanes
+ * scatter; mode -n: a partial tile whose first n lanes are valid (the rest is padding read
+ * past the columns' end and never stored). Scattered lanes are stored RB rows at a time,
+ * lane by lane, so consecutive rows (roff + 1) fill each cache line in turn (with register
+ * transposes where they are adjacent in memory) instead of touching L lines per row. */
 #define RB 16
 #ifndef TEDEPR_CHAINS
 #define TEDEPR_CHAINS 4 /* independent multiply-add chains a row keeps in flight */
 #endif
-#define PARTIALS(NV) (TEDEPR_CHAINS / (NV) < 1 ? 1 : TEDEPR_CHAINS / (NV) > 4 ? 4 : TEDEPR_CHAINS / (NV))
-#define DEFINE_TILE(NAME, VT, NV, CT)                                                        \
+#define PARTIALS(NV) (TEDEPR_CHAINS / (NV) < 1 ? 1 : TEDEPR_CHAINS / (NV) > 8 ? 8 : TEDEPR_CHAINS / (NV))
+#define DEFINE_TILE(NAME, VT, VTU, NV, CT)                                                   \
     static void NAME(const tedepr_step *s, const float *restrict X, int64_t ld,              \
                      float *restrict out, int64_t unit, const int64_t *restrict lane,        \
                      int mode) {                                                             \
-        enum { E = (int)(sizeof(VT) / 4), L = NV * E, P = E == 1 ? 1 : PARTIALS(NV) };     \
+        enum { E = (int)(sizeof(VT) / 4), L = NV * E, P = E == 1 ? 1 : PARTIALS(NV) };                    \
         const int32_t *rp = s->row_ptr, *roff = s->roff;                                    \
         const CT *restrict col = (const CT *)s->col;                                        \
         const float *restrict val = s->val;                                                  \
-        float tmp[RB][L];                                                                    \
+        const int nvalid = mode < 0 ? -mode : L;                                             \
+        float tmp[RB][L] __attribute__((aligned(64)));                                       \
         for (int32_t o0 = 0; o0 < s->n_rows; o0 += RB) {                                     \
             const int nb = s->n_rows - o0 < RB ? s->n_rows - o0 : RB;                        \
             for (int i = 0; i < nb; i++) {                                                   \
@@ -185,56 +212,49 @@ static void flush_rows16(const float *restrict tmp, int L, float *restrict base,
                     for (int p = 0; p < P; p++) {                                            \
                         const float w = val[j + p];                                          \
                         const float *xp = X + (int64_t)col[j + p] * ld;                      \
-                        for (int v = 0; v < NV; v++) {                                       \
-                            VT t;                                                            \
-                            memcpy(&t, xp + v * E, sizeof t);                                \
-                            acc[p][v] += w * t;                                              \
-                        }                                                                    \
+                        for (int v = 0; v < NV; v++) acc[p][v] += w * *(const VTU *)(xp + v * E); \
                     }                                                                        \
                 for (; j < je; j++) {                                                        \
                     const float w = val[j];                                                  \
                     const float *xp = X + (int64_t)col[j] * ld;                              \
-                    for (int v = 0; v < NV; v++) {                                           \
-                        VT t;                                                                \
-                        memcpy(&t, xp + v * E, sizeof t);                                    \
-                        acc[0][v] += w * t;                                                  \
-                    }                                                                        \
+                    for (int v = 0; v < NV; v++) acc[0][v] += w * *(const VTU *)(xp + v * E); \
                 }                                                                            \
                 for (int p = 1; p < P; p++)                                                  \
                     for (int v = 0; v < NV; v++) acc[0][v] += acc[p][v];                     \
                 if (mode == E) {                                                             \
                     float *dst = out + unit * (int64_t)roff[o];                              \
-                    for (int v = 0; v < NV; v++) memcpy(dst + lane[v * E], &acc[0][v], sizeof(VT)); \
-                } else if (E >= 8 && mode == 8) {                                            \
+                    for (int v = 0; v < NV; v++) *(VTU *)(dst + lane[v * E]) = acc[0][v];    \
+                } else if (E > 8 && mode == 8) {                                             \
                     float *dst = out + unit * (int64_t)roff[o];                              \
-                    for (int v = 0; v < NV; v++)                                             \
-                        for (int c = 0; c + 8 <= E; c += 8)                                  \
-                            memcpy(dst + lane[v * E + c], (const float *)&acc[0][v] + c, 32); \
+                    for (int v = 0; v < NV; v++) {                                           \
+                        *(VTU *)tmp[0] = acc[0][v];                                          \
+                        for (int c = 0; c < E; c += 8)                                       \
+                            *(v8u *)(dst + lane[v * E + c]) = *(const v8u *)(tmp[0] + c);    \
+                    }                                                                        \
                 } else {                                                                     \
-                    memcpy(tmp[i], acc[0], sizeof tmp[i]);                                   \
+                    for (int v = 0; v < NV; v++) *(VTU *)(tmp[i] + v * E) = acc[0][v];       \
                 }                                                                            \
             }                                                                                \
             if (mode <= 0) {                                                                 \
-                int seq = mode == 0 && unit == 1 && nb == RB && L % 8 == 0;                  \
-                for (int i = 1; seq && i < RB; i++) seq = roff[o0 + i] == roff[o0] + i;      \
+                int seq = unit == 1 && nb >= 8 && L % 8 == 0;                                \
+                for (int i = 1; seq && i < nb; i++) seq = roff[o0 + i] == roff[o0] + i;      \
                 if (seq)                                                                     \
-                    flush_rows16(tmp[0], L, out + roff[o0], lane);                           \
+                    flush_rows(tmp[0], L, nvalid, nb, out + roff[o0], lane);                 \
                 else                                                                         \
-                    for (int l = 0; l < L; l++)                                              \
-                        if (lane[l] >= 0)                                                    \
-                            for (int i = 0; i < nb; i++)                                     \
-                                out[unit * (int64_t)roff[o0 + i] + lane[l]] = tmp[i][l];     \
+                    for (int l = 0; l < nvalid; l++)                                         \
+                        for (int i = 0; i < nb; i++)                                         \
+                            out[unit * (int64_t)roff[o0 + i] + lane[l]] = tmp[i][l];         \
             }                                                                                \
         }                                                                                    \
     }
 
 #define DEFINE_TILES(SUF, CT)                                                                \
-    DEFINE_TILE(tile64_##SUF, vf, 64 / TEDEPR_VB, CT)                                        \
-    DEFINE_TILE(tile32_##SUF, vf, 32 / TEDEPR_VB, CT)                                        \
-    DEFINE_TILE(tile16_##SUF, vf, 16 / TEDEPR_VB, CT)                                        \
-    DEFINE_TILE(tile8_##SUF, v8, 1, CT)                                                      \
-    DEFINE_TILE(tile4_##SUF, v4, 1, CT)                                                      \
-    DEFINE_TILE(tile1_##SUF, float, 1, CT)
+    DEFINE_TILE(tile64_##SUF, vf, vfu, 64 / TEDEPR_VB, CT)                                   \
+    DEFINE_TILE(tile32_##SUF, vf, vfu, 32 / TEDEPR_VB, CT)                                   \
+    DEFINE_TILE(tile16_##SUF, vf, vfu, 16 / TEDEPR_VB, CT)                                   \
+    DEFINE_TILE(tile8_##SUF, v8, v8u, 1, CT)                                                 \
+    DEFINE_TILE(tile4_##SUF, v4, v4u, 1, CT)                                                 \
+    DEFINE_TILE(tile1_##SUF, float, f1u, 1, CT)
 
 DEFINE_TILES(u16, uint16_t)
 DEFINE_TILES(i32, int32_t)
@@ -248,15 +268,18 @@ static const tile_fn TILES_U16[6] = {tile64_u16, tile32_u16, tile16_u16, tile8_u
 static const tile_fn TILES_I32[6] = {tile64_i32, tile32_i32, tile16_i32, tile8_i32, tile4_i32, tile1_i32};
 
 /* The tile for the next rem columns: the widest that fits, or (when the input buffer has
- * slack after its end) one partial 8-wide tile for 2..7 columns instead of 4 + 1 + 1 + 1
- * sweeps over the core. Returns the kind; *valid gets the columns it covers. */
+ * slack after its end: up to 16 floats may be read past it) one partial tile of the next
+ * wider kind when that wastes less than one vector, e.g. 28 columns as one 32-wide sweep
+ * over the core instead of 16 + 8 + 4. Returns the kind; *valid gets the columns it covers.
+ * (Narrower tiles whose input slice fits L1 were measured slower: the extra sweeps over
+ * the core cost more than the L2 reads they save.) */
 static int next_tile(int64_t rem, int overread, int *valid) {
     int k = 0;
     while (TILE_W[k] > rem) k++;
     *valid = TILE_W[k];
-    if (overread && rem >= 2 && rem < 8) {
+    if (overread && k > 0 && TILE_W[k] != rem && TILE_W[k - 1] - rem < (TEDEPR_VB > 8 ? TEDEPR_VB : 8)) {
         *valid = (int)rem;
-        return 3;
+        return k - 1;
     }
     return k;
 }
@@ -271,9 +294,9 @@ static int64_t n_tiles(int64_t n, int overread) {
 /* Run tiles [t0, t1) of one step. overread: X may be read up to 8 floats past its end. */
 static void run_step(const tedepr_step *s, int64_t batch, const float *X, float *out, int64_t unit,
                      int64_t bstride, int overread, int64_t t0, int64_t t1) {
-    const int64_t F = (int64_t)s->g_in * batch, ld = F;
+    const int64_t ld = (int64_t)s->g_in * batch, F = (int64_t)s->g_hi * batch;
     const tile_fn *tiles = s->col_bytes == 2 ? TILES_U16 : TILES_I32;
-    int64_t f0 = 0, t = 0;
+    int64_t f0 = (int64_t)s->g_lo * batch, t = 0;
     int64_t lane[64];
     while (f0 < F && t < t1) {
         int valid;
@@ -281,15 +304,25 @@ static void run_step(const tedepr_step *s, int64_t batch, const float *X, float 
         if (t >= t0) {
             /* destination of each lane: unit * goff[g] + b * bstride, f = g * B + b */
             int64_t g = f0 / batch, b = f0 % batch;
-            int run_e = 1, run_8 = e >= 8 && e % 8 == 0;
-            for (int l = 0; l < valid; l++) {
-                lane[l] = unit * (int64_t)s->goff[g] + b * bstride;
-                if (l % 8 && lane[l] != lane[l - 1] + 1) run_8 = run_e = 0;
-                else if (l % e && lane[l] != lane[l - 1] + 1) run_e = 0;
-                if (++b == batch) { b = 0; g++; }
+            int mode;
+            if (valid == w && e > 1 && bstride == 1 && batch % e == 0 && b % e == 0) {
+                /* every run of e lanes is e consecutive samples of one group: only the
+                 * run starts are needed (the common batch >= 16 case) */
+                for (int l = 0; l < w; l += e) {
+                    lane[l] = unit * (int64_t)s->goff[g] + b;
+                    if ((b += e) == batch) { b = 0; g++; }
+                }
+                mode = e;
+            } else {
+                int run_e = 1, run_8 = e >= 8 && e % 8 == 0;
+                for (int l = 0; l < valid; l++) {
+                    lane[l] = unit * (int64_t)s->goff[g] + b * bstride;
+                    if (l % 8 && lane[l] != lane[l - 1] + 1) run_8 = run_e = 0;
+                    else if (l % e && lane[l] != lane[l - 1] + 1) run_e = 0;
+                    if (++b == batch) { b = 0; g++; }
+                }
+                mode = valid < w ? -valid : run_e ? e : run_8 ? 8 : 0;
             }
-            for (int l = valid; l < w; l++) lane[l] = -1;
-            const int mode = valid < w ? -1 : run_e ? e : run_8 ? 8 : 0;
             tiles[k](s, X + f0, ld, out, unit, lane, mode);
         }
         f0 += valid;
@@ -362,7 +395,7 @@ typedef struct {
     const float *x;
     float *y;
     int64_t batch, nouter, xs, ys, chunk;
-    int32_t x_fm, y_fm, nthreads;
+    int32_t x_fm, y_fm, nthreads, x_slack;
     const float *bias;
     float *work;
     pthread_barrier_t bar;
@@ -392,10 +425,16 @@ static void run_block(job_t *j, int id, const float *x, float *y, int64_t B) {
     /* input: feature-major (N, B) is read in place (or its column block copied out);
      * batch-major (B, N) is transposed */
     const float *X = x;
-    if (j->x_fm ? B < Ball : B > 1) {
+    /* one sample whose first step needs a partial tile: copy it (N floats) into the
+     * workspace, whose slack lets that tile read past the end */
+    const int32_t live0 = c->steps[0].g_hi - c->steps[0].g_lo;
+    const int pad = B == 1 && !j->x_slack && live0 % 16 != 0 && live0 > 1;
+    if ((j->x_fm ? B < Ball : B > 1) || pad) {
         if (id == 0) {
-            if (j->x_fm) {
+            if (j->x_fm && B < Ball) {
                 for (int64_t n = 0; n < N; n++) memcpy(pack + n * B, x + n * Ball, 4 * (size_t)B);
+            } else if (B == 1) {
+                memcpy(pack, x, 4 * (size_t)N);
             } else {
                 transpose(x, pack, B, N, NULL);
             }
@@ -414,8 +453,9 @@ static void run_block(job_t *j, int id, const float *x, float *y, int64_t B) {
         int64_t unit = B, bstride = 1;
         if (last && j->y_fm) unit = Ball;
         if (last && !j->y_fm && !via_buf) unit = 1, bstride = M;
-        const int overread = X != x; /* workspace buffers have slack; the caller's x not */
-        const int64_t nt = n_tiles((int64_t)s->g_in * B, overread);
+        /* workspace buffers have slack after their end; the caller's x has not */
+        const int overread = X != x || j->x_slack;
+        const int64_t nt = n_tiles((int64_t)(s->g_hi - s->g_lo) * B, overread);
         const int64_t t0 = nt * id / j->nthreads, t1 = nt * (id + 1) / j->nthreads;
         run_step(s, B, X, out, unit, bstride, overread, t0, t1);
         sync_all(j);
@@ -457,57 +497,109 @@ static void *worker(void *arg) {
     return NULL;
 }
 
+/* Run job j (fields c .. work set, nthreads requested) on nthreads threads, the caller's
+ * included; 1 runs inline. If a thread cannot be started the call runs on the caller's
+ * thread alone. */
+static void chain_exec(job_t *job, int32_t nthreads) {
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > 64) nthreads = 64;
+    job->nthreads = 1;
+    if (nthreads == 1) {
+        chain_work(job, 0);
+        return;
+    }
+    pthread_t th[64];
+    worker_t wk[64];
+    pthread_mutex_init(&job->mu, NULL);
+    pthread_cond_init(&job->cv, NULL);
+    job->state = 0;
+    int started = 1;
+    for (int t = 1; t < nthreads; t++, started++) {
+        wk[t].job = job;
+        wk[t].id = t;
+        if (pthread_create(&th[t], NULL, worker, &wk[t])) break;
+    }
+    job->nthreads = started;
+    const int ok = started == nthreads && !pthread_barrier_init(&job->bar, NULL, (unsigned)nthreads);
+    pthread_mutex_lock(&job->mu);
+    job->state = ok ? 1 : -1;
+    pthread_cond_broadcast(&job->cv);
+    pthread_mutex_unlock(&job->mu);
+    if (!ok) job->nthreads = 1;
+    chain_work(job, 0);
+    for (int t = 1; t < started; t++) pthread_join(th[t], NULL);
+    if (ok) pthread_barrier_destroy(&job->bar);
+    pthread_cond_destroy(&job->cv);
+    pthread_mutex_destroy(&job->mu);
+}
+
+/* ------------------------------------------------------------ thread-local workspace */
+/* A call given work == NULL uses a buffer owned by the calling thread, grown on demand and
+ * freed when the thread exits: the Python side then passes no workspace at all (one
+ * argument less per call, no per-call bookkeeping), and concurrent callers never share. */
+typedef struct {
+    float *p;
+    int64_t n;
+} tl_ws_t;
+static pthread_key_t ws_key;
+static pthread_once_t ws_once = PTHREAD_ONCE_INIT;
+static int ws_key_ok;
+static __thread tl_ws_t *tl_ws;
+
+static void ws_free(void *a) {
+    tl_ws_t *w = (tl_ws_t *)a;
+    free(w->p);
+    free(w);
+}
+static void ws_init(void) { ws_key_ok = !pthread_key_create(&ws_key, ws_free); }
+
+static float *thread_workspace(int64_t n) {
+    tl_ws_t *w = tl_ws;
+    if (w && w->n >= n) return w->p;
+    if (!w) {
+        pthread_once(&ws_once, ws_init);
+        w = (tl_ws_t *)calloc(1, sizeof *w);
+        if (!w) return NULL;
+        if (ws_key_ok) pthread_setspecific(ws_key, w);
+        tl_ws = w;
+    }
+    free(w->p);
+    w->p = NULL;
+    w->n = 0;
+    void *p = NULL;
+    if (posix_memalign(&p, 64, (size_t)n * sizeof(float))) return NULL;
+    w->p = (float *)p;
+    w->n = n;
+    return w->p;
+}
+
 /* Run the chain on nouter independent blocks: block i reads x + i*xs and writes y + i*ys.
  * x is (B, N) batch-major, or (N, B) feature-major if x_fm; likewise y with y_fm. bias
  * (M floats) may be NULL. chunk: samples per batch chunk of a batch-major call (0: auto,
- * see batch_chunk). work holds tedepr_chain_workspace(c, batch, x_fm, y_fm, chunk) floats.
- * nthreads threads
- * (the caller's included) share each step; 1 runs inline. Returns 0, or -1 on bad
- * arguments. If a thread cannot be started the call runs on the caller's thread alone. */
+ * see batch_chunk). work holds tedepr_chain_workspace(c, batch, x_fm, y_fm, chunk) floats,
+ * or is NULL (the calling thread's own buffer). nthreads threads (the caller's included)
+ * share each step; 1 runs inline. Returns 0, -1 on bad arguments, -2 if no workspace
+ * could be allocated. */
 int tedepr_chain_run(const tedepr_chain *c, const float *x, float *y, int64_t batch,
                      int64_t nouter, int64_t xs, int64_t ys, int32_t x_fm, int32_t y_fm,
                      const float *bias, float *work, int32_t nthreads, int64_t chunk) {
-    if (!c || !x || !y || !work || batch < 0 || nouter < 0 || c->n_steps < 1) return -1;
+    if (!c || !x || !y || batch < 0 || nouter < 0 || c->n_steps < 1) return -1;
     if (batch == 0 || nouter == 0) return 0;
-    if (nthreads < 1) nthreads = 1;
-    if (nthreads > 64) nthreads = 64;
+    if (!work) work = thread_workspace(tedepr_chain_workspace(c, batch, x_fm, y_fm, chunk));
+    if (!work) return -2;
     job_t job;
     memset(&job, 0, sizeof job);
     job.c = c; job.x = x; job.y = y; job.batch = batch; job.nouter = nouter;
     job.xs = xs; job.ys = ys; job.x_fm = x_fm; job.y_fm = y_fm; job.bias = bias;
-    job.work = work; job.nthreads = 1;
+    job.work = work;
     job.chunk = batch_chunk(c, batch, x_fm && y_fm, chunk);
-    if (nthreads == 1) {
-        chain_work(&job, 0);
-        return 0;
-    }
-    pthread_t th[64];
-    worker_t wk[64];
-    pthread_mutex_init(&job.mu, NULL);
-    pthread_cond_init(&job.cv, NULL);
-    int started = 1;
-    for (int t = 1; t < nthreads; t++, started++) {
-        wk[t].job = &job;
-        wk[t].id = t;
-        if (pthread_create(&th[t], NULL, worker, &wk[t])) break;
-    }
-    job.nthreads = started;
-    const int ok = started == nthreads && !pthread_barrier_init(&job.bar, NULL, (unsigned)nthreads);
-    pthread_mutex_lock(&job.mu);
-    job.state = ok ? 1 : -1;
-    pthread_cond_broadcast(&job.cv);
-    pthread_mutex_unlock(&job.mu);
-    if (!ok) job.nthreads = 1;
-    chain_work(&job, 0);
-    for (int t = 1; t < started; t++) pthread_join(th[t], NULL);
-    if (ok) pthread_barrier_destroy(&job.bar);
-    pthread_cond_destroy(&job.cv);
-    pthread_mutex_destroy(&job.mu);
+    chain_exec(&job, nthreads);
     return 0;
 }
 
 /* The common call with few arguments (each ctypes argument costs time at batch 1):
- * batch-major (B, N) -> (B, M) with the chain's own bias, threads and chunk. */
+ * batch-major (B, N) -> (B, M) with the chain's own bias, threads and chunk; work may be
+ * NULL (the calling thread's own buffer). */
 int tedepr_chain_forward(const tedepr_chain *c, const float *x, float *y, int64_t batch,
                          float *work) {
     return tedepr_chain_run(c, x, y, batch, 1, 0, 0, 0, 0, c->bias, work, c->nthreads, c->chunk);
@@ -517,4 +609,125 @@ int tedepr_chain_forward(const tedepr_chain *c, const float *x, float *y, int64_
 int tedepr_chain_forward_fm(const tedepr_chain *c, const float *x, float *y, int64_t batch,
                             float *work) {
     return tedepr_chain_run(c, x, y, batch, 1, 0, 0, 1, 1, c->bias, work, c->nthreads, c->chunk);
+}
+
+/* ------------------------------------------------------------------------ programs */
+/* A program runs consecutive layers back to back in one call: layer i is a chain with its
+ * own bias, followed by an elementwise activation act[i] (0: none, 1: ReLU). The batch
+ * runs in chunks of `chunk` samples (0: auto, sized so that the intermediates stay in
+ * cache); within a chunk the first layer reads the batch-major input rows, the activations
+ * between layers stay feature-major (n_out, chunk) in the workspace (no transposes) and
+ * the last layer writes the batch-major output rows. Mirrored by
+ * tedepr_cli/kernels/cpu.py:_Program. */
+typedef struct {
+    int32_t n_layers;
+    int32_t nthreads;
+    const tedepr_chain *const *layers;
+    const int32_t *act;
+    int64_t chunk;
+} tedepr_program;
+
+static int64_t prog_mid(const tedepr_program *p) {
+    int64_t mid = 0;
+    for (int32_t i = 0; i + 1 < p->n_layers; i++)
+        if (p->layers[i]->n_out > mid) mid = p->layers[i]->n_out;
+    return mid;
+}
+
+static int64_t prog_chunk(const tedepr_program *p, int64_t batch, int64_t chunk) {
+    if (batch <= 1) return batch;
+    if (chunk <= 0) {
+        int64_t widest = 0;
+        for (int32_t i = 0; i < p->n_layers; i++) {
+            const tedepr_chain *c = p->layers[i];
+            const int64_t u = 2 * (int64_t)c->buf_units + c->n_in + c->n_out;
+            if (u > widest) widest = u;
+        }
+        const int64_t per = 4 * (2 * prog_mid(p) + widest);
+        chunk = round_chunk(TEDEPR_CACHE_BYTES / (per > 0 ? per : 1));
+    }
+    return chunk < batch ? chunk : batch;
+}
+
+/* Floats of workspace one call needs: two activation buffers (with slack for over-reads)
+ * and the largest layer workspace, for one chunk. */
+int64_t tedepr_program_workspace(const tedepr_program *p, int64_t batch, int64_t chunk) {
+    const int64_t b = prog_chunk(p, batch, chunk);
+    int64_t layer = 0;
+    for (int32_t i = 0; i < p->n_layers; i++) {
+        const tedepr_chain *c = p->layers[i];
+        const int64_t n = (2 * (int64_t)c->buf_units + c->n_in + c->n_out) * b;
+        if (n > layer) layer = n;
+    }
+    return 2 * (prog_mid(p) * b + OVERREAD_SLACK) + layer + OVERREAD_SLACK;
+}
+
+/* y = act(y + bias) over a feature-major (M, B) block. */
+static void bias_act(float *restrict y, int64_t M, int64_t B, const float *restrict bias, int32_t act) {
+    if (B == 1) { /* one sample: a single contiguous vector */
+        for (int64_t m = 0; m < M; m++) {
+            const float v = y[m] + (bias ? bias[m] : 0.0f);
+            y[m] = act == 1 && v < 0.0f ? 0.0f : v;
+        }
+        return;
+    }
+    for (int64_t m = 0; m < M; m++) {
+        float *restrict r = y + m * B;
+        const float bm = bias ? bias[m] : 0.0f;
+        if (act == 1)
+            for (int64_t b = 0; b < B; b++) {
+                const float v = r[b] + bm;
+                r[b] = v > 0.0f ? v : 0.0f;
+            }
+        else if (bias)
+            for (int64_t b = 0; b < B; b++) r[b] += bm;
+    }
+}
+
+/* x (batch, N_0) -> y (batch, M_last), both batch-major (row-major). work holds
+ * tedepr_program_workspace(p, batch, p->chunk) floats, or is NULL (the calling thread's
+ * own buffer). Returns 0, -1 on bad arguments, -2 if no workspace could be allocated. */
+int tedepr_program_run(const tedepr_program *p, const float *x, float *y, int64_t batch, float *work) {
+    if (!p || !x || !y || batch < 0 || p->n_layers < 1 || !p->layers) return -1;
+    for (int32_t i = 0; i < p->n_layers; i++) {
+        if (!p->layers[i] || p->layers[i]->n_steps < 1) return -1;
+        if (i && p->layers[i]->n_in != p->layers[i - 1]->n_out) return -1;
+    }
+    if (batch == 0) return 0;
+    if (!work) work = thread_workspace(tedepr_program_workspace(p, batch, p->chunk));
+    if (!work) return -2;
+    const int32_t L = p->n_layers;
+    const int64_t chunk = prog_chunk(p, batch, p->chunk), mid = prog_mid(p);
+    const int64_t N0 = p->layers[0]->n_in, ML = p->layers[L - 1]->n_out;
+    float *act_buf[2] = {work, work + mid * chunk + OVERREAD_SLACK};
+    float *lwork = act_buf[1] + mid * chunk + OVERREAD_SLACK;
+    for (int64_t b0 = 0, nb; b0 < batch; b0 += nb) {
+        nb = batch - b0 < chunk ? batch - b0 : chunk;
+        const float *in = x + b0 * N0;
+        for (int32_t i = 0; i < L; i++) {
+            const tedepr_chain *c = p->layers[i];
+            const int last = i + 1 == L;
+            float *out = last ? y + b0 * ML : act_buf[i & 1];
+            job_t job;
+            memset(&job, 0, sizeof job);
+            job.c = c; job.x = in; job.y = out; job.batch = nb; job.nouter = 1;
+            job.x_fm = i > 0; job.y_fm = !last; job.x_slack = i > 0;
+            job.bias = last ? c->bias : NULL;
+            job.work = lwork;
+            job.chunk = nb;
+            chain_exec(&job, p->nthreads);
+            if (!last) {
+                bias_act(out, c->n_out, nb, c->bias, p->act ? p->act[i] : 0);
+            } else if (p->act && p->act[i] == 1) {
+                for (int64_t k = 0; k < nb * ML; k++) out[k] = out[k] > 0.0f ? out[k] : 0.0f;
+            }
+            in = out;
+        }
+    }
+    return 0;
+}
+
+/* The same with the program's own workspace choice (one argument less per call). */
+int tedepr_program_forward(const tedepr_program *p, const float *x, float *y, int64_t batch) {
+    return tedepr_program_run(p, x, y, batch, NULL);
 }

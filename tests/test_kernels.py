@@ -213,6 +213,26 @@ def test_lstm_input_projection():
     assert rel(out, ref) <= TOL
 
 
+@pytest.mark.parametrize("fmt", ["tt", "tr"])
+@pytest.mark.parametrize("dead", [[0, 1, 2, 9, 10], [3, 4], [0, 10], list(range(11))])
+def test_dead_input_modes_are_skipped(fmt, dead):
+    """Pruning that empties whole input-mode values of a later core (MNIST's border pixels)
+    makes the earlier step's outputs for them dead: the compiled kernel computes only the
+    live range of groups, with the same result (odd widths: partial tiles, over-reads)."""
+    layer = linear(fmt, [5, 11], [6, 3], 4, 0.6, seed=len(dead))
+    with torch.no_grad():
+        layer.cores[1][:, dead] = 0  # core 1's input mode values `dead` are never used
+    kern = SparseChainKernel.from_layer(layer)
+    s0 = kern.layout.steps[0]
+    live = [v for v in range(11) if v not in dead]
+    if fmt == "tt":  # TT step 0's free groups are exactly core 1's input mode values
+        assert (s0.g_lo, s0.g_lo + s0.live_groups) == ((live[0], live[-1] + 1) if live else (0, 0))
+    assert kern.flops(1) <= 2 * sum(s.nnz * s.g_in for s in kern.layout.steps)
+    for b in (1, 2, 7, 16, 33):
+        x = torch.randn(b, 55)
+        check(kern, x, ref64(layer, x))
+
+
 def test_deterministic_and_thread_count_independent():
     layer = linear("tr", [8, 8], [4, 16], 6, 0.3)
     kern = SparseChainKernel.from_layer(layer)

@@ -37,7 +37,7 @@ from typing import Any
 
 log = logging.getLogger("tedepr")
 
-ABI = 2  # must equal TEDEPR_ABI in kernels/chain.c
+ABI = 3  # must equal TEDEPR_ABI in kernels/chain.c
 DEFAULT_CFLAGS = "-O3 -march=native"
 REQUIRED_FLAGS = ("-shared", "-fPIC", "-pthread")
 SOURCE_NAME = "chain.c"
@@ -48,8 +48,12 @@ _lib: ctypes.CDLL | None = None
 
 
 def source_path() -> Path:
-    """The packaged C source (top-level ``kernels/`` ships as ``tedepr_cli.csrc``)."""
-    return Path(str(importlib.resources.files("tedepr_cli.csrc") / SOURCE_NAME))
+    """The packaged C source (top-level ``kernels/`` ships as ``tedepr_cli.csrc``); in a
+    source checkout used without installing (``PYTHONPATH``), the ``kernels/`` folder."""
+    try:
+        return Path(str(importlib.resources.files("tedepr_cli.csrc") / SOURCE_NAME))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[2] / "kernels" / SOURCE_NAME
 
 
 def cache_dir() -> Path:
@@ -159,6 +163,12 @@ def _setup(lib: ctypes.CDLL) -> None:
     lib.tedepr_chain_forward.argtypes = [ptr, ptr, ptr, i64, ptr]
     lib.tedepr_chain_forward_fm.restype = ctypes.c_int
     lib.tedepr_chain_forward_fm.argtypes = [ptr, ptr, ptr, i64, ptr]
+    lib.tedepr_program_workspace.restype = i64
+    lib.tedepr_program_workspace.argtypes = [ptr, i64, i64]
+    lib.tedepr_program_run.restype = ctypes.c_int
+    lib.tedepr_program_run.argtypes = [ptr, ptr, ptr, i64, ptr]
+    lib.tedepr_program_forward.restype = ctypes.c_int
+    lib.tedepr_program_forward.argtypes = [ptr, ptr, ptr, i64]
 
 
 def _load() -> tuple[ctypes.CDLL | None, dict[str, Any]]:

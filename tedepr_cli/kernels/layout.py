@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -40,10 +40,17 @@ class StepLayout:
     val: np.ndarray  # float32
     roff: np.ndarray  # int32, n_rows
     goff: np.ndarray  # int32, g_in
+    g_lo: int = 0  # live free groups [g_lo, g_hi): the compiled kernel computes only these
+    g_hi: int = -1  # -1: g_in (see ChainLayout: outputs no later step reads are dead)
 
     @property
     def nnz(self) -> int:
         return int(self.val.size)
+
+    @property
+    def live_groups(self) -> int:
+        """Free groups the compiled kernel computes (the others' outputs are never read)."""
+        return (self.g_in if self.g_hi < 0 else self.g_hi) - self.g_lo
 
     def dense(self) -> np.ndarray:
         """The step's matrix as a dense ``(n_rows, n_in_rows)`` array (torch/Triton paths)."""
@@ -64,6 +71,9 @@ class ChainLayout:
     kind: str = "chain"
     meta: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "steps", live_groups(self.steps))
+
     @property
     def buf_units(self) -> int:
         """Largest intermediate buffer (per batch element) the chain needs."""
@@ -74,8 +84,39 @@ class ChainLayout:
         return sum(s.nnz for s in self.steps)
 
     def flops(self, batch: int) -> int:
-        """Multiply-add FLOPs one call does: every stored entry meets every lane once."""
-        return 2 * batch * sum(s.nnz * s.g_in for s in self.steps)
+        """Multiply-add FLOPs one compiled call does: every stored entry meets every live
+        lane once."""
+        return 2 * batch * sum(s.nnz * s.live_groups for s in self.steps)
+
+
+LIVE_GROUPS_MAX_CELLS = 1 << 26  # larger (rows x groups) steps are not analysed (packing time)
+
+
+def live_groups(steps: Sequence[StepLayout]) -> tuple[StepLayout, ...]:
+    """Mark each step's live free groups: a group ``g`` of step ``k`` is dead when none of
+    its outputs ``(o, g)`` lands in an input row that step ``k + 1`` reads (a column of its
+    CSR). E.g. pruning that empties a whole input mode value of core ``k + 1`` (MNIST's
+    border pixels) kills those groups of step ``k``. The live groups are kept as one range
+    ``[g_lo, g_hi)`` (no gathers); the compiled kernel skips the rest, whose values no step
+    ever reads. The torch and Triton paths compute every group (same result)."""
+    out = list(steps)
+    for k in range(len(out) - 1):
+        s, nxt = out[k], out[k + 1]
+        if s.n_rows * s.g_in > LIVE_GROUPS_MAX_CELLS or s.g_in <= 1:
+            continue
+        read = np.zeros(nxt.n_in_rows + 1, dtype=bool)
+        read[nxt.col.astype(np.int64)] = True
+        live = np.zeros(s.g_in, dtype=bool)
+        goff = s.goff.astype(np.int64)[None, :]
+        step = max(1, (1 << 20) // s.g_in)  # rows per block: ~8 MB of temporaries at most
+        for r0 in range(0, s.n_rows, step):
+            units = s.roff[r0:r0 + step].astype(np.int64)[:, None] + goff
+            live |= read[np.minimum(units // max(nxt.g_in, 1), nxt.n_in_rows)].any(axis=0)
+        idx = np.flatnonzero(live)
+        lo, hi = (int(idx[0]), int(idx[-1]) + 1) if idx.size else (0, 0)
+        if (lo, hi) != (s.g_lo, s.g_in if s.g_hi < 0 else s.g_hi):
+            out[k] = replace(s, g_lo=lo, g_hi=hi)
+    return tuple(out)
 
 
 # ------------------------------------------------------------------------ one step
