@@ -96,3 +96,23 @@ def test_engine_availability_and_bad_input(target, tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"junk")
     assert run_cli("bench", target, "--baseline", tmp_path / "bad.pt", *FAST).exit_code == 4
     assert run_cli("bench", tmp_path / "missing", *FAST).exit_code == 3
+
+
+def test_plan_is_stored_and_reused_and_overridable(target, tmp_path):
+    out = tmp_path / "planned"
+    r = run_cli("plan", target, "-o", out, "--batch", "1", "--override", "fc3=dense", "--json")
+    assert r.exit_code == 0, r.stderr
+    plans = json.loads(r.stdout)["plans"]
+    assert plans["1"]["layers"]["fc3"]["choice"] == "dense"
+    assert plans["1"]["layers"]["fc3"]["reason"] == "override"
+    from tedepr_cli.artifact import load_artifact
+
+    stored = load_artifact(out).meta["execution"]["plans"]["1"]
+    assert stored["layers"]["fc3"]["choice"] == "dense" and "fingerprint" in stored
+    r = run_cli("bench", out, "--engines", "dense-torch,tedepr", "--json", "-", "--iters", "2", "--warmup", "0",
+                "--batch", "1")
+    d = json.loads(r.stdout)
+    assert d["execution_plans"]["1"]["fresh"] is False  # same machine: the stored plan is used
+    assert run_cli("plan", target, "-o", tmp_path / "x", "--override", "fc3=gpu").exit_code == 2
+    assert run_cli("plan", target, "-o", tmp_path / "y", "--override", "fc3").exit_code == 2
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -1,4 +1,5 @@
-"""`tedepr bench`: side-by-side latency, size and accuracy."""
+"""Speed: `tedepr bench` (side-by-side latency, size and accuracy) and `tedepr plan`
+(store the per-layer execution plan in an artifact)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,14 @@ import typer
 
 from ..cli import (
     DataOpt,
+    JsonOut,
+    Output,
+    Overwrite,
     Quiet,
     Verbose,
     command,
 )
-from ..console import stdout, table
+from ..console import print_json, stdout, table
 
 
 @command
@@ -124,6 +128,8 @@ def _print_bench(report: dict[str, Any], human_bytes) -> None:
         stdout.print(f"plan at batch {b}{' (fresh)' if plan.get('fresh') else ' (stored)'}: {choices}; "
                      f"{100 * f['share_on_sparse_or_factorized']:.1f} % of the compressed layers' FLOPs on "
                      f"sparse/factorized kernels")
+        for fu in plan.get("fusions") or []:
+            stdout.print(f"  fused: {'+'.join(fu['layers'])} (one compiled call)")
     acc = report.get("accuracy")
     if acc:
         base = "unknown (no --baseline)" if acc["baseline"] is None else f"{100 * acc['baseline']:.2f} %"
@@ -131,3 +137,65 @@ def _print_bench(report: dict[str, Any], human_bytes) -> None:
                      f"{100 * acc['compressed']:.2f} %")
     for name, why in report.get("skipped_engines", {}).items():
         stdout.print(f"skipped {name}: {why}")
+
+
+@command
+def plan(
+    path: Annotated[Path, typer.Argument(help="Compressed artifact (or finetune run).", show_default=False)],
+    output: Output,
+    batch: Annotated[str, typer.Option("--batch", help="Batch sizes to plan for, e.g. 1,32.")] = "1,32",
+    threads: Annotated[int, typer.Option("--threads", help="Threads the plan is made for.")] = 1,
+    override: Annotated[list[str] | None, typer.Option(
+        "--override", help="Force a layer's engine: name=kernel|dense|torch (globs, repeatable).")] = None,
+    overwrite: Overwrite = False,
+    json_out: JsonOut = False, verbose: Verbose = 0, quiet: Quiet = False,
+) -> None:
+    """Choose, per layer and batch size, how the compressed model runs on this machine
+    (compiled kernel, dense rebuild or torch chain; fused runs of layers) and store the
+    plan in a copy of the artifact; `bench` and inference reuse it on the same machine."""
+    import torch
+
+    from ..artifact import load_artifact, save_artifact
+    from ..console import log
+    from ..errors import UsageError
+    from ..execution import plan_execution, store_plan
+    from ..fsutil import check_output
+
+    try:
+        batches = [int(b) for b in batch.split(",") if b.strip()]
+    except ValueError:
+        raise UsageError(f"--batch takes integers like 1,32; got {batch!r}") from None
+    if not batches or min(batches) < 1 or threads < 1:
+        raise UsageError("--batch needs positive sizes and --threads >= 1")
+    overrides = {}
+    for item in override or []:
+        name, eq, choice = item.partition("=")
+        if not eq:
+            raise UsageError(f"--override takes name=kernel|dense|torch, got {item!r}")
+        overrides[name] = choice
+    check_output(output, overwrite)
+    art = load_artifact(path)
+    torch.set_num_threads(threads)
+    plans = {}
+    for b in batches:
+        p = plan_execution(art, b, threads, overrides=overrides)
+        store_plan(art, p)
+        plans[str(b)] = p
+    art.record("plan", {"batch": batches, "threads": threads, "override": overrides})
+    save_artifact(art, output, overwrite=overwrite)
+    log.info(f"wrote {output}")
+    if json_out:
+        print_json({"output": str(output), "plans": plans})
+        return
+    for b, p in plans.items():
+        rows = [[n, r["choice"], r["reason"], *(r.get("measured_us", {}).get(c) for c in ("kernel", "dense",
+                                                                                       "torch"))]
+                for n, r in p["layers"].items()]
+        stdout.print(table(f"execution plan, batch {b} ({threads} thread(s)); µs measured per layer",
+                           ["layer", "choice", "why", "kernel", "dense", "torch"], rows, right={3, 4, 5}))
+        for fu in p.get("fusions") or []:
+            stdout.print(f"  fused: {'+'.join(fu['layers'])} (one compiled call)")
+        g = p.get("guard") or {}
+        if g:
+            stdout.print(f"  whole model: planned {g['planned_us']} µs vs dense rebuild "
+                         f"{g['dense_rebuild_us']} µs{' (fell back to dense)' if g['fallback'] else ''}")
