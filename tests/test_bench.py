@@ -109,8 +109,8 @@ def test_plan_is_stored_and_reused_and_overridable(target, tmp_path):
 
     stored = load_artifact(out).meta["execution"]["plans"]["1"]
     assert stored["layers"]["fc3"]["choice"] == "dense" and "fingerprint" in stored
-    r = run_cli("bench", out, "--engines", "dense-torch,tedepr", "--json", "-", "--iters", "2", "--warmup", "0",
-                "--batch", "1")
+    r = run_cli("bench", out, "--engines", "dense-torch,tedepr", "--json", "-", "--iters", "2",
+                "--warmup", "0", "--batch", "1")
     d = json.loads(r.stdout)
     assert d["execution_plans"]["1"]["fresh"] is False  # same machine: the stored plan is used
     assert run_cli("plan", target, "-o", tmp_path / "x", "--override", "fc3=gpu").exit_code == 2
