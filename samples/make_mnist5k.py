@@ -20,15 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def stratified_split(y: np.ndarray, test_fraction: float = 0.2, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    flags = np.zeros(len(y), dtype=np.uint8)
-    for c in np.unique(y):
-        idx = np.flatnonzero(y == c)
-        rng.shuffle(idx)
-        flags[idx[: int(round(len(idx) * test_fraction))]] = 1
-    return flags
+from tedepr_cli.data import stratified_split  # the split tedepr derives for any .npz
 
 
 def main() -> None:

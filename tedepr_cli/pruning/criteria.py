@@ -72,6 +72,12 @@ def _register(name: str, needs_data: bool):
     return deco
 
 
+def exponential_keep(total: int, kept: int, k: int, rounds: int) -> int:
+    """Entries kept after round ``k`` of ``rounds`` in the exponential schedule of SynFlow
+    and FORCE: densities fall geometrically from 1 to ``kept / total``."""
+    return int(round(total * (kept / total) ** (k / rounds)))
+
+
 def _params(ctx: ScoreContext) -> dict[str, Tensor]:
     return {n: p.detach() for n, p in ctx.model.named_parameters()}
 
@@ -163,9 +169,8 @@ def synflow(ctx: ScoreContext) -> dict[str, Tensor]:
         gs = torch.autograd.grad(r, [leaves[n] for n in ctx.targets], allow_unused=True)
         scores = {n: ((g if g is not None else torch.zeros_like(leaves[n])) * leaves[n]).detach().abs()
                   for n, g in zip(ctx.targets, gs, strict=True)}
-        if k < rounds:  # exponential schedule of densities towards the final budget
-            keep_k = int(round(total * (ctx.kept / total) ** (k / rounds)))
-            masks = ctx.select(scores, keep_k)
+        if k < rounds:
+            masks = ctx.select(scores, exponential_keep(total, ctx.kept, k, rounds))
     return scores
 
 
@@ -182,8 +187,7 @@ def force(ctx: ScoreContext) -> dict[str, Tensor]:
         g = _grads(ctx, {**p, **eff}, [batch])  # gradient at the pruned network, all entries
         scores = {n: (g[n] * p[n]).abs() for n in ctx.targets}
         if k < its:
-            keep_k = int(round(total * (ctx.kept / total) ** (k / its)))
-            masks = ctx.select(scores, keep_k)
+            masks = ctx.select(scores, exponential_keep(total, ctx.kept, k, its))
     return scores
 
 
