@@ -71,8 +71,7 @@ def budget_tt(art, sparsity: float, seed: int):
     for modes in (2, 3, 4):
         for rank in range(1, 33):
             try:
-                out, _ = decompose(art, DecomposeOptions(rank=rank, modes=modes, init="random", seed=seed,
-                                                         include=["*"], exclude=[]))
+                out, _ = decompose(art, DecomposeOptions(rank=rank, modes=modes, init="random", seed=seed))
             except Exception:
                 break
             n = sum(p.numel() for p in prunable_params(out.model).values())
