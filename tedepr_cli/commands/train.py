@@ -38,7 +38,9 @@ def finetune(
     epochs: Annotated[int, typer.Option("--epochs")] = 10,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Global batch size.")] = 128,
     optimizer: Annotated[str, typer.Option("--optimizer", help="sgd (momentum), adamw or adam.")] = "adamw",
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 1e-3,
+    lr: Annotated[float | None, typer.Option(
+        "--lr", help="Peak learning rate (default: 1e-2 for a tensorized model, 1e-3 for a dense one).",
+        show_default=False)] = None,
     momentum: Annotated[float, typer.Option("--momentum", help="SGD momentum.")] = 0.9,
     weight_decay: Annotated[float, typer.Option("--weight-decay")] = 0.0,
     schedule: Annotated[str, typer.Option("--schedule", help="cosine, step or constant.")] = "cosine",
