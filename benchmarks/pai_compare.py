@@ -215,7 +215,7 @@ def report(out_dir: Path, doc: Path) -> str:
         head = ("| method | sparsity | test acc % | kept | bytes | lat. b1 ms | lat. b32 ms | s/epoch "
                 "| seeds |")
         lrs = "/".join(f"{x:g}" for x in LRS_BY_MODEL.get(model, LRS))
-        lines += [f"## {model} ({epochs} epochs, lr {lrs})", "", head, "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"## {model} ({epochs} epochs, lr {lrs})", "", head, "|---" * 9 + "|"]
         for method in METHODS:
             for s in [None, *SPARSITIES]:
                 g = groups.get((model, method, s))
