@@ -2,4 +2,4 @@
 :data:`tedepr_cli.cli.app`, in pipeline order (the order `tedepr --help` lists them)."""
 # isort: skip_file
 
-from . import info, compress, train, export, bench, kernels  # noqa: F401
+from . import info, compress, train, export, bench, run, kernels  # noqa: F401

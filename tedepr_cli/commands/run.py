@@ -1,0 +1,36 @@
+"""`tedepr run`: a whole pipeline from a TOML recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..cli import JsonOut, Output, Overwrite, Quiet, Verbose, command
+from ..console import print_json, stdout
+
+
+@command
+def run(
+    recipe: Annotated[Path, typer.Argument(help="TOML recipe: [model], [data] and one table per stage "
+                                           "(decompose, prune, finetune, export, bench).",
+                                           show_default=False)],
+    output: Output,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a recipe option: stage.option=value (repeatable), e.g. "
+        "prune.sparsity=0.999.")] = None,
+    overwrite: Overwrite = False,
+    json_out: JsonOut = False, verbose: Verbose = 0, quiet: Quiet = False,
+) -> None:
+    """Run a whole pipeline from a recipe file into one directory (flags override the recipe;
+    the merged recipe is stored in every artifact)."""
+    from ..recipe import apply_overrides, load_recipe, run_recipe
+
+    merged = apply_overrides(load_recipe(recipe), set_ or [])
+    summary = run_recipe(merged, output, overwrite=overwrite)
+    if json_out:
+        print_json(summary)
+        return
+    for k, v in summary.items():
+        stdout.print(f"{k}: {v}")

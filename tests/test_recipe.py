@@ -1,0 +1,54 @@
+"""`tedepr run`: a whole pipeline from a TOML recipe, overrides, and recipe errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tedepr_cli.artifact import load_artifact
+
+from .conftest import ROOT, run_cli
+
+RECIPE = ROOT / "samples" / "recipes" / "lenet300.toml"
+
+
+def test_sample_recipe_runs_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "run"
+    r = run_cli("run", RECIPE, "-o", out, "--set", "finetune.epochs=1", "--set", "finetune.limit_train=256",
+                "--set", "bench.iters=2", "--set", "bench.warmup=0", "--set", "prune.sparsity=0.99", "--json")
+    assert r.exit_code == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert abs(d["sparsity_vs_dense"] - 0.99) < 1e-9 and set(d["speedup"]) == {"1", "32"}
+    for name in ("pruned", "trained", "export", "bench.json", "recipe.json"):
+        assert (out / name).exists(), name
+    best = load_artifact(out / "trained")
+    assert best.meta["recipe"]["prune"]["sparsity"] == 0.99  # the merged recipe travels
+    assert best.meta["recipe"]["finetune"]["epochs"] == 1
+    assert (out / "export" / "model.onnx").exists()
+
+
+@pytest.mark.parametrize("text,code,fragment", [
+    ('[model]\npath = "samples/lenet300.pt"\narch = "lenet300"\n[prune]\nsparsity = 0.9\n[wat]\n', 2,
+     "unknown table"),
+    ('[model]\npath = "samples/lenet300.pt"\narch = "lenet300"\n[prune]\nsparsty = 0.9\n', 2,
+     "unknown option"),
+    ('[model]\narch = "lenet300"\n[prune]\nsparsity = 0.9\n', 2, "path"),
+    ('[model]\npath = "samples/lenet300.pt"\narch = "lenet300"\n', 2, "no stage"),
+    ('[model]\npath = "samples/lenet300.pt"\narch = "lenet300"\n[finetune]\nepochs = 1\n', 2, "[data]"),
+    ('[model]\npath = "samples/lenet300.pt"\narch = "lenet300"\n[prune]\nsparsity = 1.5\n', 2, "(0, 1)"),
+    ('[model\npath = 1', 4, "not valid TOML"),
+])
+def test_recipe_errors_write_nothing(tmp_path, monkeypatch, text, code, fragment):
+    monkeypatch.chdir(ROOT)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(text)
+    r = run_cli("run", recipe, "-o", tmp_path / "out")
+    assert r.exit_code == code, r.stderr
+    assert fragment in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_missing_recipe_and_bad_set(tmp_path):
+    assert run_cli("run", tmp_path / "none.toml", "-o", tmp_path / "o").exit_code == 3
+    assert run_cli("run", RECIPE, "-o", tmp_path / "o", "--set", "sparsity=1").exit_code == 2
