@@ -45,7 +45,7 @@ MODELS = {  # zoo kwargs for 28x28 grayscale; ResNet inputs padded to 32x32 by t
     "lenet300": ({}, 30),
     "lenet5": ({}, 30),
     "lstm": ({}, 20),
-    "vit_tiny": ({}, 12),
+    "vit_tiny": ({}, 8),
     "resnet20": ({"in_channels": 1}, 4),  # ~25 s per epoch on one shared core: 68 runs
 }
 # The lr sweep, the same for every method of a model. ResNet-20 trains with 1e-2 only
