@@ -359,3 +359,34 @@ def test_connectivity_spends_the_budget_on_complete_paths():
     for m, ok in zip(masks, path_connectable(masks), strict=False):
         assert not (m & ~ok.reshape(ok.shape[0], *([1] * (m.dim() - 2)), ok.shape[1])).any()  # no dead entry
     assert rank_paths(masks) >= rank_paths([plain["fc1.cores.0"], plain["fc1.cores.1"]])
+
+
+def test_non_finite_scores_still_keep_exactly_the_budget():
+    model = load_model(LENET300, parse_arch("lenet300")).model
+    groups = prunable_groups(model)
+    scores = {n: torch.full(p.shape, float("nan")) for n, p in model.named_parameters()
+              if n.endswith("weight")}
+    for connect in (False, True):
+        masks = select(scores, groups, 1331, connect=connect)
+        assert sum(int(m.sum()) for m in masks.values()) == 1331
+
+
+def test_tedepr_criterion_retries_a_diverging_inner_loop(monkeypatch):
+    import tedepr_cli.pruning.criteria as C
+
+    ctx, _, _ = _tiny_ctx()
+    calls = []
+    real = C._tedepr_once
+
+    def flaky(c, lr):
+        calls.append(lr)
+        out = real(c, lr)
+        return {n: v * float("nan") for n, v in out.items()} if len(calls) == 1 else out
+
+    monkeypatch.setattr(C, "_tedepr_once", flaky)
+    s = C.CRITERIA.get("tedepr").fn(ctx)
+    assert calls == [0.1, pytest.approx(0.01)] and all(torch.isfinite(v).all() for v in s.values())
+    monkeypatch.setattr(C, "_tedepr_once",
+                        lambda c, lr: {n: torch.full((1,), float("nan")) for n in c.targets})
+    with pytest.raises(BadInput, match="diverged"):
+        C.CRITERIA.get("tedepr").fn(ctx)

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ..console import log
+from ..errors import BadInput
 from ..registry import Registry
 
 
@@ -193,7 +195,25 @@ def force(ctx: ScoreContext) -> dict[str, Tensor]:
 
 @_register("tedepr", needs_data=True)
 def tedepr(ctx: ScoreContext) -> dict[str, Tensor]:
-    """ProsPr-style trainability: meta-gradient of the loss after ``steps`` SGD steps."""
+    """ProsPr-style trainability: meta-gradient of the loss after ``steps`` SGD steps.
+
+    The inner SGD steps must stay finite for the meta-gradient to mean anything; a deep
+    net without working normalization at initialization can blow up at ``inner_lr``, so
+    the steps are retried with a 10x smaller learning rate (three times at most)."""
+    lr = ctx.options.inner_lr
+    for _ in range(4):
+        scores = _tedepr_once(ctx, lr)
+        if all(bool(torch.isfinite(v).all()) for v in scores.values()):
+            if lr != ctx.options.inner_lr:
+                log.warning(f"tedepr criterion: the inner SGD steps diverged at --inner-lr "
+                            f"{ctx.options.inner_lr:g}; scored with {lr:g}")
+            return scores
+        lr /= 10
+    raise BadInput(f"the tedepr criterion diverged (non-finite scores) even at inner lr {lr * 10:g}: "
+                   "the model's loss is not finite at initialization; check the data or the weights")
+
+
+def _tedepr_once(ctx: ScoreContext, inner_lr: float) -> dict[str, Tensor]:
     p = _params(ctx)
     opts = ctx.options
     cs = {n: torch.ones_like(p[n], requires_grad=True) for n in ctx.targets}
@@ -203,7 +223,7 @@ def tedepr(ctx: ScoreContext) -> dict[str, Tensor]:
     for t in range(opts.steps):
         loss = _loss(ctx.model, {**p, **w}, batches[t % len(batches)])
         gs = torch.autograd.grad(loss, [w[n] for n in trainable], create_graph=True, allow_unused=True)
-        w = {n: (w[n] - opts.inner_lr * g if g is not None else w[n])
+        w = {n: (w[n] - inner_lr * g if g is not None else w[n])
              for n, g in zip(trainable, gs, strict=True)}
     final = _loss(ctx.model, {**p, **w}, batches[opts.steps % len(batches)])
     gs = torch.autograd.grad(final, [cs[n] for n in ctx.targets], allow_unused=True)

@@ -117,10 +117,7 @@ def select(scores: dict[str, Tensor], groups: list[Group], kept: int, scope: str
     if reserved > kept:
         raise BadInput(f"the collapse guard alone needs {reserved:,} entries but the budget keeps "
                        f"{kept:,}: lower --min-density or the sparsity")
-    rest = flat.clone()
-    rest[keep] = -math.inf
-    order = torch.sort(rest, descending=True, stable=True).indices[: kept - reserved]
-    keep[order] = True
+    _take_best(keep, flat, ~keep, kept - reserved)
     if connect:
         shapes = {n: scores[n].shape for n in names}
         chains = [[(offsets[n], sizes[i], shapes[n]) for i, n in enumerate(names) if n in g.params]
@@ -128,6 +125,14 @@ def select(scores: dict[str, Tensor], groups: list[Group], kept: int, scope: str
         _connect(keep, flat, chains, kept)
     return {n: keep[offsets[n]: offsets[n] + s].reshape(scores[n].shape).clone()
             for n, s in zip(names, sizes, strict=True)}
+
+
+def _take_best(keep: Tensor, scores: Tensor, allowed: Tensor, n: int) -> None:
+    """Keep the ``n`` best-scored entries among ``allowed`` (stable: ties go by position;
+    entries scored -inf/NaN still count, last)."""
+    idx = torch.nonzero(allowed).reshape(-1)
+    order = torch.sort(scores[idx], descending=True, stable=True).indices[:max(n, 0)]
+    keep[idx[order]] = True
 
 
 def path_connectable(masks: list[Tensor]) -> list[Tensor]:
@@ -167,20 +172,16 @@ def _connect(keep: Tensor, flat: Tensor, chains: list[list[tuple[int, int, torch
             keep[dead] = False
             continue
         need = kept - int(keep.sum())
-        cand = flat.clone()
-        cand[keep | ~ok] = -math.inf
-        avail = int(torch.isfinite(cand).sum()) if need > 0 else 0
         if need <= 0:
             return
+        avail = int((~keep & ok).sum())
         if avail == 0:
             break
         take = max(1, min(need, avail, math.ceil(need / 4)))  # rounds: new paths, new candidates
-        keep[torch.sort(cand, descending=True, stable=True).indices[:take]] = True
+        _take_best(keep, flat, ~keep & ok, take)
     need = kept - int(keep.sum())
     if need > 0:  # no entry can join a path any more: keep the exact budget, by score
-        cand = flat.clone()
-        cand[keep] = -math.inf
-        keep[torch.sort(cand, descending=True, stable=True).indices[:need]] = True
+        _take_best(keep, flat, ~keep, need)
 
 
 def _apportion(weights: list[int], total: int, denom: int) -> list[int]:
