@@ -5,6 +5,7 @@ One command, resumable, results cached per run:
     python benchmarks/pai_compare.py --jobs 2                # the full grid (hours)
     python benchmarks/pai_compare.py --quick                 # LeNet-300-100, 99.5 %, 3 epochs (CI)
     python benchmarks/pai_compare.py --report-only           # re-aggregate cached runs
+    python benchmarks/pai_compare.py --report-only --plot    # + docs/pai_accuracy.svg (the `plot` extra)
 
 Every run trains from scratch on the bundled real MNIST sample (samples/mnist5k.npz, its
 fixed 4,000/1,000 split; 10 % of train held out to pick the best epoch) and reports test
@@ -187,6 +188,12 @@ def measure(row: dict) -> dict:
     return row
 
 
+def over_budget(row: dict) -> bool:
+    """True for a tt-budget run whose smallest TT still keeps more than the budget (it does not compete)."""
+    s, d = row["sparsity"], row.get("dense_prunable")
+    return s is not None and d is not None and row["kept"] > round((1 - s) * d) * 1.01
+
+
 def report(out_dir: Path, doc: Path) -> str:
     rows = [json.loads(p.read_text()) for p in sorted((out_dir / "runs").glob("*.json"))]
     if not rows:
@@ -207,6 +214,8 @@ def report(out_dir: Path, doc: Path) -> str:
              "(%) of the best-by-validation epoch, mean ± std over seeds; kept = prunable weights kept",
              "(budget = (1 − sparsity) × dense prunable weights); bytes = compact safetensors file;",
              "latency = median CPU forward, 1 thread.", ""]
+    if (doc.parent / "pai_accuracy.svg").exists():
+        lines += ["![test accuracy vs weights kept, per model and method](pai_accuracy.svg)", ""]
     for model in MODELS:
         mrows = [k for k in groups if k[0] == model]
         if not mrows:
@@ -221,20 +230,83 @@ def report(out_dir: Path, doc: Path) -> str:
                 g = groups.get((model, method, s))
                 if not g:
                     continue
+                mark = " ‡" if any(over_budget(r) for r in g) else ""
                 lines.append(
-                    f"| {method} | {'-' if s is None else f'{100 * s:g} %'} | "
+                    f"| {method}{mark} | {'-' if s is None else f'{100 * s:g} %'} | "
                     f"{fmt([r['test_accuracy'] for r in g], 100)} | {fmt([r['kept'] for r in g], nd=0)} | "
                     f"{fmt([r.get('bytes') for r in g], nd=0)} | "
                     f"{fmt([r.get('latency_b1_ms') for r in g], nd=3)} | "
                     f"{fmt([r.get('latency_b32_ms') for r in g], nd=3)} | "
                     f"{fmt([r['seconds_per_epoch'] for r in g], nd=2)} | {len(g)} |")
         lines.append("")
+    if any(over_budget(r) for r in rows):
+        lines += ["‡ over budget: no unpruned TT of this model fits the budget, so the row shows the",
+                  "smallest one (rank 1) with the weights it keeps; it does not compete at this sparsity",
+                  "and the plot leaves it out.", ""]
     summary = _claims(groups)
     lines += ["## The claim, checked", "", *summary, ""]
     text = "\n".join(lines)
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text)
     return text
+
+
+def plot(out_dir: Path, path: Path) -> Path:
+    """Accuracy vs kept fraction, one panel per model, one line per method (needs the `plot` extra).
+
+    The x axis is the kept fraction on a log scale (1 %, 0.5 %, 0.1 %), so equal steps are equal
+    budget ratios; the dense model is a dashed line. The format follows the suffix (SVG by default,
+    with fixed metadata so that re-plotting unchanged results gives an identical file).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(p.read_text()) for p in sorted((out_dir / "runs").glob("*.json"))]
+    models = [m for m in MODELS if any(r["model"] == m for r in rows)]
+    if not models:
+        raise ValueError("no cached runs to plot")
+    matplotlib.rcParams["svg.hashsalt"] = "tedepr"
+    fig, axes = plt.subplots(1, len(models), figsize=(3.6 * len(models), 3.4), squeeze=False)
+    styles = {m: ("-" if m in TENSORIZED else ":") for m in METHODS}
+    palette = plt.get_cmap("tab20").colors
+    colors = {m: palette[(2 * i) % 20 + (i >= 10)] for i, m in enumerate(METHODS[1:])}  # 11 distinct
+    for ax, model in zip(axes[0], models, strict=True):
+        mrows = [r for r in rows if r["model"] == model]
+        for method in METHODS:
+            mine = [r for r in mrows if r["method"] == method and not over_budget(r)]
+            accs = {s: [100 * r["test_accuracy"] for r in mine if r["sparsity"] == s] for s in SPARSITIES}
+            pts = [(1 - s, statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0)
+                   for s, v in accs.items() if v]
+            if method == "dense":
+                dense = [100 * r["test_accuracy"] for r in mrows if r["method"] == "dense"]
+                if dense:
+                    ax.axhline(statistics.mean(dense), color="k", ls="--", lw=1, label="dense")
+                continue
+            if pts:
+                x, y, e = zip(*pts, strict=True)
+                ax.errorbar([100 * v for v in x], y, yerr=e, ls=styles[method], color=colors[method],
+                            marker="o", ms=3, lw=1.5 if method == "tt-tedepr" else 1, capsize=2, label=method)
+        ax.set_xscale("log")
+        ax.invert_xaxis()
+        ax.set_xticks([1, 0.5, 0.1], ["1 %", "0.5 %", "0.1 %"])
+        ax.minorticks_off()
+        ax.set_title(f"{model} ({MODELS[model][1]} epochs)", fontsize=9)
+        ax.set_xlabel("weights kept")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy %")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fmt = path.suffix.lstrip(".").lower() or "svg"
+    fig.savefig(tmp, format=fmt, **({"metadata": {"Date": None, "Creator": None}} if fmt == "svg" else {}))
+    plt.close(fig)
+    tmp.replace(path)
+    return path
 
 
 def _claims(groups) -> list[str]:
@@ -270,6 +342,9 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=0, help="override every model's epochs")
     ap.add_argument("--jobs", type=int, default=1, help="parallel runs (one thread each)")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--plot", nargs="?", const="", default=None, metavar="SVG",
+                    help="also draw accuracy vs sparsity (needs `pip install -e '.[plot]'`); "
+                         "default file: docs/pai_accuracy.svg")
     ap.add_argument("--remeasure", action="store_true",
                     help="re-time every cached run (same code and machine state for all rows)")
     args = ap.parse_args()
@@ -283,6 +358,12 @@ def main() -> int:
         methods = ["dense", "tt-tedepr", "tt-budget", "snip", "synflow"]
         args.epochs = args.epochs or 3
         out = Path(args.out) if args.out != str(ROOT / "benchmarks" / "results" / "pai") else out / "quick"
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("--plot needs matplotlib: pip install -e '.[plot]'", file=sys.stderr)
+            return 2
     unknown = set(models) - set(MODELS) or set(methods) - set(METHODS)
     if unknown:
         print(f"unknown: {sorted(unknown)}", file=sys.stderr)
@@ -318,6 +399,9 @@ def main() -> int:
                 p.write_text(json.dumps(measure(row), indent=1))
     wall = time.time() - start
     doc = Path(args.doc) if not args.quick else out / "report.md"
+    if args.plot is not None:
+        svg = Path(args.plot) if args.plot else (doc.parent / "pai_accuracy.svg")
+        print(f"plot: {plot(out, svg)}")
     text = report(out, doc)
     print(text.split("## The claim, checked")[-1].strip() if "claim" in text else text)
     print(f"wall time {wall:.0f} s; report: {doc}")

@@ -24,3 +24,32 @@ def test_pai_compare_quick(tmp_path):
     assert len(list((tmp_path / "pai" / "runs").glob("*.json"))) == 5
     r = _quick(tmp_path / "pai")  # cached: a second run trains nothing
     assert r.returncode == 0 and "runs to do" not in r.stdout
+
+
+def test_pai_plot_draws_every_cached_method(tmp_path):
+    """--plot (the optional `plot` extra) draws one line per method from the cached runs."""
+    import importlib.util
+    import json
+
+    import pytest
+
+    if importlib.util.find_spec("matplotlib") is None:
+        pytest.skip("the optional `plot` extra is not installed")
+    runs = tmp_path / "pai" / "runs"
+    runs.mkdir(parents=True)
+    cases = [("dense", None, 1000), ("tt-tedepr", 0.99, 10), ("tt-tedepr", 0.995, 5), ("snip", 0.99, 10),
+             ("tt-budget", 0.99, 50)]  # the last keeps 5x its budget: left out of the plot, flagged
+    for i, (method, s, kept) in enumerate(cases):
+        row = {"model": "lenet300", "method": method, "sparsity": s, "test_accuracy": 0.9 - 0.1 * i,
+               "kept": kept, "dense_prunable": 1000, "seconds_per_epoch": 1.0}
+        (runs / f"r{i}.json").write_text(json.dumps(row))
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "pai_compare.py"), "--report-only",
+           "--models", "lenet300", "--out", str(tmp_path / "pai"),
+           "--doc", str(tmp_path / "doc" / "r.md"), "--plot"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    svg = (tmp_path / "doc" / "pai_accuracy.svg").read_text()
+    assert "tt-tedepr" in svg and "snip" in svg and "dense" in svg
+    assert "synflow" not in svg and "tt-budget" not in svg
+    md = (tmp_path / "doc" / "r.md").read_text()
+    assert "pai_accuracy.svg" in md and "| tt-budget ‡ | 99 % |" in md and "| snip | 99 % |" in md
