@@ -191,6 +191,22 @@ def prune(art: Artifact, opts: PruneOptions, data: Path | None = None,
     return out, report
 
 
+def _thin_warning(thin: list[tuple[str, int, int]]) -> str:
+    """One warning for every layer left with <= 2 rank paths (a per-layer line each drowns the log).
+
+    Each surviving path adds one rank-one term to the layer's weight, so such a layer passes
+    (almost) nothing on. The advice depends on whether a lower rank is still possible.
+    """
+    shown = ", ".join(f"{n} ({k})" for n, k, _ in thin[:6])
+    shown += f" and {len(thin) - 6} more" if len(thin) > 6 else ""
+    head = (f"{len(thin)} layer(s) keep at most 2 rank paths through their cores, so their effective "
+            f"weights have rank <= 2 and pass almost nothing on: {shown}. ")
+    if all(r == 1 for _, _, r in thin):
+        return head + ("They are already rank 1: the budget is too small for them; use a lower sparsity "
+                       "or keep them dense (`tedepr decompose --exclude NAME`, then prune)")
+    return head + "Try a lower rank (fewer, denser cores), --scope normalized, or a lower sparsity"
+
+
 def _report(model, groups, masks, dense: int, opts: PruneOptions, criterion: str,
             fallback: str | None, data: Path | None, score_s: float) -> dict[str, Any]:
     kept = sum(int(m.sum()) for m in masks.values())
@@ -198,6 +214,7 @@ def _report(model, groups, masks, dense: int, opts: PruneOptions, criterion: str
     all_params = sum(p.numel() for p in model.parameters())
     layers: list[dict[str, Any]] = []
     warnings: list[str] = []
+    thin: list[tuple[str, int, int]] = []  # (layer, rank paths kept, largest rank)
     for g in groups:
         k = sum(int(masks[n].sum()) for n in g.params)
         t = sum(masks[n].numel() for n in g.params)
@@ -209,11 +226,10 @@ def _report(model, groups, masks, dense: int, opts: PruneOptions, criterion: str
             separate = not isinstance(g.module, TTLinear)  # rank-one term per path
             floor = 3  # rank <= 2: the layer passes (almost) nothing on
             if separate and row["rank_paths"] < floor:
-                warnings.append(f"{g.name} keeps only {row['rank_paths']:.0f} rank path(s) through its "
-                                f"cores, so its effective weight has rank <= {row['rank_paths']:.0f}: it is "
-                                f"nearly dead. Try a lower rank (fewer, denser cores), --scope normalized, "
-                                f"or a lower sparsity")
+                thin.append((g.name, int(row["rank_paths"]), max(g.module.ranks)))
         layers.append(row)
+    if thin:
+        warnings.append(_thin_warning(thin))
     return {
         "criterion": criterion,
         "criterion_requested": opts.criterion or DEFAULT_CRITERION,

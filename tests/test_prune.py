@@ -390,3 +390,17 @@ def test_tedepr_criterion_retries_a_diverging_inner_loop(monkeypatch):
                         lambda c, lr: {n: torch.full((1,), float("nan")) for n in c.targets})
     with pytest.raises(BadInput, match="diverged"):
         C.CRITERIA.get("tedepr").fn(ctx)
+
+
+@pytest.mark.parametrize("rank, advice", [(1, "already rank 1"), (3, "Try a lower rank")])
+def test_thin_rank_paths_give_one_warning_with_fitting_advice(rank, advice):
+    """Layers left with <= 2 rank paths are named in one warning; 'lower the rank' only where possible."""
+    from tedepr_cli.zoo import MODELS
+
+    torch.manual_seed(0)
+    art = Artifact(model=MODELS.get("lenet300")().eval(), arch=parse_arch("lenet300"))
+    dec, _ = decompose(art, DecomposeOptions(format="tr", rank=rank, init="random"))
+    _, report = prune(dec, PruneOptions(sparsity=0.9999, criterion="random"))  # 27 weights for 3 layers
+    thin = [w for w in report["warnings"] if "rank paths" in w]
+    assert len(thin) == 1 and advice in thin[0]
+    assert "fc1 (" in thin[0] and "3 layer(s)" in thin[0]
