@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from .tensorized.tt import TTLinear
 
 DEFAULT_CRITERION = "tedepr"
 SCOPES = ("global", "normalized", "layer")
+SCORE_MODES = ("eval", "train")
 DATA_FREE_FALLBACK = "synflow"
 
 
@@ -43,6 +46,7 @@ class PruneOptions:
     seed: int = 0
     decompose: bool = True
     coarse_ratio: float = 4.0  # one-shot path, rank "auto": cores hold about this x the budget
+    score_mode: str = "eval"  # normalization layers while scoring: eval (running stats) or train (batch)
     criterion_options: CriterionOptions = field(default_factory=CriterionOptions)
 
     def validate(self) -> None:
@@ -59,9 +63,34 @@ class PruneOptions:
         o = self.criterion_options
         if o.steps < 0 or o.rounds < 1 or o.iterations < 1 or o.inner_lr <= 0:
             raise UsageError("--steps >= 0, --rounds >= 1, --iterations >= 1, --inner-lr > 0 required")
+        if self.score_mode not in SCORE_MODES:
+            raise UsageError(f"--score-mode must be one of {', '.join(SCORE_MODES)}, got {self.score_mode!r}")
         if self.criterion is not None and self.criterion not in CRITERIA:
             raise UsageError(f"unknown criterion {self.criterion!r}; choose one of: "
                              f"{', '.join(CRITERIA.names())}")
+
+
+@contextmanager
+def _score_mode(model: torch.nn.Module, mode: str) -> Iterator[None]:
+    """Score with normalization layers in ``mode``; buffers (running stats) are restored after.
+
+    In eval mode an untrained BatchNorm is the identity, so a deep random network's activations
+    grow layer by layer; in train mode each layer normalizes with batch statistics, as in the
+    first training steps the criteria try to foresee.
+    """
+    saved = {n: b.clone() for n, b in model.named_buffers()}
+    model.eval()  # dropout stays off either way: scores must not depend on dropout draws
+    if mode == "train":
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.train()
+    try:
+        yield
+    finally:
+        model.eval()
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                b.copy_(saved[n])
 
 
 def _batches(data: Path, art: Artifact, n: int, size: int, gen: torch.Generator
@@ -174,7 +203,8 @@ def prune(art: Artifact, opts: PruneOptions, data: Path | None = None,
     else:
         ctx = ScoreContext(model=model, targets=names, batches=batches, input_shape=art.input_shape,
                            generator=gen, options=copts, kept=kept, select=selector)
-        scores = CRITERIA.get(criterion).fn(ctx)
+        with _score_mode(model, opts.score_mode):
+            scores = CRITERIA.get(criterion).fn(ctx)
         masks = selector(scores, kept)
     score_s = time.perf_counter() - t0
     check_collapse(groups, masks)

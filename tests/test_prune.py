@@ -318,6 +318,7 @@ def test_cli_one_shot_prune(tmp_path):
     (["--sparsity", "0.99", "--criterion", "snip"], 2),
     (["--sparsity", "0.99", "--criterion", "nope"], 2),
     (["--sparsity", "0.99", "--scope", "row"], 2),
+    (["--sparsity", "0.99", "--score-mode", "batch"], 2),
 ])
 def test_cli_bad_options(tmp_path, args, code):
     r = run_cli("prune", LENET300, "--arch", "lenet300", "-o", tmp_path / "o", *args)
@@ -404,3 +405,25 @@ def test_thin_rank_paths_give_one_warning_with_fitting_advice(rank, advice):
     thin = [w for w in report["warnings"] if "rank paths" in w]
     assert len(thin) == 1 and advice in thin[0]
     assert "fc1 (" in thin[0] and "3 layer(s)" in thin[0]
+
+
+def test_score_mode_train_uses_batch_statistics_and_restores_buffers():
+    """--score-mode train: BatchNorm normalizes with batch statistics while scoring (other
+    masks than eval mode on a BN network), and the running statistics come back untouched."""
+    from tedepr_cli.zoo import MODELS
+
+    torch.manual_seed(0)
+    art = Artifact(model=MODELS.get("resnet20")(in_channels=1).eval(),
+                   arch=parse_arch("resnet20", '{"in_channels": 1}'))
+    before = {n: b.clone() for n, b in art.model.named_buffers()}
+    outs = {}
+    for mode in ("eval", "train"):
+        opts = PruneOptions(sparsity=0.99, criterion="snip", decompose=False, batch_size=16, score_mode=mode)
+        out, _ = prune(art, opts, MNIST)
+        assert not out.model.training
+        for n, b in out.model.named_buffers():
+            assert torch.equal(b, before[n]), n
+        outs[mode] = out.masks
+    assert any(not torch.equal(outs["eval"][n], outs["train"][n]) for n in outs["eval"])
+    with pytest.raises(UsageError, match="score-mode"):
+        PruneOptions(sparsity=0.5, score_mode="bn").validate()

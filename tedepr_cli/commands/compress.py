@@ -220,6 +220,9 @@ def prune(
     connectivity: Annotated[bool, typer.Option(
         "--connectivity/--no-connectivity", help="Spend the budget only on core entries that lie "
         "on complete paths through their layer's chain (effective sparsity).")] = True,
+    score_mode: Annotated[str, typer.Option(
+        "--score-mode", help="Normalization layers while scoring: eval (running statistics) or "
+        "train (batch statistics; running statistics are restored).")] = "eval",
     steps: Annotated[int, typer.Option("--steps", help="tedepr: differentiable SGD steps.")] = 3,
     inner_lr: Annotated[float, typer.Option("--inner-lr", help="tedepr: their learning rate.")] = 0.1,
     rounds: Annotated[int, typer.Option("--rounds", help="synflow: pruning rounds.")] = 100,
@@ -253,7 +256,7 @@ def prune(
         raise UsageError("--threads must be >= 1")
     opts = PruneOptions(sparsity=s, criterion=criterion, scope=scope, min_density=min_density,
                         path_guard=path_guard, connectivity=connectivity, batch_size=batch_size, seed=seed,
-                        decompose=decompose_first, coarse_ratio=coarse_ratio,
+                        decompose=decompose_first, coarse_ratio=coarse_ratio, score_mode=score_mode,
                         criterion_options=CriterionOptions(steps=steps, inner_lr=inner_lr,
                                                            rounds=rounds, iterations=iterations))
     opts.validate()

@@ -1,8 +1,8 @@
 """Pruning-at-initialization criteria: each scores every prunable entry (higher = keep).
 
 All criteria work the same on core entries of a tensorized model (autograd runs through
-the chain) and on dense weights. Scores are computed in eval mode, so normalization
-buffers are never touched; iterative criteria re-select masks with the shared
+the chain) and on dense weights. The caller sets the normalization layers' mode
+(``prune --score-mode``) and restores their buffers; iterative criteria re-select masks with the shared
 :func:`~tedepr_cli.pruning.masking.select` between rounds.
 
 * ``tedepr`` -- trainability (ProsPr, Alizadeh et al. ICLR 2022): take ``steps``
