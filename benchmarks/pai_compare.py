@@ -23,7 +23,8 @@ kept weights are (1 - sparsity) x the dense model's prunable weights):
 The training recipe is the same for every method of a model (AdamW, batch 128, cosine
 schedule, epochs per model below) and so is the tuning: every run trains once per learning
 rate in LRS (LRS_BY_MODEL for ResNet-20) and keeps the one with the best validation
-accuracy. Cached results live in
+accuracy. PAI_SCORE_MODE=train scores with BatchNorm in train mode (an experiment knob: use
+another --out). Cached results live in
 benchmarks/results/pai/runs/*.json; the report goes to docs/pai_results.md.
 """
 
@@ -57,6 +58,7 @@ DENSE_PAI = ["snip", "grasp", "synflow", "random", "magnitude"]
 METHODS = ["dense", *TENSORIZED, *DENSE_PAI]
 SPARSITIES = [0.99, 0.995, 0.999]
 COARSE_RATIO = 4.0
+SCORE_MODE = os.environ.get("PAI_SCORE_MODE", "eval")  # experiment knob: BatchNorm mode while scoring
 LRS = (1e-3, 1e-2)
 
 
@@ -113,7 +115,8 @@ def one_run(model: str, method: str, sparsity: float | None, seed: int, epochs: 
     if method == "dense":
         pass
     elif method in DENSE_PAI:
-        popts = PruneOptions(sparsity=sparsity, criterion=method, decompose=False, seed=seed)
+        popts = PruneOptions(sparsity=sparsity, criterion=method, decompose=False, seed=seed,
+                             score_mode=SCORE_MODE)
         art, _ = prune(art, popts, DATA)
     elif method == "tt-budget":
         _, art, modes, rank = budget_tt(art, sparsity, seed)
@@ -121,7 +124,8 @@ def one_run(model: str, method: str, sparsity: float | None, seed: int, epochs: 
     else:
         fmt, crit = method.split("-")
         dopts = DecomposeOptions(format=fmt, rank=None, init="random", seed=seed)
-        popts = PruneOptions(sparsity=sparsity, criterion=crit, seed=seed, coarse_ratio=COARSE_RATIO)
+        popts = PruneOptions(sparsity=sparsity, criterion=crit, seed=seed, coarse_ratio=COARSE_RATIO,
+                             score_mode=SCORE_MODE)
         art, rep = prune(art, popts, DATA, dopts)
         note = f"rank {rep['rank_auto']['rank']}" if rep.get("rank_auto") else ""
     prune_s = time.perf_counter() - t0
