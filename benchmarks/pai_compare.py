@@ -224,7 +224,7 @@ def report(out_dir: Path, doc: Path) -> str:
         mrows = [k for k in groups if k[0] == model]
         if not mrows:
             continue
-        kwargs, epochs = MODELS[model]
+        epochs = "/".join(sorted({str(r["epochs"]) for k in mrows for r in groups[k]}, key=int))
         head = ("| method | sparsity | test acc % | kept | bytes | lat. b1 ms | lat. b32 ms | s/epoch "
                 "| seeds |")
         lrs = "/".join(f"{x:g}" for x in LRS_BY_MODEL.get(model, LRS))
@@ -296,7 +296,8 @@ def plot(out_dir: Path, path: Path) -> Path:
         ax.invert_xaxis()
         ax.set_xticks([1, 0.5, 0.1], ["1 %", "0.5 %", "0.1 %"])
         ax.minorticks_off()
-        ax.set_title(f"{model} ({MODELS[model][1]} epochs)", fontsize=9)
+        epochs = "/".join(sorted({str(r["epochs"]) for r in mrows}, key=int))
+        ax.set_title(f"{model} ({epochs} epochs)", fontsize=9)
         ax.set_xlabel("weights kept")
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)

@@ -41,7 +41,7 @@ def test_pai_plot_draws_every_cached_method(tmp_path):
              ("tt-budget", 0.99, 50)]  # the last keeps 5x its budget: left out of the plot, flagged
     for i, (method, s, kept) in enumerate(cases):
         row = {"model": "lenet300", "method": method, "sparsity": s, "test_accuracy": 0.9 - 0.1 * i,
-               "kept": kept, "dense_prunable": 1000, "seconds_per_epoch": 1.0}
+               "kept": kept, "dense_prunable": 1000, "seconds_per_epoch": 1.0, "epochs": 1}
         (runs / f"r{i}.json").write_text(json.dumps(row))
     cmd = [sys.executable, str(ROOT / "benchmarks" / "pai_compare.py"), "--report-only",
            "--models", "lenet300", "--out", str(tmp_path / "pai"),
