@@ -337,6 +337,21 @@ def test_full_disk_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_permission_denied_mid_write_leaves_nothing(tmp_path, monkeypatch):
+    """Refused writes that the up-front check cannot see (read-only mounts, ACLs; and the
+    read-only-directory case above, which root bypasses) are exit 6 too, with no leftovers."""
+    import tedepr_cli.artifact as A_
+
+    def denied(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(A_, "save_file", denied)
+    r = run_cli("decompose", M, *A, "-o", tmp_path / "o")
+    assert r.exit_code == 6 and "permission denied" in r.stderr.lower()
+    assert "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_ctrl_c_mid_write_leaves_nothing(tmp_path, monkeypatch):
     import tedepr_cli.artifact as A_
 
