@@ -53,6 +53,7 @@ from .datasets import (
     open_dataset,
     resolve_preprocess,
 )
+from .distill import distill_loss, load_teacher
 from .errors import BadInput, EngineUnavailable, OutputError, TrainingDiverged, UsageError
 from .evaluate import evaluate_split, num_outputs
 from .fsutil import atomic_output, check_output
@@ -87,6 +88,9 @@ class TrainOptions:
     normalize: str = "auto"  # auto | standard | computed | none (see datasets.resolve_preprocess)
     workers: int = 0  # DataLoader worker processes reading batches; 0 = in this process
     strict_data: bool = False  # unreadable sample files are an error instead of skipped
+    teacher: str | None = None  # distill from this model (see distill.py)
+    distill_alpha: float = 0.5  # weight of the soft (teacher) term
+    distill_temperature: float = 4.0
 
     def validate(self) -> None:
         checks = [
@@ -104,6 +108,9 @@ class TrainOptions:
             (self.threads >= 1, "--threads must be >= 1"),
             (self.device in ("cpu", "cuda"), "--device must be cpu or cuda"),
             (self.step_epochs >= 1 and 0 < self.gamma <= 1, "--step-epochs >= 1 and 0 < --gamma <= 1"),
+            (0 <= self.distill_alpha <= 1, "--distill-alpha must be in [0, 1]"),
+            (self.distill_temperature > 0 and math.isfinite(self.distill_temperature),
+             "--distill-temperature must be > 0"),
             (self.workers >= 0, "--workers must be >= 0"),
             (self.normalize in NORMALIZE_CHOICES, _NORMALIZE_HELP),
         ]
@@ -294,6 +301,7 @@ def finetune(art: Artifact, data: Path, out: Path, opts: TrainOptions, resume: b
     masks = {n: m.to(device) for n, m in art.masks.items()}
     enforcer = MaskEnforcer(model, masks)
     enforcer.apply()
+    teacher = load_teacher(opts.teacher, art).to(device) if opts.teacher else None
     opt = _optimizer(model, opts)
     n_train = len(splits.train)
     steps_per_epoch = math.ceil(n_train / opts.batch_size)
@@ -342,8 +350,13 @@ def finetune(art: Artifact, data: Path, out: Path, opts: TrainOptions, resume: b
             opt.zero_grad(set_to_none=True)
             out_ = train_model(x)
             # sum over my share / global batch, times world: DDP's average is the global mean
-            loss = F.cross_entropy(out_, y, reduction="sum", label_smoothing=opts.label_smoothing) \
-                * dist.world / global_len
+            total = F.cross_entropy(out_, y, reduction="sum", label_smoothing=opts.label_smoothing)
+            if teacher is not None:
+                with torch.no_grad():
+                    soft = teacher(x)
+                a = opts.distill_alpha
+                total = (1 - a) * total + a * distill_loss(out_, soft, opts.distill_temperature).sum()
+            loss = total * dist.world / global_len
             if not torch.isfinite(loss):
                 _diverged(out, last_good, epoch, b, dist)
             loss.backward()

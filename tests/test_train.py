@@ -179,3 +179,56 @@ def test_ddp_two_processes_match_single_process(pruned, tmp_path):
         assert torch.allclose(v, b.model.state_dict()[k], rtol=1e-4, atol=1e-6), k
     for n, m in a.masks.items():  # masks survive DDP
         assert torch.equal(b.masks[n], m) and not dict(b.model.named_parameters())[n][~m].any()
+
+
+# ---------------------------------------------------------------------------- distillation
+def test_distill_loss_is_temperature_scaled_kl():
+    from tedepr_cli.distill import distill_loss
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(6, 10, generator=g, dtype=torch.float64), torch.randn(6, 10, generator=g,
+                                                                            dtype=torch.float64)
+    ref = torch.nn.functional.kl_div(torch.log_softmax(s / 3, -1), torch.log_softmax(t / 3, -1),
+                                     reduction="none", log_target=True).sum(-1) * 9
+    assert torch.allclose(distill_loss(s, t, 3.0), ref)
+    assert torch.allclose(distill_loss(t, t, 3.0), torch.zeros(6, dtype=torch.float64))
+
+
+def test_teacher_alpha_zero_changes_nothing_and_alpha_one_does(pruned, tmp_path):
+    """The dense original teaches through its soft targets only: alpha 0 trains bit-identically
+    to no teacher (the plumbing adds nothing), alpha 1 trains on the teacher alone."""
+    plain, _ = finetune(pruned, MNIST, tmp_path / "plain", _quick())
+    zero, _ = finetune(pruned, MNIST, tmp_path / "zero", _quick(teacher=str(LENET300), distill_alpha=0.0))
+    one, _ = finetune(pruned, MNIST, tmp_path / "one", _quick(teacher=str(LENET300), distill_alpha=1.0))
+    for k, v in _weights(plain).items():
+        assert torch.equal(v, _weights(zero)[k]), k
+    assert any(not torch.equal(v, _weights(one)[k]) for k, v in _weights(plain).items())
+    recipe = load_artifact(tmp_path / "one" / "best").meta["training"]["recipe"]
+    assert recipe["teacher"] == str(LENET300) and recipe["distill_alpha"] == 1.0
+
+
+def test_teacher_bad_input(pruned, tmp_path):
+    from tedepr_cli.zoo import MODELS
+
+    art_dir = tmp_path / "p"
+    from tedepr_cli.artifact import save_artifact
+
+    save_artifact(pruned, art_dir)
+    wrong = tmp_path / "wrong.pt"
+    torch.save(MODELS.get("lenet300")(num_classes=7).state_dict(), wrong)
+    base = ["finetune", art_dir, "--data", MNIST, "--epochs", "1", "--limit-train", "64"]
+    r = run_cli(*base, "-o", tmp_path / "o1", "--teacher", tmp_path / "missing.pt")
+    assert r.exit_code == 3 and not (tmp_path / "o1").exists()
+    r = run_cli(*base, "-o", tmp_path / "o2", "--teacher", wrong)
+    assert r.exit_code == 4 and "does not fit" in r.stderr and not (tmp_path / "o2").exists()
+    r = run_cli(*base, "-o", tmp_path / "o3", "--teacher", LENET300, "--distill-alpha", "1.5")
+    assert r.exit_code == 2 and not (tmp_path / "o3").exists()
+    from tedepr_cli.arch import ArchSpec
+    from tedepr_cli.artifact import Artifact
+
+    seven = tmp_path / "seven"  # an artifact may be any network, but it must predict the same classes
+    save_artifact(Artifact(model=MODELS.get("lenet300")(num_classes=7),
+                           arch=ArchSpec("lenet300", {"num_classes": 7})), seven)
+    r = run_cli(*base, "-o", tmp_path / "o4", "--teacher", seven)
+    assert r.exit_code == 4 and "predicts 7 classes, the student 10" in r.stderr
+    assert not (tmp_path / "o4").exists()

@@ -71,6 +71,15 @@ def finetune(
     strict_data: Annotated[bool, typer.Option(
         "--strict-data", help="Fail on an unreadable (corrupt) sample file instead of skipping it "
         "with a count.")] = False,
+    teacher: Annotated[Path | None, typer.Option(
+        "--teacher", help="Distil from this model while training: usually the dense original "
+        "(a state_dict is read into the student's architecture; an artifact or .pt2 may be any "
+        "network with the same inputs and classes).", show_default=False)] = None,
+    distill_alpha: Annotated[float, typer.Option(
+        "--distill-alpha", help="With --teacher: weight of the teacher's soft targets (the labels "
+        "get 1 - alpha).")] = 0.5,
+    distill_temperature: Annotated[float, typer.Option(
+        "--distill-temperature", help="With --teacher: softmax temperature of the soft targets.")] = 4.0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output exactly "
                                          "where it stopped (after its last completed epoch).")] = False,
     seed: Seed = 0,
@@ -92,7 +101,9 @@ def finetune(
                         label_smoothing=label_smoothing, val_fraction=val_fraction,
                         early_stopping=early_stopping, limit_train=limit_train, seed=seed,
                         device=device, threads=threads, augment=augment, normalize=normalize,
-                        workers=workers, strict_data=strict_data)
+                        workers=workers, strict_data=strict_data,
+                        teacher=str(teacher) if teacher is not None else None,
+                        distill_alpha=distill_alpha, distill_temperature=distill_temperature)
     opts.validate()
     if resume and overwrite:
         raise UsageError("--resume continues a run; --overwrite would discard it: choose one")
