@@ -506,3 +506,23 @@ def test_ddp_on_streamed_image_folder_matches_single_process(tmp_path):
     assert a.meta["data"]["preprocess"]["augment"] == "random-resized-crop+flip"
     for k, v in a.model.state_dict().items():
         assert torch.allclose(v, b.model.state_dict()[k], rtol=1e-4, atol=1e-6), k
+
+
+def test_class_folder_errors_are_shared_by_image_and_clip_readers(tmp_path):
+    """Both class-folder readers refuse an empty class folder and a class the training split lacks."""
+    seq = make_seqdir(tmp_path / "ucf")
+    (seq / "train" / "crawl").mkdir()
+    r = run_cli("info", "--data", f"seqdir:{seq}")
+    assert r.exit_code == 4 and "no .npy/.npz clips: crawl" in r.stderr
+    seq = make_seqdir(tmp_path / "ucf2")
+    (seq / "test" / "swim").mkdir()
+    np.save(seq / "test" / "swim" / "a.npy", np.zeros((4, 12), np.float32))
+    r = run_cli("info", "--data", f"seqdir:{seq}")
+    assert r.exit_code == 4 and "'swim' is not among the 3 training classes" in r.stderr
+    img = make_imagefolder(tmp_path / "imgs")
+    extra = img / "val" / "zebra"
+    extra.mkdir(parents=True)
+    src = next((img / "train").rglob("*.png"))
+    (extra / "z.png").write_bytes(src.read_bytes())
+    r = run_cli("info", "--data", img)
+    assert r.exit_code == 4 and "'zebra' is not among" in r.stderr

@@ -63,6 +63,36 @@ class ItemSource:
         return len(self.labels)
 
 
+def class_dirs(d: Path) -> list[Path]:
+    """The class folders of ``d`` (sorted names, hidden ones skipped, as torchvision's ImageFolder)."""
+    return sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def scan_class_folders(d: Path, classes: list[str], list_files: Callable[[Path], list[Path]],
+                       what: str, origin: str, kind: str) -> ItemSource:
+    """One file per sample from ``d/<class>/``, labelled by the training ``classes``.
+
+    A class the training split lacks, or a class folder without any ``what``, is bad input:
+    the model could not predict it, or the folder was left empty by mistake.
+    """
+    files: list[Path] = []
+    labels: list[int] = []
+    empty = []
+    index = {c: i for i, c in enumerate(classes)}
+    for c in class_dirs(d):
+        if c.name not in index:
+            raise BadInput(f"{c}: class {c.name!r} is not among the {len(classes)} training classes")
+        got = list_files(c)
+        if not got:
+            empty.append(c.name)
+        files += got
+        labels += [index[c.name]] * len(got)
+    if empty:
+        more = f" and {len(empty) - 5} more" if len(empty) > 5 else ""
+        raise BadInput(f"{d}: class folder(s) with no {what}: {', '.join(empty[:5])}{more}")
+    return ItemSource(files, np.asarray(labels, np.int64), origin, kind)
+
+
 @dataclass
 class ConcatSource:
     """Two or more array sources read as one (``--split all`` over separate files)."""

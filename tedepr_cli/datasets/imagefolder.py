@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BadInput, UnsafeInput
-from .base import Dataset, ItemSource
+from .base import Dataset, ItemSource, class_dirs, scan_class_folders
 
 IMAGE_EXT = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff"})
 TEST_DIRS = ("val", "test")
@@ -36,10 +36,6 @@ def images_under(d: Path) -> list[Path]:
     return out
 
 
-def class_dirs(d: Path) -> list[Path]:
-    return sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
 def has_images(d: Path) -> bool:
     """Whether some class folder below ``d`` holds an image (stops at the first one)."""
     for c in class_dirs(d):
@@ -50,23 +46,8 @@ def has_images(d: Path) -> bool:
 
 
 def _scan(d: Path, classes: list[str], origin: str) -> ItemSource:
-    files: list[Path] = []
-    labels: list[int] = []
-    empty = []
-    index = {c: i for i, c in enumerate(classes)}
-    for c in class_dirs(d):
-        if c.name not in index:
-            raise BadInput(f"{c}: class {c.name!r} is not among the {len(classes)} training classes")
-        got = images_under(c)
-        if not got:
-            empty.append(c.name)
-        files += got
-        labels += [index[c.name]] * len(got)
-    if empty:
-        more = f" and {len(empty) - 5} more" if len(empty) > 5 else ""
-        raise BadInput(f"{d}: class folder(s) with no images ({', '.join(sorted(IMAGE_EXT))}): "
-                       f"{', '.join(empty[:5])}{more}")
-    return ItemSource(files, np.asarray(labels, np.int64), origin, "image")
+    return scan_class_folders(d, classes, images_under, f"images ({', '.join(sorted(IMAGE_EXT))})",
+                              origin, "image")
 
 
 def _annotated(d: Path, classes: list[str]) -> ItemSource:

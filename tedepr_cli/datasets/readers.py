@@ -16,7 +16,7 @@ import numpy as np
 
 from ..data import load_npz, stratified_split
 from ..errors import BadInput
-from .base import ArraySource, Dataset, ItemSource, validate_labels
+from .base import ArraySource, Dataset, ItemSource, class_dirs, scan_class_folders, validate_labels
 from .safepickle import load_data_pickle
 
 
@@ -261,10 +261,6 @@ def _clips(d: Path) -> list[Path]:
     return sorted(p for p in d.rglob("*") if p.suffix.lower() in CLIP_EXT and p.is_file())
 
 
-def _class_dirs(d: Path) -> list[Path]:
-    return sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
 def read_seqdir(path: Path) -> Dataset:
     """Per-clip features: ``[train|test/]<class>/*.npy|npz``, or clips listed in a labels
     file (``path,label[,split]`` per line; labels are class names or integers)."""
@@ -273,7 +269,7 @@ def read_seqdir(path: Path) -> Dataset:
             return _seq_from_labels(path, path / name)
     notes: list[str] = []
     if (path / "train").is_dir():
-        classes = [c.name for c in _class_dirs(path / "train")]
+        classes = [c.name for c in class_dirs(path / "train")]
         splits = {}
         for split, sub in (("train", "train"), ("test", "test"), ("test", "val")):
             if split in splits or not (path / sub).is_dir():
@@ -285,7 +281,7 @@ def read_seqdir(path: Path) -> Dataset:
             notes.append("no test/ or val/: stratified 80/20 test split with seed 0")
         return Dataset("seqdir", "sequence", str(path), splits, classes=classes, notes=notes,
                        derived_split=bool(notes))
-    classes = [c.name for c in _class_dirs(path)]
+    classes = [c.name for c in class_dirs(path)]
     pool = _seq_split(path, classes, ".")
     return Dataset("seqdir", "sequence", str(path), split_pool(pool.files, pool.labels, "class folders",
                                                                "clip"),
@@ -294,22 +290,10 @@ def read_seqdir(path: Path) -> Dataset:
 
 
 def _seq_split(d: Path, classes: list[str], origin: str) -> ItemSource:
-    files: list[Path] = []
-    labels: list[int] = []
-    empty = []
-    for c in _class_dirs(d):
-        if c.name not in classes:
-            raise BadInput(f"{c}: class {c.name!r} is not among the training classes")
-        got = _clips(c)
-        if not got:
-            empty.append(c.name)
-        files += got
-        labels += [classes.index(c.name)] * len(got)
-    if empty:
-        raise BadInput(f"{d}: class folder(s) with no .npy/.npz clips: {', '.join(empty[:5])}")
-    if not files:
+    src = scan_class_folders(d, classes, _clips, ".npy/.npz clips", f"{origin}/", "clip")
+    if not src.files:
         raise BadInput(f"{d}: no class folders with .npy/.npz clips")
-    return ItemSource(files, np.asarray(labels, np.int64), f"{origin}/", "clip")
+    return src
 
 
 def _seq_from_labels(root: Path, lf: Path) -> Dataset:
