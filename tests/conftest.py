@@ -34,6 +34,20 @@ def _one_thread():
     torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_logger():
+    """In-process CLI runs configure the global ``tedepr`` logger (``-q`` raises its level to
+    ERROR); restore it so that no test sees the verbosity a previous one chose."""
+    import logging
+
+    log = logging.getLogger("tedepr")
+    saved = (log.level, list(log.handlers), log.propagate)
+    yield
+    log.setLevel(saved[0])
+    log.handlers[:] = saved[1]
+    log.propagate = saved[2]
+
+
 def run_cli(*args):
     """Invoke the CLI in-process; returns typer's Result (exit_code, stdout, stderr)."""
     return CliRunner().invoke(app, [str(a) for a in args])
