@@ -101,7 +101,7 @@ def one_run(model: str, method: str, sparsity: float | None, seed: int, epochs: 
     from tedepr_cli.arch import build, parse_arch
     from tedepr_cli.artifact import Artifact
     from tedepr_cli.decompose import DecomposeOptions
-    from tedepr_cli.prune import PruneOptions, prune
+    from tedepr_cli.pruning.prune import PruneOptions, prune
     from tedepr_cli.pruning.targets import dense_prunable_count, prunable_params
     from tedepr_cli.train import TrainOptions, finetune
 

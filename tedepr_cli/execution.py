@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from .artifact import Artifact
 from .console import log
 from .errors import UsageError
+from .masks import folded_copy
 from .tensorized.base import TensorizedLayer
 from .tensorized.conv import ChainConv2d
 
@@ -216,7 +217,7 @@ def plan_execution(art: Artifact, batch: int, threads: int = 1, timing: bool = T
         if c not in CHOICES:
             raise UsageError(f"override {pat}={c}: choose one of {', '.join(CHOICES)}")
     torch.set_num_threads(threads)
-    model = art.model.eval()
+    model = folded_copy(art.model).eval()  # what build_model runs: plain weights, eval mode
     cands = candidates(model, art.masks)
     x = torch.rand(batch, *art.input_shape, generator=torch.Generator().manual_seed(0))
     inputs = _capture_inputs(model, list(cands), x) if timing else {}
@@ -246,7 +247,7 @@ def plan_execution(art: Artifact, batch: int, threads: int = 1, timing: bool = T
     plan = {"planner": PLANNER_VERSION, "batch": batch, "threads": threads, "fingerprint": fingerprint(),
             "layers": layers, "fusions": [], "guard": None}
     if fuse:
-        _plan_fusions(art, plan, x, threads, timing, overrides, reps)
+        _plan_fusions(art, model, plan, x, threads, timing, overrides, reps)
     if timing and (cands or plan["fusions"]):
         plan["guard"] = _guard(art, plan, x, threads, reps)
     return plan
@@ -411,16 +412,18 @@ def fused_module(model: nn.Module, fusion: dict[str, Any], masks: dict[str, Tens
                          fusion.get("chunk", 0)).eval()
 
 
-def _apply_fusions(art: Artifact, model: nn.Module, plan: dict[str, Any], threads: int) -> nn.Module:
-    """Rewrite ``model`` (a planned copy of ``art.model``) so each recorded fusion is one
-    call. The graph comes from tracing ``art.model``; a recorded run that no longer matches
-    the traced graph is skipped (with a warning) and its layers keep their plain forwards."""
+def _apply_fusions(art: Artifact, src: nn.Module, model: nn.Module, plan: dict[str, Any], threads: int
+                   ) -> nn.Module:
+    """Rewrite ``model`` (a planned copy of ``src``, itself ``art.model`` with its masks folded
+    in) so each recorded fusion is one call. The graph comes from tracing ``src``; a recorded
+    run that no longer matches the traced graph is skipped (with a warning) and its layers
+    keep their plain forwards."""
     from .kernels import build
 
     if not build.available():
         log.warning("fused execution needs the compiled kernels (unavailable here): running unfused")
         return model
-    graph = _trace(art.model)
+    graph = _trace(src)
     if graph is None:
         log.warning("the model cannot be traced any more: running its recorded fusions unfused")
         return model
@@ -428,14 +431,14 @@ def _apply_fusions(art: Artifact, model: nn.Module, plan: dict[str, Any], thread
     valid = []
     for f in plan["fusions"]:  # each recorded run must still be a run of the (unrewritten) graph
         want = {k: f[k] for k in ("layers", "acts", "flatten")}
-        runs = find_runs(art.model, lambda n, m, names=set(f["layers"]): n in names, graph=graph)
+        runs = find_runs(src, lambda n, m, names=set(f["layers"]): n in names, graph=graph)
         if want in runs:
             valid.append(f)
         else:
             log.warning(f"fusion {'+'.join(f['layers'])} does not match the model's graph: running unfused")
     for i, f in enumerate(valid):
         name = f"tedepr_fused{i}"
-        model.add_module(name, fused_module(art.model, f, art.masks, threads))
+        model.add_module(name, fused_module(src, f, art.masks, threads))
         nodes = [by_target[n] for n in f["layers"]]
         first, last = nodes[0], nodes[-1]
         if f["acts"][-1] is not None:
@@ -462,8 +465,8 @@ def _apply_fusions(art: Artifact, model: nn.Module, plan: dict[str, Any], thread
     return torch.fx.GraphModule(model, graph).eval()
 
 
-def _plan_fusions(art: Artifact, plan: dict[str, Any], x: Tensor, threads: int, timing: bool,
-                  overrides: dict[str, str], reps: int) -> None:
+def _plan_fusions(art: Artifact, src: nn.Module, plan: dict[str, Any], x: Tensor, threads: int,
+                  timing: bool, overrides: dict[str, str], reps: int) -> None:
     """Record in ``plan["fusions"]`` each run that is faster fused (measured, or by the cost
     model without timing) and equal to the unfused model within ``FUSION_RTOL``."""
     from .kernels import build
@@ -476,8 +479,8 @@ def _plan_fusions(art: Artifact, plan: dict[str, Any], x: Tensor, threads: int, 
         return rows.get(name, {}).get("reason") != "override"
 
     batch = plan["batch"]
-    for run in find_runs(art.model, allowed):
-        variants = [_variant(n, art.model.get_submodule(n), art.masks) for n in run["layers"]]
+    for run in find_runs(src, allowed):
+        variants = [_variant(n, src.get_submodule(n), art.masks) for n in run["layers"]]
         fusion = {**run, "variants": variants, "chunk": 0}
         trial = {**plan, "fusions": [*plan["fusions"], fusion]}
         if not timing:
@@ -565,7 +568,8 @@ def build_model(art: Artifact, plan: dict[str, Any], threads: int = 1) -> nn.Mod
     """A copy of ``art.model`` whose layers run as ``plan`` says (inference only): per-layer
     choices, and each recorded fusion as one :class:`FusedSequence` (the model then is a
     ``torch.fx.GraphModule``, or the fused module itself when the whole model is one run)."""
-    model = copy.deepcopy(art.model).eval()
+    src = folded_copy(art.model).eval()  # plain weights: no mask multiply at inference
+    model = copy.deepcopy(src)
     fused = {n for f in plan.get("fusions") or [] for n in f["layers"]}
     for name, row in plan["layers"].items():
         if name in fused:
@@ -580,7 +584,7 @@ def build_model(art: Artifact, plan: dict[str, Any], threads: int = 1) -> nn.Mod
             continue
         _set(model, name, opts[choice]())
     if plan.get("fusions"):
-        return _apply_fusions(art, model, plan, threads)
+        return _apply_fusions(art, src, model, plan, threads)
     return model
 
 

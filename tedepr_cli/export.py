@@ -125,9 +125,13 @@ def _quiet_export():
 
 def to_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int):
     """An ``onnx.ModelProto`` of ``model`` with a dynamic batch axis (input ``x``, output
-    ``logits``)."""
+    ``logits``). Masks are folded into the weights first (a copy), so the graph holds the
+    pruned tensors themselves, not a mask multiply."""
     import torch.onnx
 
+    from .masks import folded_copy
+
+    model = folded_copy(model).eval()
     try:
         with _quiet_export():
             prog = torch.onnx.export(model, (example,), dynamo=True, external_data=False,
@@ -234,7 +238,7 @@ def export(art: Artifact, out: Path, opts: ExportOptions, data: Path | None = No
         np.save(tmp / "sample_inputs.npy", x_all)
         np.save(tmp / "sample_outputs.npy", refs[n])
         if "safetensors" in opts.formats:
-            exported = Artifact(model=art.model, arch=art.arch, masks=art.masks, meta=dict(art.meta))
+            exported = Artifact(model=art.model, arch=art.arch, meta=dict(art.meta))
             exported.meta = json.loads(json.dumps(art.meta, default=str))
             exported.record("export", {"formats": opts.formats})
             path = save_artifact(exported, tmp / FILES["safetensors"])

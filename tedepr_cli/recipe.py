@@ -110,8 +110,8 @@ def run_recipe(recipe: dict[str, Any], out: Path, overwrite: bool = False) -> di
     from .export import ExportOptions, export
     from .fsutil import check_output
     from .loading import load_model
-    from .prune import PruneOptions, prune
     from .pruning.criteria import CriterionOptions
+    from .pruning.prune import PruneOptions, prune
     from .train import TrainOptions, finetune
 
     validate(recipe)

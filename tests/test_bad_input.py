@@ -41,7 +41,7 @@ def fx(tmp_path_factory):
     from tedepr_cli.arch import parse_arch
     from tedepr_cli.artifact import save_artifact
     from tedepr_cli.loading import load_model
-    from tedepr_cli.prune import PruneOptions, prune
+    from tedepr_cli.pruning.prune import PruneOptions, prune
 
     good = load_model(LENET300, parse_arch("lenet300"))
     files = {}

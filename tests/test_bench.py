@@ -17,7 +17,7 @@ FAST = ["--iters", "3", "--warmup", "1", "--batch", "1,4"]
 def target(tmp_path_factory):
     from tedepr_cli.arch import parse_arch
     from tedepr_cli.loading import load_model
-    from tedepr_cli.prune import PruneOptions, prune
+    from tedepr_cli.pruning.prune import PruneOptions, prune
 
     art, _ = prune(load_model(LENET300, parse_arch("lenet300")), PruneOptions(sparsity=0.995,
                                                                               criterion="magnitude"))

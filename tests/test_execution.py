@@ -397,7 +397,7 @@ def test_pruned_lenet300_plan(monkeypatch):
     whole model (the tedepr engine of `tedepr bench`)."""
     from tedepr_cli.arch import parse_arch
     from tedepr_cli.loading import load_model
-    from tedepr_cli.prune import PruneOptions, prune
+    from tedepr_cli.pruning.prune import PruneOptions, prune
 
     monkeypatch.setattr(execution, "_time", fixed_clock())
     art, _ = prune(load_model(LENET300, parse_arch("lenet300")),

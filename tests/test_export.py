@@ -16,7 +16,7 @@ from tedepr_cli.artifact import Artifact, load_artifact
 from tedepr_cli.decompose import DecomposeOptions, decompose
 from tedepr_cli.errors import ValidationError
 from tedepr_cli.export import ExportOptions, entropy_bytes, export
-from tedepr_cli.prune import PruneOptions, prune
+from tedepr_cli.pruning.prune import PruneOptions, prune
 
 from .conftest import MNIST, ZOO_CASES, run_cli
 

@@ -245,9 +245,9 @@ def prune(
     from ..decompose import DecomposeOptions
     from ..errors import UsageError
     from ..fsutil import check_output
-    from ..prune import PruneOptions
-    from ..prune import prune as run_prune
     from ..pruning.criteria import CriterionOptions
+    from ..pruning.prune import PruneOptions
+    from ..pruning.prune import prune as run_prune
 
     if (sparsity is None) == (density is None):
         raise UsageError("give exactly one of --sparsity or --density")

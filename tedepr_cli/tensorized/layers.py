@@ -37,3 +37,14 @@ def build_layer(spec: dict[str, Any]) -> nn.Module:
 
 def is_tensorized(m: nn.Module) -> bool:
     return isinstance(m, TENSORIZED)
+
+
+def tensorized_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """``{module name: spec}`` of every outermost tensorized module of ``model``: what an
+    artifact's ``tensorization.layers`` stores and
+    :func:`~tedepr_cli.tensorized.plan.rebuild` re-creates."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, mod in model.named_modules():
+        if is_tensorized(mod) and not any(name.startswith(f"{n}.") for n in out):
+            out[name] = mod.spec()
+    return out
