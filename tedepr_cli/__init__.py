@@ -9,7 +9,7 @@ The Python API (:mod:`tedepr_cli.api`) is importable from the package itself::
 Its names are loaded on first use, so ``import tedepr_cli`` (and the CLI's start-up) stays light.
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 
 _API = ("tensorize", "prune", "get_masks", "remove_masks", "save", "load", "accelerate", "export_onnx")
 __all__ = ["__version__", *_API]

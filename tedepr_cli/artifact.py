@@ -23,13 +23,13 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save_file
 from torch import nn
 
-from . import __version__
 from .arch import ArchSpec, build
 from .errors import BadInput, InputNotFound, UnsafeInput
 from .fsutil import atomic_output
 from .masks import attach_masks, get_masks, plain_state_dict
 from .storage import decode, encode
 from .tensorized.layers import tensorized_specs
+from .version import __version__
 
 SCHEMA = "tedepr-artifact"
 SCHEMA_VERSION = 1

@@ -16,9 +16,9 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from . import __version__
 from .console import setup_logging, stderr
 from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, TedeprError
+from .version import __version__
 
 HELP = """\
 tedepr - dual-grained model compression (TEDEPR, IEEE TPAMI 2024).

@@ -173,7 +173,7 @@ def load_split(path: str | Path, split: str, input_shape: tuple[int, ...], kind:
     s = make_split(ds, split, input_shape, kind, pre)
     b = s.load(np.arange(len(s)))
     if b.skipped:
-        from .console import log
+        from .logs import log
 
         log.warning(f"skipped {b.skipped} unreadable sample(s), e.g. {b.error}")
     return b.x, b.y

@@ -8,7 +8,6 @@ same samples and batch size.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -20,7 +19,7 @@ from torch import nn
 if TYPE_CHECKING:
     from .datasets import Split
 
-log = logging.getLogger("tedepr")
+from .logs import log
 
 
 @torch.no_grad()

@@ -43,8 +43,8 @@ import torch.utils._pytree
 from torch import Tensor, nn
 
 from .artifact import Artifact
-from .console import log
 from .errors import UsageError
+from .logs import log
 from .masks import folded_copy
 from .tensorized.base import TensorizedLayer
 from .tensorized.conv import ChainConv2d

@@ -165,7 +165,7 @@ def run_recipe(recipe: dict[str, Any], out: Path, overwrite: bool = False) -> di
         art = keep(art, "pruned")
         summary["sparsity_vs_dense"] = rep["sparsity"]["vs_dense"]
     if "finetune" in plan:
-        from .console import log
+        from .logs import log
         from .train import epoch_line
 
         total = plan["finetune"].epochs

@@ -39,7 +39,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .artifact import Artifact, save_artifact
-from .console import log
 from .data import stratified_split
 from .datasets import (
     NORMALIZE_CHOICES,
@@ -57,6 +56,7 @@ from .distill import distill_loss, load_teacher
 from .errors import BadInput, EngineUnavailable, OutputError, TrainingDiverged, UsageError
 from .evaluate import evaluate_split, num_outputs
 from .fsutil import atomic_output, check_output
+from .logs import log
 from .masks import load_plain_state, plain_state_dict
 
 OPTIMIZERS = ("sgd", "adamw", "adam")

@@ -39,9 +39,23 @@ def _weights(art):
 
 
 @pytest.mark.parametrize("optimizer,wd", [("adamw", 0.01), ("sgd", 5e-4), ("adam", 0.0)])
-def test_pruned_entries_stay_exactly_zero(pruned, tmp_path, optimizer, wd):
+def test_pruned_entries_stay_exactly_zero(pruned, tmp_path, optimizer, wd, monkeypatch):
+    import tedepr_cli.train as train_mod
+
+    live = []  # the model being trained, checked in memory at every epoch end (before any save,
+    # whose compact storage would re-zero pruned entries and hide a broken mask mechanism)
+    snapshot = train_mod._artifact
+
+    def spy(src, model, *args, **kwargs):
+        stored = plain_named_parameters(model)
+        live.append(all(torch.count_nonzero(stored[n].detach()[~m.to(stored[n].device)]) == 0
+                        for n, m in pruned.masks.items()))
+        return snapshot(src, model, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "_artifact", spy)
     best, summary = finetune(pruned, MNIST, tmp_path / "run", _quick(optimizer=optimizer, weight_decay=wd,
                                                                     lr=0.05 if optimizer == "sgd" else 3e-3))
+    assert live and all(live)
     params = plain_named_parameters(best.model)
     for n, m in pruned.masks.items():
         assert torch.equal(best.masks[n], m)

@@ -29,9 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import __version__
 from ..artifact import Artifact, load_artifact, save_artifact
-from ..console import log
 from ..errors import (
     BadInput,
     EngineUnavailable,
@@ -40,6 +38,8 @@ from ..errors import (
     SpeedupGateFailed,
     UsageError,
 )
+from ..logs import log
+from ..version import __version__
 from .stats import NOISY_IQR, Plan, interleaved, speedup, summarize
 
 ENGINES = ("dense-torch", "dense-ort", "chain-torch", "tedepr", "chain-ort", "triton")

@@ -20,7 +20,6 @@ seqdir          ``[train|test/]<class>/*.npy|npz`` clips, or a ``labels.csv`` li
 
 from __future__ import annotations
 
-import logging
 import re
 import zipfile
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BadInput, InputNotFound, UsageError
+from ..logs import log
 from .base import ArraySource, ConcatSource, Dataset
 from .imagefolder import has_images, read_imagefolder
 from .pipeline import (
@@ -61,7 +61,6 @@ __all__ = ["READERS", "NORMALIZE_CHOICES", "Batch", "Dataset", "Preprocess", "Sp
            "describe_dataset", "epoch_batches", "iterate", "make_split", "open_dataset", "parse_spec",
            "resolve_preprocess", "sequential"]
 
-log = logging.getLogger("tedepr")
 
 READERS: dict[str, Callable[[Path], Dataset]] = {
     "npz": read_npz,

@@ -23,7 +23,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import importlib.resources
-import logging
 import os
 import platform
 import shlex
@@ -35,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("tedepr")
+from ..logs import log
 
 ABI = 3  # must equal TEDEPR_ABI in kernels/chain.c
 DEFAULT_CFLAGS = "-O3 -march=native"

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 
 from ..artifact import Artifact
-from ..console import log
 from ..decompose import DecomposeOptions, decompose
 from ..errors import BadInput, UsageError
 from ..evaluate import num_outputs
+from ..logs import log
 from ..masks import attach_masks, get_masks
 from ..tensorized.tt import TTLinear
 from .criteria import CRITERIA, CriterionOptions, ScoreContext
