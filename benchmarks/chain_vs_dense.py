@@ -23,8 +23,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tedepr_cli.bench.stats import Plan, interleaved, summarize  # noqa: E402
 from tedepr_cli.tensorized.plan import PlanOptions, apply_plan, plan_model  # noqa: E402
+from tedepr_cli.timing import Plan, interleaved, summarize  # noqa: E402
 
 SHAPES = [("linear", 784, 300, None), ("linear", 1024, 1024, None), ("conv", 256, 256, 8),
           ("linear", 25088, 4096, None)]

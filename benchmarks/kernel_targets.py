@@ -48,9 +48,9 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
-from tedepr_cli.bench.stats import NOISY_IQR, Plan, interleaved, percentile  # noqa: E402
 from tedepr_cli.kernels import build  # noqa: E402
 from tedepr_cli.kernels.cpu import SparseChainKernel  # noqa: E402
+from tedepr_cli.timing import NOISY_IQR, Plan, interleaved, percentile  # noqa: E402
 
 N = 1024
 KEEP = round(0.005 * N * N)  # 99.5 % sparse vs the dense 1024 x 1024: 5,243 kept entries

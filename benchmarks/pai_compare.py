@@ -180,8 +180,8 @@ def measure(row: dict) -> dict:
     art = load_artifact(row["artifact"])
     with tempfile.TemporaryDirectory() as d:
         row["bytes"] = save_artifact(art, Path(d) / "m.safetensors").stat().st_size
-    from tedepr_cli.bench.stats import Plan, interleaved
     from tedepr_cli.execution import build_model, plan_execution
+    from tedepr_cli.timing import Plan, interleaved
 
     for b in (1, 32):
         x = torch.rand(b, *art.input_shape)

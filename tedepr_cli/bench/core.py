@@ -39,8 +39,8 @@ from ..errors import (
     UsageError,
 )
 from ..logs import log
+from ..timing import NOISY_IQR, Plan, interleaved, speedup, summarize
 from ..version import __version__
-from .stats import NOISY_IQR, Plan, interleaved, speedup, summarize
 
 ENGINES = ("dense-torch", "dense-ort", "chain-torch", "tedepr", "chain-ort", "triton")
 BASELINE = "dense-torch"
@@ -254,7 +254,7 @@ def run_bench(target: Target, opts: BenchOptions, baseline_path: Path | None = N
                     fns[e] = (lambda m=art.model, x=x: m(x))
                 elif e == "tedepr":
                     plan, fresh = plan_for(art, b, opts.threads, replan=opts.replan)
-                    plans[str(b)] = {**plan, "fresh": fresh, "flops": flop_share(art, plan)}
+                    plans[str(b)] = {**plan, "fresh": fresh, "flops": flop_share(art.model, art.masks, plan)}
                     fast = build_model(art, plan, opts.threads)
                     fns[e] = (lambda m=fast, x=x: m(x))
                 elif e in sessions:

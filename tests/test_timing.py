@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tedepr_cli.bench.stats import Plan, interleaved, percentile, speedup, summarize
+from tedepr_cli.timing import Plan, interleaved, percentile, speedup, summarize
 
 
 class FakeClock:
