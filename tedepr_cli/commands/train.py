@@ -188,12 +188,15 @@ def eval_(
     """Loss, top-1 and per-class accuracy and throughput of a model on labelled data."""
     import torch
 
+    from ..data import SPLITS
     from ..datasets import check_classes, make_split, open_dataset, resolve_preprocess
     from ..errors import UsageError
     from ..evaluate import evaluate_split, num_outputs
 
     if batch_size < 1 or threads < 1 or workers < 0:
         raise UsageError("--batch-size and --threads must be >= 1, --workers >= 0")
+    if split not in SPLITS:
+        raise UsageError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     torch.set_num_threads(threads)
     art = _load(path, arch, arch_kwargs, input_shape, trust_pickle)
     classes = num_outputs(art.model, art.input_shape)
