@@ -118,3 +118,22 @@ def test_multi_line_messages_become_one_line(monkeypatch):
 def test_verbose_shows_traceback(tmp_path):
     r = run_cli("info", tmp_path / "missing.pt", "--arch", "lenet300", "-v")
     assert r.exit_code == 3 and "Traceback" in r.stderr
+
+
+def test_every_option_and_argument_has_help_text():
+    import typer.main
+
+    from tedepr_cli.cli import app
+
+    group = typer.main.get_command(app)
+    missing = [f"{name}: {'/'.join(getattr(p, 'opts', None) or [p.name])}"
+               for name, cmd in [("tedepr", group), *group.commands.items()] for p in cmd.params
+               if not (getattr(p, "help", None) or "").strip()]
+    assert missing == []
+
+
+def test_prune_help_lists_every_scope():
+    from tedepr_cli.prune import SCOPES
+
+    text = " ".join(run_cli("prune", "--help").stdout.split())
+    assert all(s in text for s in SCOPES), text

@@ -221,8 +221,10 @@ def prune(
         "--criterion", help="Scoring criterion: tedepr (default; trainability, needs --data), "
         "snip, grasp, force (need --data), synflow, magnitude, random.")] = None,
     data: DataOpt = None,
-    scope: Annotated[str, typer.Option("--scope", help="global (one top-K over all layers) or "
-                                       "layer (each layer keeps its share).")] = "global",
+    scope: Annotated[str, typer.Option(
+        "--scope", help="global (one top-K over all layers), normalized (one top-K over scores divided "
+        "by their layer's mean: layers compete on relative importance) or layer (each layer keeps its "
+        "share).")] = "global",
     decompose_first: Annotated[bool, typer.Option(
         "--decompose/--no-decompose", help="Decompose a dense checkpoint first (one-shot TEDEPR); "
         "--no-decompose prunes the dense weights (the PaI baseline).")] = True,
