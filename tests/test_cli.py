@@ -137,3 +137,26 @@ def test_prune_help_lists_every_scope():
 
     text = " ".join(run_cli("prune", "--help").stdout.split())
     assert all(s in text for s in SCOPES), text
+
+
+@pytest.mark.parametrize("width", [200, 80, 40])
+def test_tables_never_cut_numbers_or_names(width):
+    """A narrow terminal wraps text between words but never ends a value in an ellipsis."""
+    import io
+
+    from rich.console import Console
+
+    from tedepr_cli.console import fmt, table
+
+    rows = [["dense-torch", 49.4, 4.947, 1.87e-05, 2.024e4, "1.00x [1.00-1.00]", 266_200,
+             "kept dense: the factorized form would not be smaller"],
+            ["tedepr", 9.254, 2.403, 0.123, 1.081e5, "5.15x [5.10-6.33]", 1_331, "-"]]
+    buf = io.StringIO()
+    Console(file=buf, width=width, soft_wrap=True).print(
+        table("t", ["engine", "median", "IQR", "rel.err", "samples/s", "speed-up vs dense", "kept", "note"],
+              rows, right={1, 2, 3, 4, 5, 6}))
+    text = buf.getvalue()
+    assert "…" not in text
+    for r in rows:
+        for v in r[:-1]:
+            assert fmt(v) in text, (fmt(v), text)
