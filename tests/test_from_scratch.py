@@ -60,18 +60,23 @@ def test_dense_baseline_from_scratch(tmp_path):
 
 
 def test_import_path_architecture_and_its_default_output_name(tmp_path, monkeypatch):
-    (tmp_path / "mynets.py").write_text(
+    import sys
+
+    (tmp_path / "scratchnets.py").write_text(
         "import torch\n"
         "def mlp(width=64):\n"
         "    return torch.nn.Sequential(torch.nn.Linear(784, width), torch.nn.ReLU(),\n"
         "                               torch.nn.Linear(width, 10))\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(tmp_path)
-    r = run_cli("prune", "mynets:mlp", "--init", "random", "--input-shape", "784", "--arch-kwargs",
-                '{"width": 32}', "--sparsity", "0.9", *FAST)
-    assert r.exit_code == 0, r.stderr
-    a = load_artifact(tmp_path / "mynets-mlp-pruned", allow_import="mynets:mlp")
-    assert a.arch.name == "mynets:mlp" and a.arch.kwargs == {"width": 32}
+    try:
+        r = run_cli("prune", "scratchnets:mlp", "--init", "random", "--input-shape", "784", "--arch-kwargs",
+                    '{"width": 32}', "--sparsity", "0.9", *FAST)
+        assert r.exit_code == 0, r.stderr
+        a = load_artifact(tmp_path / "scratchnets-mlp-pruned", allow_import="scratchnets:mlp")
+    finally:
+        sys.modules.pop("scratchnets", None)  # leave no module behind for other tests
+    assert a.arch.name == "scratchnets:mlp" and a.arch.kwargs == {"width": 32}
     assert a.meta["origin"]["kind"] == "fresh"
 
 
