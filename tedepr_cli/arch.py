@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from .errors import BadInput, UnsafeInput
+from .errors import BadInput, UnsafeInput, UsageError
 from .zoo import MODELS
 
 _IMPORT_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -64,27 +64,39 @@ def _parse_shape(shape: Any) -> tuple[int, ...]:
 def parse_arch(name: str, kwargs_json: str | None = None,
                input_shape: str | None = None) -> ArchSpec:
     """Build an :class:`ArchSpec` from the ``--arch``/``--arch-kwargs``/``--input-shape``
-    strings of the command line."""
+    strings of the command line (or a recipe's ``[model]``).
+
+    Raises :class:`UsageError` (exit 2) for an unknown zoo name, a malformed import path,
+    kwargs that are not a JSON object or a malformed shape: these are option values.
+    Whether the kwargs fit the architecture is only known when :func:`build` calls it.
+    """
     kwargs: dict[str, Any] = {}
     if kwargs_json:
         try:
             kwargs = json.loads(kwargs_json)
         except json.JSONDecodeError as e:
-            raise BadInput(f"--arch-kwargs is not valid JSON: {e.msg} at column {e.colno}") from None
+            raise UsageError(f"--arch-kwargs is not valid JSON: {e.msg} at column {e.colno}") from None
         if not isinstance(kwargs, dict):
-            raise BadInput("--arch-kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'")
+            raise UsageError("--arch-kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'")
     shape = None
     if input_shape:
         try:
             shape = _parse_shape([int(s) for s in input_shape.replace("x", ",").split(",")])
         except ValueError:
-            raise BadInput(f"--input-shape must look like 1,28,28, got {input_shape!r}") from None
+            raise UsageError(f"--input-shape must look like 1,28,28, got {input_shape!r}") from None
     if ":" in name:
         if not _IMPORT_RE.match(name):
-            raise BadInput(f"--arch {name!r} is not of the form pkg.module:callable")
-    else:
-        MODELS.get(name)  # raises with the list of choices
+            raise UsageError(f"--arch {name!r} is not of the form pkg.module:callable")
+    elif name not in MODELS:
+        raise UsageError(f"unknown architecture {name!r}; choose one of: {', '.join(MODELS.names())} "
+                         "(or pkg.module:callable)")
     return ArchSpec(name, kwargs, shape)
+
+
+def is_arch_name(text: str) -> bool:
+    """Whether ``text`` names an architecture (a zoo name or ``pkg.module:callable``)
+    rather than a file: ``tedepr prune lenet300 --init random`` starts from scratch."""
+    return text in MODELS or bool(_IMPORT_RE.match(text))
 
 
 def build(spec: ArchSpec, allow_import: bool = False) -> nn.Module:
@@ -118,15 +130,17 @@ def build(spec: ArchSpec, allow_import: bool = False) -> nn.Module:
 
 
 def _import(path: str):
+    """The callable an ``--arch pkg.module:callable`` names; only reached for a path the user
+    typed, so failures are usage errors."""
     mod_name, _, attr = path.partition(":")
     try:
         obj: Any = importlib.import_module(mod_name)
     except ImportError as e:
-        raise BadInput(f"cannot import {mod_name!r} for --arch: {e}") from None
+        raise UsageError(f"cannot import {mod_name!r} for --arch: {e}") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise BadInput(f"{mod_name!r} has no attribute {attr!r}")
+            raise UsageError(f"--arch: {mod_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise BadInput(f"--arch {path!r} is not callable")
+        raise UsageError(f"--arch {path!r} is not callable")
     return obj

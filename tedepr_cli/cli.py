@@ -15,10 +15,16 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from typer.core import TyperGroup
 
-from .console import setup_logging, stderr
-from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, TedeprError
+from .console import setup_logging
+from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, TedeprError, UsageError
 from .version import __version__
+
+try:  # typer >= 0.22 carries its own copy of Click
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover - older typer runs on Click itself
+    from click import exceptions as click_exceptions  # type: ignore[no-redef]
 
 HELP = """\
 tedepr - dual-grained model compression (TEDEPR, IEEE TPAMI 2024).
@@ -31,7 +37,53 @@ artifact directory; `tedepr prune model.pt --arch lenet300 --sparsity 0.995` run
 one-shot path.
 """
 
-app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False,
+
+def one_line(message: object) -> str:
+    """``message`` with every run of whitespace (newlines included) collapsed to one space:
+    each error is a single line on stderr, whatever the exception's text looks like."""
+    return " ".join(str(message).split())
+
+
+def _error(label: str, message: object) -> None:
+    print(f"tedepr: {label}: {one_line(message)}", file=sys.stderr, flush=True)
+
+
+class TedeprGroup(TyperGroup):
+    """The root command group, with Click's own errors in tedepr's form.
+
+    Click reports a missing argument, an unknown option or a value of the wrong type as a
+    multi-line usage block; here each becomes one line ``tedepr: usage error: ...`` with
+    exit code 2 (:class:`tedepr_cli.errors.UsageError`), like the errors the commands raise.
+    ``--help``, ``--version`` and the help printed when no command is given are unchanged.
+    Both the console script and in-process runners (``typer.testing.CliRunner``) come
+    through :meth:`main`.
+    """
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        try:
+            rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var,
+                              standalone_mode=False, **extra)
+            code = rv if isinstance(rv, int) else EXIT_OK  # an int: the code of a typer.Exit
+        except click_exceptions.NoArgsIsHelpError as e:  # `tedepr` alone: the help, as before
+            e.show()
+            code = e.exit_code
+        except click_exceptions.UsageError as e:
+            hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            _error(UsageError.label, f"{e.format_message().rstrip('.')}{hint}")
+            code = UsageError.exit_code
+        except click_exceptions.ClickException as e:  # e.g. a file Click could not open
+            _error("error", e.format_message())
+            code = e.exit_code
+        except (typer.Abort, KeyboardInterrupt):
+            print("tedepr: interrupted", file=sys.stderr)
+            code = EXIT_INTERRUPTED
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+app = typer.Typer(cls=TedeprGroup, help=HELP, no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False, rich_markup_mode=None)
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -53,7 +105,7 @@ TrustPickle = Annotated[bool, typer.Option(
     "from the file: only for files you made or trust.")]
 ModelPath = Annotated[Path, typer.Argument(
     help="Checkpoint (.pt/.pth/.safetensors state_dict, .pt2 program) or tedepr artifact.",
-    show_default=False)]
+    metavar="PATH", show_default=False)]
 
 
 def _version_cb(value: bool) -> None:
@@ -81,7 +133,7 @@ def command(fn: F) -> F:
         except TedeprError as e:
             if verbose:
                 traceback.print_exc(file=sys.stderr)
-            print(f"tedepr: {e.label}: {e}", file=sys.stderr)
+            _error(e.label, e)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             print("tedepr: interrupted; nothing partial was written", file=sys.stderr)
@@ -91,8 +143,8 @@ def command(fn: F) -> F:
         except Exception as e:  # a bug: say so, show the traceback with -v
             if verbose:
                 traceback.print_exc(file=sys.stderr)
-            print(f"tedepr: internal error: {type(e).__name__}: {e} "
-                  "(run with -v for the traceback and report it)", file=sys.stderr)
+            _error("internal error", f"{type(e).__name__}: {e} (run with -v for the traceback "
+                   "and report it)")
             raise typer.Exit(EXIT_INTERNAL) from None
 
     return app.command(name=fn.__name__.rstrip("_").replace("_", "-"))(wrapper)  # type: ignore[return-value]
@@ -103,8 +155,6 @@ def _arch(arch: str | None, arch_kwargs: str | None, input_shape: str | None):
 
     if arch is None:
         if arch_kwargs or input_shape:
-            from .errors import UsageError
-
             raise UsageError("--arch-kwargs/--input-shape need --arch")
         return None
     return parse_arch(arch, arch_kwargs, input_shape)
@@ -141,12 +191,8 @@ def torch_seed(seed: int) -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    try:
-        app()
-    except KeyboardInterrupt:  # during option parsing
-        stderr.print("tedepr: interrupted")
-        sys.exit(EXIT_INTERRUPTED)
+    """Console-script entry point (errors and exit codes: :class:`TedeprGroup`)."""
+    app()
 
 
 from . import commands  # noqa: E402,F401  (registers every command on `app`)

@@ -116,7 +116,7 @@ EXIT_INTERRUPTED = 130
 EXIT_CODES: dict[int, str] = {
     EXIT_OK: "success",
     EXIT_INTERNAL: "internal error (a bug in tedepr: please report it with the `-v` traceback)",
-    UsageError.exit_code: "usage error: bad or contradictory options",
+    UsageError.exit_code: "usage error: unknown, missing, malformed or contradictory options",
     InputNotFound.exit_code: "input not found or unreadable",
     BadInput.exit_code: "bad input: wrong format, keys, shapes, values or data",
     UnsafeInput.exit_code: "unsafe input refused (pickle without --trust-pickle, path escape)",

@@ -9,6 +9,9 @@ Accepted inputs (DESIGN §3):
   :func:`_check_pt2`), used as is or, with ``--arch``, poured into that architecture;
 * a fully pickled ``nn.Module`` -- only with ``trust_pickle=True``: unpickling runs
   arbitrary code from the file, so tedepr refuses it by default.
+
+:func:`build_fresh` makes the same kind of artifact from an architecture alone (a freshly
+initialized model: pruning at initialization from scratch).
 """
 
 from __future__ import annotations
@@ -58,6 +61,24 @@ def load_model(path: str | Path, arch: ArchSpec | None = None,
         raise BadInput(f"{p}: ONNX models are an output of tedepr, not an input; "
                        "load the PyTorch checkpoint or artifact instead")
     return _load_torch_file(p, arch, trust_pickle)
+
+
+def build_fresh(arch: ArchSpec, seed: int = 0) -> Artifact:
+    """A freshly initialized model of ``arch`` (a zoo name, or an import path the user typed),
+    as an artifact whose manifest records ``origin = {"kind": "fresh", ...}``.
+
+    The weights are the architecture's own initialization drawn from ``torch.manual_seed(seed)``
+    (the same seed gives the same weights); the global RNG is restored afterwards. Raises
+    what :func:`~tedepr_cli.arch.build` raises (:class:`BadInput` for kwargs the architecture
+    rejects, :class:`~tedepr_cli.errors.UsageError` for an import path that does not import).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build(arch, allow_import=True).eval()  # the user typed the architecture
+    art = Artifact(model=model, arch=arch, source=arch.name)
+    art.meta["origin"] = {"kind": "fresh", "arch": arch.name, "seed": seed,
+                          "weights": "the architecture's own initialization"}
+    return art
 
 
 def _from_state(p: Path, state: dict[str, torch.Tensor], arch: ArchSpec | None,

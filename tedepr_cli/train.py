@@ -11,7 +11,9 @@ epoch boundaries, so stopping after epoch k and resuming reproduces the uninterr
 bit for bit. Under DDP every rank draws the same permutation and takes a strided share of
 each global batch (:func:`~tedepr_cli.datasets.epoch_batches`); the loss is scaled so the
 all-reduced gradient equals the gradient of the mean loss over the global batch (same
-result as one process, up to float summation order).
+result as one process, up to float summation order). The reported figures (training loss
+and accuracy in ``metrics.jsonl``, the progress value) are sums over every rank's share,
+so they too equal one process's.
 
 Data comes through :class:`~tedepr_cli.datasets.Split` objects (``len``, ``labels``,
 ``batch(indices, epoch)``): small in-memory arrays are presented once, larger or
@@ -193,6 +195,18 @@ def dist_from_env() -> Dist:
     return Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def _global_sums(values: list[float], d: Dist, device: torch.device) -> list[float]:
+    """The sums over every rank of this rank's partial sums (one ``all_reduce``, float64);
+    ``values`` themselves in a single process. Every rank must call it at the same step."""
+    if d.world <= 1:
+        return [float(v) for v in values]
+    import torch.distributed as tdist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    tdist.all_reduce(t)
+    return t.tolist()
+
+
 def _init_dist(d: Dist, device: str) -> None:
     import torch.distributed as tdist
 
@@ -336,19 +350,23 @@ def finetune(art: Artifact, data: Path, out: Path, opts: TrainOptions, resume: b
                 a = opts.distill_alpha
                 total = (1 - a) * total + a * distill_loss(out_, soft, opts.distill_temperature).sum()
             loss = total * dist.world / global_len
-            if not torch.isfinite(loss):
+            # this global batch's loss sum, correct predictions and samples over every rank: the
+            # metrics are the global batch's, and a NaN on any rank stops every rank at once
+            step_loss, step_correct, step_seen = _global_sums(
+                [total.item(), int((out_.argmax(1) == y).sum()), len(y)], dist, device)
+            if not math.isfinite(step_loss):
                 _diverged(out, last_good, epoch, b, dist)
             loss.backward()
             opt.step()
-            loss_sum += loss.item() * global_len / dist.world
-            correct += int((out_.argmax(1) == y).sum())
-            seen += len(y)
+            loss_sum += step_loss
+            correct += int(step_correct)
+            seen += int(step_seen)
             if on_batch and dist.main:
-                on_batch(epoch + 1, b + 1, steps_per_epoch, loss.item() / dist.world)
+                on_batch(epoch + 1, b + 1, steps_per_epoch, step_loss / max(step_seen, 1))
         if skipped:
             log.warning(f"epoch {epoch + 1}: skipped {skipped} unreadable sample(s), e.g. {skip_note} "
                         f"(--strict-data makes this an error)")
-        metrics = {"epoch": epoch + 1, "train_loss": loss_sum / n_train,
+        metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
                    "train_accuracy": correct / max(seen, 1),
                    "lr": opt.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 3),
                    "examples_per_s": round(n_train / max(time.perf_counter() - t0, 1e-9), 1)}

@@ -6,9 +6,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tedepr_cli import __version__
 
-from .conftest import LENET300, ROOT, run_cli
+from .conftest import LENET300, MNIST, ROOT, run_cli
 
 
 def test_version_and_help():
@@ -44,23 +46,117 @@ def test_info_on_artifact_shows_history(tmp_path):
     assert r.exit_code == 0 and "test-stage" in r.stdout and "266,610" in r.stdout
 
 
+def _one_error_line(r, label: str) -> str:
+    """The single error line of a failed run: ``tedepr: <label>: ...``, nothing multi-line."""
+    lines = r.stderr.splitlines()
+    assert [ln for ln in lines if ln.startswith(f"tedepr: {label}: ")] == lines[-1:], r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    assert not any(ln.startswith(("Usage:", "Try '", "Error:")) for ln in lines), r.stderr  # Click's box
+    return lines[-1]
+
+
 def test_errors_are_one_line_with_exit_codes(tmp_path):
     r = run_cli("info", tmp_path / "missing.pt", "--arch", "lenet300")
     assert r.exit_code == 3 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     r = run_cli("info", LENET300)
     assert r.exit_code == 4 and "--arch" in r.stderr
-    r = run_cli("info", LENET300, "--arch", "nosuchnet")
-    assert r.exit_code == 4 and "lenet300" in r.stderr
-    r = run_cli("info", LENET300, "--arch", "lenet300", "--arch-kwargs", "{bad")
-    assert r.exit_code == 4 and "JSON" in r.stderr
-    r = run_cli("info", LENET300, "--arch", "lenet300", "--arch-kwargs", '{"nope": 1}')
-    assert r.exit_code == 4 and "nope" in r.stderr
     r = run_cli("info", LENET300, "--arch-kwargs", '{"a": 1}')
     assert r.exit_code == 2
-    r = run_cli("info", "--bogus-flag")
-    assert r.exit_code == 2
+    r = run_cli("info", LENET300, "--arch", "lenet300", "--arch-kwargs", '{"nope": 1}')
+    assert r.exit_code == 4 and "nope" in r.stderr  # the kwargs reach the builder: the model rejects them
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    # option values: the README's table says 2, whoever checks them
+    (["info", LENET300, "--arch", "nosuchnet"], "lenet300"),  # the choices are listed
+    (["info", LENET300, "--arch", "nosuch.module:fn"], "cannot import"),
+    (["info", LENET300, "--arch", "lenet300", "--arch-kwargs", "{bad"], "JSON"),
+    (["info", LENET300, "--arch", "lenet300", "--input-shape", "a,b"], "--input-shape"),
+    (["eval", LENET300, "--arch", "lenet300", "--data", MNIST, "--split", "val"], "--split"),
+    # Click's own errors: one line in tedepr's form, not Click's usage box
+    (["info", "--bogus-flag"], "No such option: --bogus-flag"),
+    (["eval"], "Missing argument 'PATH'"),
+    (["prune", LENET300, "--steps", "abc"], "--steps"),
+    (["prune", LENET300, "--sparsity"], "requires an argument"),
+    (["nosuchcommand"], "No such command"),
+])
+def test_usage_errors_exit_2_on_one_line(argv, fragment):
+    r = run_cli(*argv)
+    assert r.exit_code == 2, (r.exit_code, r.stderr)
+    assert fragment in _one_error_line(r, "usage error") and r.stdout == ""
+
+
+def test_help_and_bare_command_still_show_help():
+    r = run_cli("prune", "--help")
+    assert r.exit_code == 0 and "--sparsity" in r.stdout
+    r = run_cli()
+    assert r.exit_code == 2 and "Commands" in r.stderr  # Click's convention: help, exit 2
+
+
+def test_multi_line_messages_become_one_line(monkeypatch):
+    """An internal error (a bug) or a library error whose text spans lines is still one line."""
+    import tedepr_cli.zoo as zoo
+    from tedepr_cli.errors import BadInput
+
+    def boom(*a, **k):
+        raise RuntimeError("first line\n  second line\n\nthird")
+
+    monkeypatch.setattr(zoo.MODELS, "get", boom)
+    r = run_cli("zoo")
+    assert r.exit_code == 1
+    assert _one_error_line(r, "internal error").startswith(
+        "tedepr: internal error: RuntimeError: first line second line third (run with -v")
+
+    def bad(*a, **k):
+        raise BadInput("a\nb")
+
+    monkeypatch.setattr(zoo.MODELS, "get", bad)
+    r = run_cli("zoo")
+    assert r.exit_code == 4 and _one_error_line(r, "bad input") == "tedepr: bad input: a b"
 
 
 def test_verbose_shows_traceback(tmp_path):
     r = run_cli("info", tmp_path / "missing.pt", "--arch", "lenet300", "-v")
     assert r.exit_code == 3 and "Traceback" in r.stderr
+
+
+def test_every_option_and_argument_has_help_text():
+    import typer.main
+
+    from tedepr_cli.cli import app
+
+    group = typer.main.get_command(app)
+    missing = [f"{name}: {'/'.join(getattr(p, 'opts', None) or [p.name])}"
+               for name, cmd in [("tedepr", group), *group.commands.items()] for p in cmd.params
+               if not (getattr(p, "help", None) or "").strip()]
+    assert missing == []
+
+
+def test_prune_help_lists_every_scope():
+    from tedepr_cli.prune import SCOPES
+
+    text = " ".join(run_cli("prune", "--help").stdout.split())
+    assert all(s in text for s in SCOPES), text
+
+
+@pytest.mark.parametrize("width", [200, 80, 40])
+def test_tables_never_cut_numbers_or_names(width):
+    """A narrow terminal wraps text between words but never ends a value in an ellipsis."""
+    import io
+
+    from rich.console import Console
+
+    from tedepr_cli.console import fmt, table
+
+    rows = [["dense-torch", 49.4, 4.947, 1.87e-05, 2.024e4, "1.00x [1.00-1.00]", 266_200,
+             "kept dense: the factorized form would not be smaller"],
+            ["tedepr", 9.254, 2.403, 0.123, 1.081e5, "5.15x [5.10-6.33]", 1_331, "-"]]
+    buf = io.StringIO()
+    Console(file=buf, width=width, soft_wrap=True).print(
+        table("t", ["engine", "median", "IQR", "rel.err", "samples/s", "speed-up vs dense", "kept", "note"],
+              rows, right={1, 2, 3, 4, 5, 6}))
+    text = buf.getvalue()
+    assert "…" not in text
+    for r in rows:
+        for v in r[:-1]:
+            assert fmt(v) in text, (fmt(v), text)

@@ -52,3 +52,15 @@ def test_recipe_errors_write_nothing(tmp_path, monkeypatch, text, code, fragment
 def test_missing_recipe_and_bad_set(tmp_path):
     assert run_cli("run", tmp_path / "none.toml", "-o", tmp_path / "o").exit_code == 3
     assert run_cli("run", RECIPE, "-o", tmp_path / "o", "--set", "sparsity=1").exit_code == 2
+
+
+def test_run_prints_a_table_not_a_python_dict(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[model]\npath = "samples/lenet300.pt"\narch = "lenet300"\n'
+                      '[prune]\nsparsity = 0.99\ncriterion = "magnitude"\n')
+    r = run_cli("run", recipe, "-o", tmp_path / "out")
+    assert r.exit_code == 0, r.stderr
+    assert "sparsity vs dense" in r.stdout and "99.00 %" in r.stdout
+    assert str(tmp_path / "out" / "pruned") in r.stdout
+    assert "{" not in r.stdout and "sparsity_vs_dense:" not in r.stdout

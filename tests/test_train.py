@@ -164,17 +164,28 @@ def test_cli_bad_input(pruned, tmp_path):
 
 
 DDP_SCRIPT = """
-import sys, torch
+import json, sys, torch
+from pathlib import Path
 from tedepr_cli.artifact import load_artifact
 from tedepr_cli.train import TrainOptions, finetune
 art = load_artifact(sys.argv[1])
-opts = TrainOptions(epochs=1, batch_size=64, limit_train=256, lr=3e-3, seed=2, val_fraction=0.1,
+opts = TrainOptions(epochs=2, batch_size=64, limit_train=256, lr=3e-3, seed=2, val_fraction=0.1,
                     optimizer="sgd")
-finetune(art, sys.argv[2], __import__("pathlib").Path(sys.argv[3]), opts)
+progress = []  # what the progress bar shows: (epoch, batch, loss)
+finetune(art, sys.argv[2], Path(sys.argv[3]), opts,
+         on_batch=lambda e, b, n, loss: progress.append([e, b, loss]))
+if progress:  # only the main rank reports progress
+    Path(sys.argv[3] + ".progress.json").write_text(json.dumps(progress))
 """
 
 
+def _metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_ddp_two_processes_match_single_process(pruned, tmp_path):
+    """2 gloo ranks == 1 process: the weights, and every reported figure (metrics.jsonl, the
+    progress value), which are sums over all ranks' shares of each global batch."""
     from tedepr_cli.artifact import save_artifact
 
     art = save_artifact(pruned, tmp_path / "p")
@@ -194,6 +205,15 @@ def test_ddp_two_processes_match_single_process(pruned, tmp_path):
         assert torch.allclose(v, b.model.state_dict()[k], rtol=1e-4, atol=1e-6), k
     for n, m in a.masks.items():  # masks survive DDP
         assert torch.equal(b.masks[n], m) and not plain_named_parameters(b.model)[n][~m].any()
+    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert len(one) == len(two) == 2
+    for m1, m2 in zip(one, two, strict=True):
+        for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"):
+            assert m2[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-7), (m1["epoch"], key, m1[key], m2[key])
+    p1, p2 = (json.loads((tmp_path / f"{n}.progress.json").read_text()) for n in ("one", "two"))
+    assert len(p1) == len(p2) == 2 * 4  # --limit-train 256 (after the validation share) / batch 64
+    for (e1, b1, l1), (e2, b2, l2) in zip(p1, p2, strict=True):
+        assert (e1, b1) == (e2, b2) and l2 == pytest.approx(l1, rel=1e-5), (e1, b1, l1, l2)
 
 
 # ---------------------------------------------------------------------------- distillation

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -180,6 +181,22 @@ def _print_plan(report: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     stdout.print(line)
 
 
+def _from_scratch(path: Path, init: str, arch: str | None) -> bool:
+    """Whether prune's PATH names an architecture to build fresh (``tedepr prune lenet300
+    --init random``) rather than a file. A file of that name always wins."""
+    from ..arch import is_arch_name
+    from ..errors import UsageError
+
+    if path.exists() or not is_arch_name(str(path)):
+        return False
+    if init != "random":
+        raise UsageError(f"{path} is not a file but names an architecture: add --init random to prune "
+                         f"a freshly initialized {path} (pruning at initialization from scratch)")
+    if arch is not None:
+        raise UsageError(f"PATH {path} already names the architecture: drop --arch {arch}")
+    return True
+
+
 def _criteria_help() -> str:
     from ..pruning.criteria import CRITERIA
 
@@ -188,7 +205,11 @@ def _criteria_help() -> str:
 
 @command
 def prune(
-    path: ModelPath,
+    path: Annotated[Path, typer.Argument(
+        help="Checkpoint (.pt/.pth/.safetensors state_dict, .pt2 program) or tedepr artifact; or, with "
+        "--init random, an architecture to start from scratch: a zoo name (`tedepr zoo`) or "
+        "pkg.module:callable (imported: only name modules you trust).", metavar="PATH",
+        show_default=False)],
     sparsity: Annotated[float | None, typer.Option(
         "--sparsity", help="Fraction of the dense model's prunable weights to remove, in (0, 1).")] = None,
     density: Annotated[float | None, typer.Option(
@@ -200,8 +221,10 @@ def prune(
         "--criterion", help="Scoring criterion: tedepr (default; trainability, needs --data), "
         "snip, grasp, force (need --data), synflow, magnitude, random.")] = None,
     data: DataOpt = None,
-    scope: Annotated[str, typer.Option("--scope", help="global (one top-K over all layers) or "
-                                       "layer (each layer keeps its share).")] = "global",
+    scope: Annotated[str, typer.Option(
+        "--scope", help="global (one top-K over all layers), normalized (one top-K over scores divided "
+        "by their layer's mean: layers compete on relative importance) or layer (each layer keeps its "
+        "share).")] = "global",
     decompose_first: Annotated[bool, typer.Option(
         "--decompose/--no-decompose", help="Decompose a dense checkpoint first (one-shot TEDEPR); "
         "--no-decompose prunes the dense weights (the PaI baseline).")] = True,
@@ -209,6 +232,12 @@ def prune(
     rank: Annotated[str, typer.Option("--rank", help="Rank when decomposing first: an integer, or auto "
                                       "(the largest rank whose cores hold about --coarse-ratio x the "
                                       "budget).")] = "auto",
+    init: Annotated[str, typer.Option(
+        "--init", help="Cores of the one-shot decomposition: pretrained (TT/TR-SVD of the checkpoint's "
+        "weights) or random (variance-preserving, see --init-variance). With random, PATH may name an "
+        "architecture: a fresh model (seeded by --seed) is built, decomposed and pruned.")] = "pretrained",
+    init_variance: Annotated[str, typer.Option(
+        "--init-variance", help="Target of --init random: he (2/fan_in) or lecun (1/fan_in).")] = "he",
     coarse_ratio: Annotated[float, typer.Option(
         "--coarse-ratio", help="With --rank auto: core entries per kept entry before pruning.")] = 4.0,
     min_density: Annotated[float, typer.Option(
@@ -267,14 +296,28 @@ def prune(
             rank_value = int(rank)
         except ValueError:
             raise UsageError(f"--rank must be an integer or auto, got {rank!r}") from None
-    dopts = DecomposeOptions(format=fmt, rank=rank_value if rank_value is not None else 8, seed=seed)
+    dopts = DecomposeOptions(format=fmt, rank=rank_value if rank_value is not None else 8, seed=seed,
+                             init=init, init_variance=init_variance)
     dopts.validate()
     dopts.rank = rank_value
-    out_path = output if output is not None else Path(f"{path.stem}-pruned")
+    scratch = _from_scratch(path, init, arch)
+    name = re.sub(r"[^\w.-]", "-", str(path)) if scratch else path.stem
+    out_path = output if output is not None else Path(f"{name}-pruned")
     check_output(out_path, overwrite)
     torch.set_num_threads(threads)
     torch_seed(seed)
-    art = _load(path, arch, arch_kwargs, input_shape, trust_pickle)
+    if scratch:
+        from ..arch import parse_arch
+        from ..loading import build_fresh
+
+        art = build_fresh(parse_arch(str(path), arch_kwargs, input_shape), seed)
+    else:
+        art = _load(path, arch, arch_kwargs, input_shape, trust_pickle)
+        if init != "pretrained" and (art.meta.get("tensorization") or not decompose_first):
+            raise UsageError(f"--init {init} initializes the cores of the one-shot decomposition, and "
+                             f"{path} is {'already decomposed' if decompose_first else 'kept dense'}; to "
+                             "prune a fresh model name its architecture, e.g. `tedepr prune lenet300 "
+                             "--init random`")
     out, report = run_prune(art, opts, data, dopts)
     save_artifact(out, out_path, overwrite=overwrite)
     log.info(f"wrote {out_path}")

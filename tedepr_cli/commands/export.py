@@ -93,8 +93,9 @@ def export(
 def validate(
     path: Annotated[Path, typer.Argument(help="A directory written by `tedepr export`.",
                                          show_default=False)],
-    atol: Annotated[float, typer.Option("--atol")] = 1e-5,
-    rtol: Annotated[float, typer.Option("--rtol")] = 1e-4,
+    atol: Annotated[float, typer.Option(
+        "--atol", help="Absolute tolerance: a miss is |onnx - saved| > atol + rtol x |saved|.")] = 1e-5,
+    rtol: Annotated[float, typer.Option("--rtol", help="Relative tolerance (see --atol).")] = 1e-4,
     json_out: JsonOut = False, verbose: Verbose = 0, quiet: Quiet = False,
 ) -> None:
     """Re-check an export directory: run every model on its saved sample inputs and compare

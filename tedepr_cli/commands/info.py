@@ -63,7 +63,7 @@ def info(path: Annotated[Path | None, typer.Argument(
                        right={3, 4}))
     stdout.print(f"total params {d['params']:,}  kept {d['kept_params']:,}  "
                  f"on disk {human_bytes(d['bytes_on_disk'])}")
-    for key in ("tensorization", "pruning", "training"):
+    for key in ("origin", "tensorization", "pruning", "training"):
         if key in d:
             stdout.print(f"{key}: {_brief(d[key])}")
     if art.meta.get("data"):

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from ..cli import JsonOut, Output, Overwrite, Quiet, Verbose, command
-from ..console import print_json, stdout
+from ..console import print_json, stdout, table
 
 
 @command
@@ -32,5 +32,16 @@ def run(
     if json_out:
         print_json(summary)
         return
+    stdout.print(table(f"pipeline {output}", ["result", "value"], _rows(summary), right=set()))
+
+
+def _rows(summary: dict[str, Any]) -> list[list[str]]:
+    """One row per stage output and figure of :func:`tedepr_cli.recipe.run_recipe`'s summary."""
+    rows = []
     for k, v in summary.items():
-        stdout.print(f"{k}: {v}")
+        if k == "sparsity_vs_dense" or k == "test_accuracy":
+            v = f"{100 * v:.2f} %"
+        elif k == "speedup":
+            k, v = "speed-up vs dense (median)", ", ".join(f"{x:.2f}x at batch {b}" for b, x in v.items())
+        rows.append([k.replace("_", " "), str(v)])
+    return rows

@@ -35,19 +35,22 @@ def finetune(
                                        "split reports.", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Run directory: best/ and last/ "
                                          "artifacts, metrics.jsonl, state.pt.", show_default=False)],
-    epochs: Annotated[int, typer.Option("--epochs")] = 10,
+    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the training split.")] = 10,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Global batch size.")] = 128,
     optimizer: Annotated[str, typer.Option("--optimizer", help="sgd (momentum), adamw or adam.")] = "adamw",
     lr: Annotated[float | None, typer.Option(
         "--lr", help="Peak learning rate (default: 1e-2 for a tensorized model, 1e-3 for a dense one).",
         show_default=False)] = None,
     momentum: Annotated[float, typer.Option("--momentum", help="SGD momentum.")] = 0.9,
-    weight_decay: Annotated[float, typer.Option("--weight-decay")] = 0.0,
+    weight_decay: Annotated[float, typer.Option(
+        "--weight-decay", help="L2 penalty (decoupled for adamw); pruned entries stay zero.")] = 0.0,
     schedule: Annotated[str, typer.Option("--schedule", help="cosine, step or constant.")] = "cosine",
     warmup_epochs: Annotated[float, typer.Option("--warmup-epochs", help="Linear warm-up length.")] = 0.0,
     step_epochs: Annotated[int, typer.Option("--step-epochs", help="step schedule: epochs per decay.")] = 30,
     gamma: Annotated[float, typer.Option("--gamma", help="step schedule: decay factor.")] = 0.1,
-    label_smoothing: Annotated[float, typer.Option("--label-smoothing")] = 0.0,
+    label_smoothing: Annotated[float, typer.Option(
+        "--label-smoothing", help="Share of each label's probability spread over all classes, in "
+        "[0, 1).")] = 0.0,
     val_fraction: Annotated[float, typer.Option(
         "--val-fraction", help="Share of the train split held out (stratified, seeded) to pick the "
         "best checkpoint and for early stopping; 0 picks by training loss.")] = 0.1,
@@ -172,8 +175,8 @@ def eval_(
     data: Annotated[Path, typer.Option("--data", help="Labelled data, [reader:]PATH (README "
                                        "'Datasets').", show_default=False)],
     split: Annotated[str, typer.Option("--split", help="test, train or all.")] = "test",
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 256,
-    threads: Annotated[int, typer.Option("--threads")] = 1,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per evaluation batch.")] = 256,
+    threads: Annotated[int, typer.Option("--threads", help="CPU threads.")] = 1,
     normalize: Annotated[str, typer.Option(
         "--normalize", help="auto (the statistics recorded in the model's manifest, else the data "
         "family's), standard, computed or none.")] = "auto",
@@ -188,12 +191,15 @@ def eval_(
     """Loss, top-1 and per-class accuracy and throughput of a model on labelled data."""
     import torch
 
+    from ..data import SPLITS
     from ..datasets import check_classes, make_split, open_dataset, resolve_preprocess
     from ..errors import UsageError
     from ..evaluate import evaluate_split, num_outputs
 
     if batch_size < 1 or threads < 1 or workers < 0:
         raise UsageError("--batch-size and --threads must be >= 1, --workers >= 0")
+    if split not in SPLITS:
+        raise UsageError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     torch.set_num_threads(threads)
     art = _load(path, arch, arch_kwargs, input_shape, trust_pickle)
     classes = num_outputs(art.model, art.input_shape)
