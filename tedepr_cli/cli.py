@@ -19,6 +19,7 @@ import typer
 from . import __version__
 from .console import setup_logging, stderr
 from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, TedeprError
+from .fsutil import expand_user
 
 HELP = """\
 tedepr - dual-grained model compression (TEDEPR, IEEE TPAMI 2024).
@@ -76,6 +77,7 @@ def command(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         verbose = kwargs.get("verbose", 0) or 0
         setup_logging(verbose, kwargs.get("quiet", False))
+        kwargs = {k: expand_user(v) if isinstance(v, Path) else v for k, v in kwargs.items()}  # ~, ~user
         try:
             return fn(*args, **kwargs)
         except TedeprError as e:
