@@ -29,10 +29,15 @@ PIPELINE = [
     ["export", "p", "--data", MNIST, "--to", "safetensors,onnx,onnx-sparse", "-o", "e"],
 ]
 
+# Commands run in one process (one interpreter start instead of five), each from a
+# random-number state drawn from the OS as a fresh process would have: torch, numpy and
+# random all seed themselves from OS entropy at start-up.
 DRIVER = """
-import json, sys
+import json, random, sys
+import numpy as np, torch
 from tedepr_cli.cli import app
 for argv in json.loads(sys.argv[1]):
+    torch.seed(); np.random.seed(); random.seed()
     code = app(argv, standalone_mode=False)
     if code:
         sys.exit(f"{argv[0]} exited {code}")
