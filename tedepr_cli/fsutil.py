@@ -60,11 +60,12 @@ def current_umask() -> int:
     return mask
 
 
-def output_mode(directory: bool = False, executable: bool = False) -> int:
-    """The mode ``open``/``mkdir`` would give a new file or directory under the current
-    umask: ``0o666 & ~umask`` for a file, ``0o777 & ~umask`` for a directory or an
-    executable (a compiled kernel library)."""
-    return (0o777 if directory or executable else 0o666) & ~current_umask()
+def output_mode(directory: bool = False, executable: bool = False, umask: int | None = None) -> int:
+    """The mode ``open``/``mkdir`` would give a new file or directory under ``umask`` (the
+    current one by default): ``0o666 & ~umask`` for a file, ``0o777 & ~umask`` for a
+    directory or an executable (a compiled kernel library)."""
+    umask = current_umask() if umask is None else umask
+    return (0o777 if directory or executable else 0o666) & ~umask
 
 
 def set_output_modes(path: str | Path) -> None:
@@ -72,13 +73,14 @@ def set_output_modes(path: str | Path) -> None:
     (:func:`output_mode`): files keep their executable kind, nothing else of the writer's
     choice survives. Symlinks are left alone (their mode means nothing)."""
     path = Path(path)
+    umask = current_umask()
     items = [*path.rglob("*"), path] if path.is_dir() and not path.is_symlink() else [path]
     for p in items:
         st = p.lstat()
         if stat.S_ISLNK(st.st_mode):
             continue
         is_dir = stat.S_ISDIR(st.st_mode)
-        mode = output_mode(directory=is_dir, executable=bool(st.st_mode & stat.S_IXUSR) and not is_dir)
+        mode = output_mode(is_dir, bool(st.st_mode & stat.S_IXUSR) and not is_dir, umask)
         if stat.S_IMODE(st.st_mode) != mode:
             os.chmod(p, mode)
 
