@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,15 +73,20 @@ class Artifact:
         return self.meta.setdefault("history", [])
 
     def record(self, command: str, options: dict[str, Any], seed: int | None = None) -> None:
-        """Append a stage to the history (what ran, with which options, when, by which
-        tedepr), so an artifact explains how it was made."""
-        self.history.append({
-            "command": command,
-            "options": _jsonable(options),
-            "seed": seed,
-            "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "tool_version": __version__,
-        })
+        """Append a stage to the history (what ran, with which options and seed, by which
+        tedepr), so an artifact explains how it was made.
+
+        The same inputs and seed give the same bytes, so nothing that depends on the run
+        (clock, host, duration) is recorded; a ``time`` is added only when the environment
+        sets ``SOURCE_DATE_EPOCH`` (https://reproducible-builds.org/specs/source-date-epoch/),
+        and it is that date. Raises :class:`BadInput` for a malformed value.
+        """
+        entry: dict[str, Any] = {"command": command, "options": _jsonable(options), "seed": seed,
+                                 "tool_version": __version__}
+        stamp = source_date()
+        if stamp is not None:
+            entry["time"] = stamp
+        self.history.append(entry)
 
     def manifest(self) -> dict[str, Any]:
         if self.arch is None:
@@ -106,6 +112,22 @@ class Artifact:
             out["tensorization"] = {**(out.get("tensorization") or {}), "layers": _jsonable(specs)}
         out.setdefault("history", [])
         return out
+
+
+def source_date() -> str | None:
+    """``SOURCE_DATE_EPOCH`` (seconds since 1970-01-01 UTC, a decimal integer) as an ISO 8601
+    UTC time, or None where it is unset or empty. Raises :class:`BadInput` for any other
+    value (the specification asks tools to fail rather than guess)."""
+    raw = os.environ.get("SOURCE_DATE_EPOCH", "")
+    if not raw:
+        return None
+    if not raw.isascii() or not raw.isdigit():
+        raise BadInput(f"SOURCE_DATE_EPOCH must be a non-negative integer number of seconds, got {raw!r}")
+    try:
+        when = _dt.datetime.fromtimestamp(int(raw), _dt.timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        raise BadInput(f"SOURCE_DATE_EPOCH {raw} is out of range") from None
+    return when.isoformat(timespec="seconds")
 
 
 def _jsonable(obj: Any) -> Any:
@@ -139,12 +161,35 @@ def save_artifact(art: Artifact, path: str | Path, overwrite: bool = False,
     }
     single = path.suffix == ".safetensors"
     with atomic_output(path, overwrite=overwrite, directory=not single) as tmp:
-        if single:
-            save_file(tensors, str(tmp), metadata=metadata)
-        else:
-            save_file(tensors, str(tmp / MODEL_FILE), metadata=metadata)
+        st_path = tmp if single else tmp / MODEL_FILE
+        save_file(tensors, str(st_path), metadata=metadata)
+        _sort_metadata(st_path)
+        if not single:
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors header in place with its ``__metadata__`` keys sorted.
+
+    safetensors (0.8 and earlier; upstream issue safetensors#584) writes the metadata in the
+    iteration order of a Rust ``HashMap``, seeded per process, so two saves of the same
+    artifact differ in bytes. Sorting changes no length, offset or tensor. If the header is
+    not the compact JSON this expects (a future safetensors), it is left as written.
+    """
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        body = f.read(n).rstrip(b" ")
+        header = json.loads(body)
+        compact = {"separators": (",", ":"), "ensure_ascii": False}
+        if not isinstance(header.get("__metadata__"), dict) or \
+                json.dumps(header, **compact).encode() != body:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        canonical = json.dumps(header, **compact).encode()
+        if len(canonical) == len(body):
+            f.seek(8)
+            f.write(canonical)
 
 
 # ---------------------------------------------------------------------------- load

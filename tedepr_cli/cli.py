@@ -25,6 +25,7 @@ try:  # typer >= 0.22 carries its own copy of Click
     from typer._click import exceptions as click_exceptions
 except ImportError:  # pragma: no cover - older typer runs on Click itself
     from click import exceptions as click_exceptions  # type: ignore[no-redef]
+from .fsutil import expand_user
 
 HELP = """\
 tedepr - dual-grained model compression (TEDEPR, IEEE TPAMI 2024).
@@ -128,6 +129,7 @@ def command(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         verbose = kwargs.get("verbose", 0) or 0
         setup_logging(verbose, kwargs.get("quiet", False))
+        kwargs = {k: expand_user(v) if isinstance(v, Path) else v for k, v in kwargs.items()}  # ~, ~user
         try:
             return fn(*args, **kwargs)
         except TedeprError as e:

@@ -294,7 +294,9 @@ def _dense_original(art: Artifact) -> dict[str, Any]:
         return {}
     from .arch import build
 
-    dense = build(art.arch, allow_import=art.arch.is_import)
+    with torch.random.fork_rng(devices=[]):  # a fixed draw: export.json is the same every run
+        torch.manual_seed(0)
+        dense = build(art.arch, allow_import=art.arch.is_import)
     state = {k: v.contiguous() for k, v in dense.state_dict().items()}
     raw, gz = sizes(st_save(state))
     n = sum(p.numel() for p in dense.parameters())

@@ -5,6 +5,15 @@ hidden temporary sibling (same filesystem, so ``os.replace``/``rename`` is atomi
 and renames it into place only after the writer finished. Ctrl-C or an exception removes the
 temporary; a ``kill -9`` can leave a hidden ``.NAME.tmp-*`` sibling but never a partial
 target.
+
+Every file and directory renamed into place has the mode a plain ``open``/``mkdir`` gives
+(``0666 & ~umask``, ``0777 & ~umask``; executables ``0777 & ~umask``), whatever the writer
+that made it chose: several (safetensors' ``save_file``, ``tempfile.mkstemp``) create
+``0600`` files, which another user (a web server, a CI artifact store, a shared volume)
+could not read.
+
+Paths the user types go through :func:`expand_user` (``~`` only, also after a ``reader:``
+prefix).
 """
 
 from __future__ import annotations
@@ -12,7 +21,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
+import stat
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +43,64 @@ def check_output(target: Path, overwrite: bool) -> None:
         raise OutputError(f"cannot create {target}: {probe} is not a directory")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write {target}: {probe} is not writable")
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the kernel reports it
+    (``/proc/self/status``, Linux >= 4.7); elsewhere set and restored at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def output_mode(directory: bool = False, executable: bool = False, umask: int | None = None) -> int:
+    """The mode ``open``/``mkdir`` would give a new file or directory under ``umask`` (the
+    current one by default): ``0o666 & ~umask`` for a file, ``0o777 & ~umask`` for a
+    directory or an executable (a compiled kernel library)."""
+    umask = current_umask() if umask is None else umask
+    return (0o777 if directory or executable else 0o666) & ~umask
+
+
+def set_output_modes(path: str | Path) -> None:
+    """Give ``path`` (a file, or a directory tree) the usual umask-respecting modes
+    (:func:`output_mode`): files keep their executable kind, nothing else of the writer's
+    choice survives. Symlinks are left alone (their mode means nothing)."""
+    path = Path(path)
+    umask = current_umask()
+    items = [*path.rglob("*"), path] if path.is_dir() and not path.is_symlink() else [path]
+    for p in items:
+        st = p.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            continue
+        is_dir = stat.S_ISDIR(st.st_mode)
+        mode = output_mode(is_dir, bool(st.st_mode & stat.S_IXUSR) and not is_dir, umask)
+        if stat.S_IMODE(st.st_mode) != mode:
+            os.chmod(p, mode)
+
+
+_USER = re.compile(r"(?P<reader>[A-Za-z][A-Za-z0-9_-]+:)?(?P<path>~.*)", re.DOTALL)
+
+
+def expand_user(path: str | Path) -> Path:
+    """``path`` with a leading ``~`` / ``~user`` replaced by that home directory, also
+    right after a ``reader:`` prefix (``npz:~/x.npz`` -> ``npz:/home/me/x.npz``).
+
+    Only ``~`` is expanded (no ``$VARS``, no globs), as the shell does for a word it sees;
+    the shell leaves ``reader:~/...`` alone, so tedepr does it. Every path option of the CLI
+    and every ``--data`` spec passes through here.
+    """
+    s = str(path)
+    m = _USER.fullmatch(s)
+    if m is None:
+        return Path(s)
+    return Path((m.group("reader") or "") + os.path.expanduser(m.group("path")))
 
 
 def _fsync_tree(path: Path) -> None:
@@ -74,10 +143,7 @@ def atomic_output(target: str | Path, overwrite: bool = False, directory: bool =
         yield tmp
         if not tmp.exists():
             raise OutputError(f"internal: nothing was written for {target}")
-        if tmp.is_file():  # some writers create 0600 files: give outputs the usual umask mode
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
+        set_output_modes(tmp)  # some writers create 0600 files: give outputs the usual modes
         _fsync_tree(tmp)
         if target.exists() or target.is_symlink():
             if not overwrite:  # appeared while we worked

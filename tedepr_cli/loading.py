@@ -16,11 +16,16 @@ initialized model: pruning at initialization from scratch).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import logging
 import pickle
 import pickletools
+import re
+import warnings
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +35,8 @@ from torch import nn
 from .arch import ArchSpec, build
 from .artifact import Artifact, is_artifact, load_artifact, load_state, read_safetensors
 from .errors import BadInput, InputNotFound, UnsafeInput
+
+log = logging.getLogger("tedepr")
 
 PICKLE_REFUSAL = (
     "{path} is a pickled Python object, not plain tensors: unpickling it would run code "
@@ -107,9 +114,57 @@ def _find_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
     return None
 
 
+@contextlib.contextmanager
+def held_torch_logs() -> Iterator[list[logging.LogRecord]]:
+    """Hold back what torch logs (and Python warnings) while a file is loaded.
+
+    ``torch.export.load`` logs a whole traceback before it raises, and other loaders warn
+    on stderr; tedepr reports a bad file in one line. The records are collected into the
+    yielded list instead (a caller can cite the cause) and repeated on tedepr's logger at
+    debug level. Every ``torch`` logger gets its handlers and propagation back afterwards;
+    no level is changed.
+    """
+    held: list[logging.LogRecord] = []
+
+    class _Hold(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            held.append(record)
+
+    manager = logging.Logger.manager
+    loggers = [logging.getLogger("torch")] + [
+        lg for name, lg in list(manager.loggerDict.items())
+        if name.startswith("torch.") and isinstance(lg, logging.Logger)]
+    saved = [(lg, lg.handlers[:], lg.propagate) for lg in loggers]
+    for lg in loggers:  # everything flows up to "torch", which keeps it
+        lg.handlers = []
+        lg.propagate = True
+    loggers[0].propagate = False
+    loggers[0].addHandler(_Hold())
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield held
+    finally:
+        for lg, handlers, propagate in saved:
+            lg.handlers = handlers
+            lg.propagate = propagate
+        for r in held:
+            log.debug(f"torch ({r.name}): {_first_line(r.getMessage())}")
+
+
+def _logged_cause(held: list[logging.LogRecord]) -> str | None:
+    """The first sentence of the last exception torch logged, without C++ enforce prefixes."""
+    for r in reversed(held):
+        if r.exc_info and r.exc_info[1] is not None:
+            text = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", _first_line(r.exc_info[1]))
+            return text.split(". ")[0].rstrip(".") or None
+    return None
+
+
 def _load_torch_file(p: Path, arch: ArchSpec | None, trust_pickle: bool) -> Artifact:
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        with held_torch_logs():
+            obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # The safe loader refused: a pickle that imports/calls things, or just garbage.
         if not _pickle_builds_objects(p.read_bytes()):
@@ -130,7 +185,8 @@ def _load_torch_file(p: Path, arch: ArchSpec | None, trust_pickle: bool) -> Arti
 
 def _trusted_load(p: Path) -> Any:
     try:
-        return torch.load(p, map_location="cpu", weights_only=False)
+        with held_torch_logs():
+            return torch.load(p, map_location="cpu", weights_only=False)
     except Exception as e:  # user code ran: anything can fail
         raise BadInput(f"{p}: unpickling failed: {_first_line(e)}") from None
 
@@ -205,7 +261,8 @@ def _check_pt2(p: Path, data: bytes) -> None:
         blob = zf.read(name)
         if blob[:2] == b"PK":
             try:
-                torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+                with held_torch_logs():
+                    torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
             except pickle.UnpicklingError:
                 raise UnsafeInput(PICKLE_REFUSAL.format(path=f"{p} (member {name})")) from None
             except Exception as e:
@@ -234,10 +291,13 @@ def _load_pt2(p: Path, arch: ArchSpec | None, trust_pickle: bool) -> Artifact:
     data = p.read_bytes()
     if not trust_pickle:
         _check_pt2(p, data)
-    try:
-        ep = torch.export.load(io.BytesIO(data))
-    except Exception as e:  # torch raises many types for a bad archive
-        raise BadInput(f"{p} is not a loadable torch.export program: {_first_line(e)}") from None
+    with held_torch_logs() as held:
+        try:
+            ep = torch.export.load(io.BytesIO(data))
+        except Exception as e:  # torch raises many types for a bad archive
+            # torch's own message points at "the warnings above": cite the logged cause instead
+            why = _logged_cause(held) or _first_line(e)
+            raise BadInput(f"{p} is not a loadable torch.export program: {why}") from None
     if arch is not None:
         # Buffers that are not persistent in the program live among its constants.
         expected = set(build(arch, allow_import=True).state_dict())

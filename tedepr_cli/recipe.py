@@ -108,7 +108,7 @@ def run_recipe(recipe: dict[str, Any], out: Path, overwrite: bool = False) -> di
     from .bench.core import BenchOptions, Target, run_bench
     from .decompose import DecomposeOptions, decompose
     from .export import ExportOptions, export
-    from .fsutil import check_output
+    from .fsutil import atomic_output, check_output, expand_user
     from .loading import load_model
     from .pruning.criteria import CriterionOptions
     from .pruning.prune import PruneOptions, prune
@@ -119,7 +119,7 @@ def run_recipe(recipe: dict[str, Any], out: Path, overwrite: bool = False) -> di
     base = Path(".")  # relative paths in a recipe are relative to where tedepr runs
     model = recipe["model"]
     data_path = (recipe.get("data") or {}).get("path")
-    data = (base / data_path) if data_path else None
+    data = (base / expand_user(data_path)) if data_path else None
     arch = parse_arch(model["arch"], json.dumps(model.get("arch_kwargs") or {}),
                       model.get("input_shape")) if model.get("arch") else None
     # build every stage's options before any work: a typo fails in a second, not an hour
@@ -147,7 +147,7 @@ def run_recipe(recipe: dict[str, Any], out: Path, overwrite: bool = False) -> di
         plan["bench"] = (_options(BenchOptions, "bench", b), baseline)
         plan["bench"][0].validate()
     merged = dict(recipe)
-    art = load_model(base / model["path"], arch, trust_pickle=bool(model.get("trust_pickle")))
+    art = load_model(base / expand_user(model["path"]), arch, trust_pickle=bool(model.get("trust_pickle")))
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {}
 
@@ -181,10 +181,13 @@ def run_recipe(recipe: dict[str, Any], out: Path, overwrite: bool = False) -> di
         summary["export"] = str(out / "export")
     if "bench" in plan:
         opts, baseline = plan["bench"]
-        rep = run_bench(Target(art, None, out), opts, base / baseline if baseline else None, data)
-        (out / "bench.json").write_text(json.dumps(rep, indent=2, default=str) + "\n")
+        base_path = base / expand_user(baseline) if baseline else None
+        rep = run_bench(Target(art, None, out), opts, base_path, data)
+        with atomic_output(out / "bench.json", overwrite=True) as tmp:
+            tmp.write_text(json.dumps(rep, indent=2, default=str) + "\n")
         summary["bench"] = str(out / "bench.json")
         summary["speedup"] = {b: r["tedepr"]["speedup_vs_dense_torch"]["median"]
                               for b, r in rep["results"].items() if "tedepr" in r}
-    (out / "recipe.json").write_text(json.dumps(merged, indent=2) + "\n")
+    with atomic_output(out / "recipe.json", overwrite=True) as tmp:
+        tmp.write_text(json.dumps(merged, indent=2) + "\n")
     return summary

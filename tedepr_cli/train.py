@@ -241,6 +241,13 @@ def _optimizer(model: nn.Module, opts: TrainOptions) -> torch.optim.Optimizer:
 # ---------------------------------------------------------------------------- loop
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.jsonl"
+# per-epoch durations: shown on stderr and in --json, never written to a file (the same
+# inputs and seed must give the same bytes)
+TIMING = ("seconds", "examples_per_s")
+
+
+def _stored(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if k not in TIMING}
 
 
 def _save_state(out: Path, state: dict[str, Any]) -> None:
@@ -392,7 +399,7 @@ def finetune(art: Artifact, data: Path, out: Path, opts: TrainOptions, resume: b
             _write_metrics(out, history)
             state = {"model": {k: v.detach().cpu() for k, v in plain_state_dict(model).items()},
                      "optimizer": _cpu(opt.state_dict()), "epoch": epoch + 1, "best": best, "stale": stale,
-                     "history": [json.dumps(h) for h in history], "options": recipe}
+                     "history": [json.dumps(_stored(h)) for h in history], "options": recipe}
             _save_state(out, state)
             last_good = state
             if on_epoch:
@@ -434,7 +441,7 @@ def _artifact(src: Artifact, model: nn.Module, recipe: dict[str, Any],
     cpu_model = copy.deepcopy(model).cpu().eval()
     a = Artifact(model=cpu_model, arch=src.arch, meta=copy.deepcopy(src.meta), source="")
     a.meta["training"] = {"recipe": recipe, "checkpoint": which, "epoch": history[-1]["epoch"],
-                          "last_metrics": history[-1]}
+                          "last_metrics": _stored(history[-1])}
     a.meta["data"] = data
     a.record("finetune", recipe, seed=recipe["seed"])
     return a
@@ -442,7 +449,7 @@ def _artifact(src: Artifact, model: nn.Module, recipe: dict[str, Any],
 
 def _write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
     with atomic_output(out / METRICS_FILE, overwrite=True) as tmp:
-        tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
+        tmp.write_text("".join(json.dumps(_stored(h)) + "\n" for h in history))
 
 
 def _final(out: Path, src: Artifact) -> Artifact:

@@ -373,6 +373,115 @@ def test_restricted_unpickler_admits_exactly_plain_data(tmp_path):
         load_data_pickle(tmp_path / "junk")
 
 
+def test_cifar_batches_with_numpy_scalar_labels_load(tmp_path):
+    """Labels written from numpy integers are numpy scalars in the pickle, under numpy 1.x's
+    name (numpy.core.multiarray.scalar, as Python 2 / numpy 1 wrote them) or numpy 2.x's
+    (numpy._core.multiarray.scalar, a plain Python 3 pickle today)."""
+    root = make_cifar10(tmp_path / "c10", per_batch=4, test=10)
+    d = root / "cifar-10-batches-py"
+    old = _cifar_records(4, 10, 1)
+    old["labels"] = [np.int64(v) for v in old["labels"]]
+    (d / "data_batch_1").write_bytes(py2_pickle(old))
+    new = _cifar_records(10, 10, 9)
+    new["labels"] = [np.uint8(v) for v in np.arange(10)[::-1]]
+    new["score"] = [np.float32(0.5), np.float64(1.5), np.complex64(1j), np.bool_(True), np.int8(-3)]
+    (d / "test_batch").write_bytes(pickle.dumps(new, protocol=5))  # arrays as _frombuffer
+    refs = {op.name + " " + str(arg) for op, arg, _ in pickletools.genops((d / "data_batch_1").read_bytes())}
+    assert "GLOBAL numpy.core.multiarray scalar" in refs
+    refs = [str(arg) for _, arg, _ in pickletools.genops((d / "test_batch").read_bytes())]
+    assert "numpy._core.multiarray" in refs and "scalar" in refs
+    back = load_data_pickle(d / "test_batch")
+    assert back["score"] == new["score"] and [type(v) for v in back["score"]] == \
+        [np.float32, np.float64, np.complex64, np.bool_, np.int8]
+    r = run_cli("info", "--data", f"cifar10:{root}", "--json")
+    assert r.exit_code == 0, r.stderr
+    splits = json.loads(r.stdout)["splits"]
+    assert splits["train"]["count"] == 20 and splits["test"]["class_counts"] == [1] * 10
+
+
+def _op(module: str, name: str) -> bytes:
+    return pickle.GLOBAL + f"{module}\n{name}\n".encode()
+
+
+def _text(s: str) -> bytes:
+    b = s.encode()
+    return pickle.BINUNICODE + struct.pack("<I", len(b)) + b
+
+
+def _raw(b: bytes) -> bytes:
+    return pickle.SHORT_BINBYTES + bytes([len(b)]) + b
+
+
+def _dtype(spec: str, flags: int | None = None) -> bytes:
+    """``numpy.dtype(spec, False, True)``, then (``flags``) a BUILD that sets its state."""
+    out = (_op("numpy", "dtype") + _text(spec) + pickle.NEWFALSE + pickle.NEWTRUE + pickle.TUPLE3
+           + pickle.REDUCE)
+    if flags is not None:
+        out += (pickle.MARK + pickle.BININT1 + b"\x03" + _text("<") + pickle.NONE * 3
+                + (pickle.BININT + struct.pack("<i", -1)) * 2 + pickle.BININT + struct.pack("<i", flags)
+                + pickle.TUPLE + pickle.BUILD)
+    return out
+
+
+def _scalar_pickle(dtype: bytes, data: bytes, np_core: str = "numpy._core") -> bytes:
+    """A CIFAR-shaped dict whose 'labels' hold one ``scalar(dtype, data)``."""
+    return (pickle.PROTO + b"\x03" + pickle.EMPTY_DICT + pickle.MARK
+            + _text("labels") + pickle.EMPTY_LIST + pickle.MARK
+            + _op(f"{np_core}.multiarray", "scalar") + dtype + data + pickle.TUPLE2 + pickle.REDUCE
+            + pickle.APPENDS + pickle.SETITEMS + pickle.STOP)
+
+
+def _system(marker: Path) -> bytes:  # os.system("touch MARKER"), the payload a plain unpickler runs
+    return _op("os", "system") + _text(f"touch {marker}") + pickle.TUPLE1 + pickle.REDUCE
+
+
+@pytest.mark.parametrize("np_core", ["numpy.core", "numpy._core"])
+def test_numpy_scalars_admit_numeric_dtypes_only(tmp_path, np_core):
+    marker = tmp_path / "pwned"
+    ok = _scalar_pickle(_dtype("i8"), _raw(struct.pack("<q", 7)), np_core)
+    assert pickle.loads(ok)["labels"] == [7]  # the hand-made pickles are what numpy reads
+    (tmp_path / "ok").write_bytes(ok)
+    assert load_data_pickle(tmp_path / "ok")["labels"] == [np.int64(7)]
+    with pytest.raises(TypeError):  # numpy refuses the object scalar, after the payload ran
+        pickle.loads(_scalar_pickle(_dtype("O"), _system(marker), np_core))
+    assert marker.exists()  # the payload is real: a plain unpickler runs it
+    marker.unlink()
+    evil = {
+        # object dtype: numpy's scalar hands back whatever object the pickle built
+        "object": (_scalar_pickle(_dtype("O"), _system(marker), np_core), "dtype of Python objects"),
+        # a numeric dtype whose pickled state claims it holds objects
+        "object-flags": (_scalar_pickle(_dtype("i8", flags=63), _raw(b"\x10" + b"\0" * 7), np_core),
+                         "scalar whose dtype holds Python objects"),
+        "str": (_scalar_pickle(_dtype("U1"), _raw(b"a\0\0\0"), np_core), "scalar of dtype <U1"),
+        "datetime": (_scalar_pickle(_dtype("M8[s]"), _raw(b"\0" * 8), np_core), "scalar of dtype datetime"),
+        "no-dtype": (_scalar_pickle(_text("i8"), _raw(b"\0" * 8), np_core), "not a dtype"),
+        "system": (_scalar_pickle(_dtype("i8"), _system(marker), np_core), "os.system"),
+        "eval": (pickle.PROTO + b"\x03" + _op("builtins", "eval") + _text(f"open('{marker}', 'w')")
+                 + pickle.TUPLE1 + pickle.REDUCE + pickle.STOP, "builtins.eval"),
+        # protocol 5's array builder with the same object-claiming dtype
+        "frombuffer": (pickle.PROTO + b"\x05" + _op(f"{np_core}.numeric", "_frombuffer") + pickle.MARK
+                       + _raw(b"\x10" + b"\0" * 7) + _dtype("i8", flags=63) + pickle.BININT1 + b"\x01"
+                       + pickle.TUPLE1 + _text("C") + pickle.TUPLE + pickle.REDUCE + pickle.STOP,
+                       "Python objects"),
+        "load": (pickle.PROTO + b"\x03" + _op("numpy", "load") + pickle.STOP, "numpy.load"),
+    }
+    for name, (blob, fragment) in evil.items():
+        (tmp_path / name).write_bytes(blob)
+        with pytest.raises(UnsafeInput, match=fragment):
+            load_data_pickle(tmp_path / name)
+    (tmp_path / "short").write_bytes(_scalar_pickle(_dtype("i8"), _raw(b"\x01"), np_core))
+    with pytest.raises(BadInput, match="malformed"):
+        load_data_pickle(tmp_path / "short")
+    # through the CLI, as a CIFAR training batch: exit 5, one line, nothing ran
+    root = make_cifar10(tmp_path / "c10")
+    for name in ("object", "object-flags", "system"):
+        (root / "cifar-10-batches-py" / "data_batch_1").write_bytes(evil[name][0])
+        r = run_cli("info", "--data", f"cifar10:{root}")
+        assert r.exit_code == 5, (name, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and "unsafe input refused" in r.stderr
+    assert not marker.exists()
+
+
 # ---------------------------------------------------------------------------- bad input
 def test_bad_layouts_are_clear_errors(tmp_path):
     (tmp_path / "misc").mkdir()

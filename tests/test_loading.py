@@ -198,3 +198,45 @@ def test_import_path_arch(tmp_path, monkeypatch):
     back = load_model(out, spec)
     assert back.input_shape == (6,)
     assert Path(out / "manifest.json").exists()
+
+
+def test_bad_files_get_one_stderr_line_not_torch_logging(tmp_path):
+    """torch.export.load logs a traceback (on the stderr handler torch set up when it was
+    imported, which an in-process runner does not capture) before it raises: run the real
+    command and read the process's stderr."""
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    with zipfile.ZipFile(tmp_path / "notes.pt2", "w") as z:  # a zip, but no torch.export archive
+        z.writestr("notes.txt", "hello")
+    with zipfile.ZipFile(tmp_path / "archive.pt2", "w") as z:  # archive-like, without its format
+        z.writestr("archive/version", "1")
+    (tmp_path / "garbage.pt").write_bytes(b"\x80\x02garbage" * 40)
+    for name, fragment in (("notes.pt2", "not in a subdirectory: notes.txt"),
+                           ("archive.pt2", "archive_format"), ("garbage.pt", "not a readable")):
+        r = subprocess.run([sys.executable, "-m", "tedepr_cli", "info", str(tmp_path / name)],
+                           capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert r.returncode == BadInput.exit_code, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("tedepr: bad input: "), r.stderr
+        assert fragment in lines[0] and "warnings above" not in lines[0]
+
+
+def test_held_torch_logs_restores_every_torch_logger():
+    import logging
+
+    from tedepr_cli.loading import held_torch_logs
+
+    names = ["torch", *sorted(n for n, lg in logging.Logger.manager.loggerDict.items()
+                              if n.startswith("torch.") and isinstance(lg, logging.Logger))]
+    before = {n: (list(logging.getLogger(n).handlers), logging.getLogger(n).propagate,
+                  logging.getLogger(n).level) for n in names}
+    with held_torch_logs() as held:
+        logging.getLogger("torch.export").warning("inside")
+        logging.getLogger("torch.some.new.child").error("new child")
+    assert [r.getMessage() for r in held] == ["inside", "new child"]
+    after = {n: (list(logging.getLogger(n).handlers), logging.getLogger(n).propagate,
+                 logging.getLogger(n).level) for n in names}
+    assert after == before

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BadInput, InputNotFound, UsageError
+from ..fsutil import expand_user
 from ..logs import log
 from .base import ArraySource, ConcatSource, Dataset
 from .imagefolder import has_images, read_imagefolder
@@ -78,8 +79,9 @@ LOOKED_FOR = ("an .npz file (x, y[, split]) or x.npy + y.npy; CIFAR-10 batches (
 
 
 def parse_spec(spec: str | Path) -> tuple[str | None, Path]:
-    """``reader:path`` -> (reader, path); a plain path -> (None, path)."""
-    s = str(spec)
+    """``reader:path`` -> (reader, path); a plain path -> (None, path). A ``~`` at the start
+    of the path, with or without the prefix, is the user's home (:func:`expand_user`)."""
+    s = str(expand_user(spec))
     m = re.fullmatch(r"([A-Za-z][A-Za-z0-9_-]+):(.+)", s)
     if m:
         name = m.group(1).lower()

@@ -1,11 +1,14 @@
 """A restricted unpickler for data pickles (the CIFAR "python version" batches).
 
 Unpickling normally imports and calls whatever the file names, so a crafted file runs code.
-Here :meth:`find_class` refuses every global except the three numpy callables a pickled
-array needs (``_reconstruct``, ``ndarray``, ``dtype``), wrapped so they can only build
-plain numeric arrays. What comes out is therefore plain data: dicts, lists, tuples, str,
-bytes, numbers and numeric numpy arrays; anything else is :class:`UnsafeInput` (exit 5)
-before a single byte of the payload can run.
+Here :meth:`find_class` refuses every global except the numpy callables a pickled array or
+scalar needs (``_reconstruct``, ``ndarray``, ``dtype``, ``scalar``, and protocol 5's
+``_frombuffer``; under numpy 1.x's ``numpy.core`` and numpy 2.x's ``numpy._core`` names),
+wrapped so they can only build plain arrays and numeric scalars (bool, signed and unsigned
+integers, floats, complex: labels written from numpy integers are ``numpy.int64``
+scalars). What comes out is therefore plain data: dicts, lists, tuples, str, bytes,
+numbers, numeric numpy arrays and scalars; anything else (an object dtype included) is
+:class:`UnsafeInput` (exit 5) before a single byte of the payload can run.
 """
 
 from __future__ import annotations
@@ -21,10 +24,20 @@ from ..errors import BadInput, UnsafeInput
 
 try:  # numpy >= 2 keeps the real module in numpy._core; numpy.core is a deprecated alias
     from numpy._core.multiarray import _reconstruct as _np_reconstruct
+    from numpy._core.multiarray import scalar as _np_scalar
 except ImportError:  # pragma: no cover - numpy 1.x
     from numpy.core.multiarray import _reconstruct as _np_reconstruct  # type: ignore[no-redef]
+    from numpy.core.multiarray import scalar as _np_scalar  # type: ignore[no-redef]
 
 _PLAIN = (dict, list, tuple, str, bytes, int, float, bool, type(None))
+_NUMERIC_KINDS = "biufc"  # bool, signed and unsigned integers, floats, complex
+
+
+def _is_numeric(dt: Any) -> bool:
+    """A plain numeric dtype: no fields, no sub-array, no object references (its flags come
+    from the pickle's state too, so ``hasobject`` is checked, not assumed from the kind)."""
+    return (isinstance(dt, np.dtype) and dt.kind in _NUMERIC_KINDS and dt.fields is None
+            and dt.subdtype is None and not dt.hasobject)
 
 
 def _safe_reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
@@ -41,13 +54,49 @@ def _safe_dtype(spec: Any, align: Any = False, copy: Any = False) -> np.dtype:
     except TypeError as e:
         raise BadInput(f"pickled numpy dtype {spec!r} is not valid: {e}") from None
     if dt.hasobject:
-        raise UnsafeInput("pickled numpy array of Python objects refused (only numeric arrays are data)")
+        raise UnsafeInput("pickled numpy dtype of Python objects refused (only numeric arrays and "
+                          "scalars are data)")
     return dt
+
+
+def _safe_frombuffer(buf: Any, dtype: Any, shape: Any, order: Any = "C", axis_order: Any = None
+                     ) -> np.ndarray:
+    """numpy's protocol-5 array builder: a flat buffer viewed as ``dtype``, reshaped."""
+    if not isinstance(dtype, np.dtype) or dtype.hasobject:
+        raise UnsafeInput("pickled numpy array of Python objects refused (only numeric arrays are data)")
+    if not isinstance(buf, bytes | bytearray | pickle.PickleBuffer) or not isinstance(shape, tuple) \
+            or order not in ("C", "F", "K") or axis_order is not None and not isinstance(axis_order, tuple):
+        raise BadInput("pickled numpy array has a malformed buffer, shape or order")
+    try:
+        flat = np.frombuffer(buf, dtype=dtype)
+        if order == "K" and axis_order is not None:
+            return flat.reshape(shape, order="C").transpose(axis_order)
+        return flat.reshape(shape, order="C" if order == "K" else order)
+    except (ValueError, TypeError) as e:
+        raise BadInput(f"pickled numpy array does not match its shape: {e}") from None
+
+
+def _safe_scalar(dtype: Any, data: Any = None) -> np.generic:
+    """numpy's scalar builder (``scalar(dtype, raw_bytes)``) for numeric dtypes only: an
+    object-dtype scalar would be handed a Python object built by the pickle."""
+    if not _is_numeric(dtype):
+        what = (f"built from a {type(dtype).__name__}, not a dtype," if not isinstance(dtype, np.dtype)
+                else "whose dtype holds Python objects" if dtype.hasobject else f"of dtype {dtype}")
+        raise UnsafeInput(f"pickled numpy scalar {what} refused (only bool, integer, float and complex "
+                          f"scalars are data)")
+    if not isinstance(data, bytes) or len(data) != dtype.itemsize:
+        raise BadInput(f"pickled numpy {dtype} scalar has malformed data ({type(data).__name__}, "
+                       f"{len(data) if isinstance(data, bytes) else '?'} bytes for {dtype.itemsize})")
+    return _np_scalar(dtype, data)
 
 
 _ALLOWED = {
     ("numpy.core.multiarray", "_reconstruct"): _safe_reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _safe_reconstruct,
+    ("numpy.core.multiarray", "scalar"): _safe_scalar,
+    ("numpy._core.multiarray", "scalar"): _safe_scalar,
+    ("numpy.core.numeric", "_frombuffer"): _safe_frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _safe_frombuffer,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): _safe_dtype,
 }
@@ -64,7 +113,8 @@ class _DataUnpickler(pickle.Unpickler):
         fn = _ALLOWED.get((module, name))
         if fn is None:
             raise UnsafeInput(f"{self.where} is a pickle that references {module}.{name}; only plain "
-                              f"data (dicts, lists, strings, bytes, numbers, numpy arrays) is loaded")
+                              f"data (dicts, lists, strings, bytes, numbers, numeric numpy arrays and "
+                              f"scalars) is loaded")
         return fn
 
     def persistent_load(self, pid: Any) -> Any:
@@ -77,6 +127,10 @@ def _check_plain(obj: Any, where: str, depth: int = 0) -> None:
     if isinstance(obj, np.ndarray):
         if obj.dtype.hasobject:
             raise UnsafeInput(f"{where}: numpy array of Python objects refused")
+        return
+    if isinstance(obj, np.generic):
+        if not _is_numeric(obj.dtype):
+            raise UnsafeInput(f"{where}: a numpy {obj.dtype} scalar is not plain numeric data")
         return
     if not isinstance(obj, _PLAIN) or type(obj) not in _PLAIN:
         raise UnsafeInput(f"{where}: a {type(obj).__name__} is not plain data")

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..fsutil import output_mode
 from ..logs import log
 from ..machine import cpu_features
 
@@ -108,7 +109,7 @@ def _compile(cc: str, flags: list[str], src: Path, target: Path) -> None:
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
             raise RuntimeError(f"{Path(cc).name} exited {proc.returncode}: " + " | ".join(tail))
-        os.chmod(tmp, 0o755)
+        os.chmod(tmp, output_mode(executable=True))  # mkstemp made it 0600
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

@@ -193,7 +193,9 @@ def prune(art: Artifact, opts: PruneOptions, data: Path | None = None,
     report = prune_model(out.model, opts, batches, art.input_shape, data_note=str(data) if data else None)
     if rank_note:
         report["rank_auto"] = rank_note
-    out.meta["pruning"] = report
+    # the scoring time is for the caller (--json); the manifest keeps only what the same
+    # inputs and seed reproduce
+    out.meta["pruning"] = {k: v for k, v in report.items() if k != "score_seconds"}
     out.record("prune", {**asdict(opts), "criterion": report["criterion"],
                          "data": str(data) if data else None}, seed=opts.seed)
     return out, report

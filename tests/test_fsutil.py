@@ -1,0 +1,125 @@
+"""What tedepr writes gets the modes a plain ``open``/``mkdir`` would give under the user's
+umask (never mkstemp's or safetensors' 0600), and every path it takes expands ``~``."""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tedepr_cli.fsutil import atomic_output, current_umask, expand_user, output_mode
+
+from .conftest import LENET300, MNIST, run_cli
+
+
+@pytest.fixture(params=[0o022, 0o027], ids=["umask022", "umask027"])
+def umask(request):
+    old = os.umask(request.param)
+    yield request.param
+    os.umask(old)
+
+
+def _modes(root: Path) -> dict[str, int]:
+    items = [root, *root.rglob("*")] if root.is_dir() else [root]
+    return {str(p.relative_to(root.parent)): stat.S_IMODE(p.lstat().st_mode) for p in items}
+
+
+def _assert_usual_modes(root: Path, umask: int) -> None:
+    for name, mode in _modes(root).items():
+        want = (0o777 if (root.parent / name).is_dir() else 0o666) & ~umask
+        assert mode == want, f"{name}: {oct(mode)}, expected {oct(want)} under umask {oct(umask)}"
+
+
+def test_current_umask_reads_without_changing(umask):
+    assert current_umask() == umask
+    assert output_mode() == 0o666 & ~umask and output_mode(directory=True) == 0o777 & ~umask
+    assert os.umask(umask) == umask  # unchanged by the reads above
+
+
+def test_every_file_each_command_writes_has_the_umask_mode(tmp_path, umask):
+    outs = {
+        "decompose": ["decompose", LENET300, "--arch", "lenet300", "--rank", "4", "-o", tmp_path / "d"],
+        "decompose-file": ["decompose", LENET300, "--arch", "lenet300", "--rank", "4",
+                           "-o", tmp_path / "d.safetensors"],
+        "prune": ["prune", LENET300, "--arch", "lenet300", "--sparsity", "0.99", "--criterion", "magnitude",
+                  "-o", tmp_path / "p"],
+        "finetune": ["finetune", tmp_path / "p", "--data", MNIST, "--epochs", "1", "--limit-train", "256",
+                     "-o", tmp_path / "f"],
+        "export": ["export", tmp_path / "p", "--to", "safetensors,onnx,onnx-sparse", "-o", tmp_path / "e"],
+    }
+    for name, argv in outs.items():
+        r = run_cli(*argv, "-q")
+        assert r.exit_code == 0, f"{name}: {r.stderr}"
+    seen = set()
+    for path in (Path(argv[-1]) for argv in outs.values()):
+        _assert_usual_modes(path, umask)
+        seen |= {p.name for p in (path.rglob("*") if path.is_dir() else [path])}
+    # the files that used to come out 0600 are among those checked
+    assert {"model.safetensors", "d.safetensors", "model.onnx", "model.sparse.onnx", "state.pt",
+            "metrics.jsonl", "manifest.json", "export.json", "sample_inputs.npy"} <= seen
+
+
+def test_recipe_outputs_have_the_umask_mode(tmp_path, umask, monkeypatch):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'[model]\npath = "{LENET300}"\narch = "lenet300"\n\n'
+                      '[prune]\nsparsity = 0.99\ncriterion = "magnitude"\n')
+    r = run_cli("run", recipe, "-o", tmp_path / "run", "-q")
+    assert r.exit_code == 0, r.stderr
+    assert (tmp_path / "run" / "recipe.json").is_file() and (tmp_path / "run" / "pruned").is_dir()
+    _assert_usual_modes(tmp_path / "run", umask)
+
+
+def test_atomic_output_gives_writer_made_0600_files_the_usual_mode(tmp_path, umask):
+    with atomic_output(tmp_path / "one.bin") as tmp:
+        fd, made = tempfile.mkstemp(dir=tmp_path)  # 0600, as mkstemp and safetensors make them
+        os.close(fd)
+        os.replace(made, tmp)
+    with atomic_output(tmp_path / "tree", directory=True) as tmp:
+        (tmp / "sub").mkdir(mode=0o700)
+        fd, made = tempfile.mkstemp(dir=tmp / "sub")
+        os.close(fd)
+        os.replace(made, tmp / "sub" / "x")
+        (tmp / "tool").write_text("#!/bin/sh\n")
+        (tmp / "tool").chmod(0o700)  # an executable stays executable, by the umask
+    assert stat.S_IMODE((tmp_path / "one.bin").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE((tmp_path / "tree").stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((tmp_path / "tree" / "sub").stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((tmp_path / "tree" / "sub" / "x").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE((tmp_path / "tree" / "tool").stat().st_mode) == 0o777 & ~umask
+
+
+# ---------------------------------------------------------------------------- ~
+def test_expand_user_expands_only_a_leading_tilde(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert expand_user("~") == tmp_path
+    assert expand_user("~/x.npz") == tmp_path / "x.npz"
+    assert expand_user(Path("~/a/b")) == tmp_path / "a" / "b"
+    assert str(expand_user("npz:~/x.npz")) == f"npz:{tmp_path}/x.npz"
+    assert str(expand_user("cifar10:~/c10")) == f"cifar10:{tmp_path}/c10"
+    for same in ("x.npz", "/abs/x", "a~b", "dir/~x", "$HOME/x", "npz:$HOME/x", "npz:/a/~", "~nosuchuser9/x"):
+        assert str(expand_user(same)) == same
+
+
+def test_tilde_works_in_data_specs_and_model_paths(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "x.npz").write_bytes(MNIST.read_bytes())
+    (home / "m.pt").write_bytes(LENET300.read_bytes())
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    for spec in ("npz:~/x.npz", "~/x.npz"):
+        r = run_cli("info", "--data", spec)
+        assert r.exit_code == 0, f"{spec}: {r.stderr}"
+        assert str(home / "x.npz") in r.stdout
+    r = run_cli("prune", "~/m.pt", "--arch", "lenet300", "--sparsity", "0.99", "--criterion", "snip",
+                "--data", "npz:~/x.npz", "-o", "~/pruned", "-q")
+    assert r.exit_code == 0, r.stderr
+    assert (home / "pruned" / "model.safetensors").is_file()
+    assert not (tmp_path / "~").exists()  # no directory literally named ~
+    r = run_cli("eval", "~/pruned", "--data", "npz:~/x.npz", "-q")
+    assert r.exit_code == 0, r.stderr
+    r = run_cli("info", "--data", "npz:~/missing.npz")
+    assert r.exit_code == 3 and str(home / "missing.npz") in r.stderr
