@@ -120,10 +120,11 @@ def validate(
     if json_out:
         print_json(results)
     else:
+        why = any(r.get("why") for r in results.values())  # shape mismatch, fixed batch axis
         stdout.print(table(f"validation of {path}", ["file", "ok", "max abs", "scale", "max abs / scale",
-                                                     "max rel", "why"],
+                                                     "max rel", *(["why"] if why else [])],
                            [[f, r["ok"], r["max_abs"], r["scale"], r["max_scaled"], r["max_rel"],
-                             r.get("why", "")] for f, r in results.items()]))
+                             *([r.get("why", "")] if why else [])] for f, r in results.items()]))
     bad = [f for f, r in results.items() if not r["ok"]]
     if bad:
         raise ValidationError(f"{', '.join(bad)} no longer match the saved outputs "
