@@ -13,11 +13,18 @@ only after every format passed validation, so a failed export leaves nothing beh
   with INT64 indices (what ``onnx.checker`` requires). onnxruntime densifies them when it
   loads the model: this saves disk, not memory or time.
 
-Each ONNX file is run with onnxruntime on sample inputs (from ``--data`` or random of the
-declared shape) at several batch sizes and compared with PyTorch; a miss beyond
-``atol + rtol·|ref|`` fails the export (exit code 8). ``sample_inputs.npy`` and
-``sample_outputs.npy`` are saved beside the models so :func:`validate_dir` can re-check
-them later without the original code.
+Every ONNX export is traced at an example batch of at least 2 that is *not* one of the
+validated batch sizes (:func:`trace_batch`; torch.export specialises a batch of 1 into a
+fixed axis), its batch axis must come out symbolic, and each ONNX file is then run with
+onnxruntime on sample inputs (the first test samples of ``--data``, read by the same
+loader and preprocessing as ``eval``, or random of the declared shape) at the validated
+batch sizes and compared with PyTorch. Tolerance rule (:func:`compare`): with the output
+scale ``s = max |ref|`` over the compared batch, every entry must satisfy
+``|onnx - ref| <= atol·s + rtol·|ref|``: the absolute term scales with the output, so
+outputs of 1e-6 are held to differences of about 1e-11 rather than to a fixed ``atol``. A
+miss fails the export (exit code 8). ``sample_inputs.npy`` and ``sample_outputs.npy`` are
+saved beside the models so :func:`validate_dir` can re-check them later without the
+original code.
 """
 
 from __future__ import annotations
@@ -28,7 +35,9 @@ import io
 import json
 import logging
 import math
+import re
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,24 +118,75 @@ def compact_report(art: Artifact, path: Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- onnx
-def _quiet_export():
-    """The exporter is chatty on stdout/stderr and in warnings; keep tedepr's streams clean."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(warnings.catch_warnings())
-    warnings.simplefilter("ignore")
-    for name in ("torch.onnx", "torch._export", "torch.export", "onnxscript"):
-        lg = logging.getLogger(name)
-        old = lg.level
-        lg.setLevel(logging.ERROR)
-        stack.callback(lg.setLevel, old)
-    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
-    return stack
+EXPORTER_LOGGERS = ("torch", "onnxscript", "onnx_ir", "onnx")  # top-level names the exporter logs under
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+@contextlib.contextmanager
+def _quiet_export() -> Iterator[None]:
+    """Silence the exporter for the duration of the block: every existing logger under
+    :data:`EXPORTER_LOGGERS` is raised above CRITICAL (torch attaches its own stderr
+    handlers to some, bound to the stream at import time, so redirecting ``sys.stderr``
+    alone does not mute them), ``sys.stdout``/``sys.stderr`` are redirected and warnings
+    ignored. Every level, stream and the warning filters are restored on exit."""
+    names = {n for n in logging.root.manager.loggerDict if n.split(".")[0] in EXPORTER_LOGGERS}
+    loggers = [logging.getLogger(n) for n in sorted(names | set(EXPORTER_LOGGERS))]
+    saved = [(lg, lg.level) for lg in loggers]
+    sink = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            warnings.simplefilter("ignore")
+            for lg in loggers:
+                lg.setLevel(logging.CRITICAL + 1)
+            yield
+    finally:
+        for lg, level in saved:
+            lg.setLevel(level)
+
+
+def _root_cause(e: BaseException) -> str:
+    """``Type: first line`` of the innermost exception behind ``e`` (the exporter wraps the
+    real reason in several layers), without terminal colour codes."""
+    seen = {id(e)}
+    while (nxt := e.__cause__ or e.__context__) is not None and id(nxt) not in seen:
+        seen.add(id(nxt))
+        e = nxt
+    lines = [ln.strip() for ln in _ANSI.sub("", str(e)).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0][:300]}" if lines else type(e).__name__
+
+
+def trace_batch(batch_sizes: list[int]) -> int:
+    """The example batch an export is traced at: the smallest batch >= 2 that is not
+    validated, so every validated batch runs a shape the trace never saw. A batch of 1 is
+    never used: torch.export specialises size-1 dimensions (its 0/1 specialisation), which
+    either fixes the batch axis at 1 or fails on the dynamic-shape constraint."""
+    b = 2
+    while b in batch_sizes:
+        b += 1
+    return b
+
+
+def fixed_batch_axes(proto) -> list[str]:
+    """Names of the graph inputs and outputs of ``proto`` (an ``onnx.ModelProto``) whose
+    first (batch) axis is not symbolic; an exported model must have none."""
+    fixed = []
+    for v in [*proto.graph.input, *proto.graph.output]:
+        dims = v.type.tensor_type.shape.dim
+        if not dims or not dims[0].dim_param or dims[0].HasField("dim_value"):
+            shape = [d.dim_param or d.dim_value for d in dims]
+            fixed.append(f"{v.name} {shape}")
+    return fixed
 
 
 def to_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int):
-    """An ``onnx.ModelProto`` of ``model`` with a dynamic batch axis (input ``x``, output
-    ``logits``). Masks are folded into the weights first (a copy), so the graph holds the
-    pruned tensors themselves, not a mask multiply."""
+    """An ``onnx.ModelProto`` of ``model`` traced at ``example`` (batch >= 2, see
+    :func:`trace_batch`) with a dynamic batch axis (input ``x``, output ``logits``). Masks are
+    folded into the weights first (a copy), so the graph holds the pruned tensors themselves,
+    not a mask multiply.
+
+    Raises :class:`EngineUnavailable` without onnx/onnxscript, and :class:`ValidationError`
+    when the exporter fails (one line: the innermost reason) or leaves the batch axis of an
+    input or output fixed."""
     import torch.onnx
 
     from .masks import folded_copy
@@ -140,8 +200,13 @@ def to_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int):
     except ImportError as e:
         raise EngineUnavailable(f"ONNX export needs onnx/onnxscript: {e}") from None
     except Exception as e:  # the exporter raises many kinds
-        raise ValidationError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise ValidationError(f"ONNX export failed: {_root_cause(e)}") from None
     proto = prog.model_proto
+    fixed = fixed_batch_axes(proto)
+    if fixed:
+        raise ValidationError(f"the exported ONNX has a fixed batch axis ({'; '.join(fixed)}) although it "
+                              f"was traced at batch {example.shape[0]} with a dynamic batch: the model "
+                              f"specialises on its batch size")
     for node in proto.graph.node:  # stack traces and FX dumps: a third of the file, and local paths
         del node.metadata_props[:]
     return proto
@@ -192,46 +257,99 @@ def run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
 
 
 def compare(got: np.ndarray, ref: np.ndarray, atol: float, rtol: float) -> dict[str, Any]:
-    """Max absolute / relative difference and whether ``|got - ref| <= atol + rtol·|ref|``."""
+    """Whether ``got`` matches ``ref`` (same shape, both any float array) within tolerance.
+
+    Rule: with the output scale ``s = max |ref|`` (over the whole array), every entry must
+    satisfy ``|got - ref| <= atol·s + rtol·|ref|`` and ``got`` must be finite. ``atol`` is
+    thus a fraction of the output's scale, not a fixed number: a fixed 1e-5 would pass any
+    difference on outputs of about 1e-6. An all-zero ``ref`` must be matched exactly.
+    Returns ``ok``, ``max_abs`` (max ``|got - ref|``), ``max_rel`` (max entrywise
+    ``|got - ref| / |ref|``), ``scale`` (``s``) and ``max_scaled`` (``max_abs / s``)."""
     if got.shape != ref.shape:
-        return {"ok": False, "max_abs": None, "max_rel": None,
+        return {"ok": False, "max_abs": None, "max_rel": None, "scale": None, "max_scaled": None,
                 "why": f"shape {list(got.shape)} != {list(ref.shape)}"}
-    diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
-    ok = bool(np.isfinite(got).all() and (diff <= atol + rtol * np.abs(ref)).all())
-    rel = diff / np.maximum(np.abs(ref), 1e-12)
-    return {"ok": ok, "max_abs": float(diff.max()) if diff.size else 0.0,
-            "max_rel": float(rel.max()) if rel.size else 0.0}
+    r = ref.astype(np.float64)
+    diff = np.abs(got.astype(np.float64) - r)
+    scale = float(np.abs(r).max()) if r.size else 0.0
+    ok = bool(np.isfinite(got).all() and (diff <= atol * scale + rtol * np.abs(r)).all())
+    max_abs = float(diff.max()) if diff.size else 0.0
+    rel = diff / np.maximum(np.abs(r), 1e-12)
+    return {"ok": ok, "max_abs": max_abs, "max_rel": float(rel.max()) if rel.size else 0.0,
+            "scale": scale, "max_scaled": max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else None)}
 
 
 # ---------------------------------------------------------------------------- export
-def sample_inputs(art: Artifact, n: int, data: Path | None, seed: int) -> np.ndarray:
-    """``n`` inputs of the model's shape: the first test samples of ``data``, or random."""
-    if data is not None:
-        from .data import load_npz, present
+def sample_inputs(art: Artifact, n: int, data: Path | None, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """``n`` inputs of the model's shape and where they came from: the first readable
+    test samples of ``data`` (any ``--data`` layout, ``[reader:]PATH``), presented and
+    normalized as ``tedepr eval`` does (the statistics recorded in the artifact's manifest,
+    else the data family's), or uniform random in [0, 1) from ``seed``.
 
-        d = load_npz(data).subset("test")
-        if len(d) < n:
-            raise BadInput(f"{data} has only {len(d)} test samples; need {n}")
-        return present(d.x[:n], art.input_shape, art.input_kind).numpy()
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, *art.input_shape, generator=g).numpy()
+    Raises :class:`InputNotFound`/:class:`BadInput` for unreadable data or fewer than
+    ``n`` readable test samples."""
+    if data is None:
+        g = torch.Generator().manual_seed(seed)
+        return torch.rand(n, *art.input_shape, generator=g).numpy(), {"source": "random", "seed": seed}
+    from .datasets import make_split, open_dataset, resolve_preprocess
+
+    ds = open_dataset(data)
+    pre = resolve_preprocess(ds, art.input_shape, art.input_kind, augment=False,
+                             recorded=(art.meta.get("data") or {}).get("preprocess"))
+    split = make_split(ds, "test", art.input_shape, art.input_kind, pre)
+    xs, got, pos = [], 0, 0
+    while got < n and pos < len(split):  # unreadable files are skipped: read on until n
+        stop = min(pos + n - got, len(split))
+        b = split.load(np.arange(pos, stop))
+        xs.append(b.x)
+        got, pos = got + len(b.x), stop
+    if got < n:
+        raise BadInput(f"{data} has only {got} readable test samples; the export needs {n}")
+    info = {"source": "data", "reader": ds.reader, "split": "test", "normalize": pre.normalize,
+            "mean": pre.mean, "std": pre.std}
+    return torch.cat(xs).numpy(), info
+
+
+def kept_counts(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, int]:
+    """``params`` (all parameters), ``kept`` (prunable entries -- weights or cores -- that
+    the masks keep: the count ``tedepr prune`` reports) and ``other`` (parameters outside
+    the prunable set: biases, norms, embeddings)."""
+    from .masks import plain_named_parameters
+    from .pruning.targets import prunable_params
+
+    params = plain_named_parameters(model)
+    prunable = set(prunable_params(model)) | set(masks)
+    kept = sum(int(masks[n].sum()) if n in masks else params[n].numel() for n in prunable)
+    total = sum(p.numel() for p in params.values())
+    return {"params": total, "kept": kept, "other": total - sum(params[n].numel() for n in prunable)}
 
 
 def export(art: Artifact, out: Path, opts: ExportOptions, data: Path | None = None,
            overwrite: bool = False) -> dict[str, Any]:
-    """Write the requested formats to ``out`` (a directory), each validated."""
+    """Write the requested formats to ``out`` (a directory), each validated (see the module
+    docstring for the tracing rule and the tolerance). Raises :class:`ValidationError` on
+    a miss, with nothing written. The model's train/eval mode is restored afterwards."""
+    opts.validate()
+    was_training = art.model.training
+    art.model.eval()
+    try:
+        return _export(art, out, opts, data, overwrite)
+    finally:
+        art.model.train(was_training)
+
+
+def _export(art: Artifact, out: Path, opts: ExportOptions, data: Path | None, overwrite: bool
+            ) -> dict[str, Any]:
     import onnx
 
-    opts.validate()
-    model = art.model.eval()
-    n = max(opts.batch_sizes)
-    x_all = sample_inputs(art, n, data, opts.seed)
+    model = art.model
+    traced = trace_batch(opts.batch_sizes)
+    n = max(*opts.batch_sizes, traced)
+    x_all, source = sample_inputs(art, n, data, opts.seed)
     with torch.no_grad():
-        refs = {b: model(torch.from_numpy(x_all[:b])).numpy() for b in opts.batch_sizes}
+        refs = {b: model(torch.from_numpy(x_all[:b])).numpy() for b in sorted({*opts.batch_sizes, n})}
     report: dict[str, Any] = {"options": asdict(opts), "data": str(data) if data else None,
-                              "formats": {}, "validation": {}}
-    params = sum(p.numel() for p in model.parameters())
-    kept = params - sum(int((~m).sum()) for m in art.masks.values())
+                              "inputs": source, "formats": {}, "validation": {}}
+    counts = kept_counts(model, art.masks)
     report["dense_original"] = _dense_original(art)
     exported = art
     with atomic_output(out, overwrite=overwrite, directory=True) as tmp:
@@ -250,10 +368,11 @@ def export(art: Artifact, out: Path, opts: ExportOptions, data: Path | None = No
             report["validation"]["safetensors"] = {"bit_exact": same}
             if not same:
                 raise ValidationError("the compact safetensors file does not reload to the same outputs")
-            report["formats"]["safetensors"] = _row(path, params, kept)
+            report["formats"]["safetensors"] = _row(path, counts)
             report["compact"] = compact_report(art, path)
         if "onnx" in opts.formats or "onnx-sparse" in opts.formats:
-            proto = to_onnx(model, torch.from_numpy(x_all[:2] if n >= 2 else x_all), opts.opset)
+            proto = to_onnx(model, torch.from_numpy(x_all[:traced]), opts.opset)
+            report["traced_batch"] = traced
             for fmt in ("onnx", "onnx-sparse"):
                 if fmt not in opts.formats:
                     continue
@@ -275,17 +394,24 @@ def export(art: Artifact, out: Path, opts: ExportOptions, data: Path | None = No
                 bad = [b for b, c in checks.items() if not c["ok"]]
                 if bad:
                     c = checks[bad[0]]
-                    raise ValidationError(f"{path.name} differs from PyTorch at batch {bad[0]}: max abs "
-                                          f"{c['max_abs']}, max rel {c['max_rel']} (atol {opts.atol}, "
-                                          f"rtol {opts.rtol})")
-                report["formats"][fmt] = _row(path, params, kept)
+                    raise ValidationError(f"{path.name} differs from PyTorch at batch {bad[0]}: "
+                                          f"{_miss(c)} (atol {opts.atol} x scale + rtol {opts.rtol} x |ref|)")
+                report["formats"][fmt] = _row(path, counts)
         (tmp / "export.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     return report
 
 
-def _row(path: Path, params: int, kept: int) -> dict[str, Any]:
+def _miss(c: dict[str, Any]) -> str:
+    if c.get("why"):
+        return c["why"]
+    scaled = "inf" if c["max_scaled"] is None else f"{c['max_scaled']:.3g}"
+    return (f"max abs diff {c['max_abs']:.3g} on outputs of scale {c['scale']:.3g} (max abs / scale "
+            f"{scaled}, max rel {c['max_rel']:.3g})")
+
+
+def _row(path: Path, counts: dict[str, int]) -> dict[str, Any]:
     raw, gz = sizes(path.read_bytes())
-    return {"file": path.name, "params": params, "kept": kept, "bytes": raw, "gzip_bytes": gz}
+    return {"file": path.name, **counts, "bytes": raw, "gzip_bytes": gz}
 
 
 def _dense_original(art: Artifact) -> dict[str, Any]:
@@ -299,13 +425,16 @@ def _dense_original(art: Artifact) -> dict[str, Any]:
         dense = build(art.arch, allow_import=art.arch.is_import)
     state = {k: v.contiguous() for k, v in dense.state_dict().items()}
     raw, gz = sizes(st_save(state))
-    n = sum(p.numel() for p in dense.parameters())
-    return {"file": "(dense original, fp32 safetensors)", "params": n, "kept": n, "bytes": raw,
+    return {"file": "(dense original, fp32 safetensors)", **kept_counts(dense, {}), "bytes": raw,
             "gzip_bytes": gz, "note": "gzip size measured on this architecture's initial weights"}
 
 
 def validate_dir(path: Path, atol: float = 1e-5, rtol: float = 1e-4) -> dict[str, Any]:
-    """Re-run every exported model in ``path`` on its saved sample inputs."""
+    """Re-run every exported model in ``path`` on its saved sample inputs and compare with
+    the saved outputs by :func:`compare`'s rule; an ONNX file whose batch axis is fixed
+    fails too. Raises :class:`BadInput` when ``path`` is no export directory."""
+    import onnx
+
     xi, xo = path / "sample_inputs.npy", path / "sample_outputs.npy"
     if not xi.is_file() or not xo.is_file():
         raise BadInput(f"{path} has no sample_inputs.npy/sample_outputs.npy (not a tedepr export)")
@@ -316,6 +445,9 @@ def validate_dir(path: Path, atol: float = 1e-5, rtol: float = 1e-4) -> dict[str
     results: dict[str, Any] = {}
     for f in sorted(path.glob("*.onnx")):
         results[f.name] = compare(run_onnx(f, x), y, atol, rtol)
+        fixed = fixed_batch_axes(onnx.load(str(f), load_external_data=False))
+        if fixed:
+            results[f.name].update(ok=False, why=f"fixed batch axis: {'; '.join(fixed)}")
     st = path / FILES["safetensors"]
     if st.exists():
         art = load_artifact(st)

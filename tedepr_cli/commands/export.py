@@ -24,6 +24,12 @@ from ..cli import (
 )
 from ..console import print_json, stdout, table
 
+AtolOpt = Annotated[float, typer.Option(
+    "--atol", help="Validation: absolute tolerance as a fraction of the output's scale: an entry "
+    "misses when |onnx - torch| > atol x max|torch| + rtol x |torch|.")]
+RtolOpt = Annotated[float, typer.Option(
+    "--rtol", help="Validation: relative tolerance per entry (the rtol x |torch| term of the --atol rule).")]
+
 
 @command
 def export(
@@ -33,10 +39,12 @@ def export(
     to: Annotated[str, typer.Option("--to", help="Comma list of safetensors, onnx, onnx-sparse "
                                     "(cores/weights as ONNX sparse_initializers).")] = "safetensors,onnx",
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset (17..23).")] = 18,
-    atol: Annotated[float, typer.Option("--atol", help="Validation: absolute tolerance.")] = 1e-5,
-    rtol: Annotated[float, typer.Option("--rtol", help="Validation: relative tolerance.")] = 1e-4,
-    batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Batch sizes validated "
-                                             "(the ONNX batch axis is dynamic).")] = "1,7",
+    atol: AtolOpt = 1e-5,
+    rtol: RtolOpt = 1e-4,
+    batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Batch sizes the ONNX files are run "
+                                             "at and compared with PyTorch; the export is traced at the "
+                                             "smallest batch >= 2 not listed, and its batch axis must "
+                                             "be dynamic.")] = "1,7",
     data: DataOpt = None,
     seed: Seed = 0,
     overwrite: Overwrite = False,
@@ -70,10 +78,12 @@ def export(
     for name, r in [("dense original", report.get("dense_original") or {}),
                     *[(f, report["formats"][f]) for f in report["formats"]]]:
         if r:
-            rows.append([name, r["params"], r["kept"], r["bytes"], human_bytes(r["bytes"]),
+            rows.append([name, r["params"], r["kept"], r["other"], r["bytes"], human_bytes(r["bytes"]),
                          r["gzip_bytes"], human_bytes(r["gzip_bytes"])])
-    stdout.print(table(f"export to {output}", ["format", "params", "kept", "bytes", "", "gzip bytes", ""],
-                       rows, right={1, 2, 3, 4, 5, 6}))
+    stdout.print(table(f"export to {output}", ["format", "params", "kept weights", "other params", "bytes",
+                                               "", "gzip bytes", ""], rows, right={1, 2, 3, 4, 5, 6, 7}))
+    stdout.print("kept weights: prunable entries (weights or cores) kept, as `tedepr prune` counts them; "
+                 "other params: biases, norms and other unpruned parameters")
     c = report.get("compact")
     if c and c["ratio"] is not None:
         entropy = c["minimal_bytes"] - 4 * c["kept_values"]
@@ -84,18 +94,19 @@ def export(
         if fmt == "safetensors":
             stdout.print(f"validated safetensors: reload bit-exact = {v['bit_exact']}")
         else:
-            worst = max(v.values(), key=lambda c: c["max_abs"])
-            stdout.print(f"validated {fmt} with onnxruntime at batch {', '.join(v)}: max abs diff "
-                         f"{worst['max_abs']:.3g}, max rel diff {worst['max_rel']:.3g}")
+            worst = max(v.values(), key=lambda c: c["max_scaled"])
+            stdout.print(f"validated {fmt} with onnxruntime at batch {', '.join(v)} (traced at batch "
+                         f"{report['traced_batch']}, batch axis dynamic): max abs diff "
+                         f"{worst['max_abs']:.3g} on outputs of scale {worst['scale']:.3g} "
+                         f"({worst['max_scaled']:.3g} of it), max rel diff {worst['max_rel']:.3g}")
 
 
 @command
 def validate(
     path: Annotated[Path, typer.Argument(help="A directory written by `tedepr export`.",
                                          show_default=False)],
-    atol: Annotated[float, typer.Option(
-        "--atol", help="Absolute tolerance: a miss is |onnx - saved| > atol + rtol x |saved|.")] = 1e-5,
-    rtol: Annotated[float, typer.Option("--rtol", help="Relative tolerance (see --atol).")] = 1e-4,
+    atol: AtolOpt = 1e-5,
+    rtol: RtolOpt = 1e-4,
     json_out: JsonOut = False, verbose: Verbose = 0, quiet: Quiet = False,
 ) -> None:
     """Re-check an export directory: run every model on its saved sample inputs and compare
@@ -109,9 +120,12 @@ def validate(
     if json_out:
         print_json(results)
     else:
-        stdout.print(table(f"validation of {path}", ["file", "ok", "max abs", "max rel"],
-                           [[f, r["ok"], r["max_abs"], r["max_rel"]] for f, r in results.items()]))
+        why = any(r.get("why") for r in results.values())  # shape mismatch, fixed batch axis
+        stdout.print(table(f"validation of {path}", ["file", "ok", "max abs", "scale", "max abs / scale",
+                                                     "max rel", *(["why"] if why else [])],
+                           [[f, r["ok"], r["max_abs"], r["scale"], r["max_scaled"], r["max_rel"],
+                             *([r.get("why", "")] if why else [])] for f, r in results.items()]))
     bad = [f for f, r in results.items() if not r["ok"]]
     if bad:
         raise ValidationError(f"{', '.join(bad)} no longer match the saved outputs "
-                              f"(atol {atol}, rtol {rtol})")
+                              f"(atol {atol} x scale + rtol {rtol} x |ref|)")
