@@ -290,11 +290,10 @@ def sample_inputs(art: Artifact, n: int, data: Path | None, seed: int) -> tuple[
     if data is None:
         g = torch.Generator().manual_seed(seed)
         return torch.rand(n, *art.input_shape, generator=g).numpy(), {"source": "random", "seed": seed}
-    from .datasets import make_split, open_dataset, resolve_preprocess
+    from .datasets import make_split
+    from .model_data import open_for_model
 
-    ds = open_dataset(data)
-    pre = resolve_preprocess(ds, art.input_shape, art.input_kind, augment=False,
-                             recorded=(art.meta.get("data") or {}).get("preprocess"))
+    ds, pre = open_for_model(data, art)
     split = make_split(ds, "test", art.input_shape, art.input_kind, pre)
     xs, got, pos = [], 0, 0
     while got < n and pos < len(split):  # unreadable files are skipped: read on until n

@@ -47,19 +47,17 @@ from .datasets import (
     Dataset,
     Preprocess,
     Split,
-    check_classes,
     epoch_batches,
     iterate,
     make_split,
-    open_dataset,
-    resolve_preprocess,
 )
 from .distill import distill_loss, load_teacher
 from .errors import BadInput, EngineUnavailable, OutputError, TrainingDiverged, UsageError
-from .evaluate import evaluate_split, num_outputs
+from .evaluate import evaluate_split
 from .fsutil import atomic_output, check_output
 from .logs import log
 from .masks import load_plain_state, plain_state_dict
+from .model_data import open_for_model
 
 OPTIMIZERS = ("sgd", "adamw", "adam")
 _NORMALIZE_HELP = f"--normalize must be one of {', '.join(NORMALIZE_CHOICES)}"
@@ -151,11 +149,9 @@ def data_section(ds: Dataset, pre: Preprocess) -> dict[str, Any]:
 
 def load_splits(data: Path, art: Artifact, opts: TrainOptions) -> Splits:
     """Train (minus a stratified, seeded validation share), validation and test splits."""
-    ds = open_dataset(data)
-    check_classes(ds, num_outputs(art.model, art.input_shape))
+    ds, pre = open_for_model(data, art, normalize=opts.normalize, augment=opts.augment, seed=opts.seed,
+                             strict=opts.strict_data)
     shape, kind = art.input_shape, art.input_kind
-    pre = resolve_preprocess(ds, shape, kind, normalize=opts.normalize, augment=opts.augment, seed=opts.seed,
-                             recorded=(art.meta.get("data") or {}).get("preprocess"), strict=opts.strict_data)
     log.info(f"preprocessing: normalize {pre.normalize}"
              + (f" (mean {pre.mean}, std {pre.std})" if pre.mean else "")
              + f", augment {pre.augment or 'off'}")

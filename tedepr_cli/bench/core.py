@@ -316,17 +316,23 @@ def run_bench(target: Target, opts: BenchOptions, baseline_path: Path | None = N
 
 def _accuracy(art: Artifact, base: nn.Module, real_base: bool, data: Path, plans: dict[str, Any],
               opts: BenchOptions) -> dict[str, Any]:
-    from ..data import load_split
-    from ..evaluate import evaluate, num_outputs
+    from ..evaluate import evaluate
     from ..execution import build_model
+    from ..model_data import tensors_for
 
-    x, y = load_split(data, "test", art.input_shape, art.input_kind, num_outputs(art.model, art.input_shape))
+    # each model sees the data as it was trained to: the compressed one with the preprocessing
+    # its manifest records (as `tedepr eval`), the baseline checkpoint with the family default
+    x, y = tensors_for(art, data, "test")
     out: dict[str, Any] = {"data": str(data), "split": "test", "samples": len(y)}
     out["compressed"] = evaluate(art.model, x, y)["accuracy"]
     if plans:
         plan = plans[max(plans, key=int)]
         out["compressed_tedepr_engine"] = evaluate(build_model(art, plan, opts.threads), x, y)["accuracy"]
-    out["baseline"] = evaluate(base, x, y)["accuracy"] if real_base else None
+    if real_base:
+        xb, yb = tensors_for(Artifact(model=base, arch=None), data, "test")
+        out["baseline"] = evaluate(base, xb, yb)["accuracy"]
+    else:
+        out["baseline"] = None
     if not real_base:
         out["note"] = "no --baseline checkpoint: baseline accuracy unknown"
     return out

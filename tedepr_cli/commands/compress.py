@@ -78,11 +78,10 @@ def _split_globs(values: list[str]) -> list[str]:
 
 
 def _accuracy(art, data: Path, split: str = "test") -> float:
-    from ..data import load_split
-    from ..evaluate import evaluate, num_outputs
+    from ..evaluate import evaluate
+    from ..model_data import tensors_for
 
-    x, y = load_split(data, split, art.input_shape, art.input_kind,
-                      num_outputs(art.model, art.input_shape))
+    x, y = tensors_for(art, data, split)
     return evaluate(art.model, x, y)["accuracy"]
 
 

@@ -21,7 +21,6 @@ import torch
 from ..artifact import Artifact
 from ..decompose import DecomposeOptions, decompose
 from ..errors import BadInput, UsageError
-from ..evaluate import num_outputs
 from ..logs import log
 from ..masks import attach_masks, get_masks
 from ..tensorized.tt import TTLinear
@@ -101,14 +100,10 @@ def _score_mode(model: torch.nn.Module, mode: str) -> Iterator[None]:
 def _batches(data: Path, art: Artifact, n: int, size: int, gen: torch.Generator
              ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``n`` seeded random batches from the train split (any ``--data`` layout), presented
-    as the model needs (with the data family's evaluation preprocessing)."""
-    from ..datasets import check_classes, make_split, open_dataset, resolve_preprocess
+    as the model needs (:mod:`tedepr_cli.model_data`: the recorded preprocessing)."""
+    from ..model_data import split_for
 
-    ds = open_dataset(data)
-    check_classes(ds, num_outputs(art.model, art.input_shape))
-    pre = resolve_preprocess(ds, art.input_shape, art.input_kind, augment=False,
-                             recorded=(art.meta.get("data") or {}).get("preprocess"))
-    train = make_split(ds, "train", art.input_shape, art.input_kind, pre)
+    train = split_for(art, data, "train")
     out = []
     for _ in range(n):
         idx = torch.randperm(len(train), generator=gen)[: min(size, len(train))].numpy()
