@@ -9,7 +9,8 @@ from typing import Annotated, Any
 
 import typer
 
-from ..cli import (
+from ..console import print_json, stdout, table
+from .common import (
     DataOpt,
     JsonOut,
     Output,
@@ -18,7 +19,6 @@ from ..cli import (
     Verbose,
     command,
 )
-from ..console import print_json, stdout, table
 
 
 @command

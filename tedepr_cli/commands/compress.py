@@ -8,7 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from ..cli import (
+from ..console import print_json, stdout, table
+from .common import (
     Arch,
     ArchKwargs,
     DataOpt,
@@ -25,7 +26,6 @@ from ..cli import (
     command,
     torch_seed,
 )
-from ..console import print_json, stdout, table
 
 
 def _parse_ranks(values: list[str]) -> tuple[int | None, dict[str, int]]:

@@ -7,7 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
-from ..cli import (
+from ..console import print_json, stdout, table
+from .common import (
     Arch,
     ArchKwargs,
     InputShape,
@@ -18,7 +19,6 @@ from ..cli import (
     _load,
     command,
 )
-from ..console import print_json, stdout, table
 
 
 @command

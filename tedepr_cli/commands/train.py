@@ -8,7 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from ..cli import (
+from ..console import print_json, stdout, table
+from .common import (
     Arch,
     ArchKwargs,
     InputShape,
@@ -23,7 +24,6 @@ from ..cli import (
     command,
     torch_seed,
 )
-from ..console import print_json, stdout, table
 
 
 @command
