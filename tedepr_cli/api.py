@@ -40,6 +40,7 @@ from .errors import BadInput, UsageError
 from .masks import get_masks, remove_masks
 from .pruning.criteria import CriterionOptions
 from .pruning.prune import PruneOptions, auto_rank, prune_model
+from .surgery import eval_mode
 
 __all__ = ["tensorize", "prune", "get_masks", "remove_masks", "save", "load", "accelerate",
            "export_onnx"]
@@ -249,14 +250,9 @@ def export_onnx(model: nn.Module, path: str | Path, *, example_input: Tensor, op
     if not isinstance(example_input, Tensor) or example_input.dim() < 1 or example_input.shape[0] < 2:
         raise UsageError("example_input must be a batch of at least 2 samples (e.g. x[:2])")
     path = Path(path)
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            ref = model(example_input).numpy()
+    with eval_mode(model), torch.no_grad():
+        ref = model(example_input).numpy()
         proto = to_onnx(model, example_input, opset)
-    finally:
-        model.train(was)
     if sparse:
         sparsify_initializers(proto)
     with atomic_output(path, overwrite=overwrite) as tmp:

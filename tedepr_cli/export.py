@@ -49,6 +49,7 @@ from safetensors.torch import save as st_save
 from .artifact import Artifact, load_artifact, save_artifact
 from .errors import BadInput, EngineUnavailable, UsageError, ValidationError
 from .fsutil import atomic_output
+from .surgery import eval_mode
 
 FORMATS = ("safetensors", "onnx", "onnx-sparse")
 FILES = {"safetensors": "model.safetensors", "onnx": "model.onnx", "onnx-sparse": "model.sparse.onnx"}
@@ -328,12 +329,8 @@ def export(art: Artifact, out: Path, opts: ExportOptions, data: Path | None = No
     docstring for the tracing rule and the tolerance). Raises :class:`ValidationError` on
     a miss, with nothing written. The model's train/eval mode is restored afterwards."""
     opts.validate()
-    was_training = art.model.training
-    art.model.eval()
-    try:
+    with eval_mode(art.model):
         return _export(art, out, opts, data, overwrite)
-    finally:
-        art.model.train(was_training)
 
 
 def _export(art: Artifact, out: Path, opts: ExportOptions, data: Path | None, overwrite: bool

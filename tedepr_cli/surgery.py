@@ -1,7 +1,11 @@
 """Module surgery: replacing one submodule of a model by name (the one place that does it:
-tensorization swaps layers in, the execution planner swaps planned modules in)."""
+tensorization swaps layers in, the execution planner swaps planned modules in), and running a
+model in eval mode without changing the caller's train/eval flags."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from torch import nn
 
@@ -14,3 +18,17 @@ def swap_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     old = getattr(parent, attr)
     setattr(parent, attr, new)
     return old
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode for the ``with`` block; afterwards every submodule gets back its
+    own train/eval flag (``model.train(was)`` would flatten a mix, e.g. frozen BatchNorm in a
+    training model)."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, was in flags:
+            m.training = was

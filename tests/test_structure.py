@@ -49,7 +49,8 @@ def _graph() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
                     target = f"{base}.{node.module}" if node.module else base
                 else:
                     target = node.module or ""
-                targets = [f"{target}.{a.name}" if f"{target}.{a.name}" in mods else target for a in node.names]
+                targets = [f"{target}.{a.name}" if f"{target}.{a.name}" in mods else target
+                           for a in node.names]
             else:
                 targets = [a.name for a in node.names]
             for t in targets:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import BadInput, UsageError
-from ..surgery import swap_module
+from ..surgery import eval_mode, swap_module
 from .layers import FORMATS, build_layer, to_dense_layer
 
 SUPPORTED = (nn.Linear, nn.Conv2d, nn.LSTM, nn.MultiheadAttention)
@@ -265,13 +265,10 @@ def _conv_input_sizes(model: nn.Module, input_shape: tuple[int, ...]) -> dict[st
         if isinstance(mod, nn.Conv2d):
             hooks.append(mod.register_forward_pre_hook(
                 lambda m, a, name=name: sizes.__setitem__(name, tuple(a[0].shape[-2:]))))
-    was = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(torch.zeros(1, *input_shape))
     finally:
-        model.train(was)
         for h in hooks:
             h.remove()
     return sizes
