@@ -184,10 +184,17 @@ def test_artifact_written_before_masks_rode_on_the_module_still_loads():
 
 def test_library_leaves_the_callers_state_alone():
     model = Net().train()
+    model.bn.eval()  # a frozen BatchNorm inside a training model: a mix of flags to keep
+    flags = {n: m.training for n, m in model.named_modules()}
     x, _, loader = _data()
     threads = torch.get_num_threads()
     tedepr.prune(model, sparsity=0.9, batches=loader, criterion="snip", example_input=x[:1])
-    assert model.training and all(m.training for m in model.modules())
+    from tedepr_cli.evaluate import evaluate, num_outputs
+
+    assert num_outputs(model, (1, 28, 28)) == 10
+    evaluate(model, x[:8], torch.zeros(8, dtype=torch.long))
+    assert {n: m.training for n, m in model.named_modules() if ".parametrizations" not in n} == flags
+    model.train()
     fast = tedepr.accelerate(model, batch=4, threads=1, example_input=x[:1])
     assert torch.get_num_threads() == threads
     assert model.training and get_masks(model)  # accelerate works on a copy
