@@ -12,7 +12,6 @@ beside the timings.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import gzip
 import os
@@ -20,7 +19,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,8 @@ from torch import nn
 
 from .. import __version__
 from ..artifact import Artifact, load_artifact, save_artifact
+from ..device import exact_fp32
+from ..device import resolve as resolve_device
 from ..errors import (
     BadInput,
     EngineUnavailable,
@@ -80,16 +81,6 @@ class BenchOptions:
     def gate(self) -> str:
         """The engine the CI gates judge."""
         return self.gate_engine or ("triton" if self.device == "cuda" else "tedepr")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``cpu`` or the current CUDA device; EngineUnavailable when CUDA is asked for and absent."""
-    if name != "cuda":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        why = "this torch is a CPU build" if torch.version.cuda is None else "torch sees no GPU"
-        raise EngineUnavailable(f"--device cuda: no CUDA device on this machine ({why})")
-    return torch.device("cuda", torch.cuda.current_device())
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -202,18 +193,6 @@ def unavailable(engine: str, device: torch.device) -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def _exact_fp32() -> Iterator[None]:
-    """TF32 off for CUDA matmuls and convolutions inside the block (restored after), so an
-    error check measures the kernels, not TF32's 10-bit mantissa."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 def max_rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
     """Largest absolute difference over the largest absolute reference value (the error
     relative to the output's scale; elementwise ratios blow up at outputs near zero)."""
@@ -224,7 +203,7 @@ def max_rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
 def triton_error(model: nn.Module, art: Artifact, x: torch.Tensor, device: torch.device) -> float:
     """:func:`max_rel_error` of the Triton engine's output against :data:`TRITON_REFERENCE`."""
     with torch.no_grad():
-        with _exact_fp32():
+        with exact_fp32():
             got = model(x.to(device))
         ref = copy.deepcopy(art.model).double().eval()(x.double())
     return max_rel_error(got, ref)

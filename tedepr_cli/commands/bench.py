@@ -67,8 +67,9 @@ def bench(
     percentiles, speed-ups with their spread, sizes, peak memory, planner choices and accuracy."""
     import json as _json
 
-    from ..bench.core import BenchOptions, check_gates, load_saved, load_target, resolve_device, run_bench
+    from ..bench.core import BenchOptions, check_gates, load_saved, load_target, run_bench
     from ..console import human_bytes, log
+    from ..device import resolve as resolve_device
     from ..errors import UsageError
 
     try:
