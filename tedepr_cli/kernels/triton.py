@@ -28,7 +28,7 @@ from .layout import ChainLayout
 from .torch_path import TorchChain
 
 BLOCKS = (32, 64, 128, 256)  # lanes per program: the smallest that covers a step's columns
-_kernels: dict[bool, Any] = {}  # interpreted or compiled -> the jitted kernel
+_kernel: Any = None
 
 
 def interpreted() -> bool:
@@ -63,11 +63,11 @@ def block_for(n_cols: int) -> int:
 
 
 def _csr_step_kernel() -> Any:
-    """Build the jitted kernel on first use, once per mode (``TRITON_INTERPRET`` is read
-    here, so setting it before the first call counts)."""
-    mode = interpreted()
-    if mode in _kernels:
-        return _kernels[mode]
+    """Build the jitted kernel on first use. Triton picks its interpreter when it is first
+    imported: ``TRITON_INTERPRET=1`` must be set before that (tests: a fresh process)."""
+    global _kernel
+    if _kernel is not None:
+        return _kernel
     import triton
     import triton.language as tl
 
@@ -89,7 +89,7 @@ def _csr_step_kernel() -> Any:
         base = tl.load(roff_ptr + o).to(tl.int64) + tl.load(goff_ptr + g, mask=ok, other=0).to(tl.int64)
         tl.store(y_ptr + base * batch + b, acc, mask=ok)
 
-    _kernels[mode] = csr_step
+    _kernel = csr_step
     return csr_step
 
 
