@@ -189,6 +189,7 @@ def plan(
     threads: Annotated[int, typer.Option("--threads", help="Threads the plan is made for.")] = 1,
     override: Annotated[list[str] | None, typer.Option(
         "--override", help="Force a layer's engine: name=kernel|dense|torch (globs, repeatable).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random batch layers are timed on.")] = 0,
     overwrite: Overwrite = False,
     json_out: JsonOut = False, verbose: Verbose = 0, quiet: Quiet = False,
 ) -> None:
@@ -220,10 +221,10 @@ def plan(
     torch.set_num_threads(threads)
     plans = {}
     for b in batches:
-        p = plan_execution(art, b, threads, overrides=overrides)
+        p = plan_execution(art, b, threads, overrides=overrides, seed=seed)
         store_plan(art, p)
         plans[str(b)] = p
-    art.record("plan", {"batch": batches, "threads": threads, "override": overrides})
+    art.record("plan", {"batch": batches, "threads": threads, "override": overrides}, seed=seed)
     save_artifact(art, output, overwrite=overwrite)
     log.info(f"wrote {output}")
     if json_out:
