@@ -291,22 +291,21 @@ def _run(target: Target, opts: BenchOptions, device: torch.device, baseline_path
     for b in opts.batches:
         x = input_batch(art, b, opts.seed)
         fns = {}
-        for e in engines:
-            plan = None
-            if e == "tedepr":
-                plan, fresh = plan_for(art, b, opts.threads, replan=opts.replan, seed=opts.seed)
-                plans[str(b)] = {**plan, "fresh": fresh, "flops": flop_share(art, plan)}
-            fns[e] = eng.runner(e, x, plan)
         with torch.no_grad():
-            for e, f in list(fns.items()):
+            for e in engines:
+                plan = None
+                if e == "tedepr":
+                    plan, fresh = plan_for(art, b, opts.threads, replan=opts.replan, seed=opts.seed)
+                    plans[str(b)] = {**plan, "fresh": fresh, "flops": flop_share(art, plan)}
                 try:
-                    f()
-                except Exception as exc:  # an engine that cannot take this batch
+                    fns[e] = eng.runner(e, x, plan)
+                    fns[e]()  # the first call: builds, compiles, and proves the engine takes this batch
+                except Exception as exc:  # an engine that cannot be built or cannot take this batch
                     msg = f"{e} cannot run at batch {b}: {type(exc).__name__}: {_first_line(exc)}"
                     if opts.strict:
                         raise BadInput(msg) from None
                     warnings.append(msg)
-                    del fns[e]
+                    fns.pop(e, None)
             if BASELINE not in fns:
                 raise BadInput(f"the dense baseline cannot run at batch {b}")
 
