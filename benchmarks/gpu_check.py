@@ -90,16 +90,20 @@ def checkpoint(name: str, kwargs: str, out: Path) -> int:
 
 
 def masks(run: Path) -> int:
-    """Every masked entry of the fine-tuned best checkpoint is exactly zero (JSON; exit 1 if not)."""
+    """Every masked entry of the fine-tuned weights is exactly zero (JSON; exit 1 if not).
+
+    Read from the run's resume state (``state.pt``: the raw trained tensors), not from its
+    artifacts: an artifact stores only the kept entries of a masked tensor, so any weight
+    loaded from one is zero where pruned whatever training did."""
     import torch
 
     from tedepr_cli.artifact import load_artifact
 
-    art = load_artifact(run / "best")
-    params = dict(art.model.named_parameters())
-    pruned = sum(int((~m).sum()) for m in art.masks.values())
-    nonzero = sum(int(torch.count_nonzero(params[n].detach()[~m])) for n, m in art.masks.items())
-    kept_nonzero = sum(int(torch.count_nonzero(params[n].detach()[m])) for n, m in art.masks.items())
+    mask = load_artifact(run / "last").masks
+    state = torch.load(run / "state.pt", map_location="cpu", weights_only=True)["model"]
+    pruned = sum(int((~m).sum()) for m in mask.values())
+    nonzero = sum(int(torch.count_nonzero(state[n][~m])) for n, m in mask.items())
+    kept_nonzero = sum(int(torch.count_nonzero(state[n][m])) for n, m in mask.items())
     ok = nonzero == 0 and kept_nonzero > 0 and pruned > 0
     print(json.dumps({"pruned_entries": pruned, "pruned_but_nonzero": nonzero, "kept_nonzero": kept_nonzero,
                       "ok": ok}))

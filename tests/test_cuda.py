@@ -48,15 +48,15 @@ def test_finetune_on_cuda_keeps_pruned_entries_exactly_zero(pruned, tmp_path):
     from tedepr_cli.train import TrainOptions, finetune
 
     art = load_artifact(pruned)
-    best, summary = finetune(art, MNIST, tmp_path / "run", TrainOptions(
+    _, summary = finetune(art, MNIST, tmp_path / "run", TrainOptions(
         epochs=2, batch_size=64, limit_train=512, lr=3e-3, seed=5, device="cuda", weight_decay=0.01))
-    params = dict(best.model.named_parameters())
+    # the raw trained tensors (an artifact stores only kept entries: zero where pruned regardless)
+    trained = torch.load(tmp_path / "run" / "state.pt", weights_only=True)["model"]
     before = dict(art.model.named_parameters())
     for n, m in art.masks.items():
-        assert params[n].device.type == "cpu"  # the saved artifact
-        assert torch.count_nonzero(params[n].detach()[~m]) == 0
-        assert torch.count_nonzero(params[n].detach()[m]) > 0
-    assert any(not torch.equal(params[n], before[n]) for n in art.masks)  # it trained
+        assert torch.count_nonzero(trained[n][~m]) == 0
+        assert torch.count_nonzero(trained[n][m]) > 0
+    assert any(not torch.equal(trained[n], before[n].detach()) for n in art.masks)  # it trained
     assert summary["epochs_run"] == 2 and 0 <= summary["test_accuracy"] <= 1
 
 
@@ -87,3 +87,24 @@ def test_export_validates_on_cuda(pruned, tmp_path):
     d = json.loads(r.stdout)
     assert d["device"].startswith("cuda") and d["validation"]["safetensors"]["bit_exact"]
     assert all(c["ok"] for c in d["validation"]["onnx"].values())
+
+
+def test_exact_fp32_turns_tf32_off_inside_and_restores_it():
+    """References and error checks on CUDA must not run in TF32 (cuDNN's default for
+    convolutions), and the flags are process-global: restored after, errors included."""
+    from tedepr_cli.device import exact_fp32
+
+    flags = (torch.backends.cuda.matmul, torch.backends.cudnn)
+    saved = tuple(f.allow_tf32 for f in flags)
+    try:
+        for f in flags:
+            f.allow_tf32 = True
+        with exact_fp32():
+            assert not any(f.allow_tf32 for f in flags)
+        assert all(f.allow_tf32 for f in flags)
+        with pytest.raises(KeyError), exact_fp32():
+            raise KeyError("boom")
+        assert all(f.allow_tf32 for f in flags)
+    finally:
+        for f, v in zip(flags, saved, strict=True):
+            f.allow_tf32 = v

@@ -103,9 +103,9 @@ def test_report_fails_on_each_problem(smoke, tmp_path):
     assert not s["ok"] and any("bench-x exited 124" in p for p in s["problems"])
     s = work(lambda w: (w / "masks.json").write_text(json.dumps({"ok": False, "pruned_but_nonzero": 3})))
     assert not s["ok"] and any("masked entry" in p for p in s["problems"])
-    s = work(lambda w: (w / "pytest.xml").write_text('<testsuite tests="2" failures="1" errors="0" skipped="0">'
-                                                      '<testcase classname="t" name="y"><failure/></testcase>'
-                                                      '</testsuite>'))
+    failed = ('<testsuite tests="2" failures="1" errors="0" skipped="0">'
+              '<testcase classname="t" name="y"><failure/></testcase></testsuite>')
+    s = work(lambda w: (w / "pytest.xml").write_text(failed))
     assert not s["ok"] and s["tests"]["failed"] == ["t::y"]
 
 
@@ -125,3 +125,32 @@ def test_a_python_without_the_packages_is_told_which_wheels_to_carry(tmp_path):
     s = json.loads((out / "gpu_check.json").read_text())
     assert not s["ok"] and s["steps"] == [{"step": "env", "rc": 3, "seconds": s["steps"][0]["seconds"],
                                            "cap": None}]
+
+
+def test_masks_check_fails_when_a_pruned_entry_moved(tmp_path):
+    """`gpu_check.py masks RUN` is what says the CUDA fine-tune kept the masks: it reads the
+    raw trained weights (the run's state.pt) and must fail when a pruned entry is not
+    exactly zero there."""
+    import torch
+
+    from tedepr_cli.arch import parse_arch
+    from tedepr_cli.artifact import save_artifact
+    from tedepr_cli.loading import load_model
+    from tedepr_cli.prune import PruneOptions, prune
+
+    from .conftest import LENET300
+
+    art, _ = prune(load_model(LENET300, parse_arch("lenet300")), PruneOptions(sparsity=0.995,
+                                                                              criterion="magnitude"))
+    name, mask = next(iter(art.masks.items()))
+    check = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "masks"]
+    for run, moved in (("good", False), ("bad", True)):
+        save_artifact(art, tmp_path / run / "last")
+        state = {k: v.clone() for k, v in art.model.state_dict().items()}
+        if moved:
+            state[name][~mask] = 1e-3
+        torch.save({"model": state}, tmp_path / run / "state.pt")
+        r = subprocess.run([*check, tmp_path / run], capture_output=True, text=True, cwd=ROOT)
+        d = json.loads(r.stdout)
+        assert (r.returncode, d["ok"]) == ((1, False) if moved else (0, True)), r.stderr
+        assert d["pruned_but_nonzero"] == (int((~mask).sum()) if moved else 0)
