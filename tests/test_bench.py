@@ -216,30 +216,16 @@ def test_peak_memory_is_measured_per_engine_and_scales_with_the_model(target, re
 
 
 def test_bench_reports_memory_for_every_engine(target):
-    r = run_cli("bench", target, "--engines", "dense-torch,chain-torch,tedepr,dense-ort", "--json",
-                "--iters", "2", "--warmup", "0", "--batch", "64")
+    """Measured from each engine's first call in a process of its own, a figure includes
+    the workspaces the engine keeps (onnxruntime's arena, the kernel's buffers): at batch
+    64 every engine holds well over 64 KiB. In one process, after the warm-up, the kept
+    workspaces are already resident: figures of 0 B (before) or a page or two."""
+    r = run_cli("bench", target, "--engines", "dense-torch,chain-torch,tedepr,dense-ort,chain-ort", "--json",
+                "--iters", "2", "--warmup", "1", "--batch", "64")
     assert r.exit_code == 0, r.stderr
     d = json.loads(r.stdout)
     mem = {e: s["peak_memory_bytes"] for e, s in d["results"]["64"].items()}
-    assert set(mem) == {"dense-torch", "chain-torch", "tedepr", "dense-ort"}
-    assert all(isinstance(v, int) and v > 0 for v in mem.values()), mem
+    assert set(mem) == {"dense-torch", "chain-torch", "tedepr", "dense-ort", "chain-ort"}
+    assert all(isinstance(v, int) and v >= 64 * 1024 for v in mem.values()), mem
     assert len(set(mem.values())) > 1, mem  # not one constant
     assert "fresh process" in d["memory"]["method"]
-
-
-def test_plan_seed_draws_the_timing_batch(target, tmp_path, monkeypatch):
-    import tedepr_cli.execution as ex
-
-    seen = []
-    real = torch.rand
-
-    def rand(*a, generator=None, **kw):
-        if generator is not None:
-            seen.append(generator.initial_seed())
-        return real(*a, generator=generator, **kw)
-
-    monkeypatch.setattr(ex.torch, "rand", rand)
-    r = run_cli("plan", target, "-o", tmp_path / "p", "--batch", "1", "--seed", "11", "--json")
-    assert r.exit_code == 0, r.stderr
-    assert seen == [11]
-    assert load_artifact(tmp_path / "p").history[-1]["seed"] == 11
