@@ -229,3 +229,21 @@ def test_bench_reports_memory_for_every_engine(target):
     assert all(isinstance(v, int) and v >= 64 * 1024 for v in mem.values()), mem
     assert len(set(mem.values())) > 1, mem  # not one constant
     assert "fresh process" in d["memory"]["method"]
+
+
+def test_plan_seed_draws_the_timing_batch(target, tmp_path, monkeypatch):
+    import tedepr_cli.execution as ex
+
+    seen = []
+    real = torch.rand
+
+    def rand(*a, generator=None, **kw):
+        if generator is not None:
+            seen.append(generator.initial_seed())
+        return real(*a, generator=generator, **kw)
+
+    monkeypatch.setattr(ex.torch, "rand", rand)
+    r = run_cli("plan", target, "-o", tmp_path / "p", "--batch", "1", "--seed", "11", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert seen == [11]
+    assert load_artifact(tmp_path / "p").history[-1]["seed"] == 11
