@@ -256,8 +256,13 @@ def _run(target: Target, opts: BenchOptions, device: torch.device, baseline_path
         onnx["chain-ort"] = target.onnx or _onnx_of(art.model, art.input_shape, tmp / "compressed.onnx")
     eng = Engines(art, base, device, opts.threads, onnx)
     if "triton" in wanted and "triton" not in skipped:
-        eng.model("triton")
-        if not eng.triton_layers:
+        try:
+            eng.model("triton")
+        except Exception as exc:  # a layer the packer refuses: report it, time the others
+            skipped["triton"] = f"the Triton model cannot be built: {type(exc).__name__}: {_first_line(exc)}"
+        if "triton" in skipped:
+            pass
+        elif not eng.triton_layers:
             skipped["triton"] = "no layer of this model runs on the Triton kernel"
         else:
             from ..kernels import triton as ktriton
