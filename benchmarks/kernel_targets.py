@@ -127,7 +127,8 @@ def target1(peak: dict[str, float], iters: int) -> dict[str, Any]:
 
 
 def target2(iters: int) -> dict[str, Any]:
-    from tedepr_cli.bench.core import _onnx_of, _ort_session, load_baseline, load_target
+    from tedepr_cli.bench.core import _onnx_of, load_baseline, load_target
+    from tedepr_cli.bench.engines import ort_session
     from tedepr_cli.execution import build_model, plan_execution
 
     tgt = load_target(LENET)
@@ -135,7 +136,7 @@ def target2(iters: int) -> dict[str, Any]:
     base, _ = load_baseline(art, ROOT / "samples" / "lenet300.pt")
     out: dict[str, Any] = {"rows": []}
     with tempfile.TemporaryDirectory() as d:
-        sess = _ort_session(_onnx_of(base, art.input_shape, Path(d) / "dense.onnx"), 1)
+        sess = ort_session(_onnx_of(base, art.input_shape, Path(d) / "dense.onnx"), 1, torch.device("cpu"))
         name = sess.get_inputs()[0].name
         for b in (1, 32):
             plan = plan_execution(art, b)

@@ -207,10 +207,11 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def plan_execution(art: Artifact, batch: int, threads: int = 1, timing: bool = True,
-                   overrides: dict[str, str] | None = None, reps: int = 15, fuse: bool = True
-                   ) -> dict[str, Any]:
+                   overrides: dict[str, str] | None = None, reps: int = 15, fuse: bool = True,
+                   seed: int = 0) -> dict[str, Any]:
     """Choose kernel / dense / torch for every candidate layer of ``art`` at ``batch``, then
-    fuse chains of Linear-like layers where that is faster (``fuse=False``: never)."""
+    fuse chains of Linear-like layers where that is faster (``fuse=False``: never). The
+    timings run on ``batch`` uniform random inputs drawn with ``seed``."""
     overrides = overrides or {}
     for pat, c in overrides.items():
         if c not in CHOICES:
@@ -218,7 +219,7 @@ def plan_execution(art: Artifact, batch: int, threads: int = 1, timing: bool = T
     torch.set_num_threads(threads)
     model = art.model.eval()
     cands = candidates(model, art.masks)
-    x = torch.rand(batch, *art.input_shape, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(batch, *art.input_shape, generator=torch.Generator().manual_seed(seed))
     inputs = _capture_inputs(model, list(cands), x) if timing else {}
     layers: dict[str, Any] = {}
     for name, layer in cands.items():
@@ -585,7 +586,7 @@ def build_model(art: Artifact, plan: dict[str, Any], threads: int = 1) -> nn.Mod
 
 
 def plan_for(art: Artifact, batch: int, threads: int = 1, overrides: dict[str, str] | None = None,
-             replan: bool = False) -> tuple[dict[str, Any], bool]:
+             replan: bool = False, seed: int = 0) -> tuple[dict[str, Any], bool]:
     """The stored plan for ``batch`` if it was made on this machine, else a fresh one.
     Returns (plan, fresh)."""
     stored = (art.meta.get("execution") or {}).get("plans", {}).get(str(batch))
@@ -594,7 +595,7 @@ def plan_for(art: Artifact, batch: int, threads: int = 1, overrides: dict[str, s
         return stored, False
     if stored and not replan and not overrides:
         log.info(f"stored execution plan for batch {batch} was made on another machine: re-planning")
-    return plan_execution(art, batch, threads, overrides=overrides), True
+    return plan_execution(art, batch, threads, overrides=overrides, seed=seed), True
 
 
 def store_plan(art: Artifact, plan: dict[str, Any]) -> None:
