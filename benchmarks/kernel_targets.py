@@ -20,7 +20,7 @@
 4. Dense-pruned 1024x1024 at 99.5 %: the kernel >= 2x faster than torch's CSR
    (``W.to_sparse_csr() @ x``, MKL in the x86 wheels), on the same layout, batch 1 and 32.
 
-Every group of engines is timed interleaved (A B C A B C ...; ``tedepr_cli.bench.stats``)
+Every group of engines is timed interleaved (A B C A B C ...; ``tedepr_cli.timing``)
 after a warm-up; figures are medians, ratios are the medians of the per-round ratios. The
 table (markdown) is printed and written to ``benchmarks/results/kernel_targets.md``.
 
@@ -127,7 +127,8 @@ def target1(peak: dict[str, float], iters: int) -> dict[str, Any]:
 
 
 def target2(iters: int) -> dict[str, Any]:
-    from tedepr_cli.bench.core import _onnx_of, _ort_session, load_baseline, load_target
+    from tedepr_cli.bench.core import _onnx_of, load_target
+    from tedepr_cli.bench.engines import load_baseline, ort_session
     from tedepr_cli.execution import build_model, plan_execution
 
     tgt = load_target(LENET)
@@ -135,7 +136,7 @@ def target2(iters: int) -> dict[str, Any]:
     base, _ = load_baseline(art, ROOT / "samples" / "lenet300.pt")
     out: dict[str, Any] = {"rows": []}
     with tempfile.TemporaryDirectory() as d:
-        sess = _ort_session(_onnx_of(base, art.input_shape, Path(d) / "dense.onnx"), 1)
+        sess = ort_session(_onnx_of(base, art.input_shape, Path(d) / "dense.onnx"), 1, torch.device("cpu"))
         name = sess.get_inputs()[0].name
         for b in (1, 32):
             plan = plan_execution(art, b)

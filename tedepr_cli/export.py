@@ -30,7 +30,7 @@ original code.
 from __future__ import annotations
 
 import contextlib
-import gzip
+import copy
 import io
 import json
 import logging
@@ -47,8 +47,11 @@ import torch
 from safetensors.torch import save as st_save
 
 from .artifact import Artifact, load_artifact, save_artifact
+from .device import exact_fp32
+from .device import resolve as resolve_device
 from .errors import BadInput, EngineUnavailable, UsageError, ValidationError
 from .fsutil import atomic_output
+from .storage import byte_sizes
 from .surgery import eval_mode
 
 FORMATS = ("safetensors", "onnx", "onnx-sparse")
@@ -65,6 +68,7 @@ class ExportOptions:
     rtol: float = 1e-4
     batch_sizes: list[int] = field(default_factory=lambda: [1, 7])
     seed: int = 0
+    device: str = "cpu"  # where the PyTorch reference (and onnxruntime, where it can) runs
 
     def validate(self) -> None:
         bad = [f for f in self.formats if f not in FORMATS]
@@ -79,11 +83,6 @@ class ExportOptions:
 
 
 # ---------------------------------------------------------------------------- sizes
-def sizes(data: bytes) -> tuple[int, int]:
-    """(raw bytes, gzip -9 bytes): what the disk and the wire would hold."""
-    return len(data), len(gzip.compress(data, compresslevel=9, mtime=0))
-
-
 def entropy_bytes(numel: int, kept: int) -> float:
     """Information-theoretic minimum to say *which* ``kept`` of ``numel`` entries are kept:
     ``log2 C(numel, kept)`` bits."""
@@ -238,7 +237,17 @@ def sparsify_initializers(proto) -> int:
     return moved
 
 
-def run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
+def ort_providers(device: str) -> list[str]:
+    """onnxruntime's providers for ``device``: CUDA's where this onnxruntime has it (the
+    onnxruntime-gpu package), else the CPU's."""
+    import onnxruntime as ort
+
+    if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def run_onnx(path: Path, x: np.ndarray, device: str = "cpu") -> np.ndarray:
     try:
         import onnxruntime as ort
     except ImportError as e:
@@ -247,7 +256,7 @@ def run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
     opts.intra_op_num_threads = 1
     opts.log_severity_level = 3
     try:
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(str(path), opts, providers=ort_providers(device))
     except Exception as e:  # empty, truncated or not ONNX at all
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise BadInput(f"{path} is not a loadable ONNX model: {why}") from None
@@ -337,14 +346,20 @@ def _export(art: Artifact, out: Path, opts: ExportOptions, data: Path | None, ov
             ) -> dict[str, Any]:
     import onnx
 
+    dev = resolve_device(opts.device)
     model = art.model
     traced = trace_batch(opts.batch_sizes)
     n = max(*opts.batch_sizes, traced)
     x_all, source = sample_inputs(art, n, data, opts.seed)
-    with torch.no_grad():
-        refs = {b: model(torch.from_numpy(x_all[:b])).numpy() for b in sorted({*opts.batch_sizes, n})}
+
+    def on_device(m: torch.nn.Module, b: int) -> np.ndarray:  # the reference, float32 (no TF32)
+        with torch.no_grad(), exact_fp32():
+            return m(torch.from_numpy(x_all[:b]).to(dev)).cpu().numpy()
+
+    ref_model = model if dev.type == "cpu" else copy.deepcopy(model).to(dev)
+    refs = {b: on_device(ref_model, b) for b in sorted({*opts.batch_sizes, n})}
     report: dict[str, Any] = {"options": asdict(opts), "data": str(data) if data else None,
-                              "inputs": source, "formats": {}, "validation": {}}
+                              "inputs": source, "formats": {}, "validation": {}, "device": str(dev)}
     counts = kept_counts(model, art.masks)
     report["dense_original"] = _dense_original(art)
     exported = art
@@ -357,10 +372,8 @@ def _export(art: Artifact, out: Path, opts: ExportOptions, data: Path | None, ov
             exported.record("export", {"formats": opts.formats})
             path = save_artifact(exported, tmp / FILES["safetensors"])
             allow = art.arch.name if art.arch and art.arch.is_import else None
-            back = load_artifact(path, allow_import=allow)
-            with torch.no_grad():
-                same = all(torch.equal(back.model(torch.from_numpy(x_all[:b])), torch.from_numpy(refs[b]))
-                           for b in opts.batch_sizes)
+            back = load_artifact(path, allow_import=allow).model.to(dev)
+            same = all(np.array_equal(on_device(back, b), refs[b]) for b in opts.batch_sizes)
             report["validation"]["safetensors"] = {"bit_exact": same}
             if not same:
                 raise ValidationError("the compact safetensors file does not reload to the same outputs")
@@ -384,8 +397,9 @@ def _export(art: Artifact, out: Path, opts: ExportOptions, data: Path | None, ov
                 except onnx.checker.ValidationError as e:
                     why = str(e).splitlines()[0]
                     raise ValidationError(f"{path.name} fails onnx.checker: {why}") from None
-                checks = {b: compare(run_onnx(path, x_all[:b]), refs[b], opts.atol, opts.rtol)
+                checks = {b: compare(run_onnx(path, x_all[:b], opts.device), refs[b], opts.atol, opts.rtol)
                           for b in opts.batch_sizes}
+                report["onnxruntime_providers"] = ort_providers(opts.device)
                 report["validation"][fmt] = {str(b): c for b, c in checks.items()}
                 bad = [b for b, c in checks.items() if not c["ok"]]
                 if bad:
@@ -406,7 +420,7 @@ def _miss(c: dict[str, Any]) -> str:
 
 
 def _row(path: Path, counts: dict[str, int]) -> dict[str, Any]:
-    raw, gz = sizes(path.read_bytes())
+    raw, gz = byte_sizes(path.read_bytes()).values()
     return {"file": path.name, **counts, "bytes": raw, "gzip_bytes": gz}
 
 
@@ -420,7 +434,7 @@ def _dense_original(art: Artifact) -> dict[str, Any]:
         torch.manual_seed(0)
         dense = build(art.arch, allow_import=art.arch.is_import)
     state = {k: v.contiguous() for k, v in dense.state_dict().items()}
-    raw, gz = sizes(st_save(state))
+    raw, gz = byte_sizes(st_save(state)).values()
     return {"file": "(dense original, fp32 safetensors)", **kept_counts(dense, {}), "bytes": raw,
             "gzip_bytes": gz, "note": "gzip size measured on this architecture's initial weights"}
 

@@ -160,18 +160,15 @@ def plain_name(name: str) -> str:
 
 
 def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """``model.state_dict()`` under the plain names, with masks folded into the values and
-    the mask buffers left out (:func:`get_masks` has them)."""
+    """``model.state_dict()`` under the plain names, a masked parameter as the tensor it
+    trains (its ``original``: zero where pruned, as long as the mechanism holds -- so a
+    resume state shows it if it ever did not), the mask buffers left out
+    (:func:`get_masks` has them)."""
     out: dict[str, Tensor] = {}
     for key, value in model.state_dict().items():
         if _PARAM_TAG in key:
-            head, _, tail = key.partition(_PARAM_TAG)
-            parts = tail.split(".")
-            if parts[1:] != ["original"]:
+            if not key.endswith(".original"):
                 continue  # the parametrization's own buffers (the mask)
-            module = model.get_submodule(head) if head else model
-            with torch.no_grad():
-                value = getattr(module, parts[0]).detach()
             out[plain_name(key)] = value
         else:
             out[key] = value

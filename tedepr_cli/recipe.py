@@ -55,6 +55,16 @@ def load_recipe(path: Path) -> dict[str, Any]:
         raise BadInput(f"recipe {path} is not valid TOML: {e}") from None
 
 
+def apply_seed(recipe: dict[str, Any], seed: int) -> dict[str, Any]:
+    """``seed`` as every present stage's ``seed`` option (each stage's options have one);
+    apply it before :func:`apply_overrides`, so a ``--set stage.seed=N`` still wins."""
+    out = copy.deepcopy(recipe)
+    for stage in STAGES:
+        if isinstance(out.get(stage), dict):
+            out[stage]["seed"] = seed
+    return out
+
+
 def apply_overrides(recipe: dict[str, Any], sets: list[str]) -> dict[str, Any]:
     """``stage.option=value`` overrides (value parsed as JSON, else a string)."""
     out = copy.deepcopy(recipe)

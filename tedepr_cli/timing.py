@@ -65,10 +65,65 @@ class Plan:
     min_iters: int = 5
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], plan: Plan, clock: Clock = time.perf_counter
-                ) -> dict[str, list[float]]:
-    """Time every callable once per round, in rotating order, after ``plan.warmup`` rounds."""
+Timer = Callable[[Callable[[], Any]], float]  # runs a call once, returns its seconds
+
+
+def wall_timer(clock: Clock = time.perf_counter, synchronize: Callable[[], Any] | None = None) -> Timer:
+    """Host wall-clock seconds of one call. With ``synchronize`` (e.g.
+    ``torch.cuda.synchronize``) the device is drained before the clock starts and before it
+    stops: for engines whose GPU work runs on a stream of their own (onnxruntime's CUDA
+    provider), which events recorded on torch's stream would not see."""
+
+    def timer(fn: Callable[[], Any]) -> float:
+        if synchronize is not None:
+            synchronize()
+        t0 = clock()
+        fn()
+        if synchronize is not None:
+            synchronize()
+        return clock() - t0
+
+    return timer
+
+
+def cuda_event_timer(event: Callable[..., Any] | None = None,
+                     synchronize: Callable[[], Any] | None = None) -> Timer:
+    """Seconds of one call on the GPU's current stream, measured with CUDA events: the
+    stream is drained first (so no earlier work is counted), an event is recorded before
+    and after the call, and the end event is waited for. The events bracket everything the
+    call queued, launch gaps included, so at small batches it is the call's latency.
+    ``event``/``synchronize`` default to ``torch.cuda.Event``/``torch.cuda.synchronize``
+    (injectable for tests)."""
+    if event is None or synchronize is None:
+        import torch
+
+        event = event or torch.cuda.Event
+        synchronize = synchronize or torch.cuda.synchronize
+
+    def timer(fn: Callable[[], Any]) -> float:
+        synchronize()
+        start, end = event(enable_timing=True), event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3  # milliseconds -> seconds
+
+    return timer
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], plan: Plan, clock: Clock = time.perf_counter,
+                timers: dict[str, Timer] | None = None,
+                on_round: Callable[[int, int | None], None] | None = None) -> dict[str, list[float]]:
+    """Time every callable once per round, in rotating order, after ``plan.warmup`` rounds.
+
+    ``timers`` gives an engine its own :data:`Timer` (CUDA events, a synchronised wall
+    clock); the others use ``clock``, which also measures ``plan.seconds``.
+    ``on_round(done, total)`` is called after each measured round (``total`` is None with a
+    time budget), e.g. for a progress bar."""
     names = list(fns)
+    default = wall_timer(clock)
+    timer = {n: (timers or {}).get(n, default) for n in names}
     for _ in range(plan.warmup):
         for n in names:
             fns[n]()
@@ -78,10 +133,10 @@ def interleaved(fns: dict[str, Callable[[], Any]], plan: Plan, clock: Clock = ti
     while True:
         order = names[r % len(names):] + names[: r % len(names)]  # rotate who goes first
         for n in order:
-            t0 = clock()
-            fns[n]()
-            times[n].append(clock() - t0)
+            times[n].append(timer[n](fns[n]))
         r += 1
+        if on_round is not None:
+            on_round(r, plan.iters if plan.seconds is None else None)
         if plan.seconds is None:
             if r >= plan.iters:
                 break

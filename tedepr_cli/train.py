@@ -51,8 +51,9 @@ from .datasets import (
     iterate,
     make_split,
 )
+from .device import resolve as resolve_device
 from .distill import distill_loss, load_teacher
-from .errors import BadInput, EngineUnavailable, OutputError, TrainingDiverged, UsageError
+from .errors import BadInput, OutputError, TrainingDiverged, UsageError
 from .evaluate import evaluate_split
 from .fsutil import atomic_output, check_output
 from .logs import log
@@ -284,10 +285,9 @@ def finetune(art: Artifact, data: Path, out: Path, opts: TrainOptions, resume: b
                                if f.name in saved["options"]})
         log.info(f"resuming {out} after epoch {saved['epoch']} with its saved recipe")
     opts.validate()
+    resolve_device(opts.device)  # --device cuda without a GPU: EngineUnavailable, before any output
     if opts.lr is None:
         opts = replace(opts, lr=resolve_lr(art))
-    if opts.device == "cuda" and not torch.cuda.is_available():
-        raise EngineUnavailable("--device cuda: no CUDA device is available on this machine")
     if not resume and dist.main:
         check_output(out, overwrite)
     torch.set_num_threads(opts.threads)

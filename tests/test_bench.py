@@ -1,16 +1,18 @@
-"""`tedepr bench`: the report's JSON schema, every gate's exit code, engine availability."""
+"""`tedepr bench`: the report's JSON schema, `--json` / `--json-out`, every gate's exit code,
+engine availability, `--seed`, progress, and honest peak-memory figures."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 
-from tedepr_cli.artifact import save_artifact
+from tedepr_cli.artifact import load_artifact, save_artifact
 
 from .conftest import LENET300, MNIST, run_cli
 
-FAST = ["--iters", "3", "--warmup", "1", "--batch", "1,4"]
+FAST = ["--iters", "3", "--warmup", "1", "--batch", "1,4", "--no-memory"]
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,7 @@ def target(tmp_path_factory):
 
 def test_json_schema_and_table(target, tmp_path):
     out = tmp_path / "b.json"
-    r = run_cli("bench", target, "--baseline", LENET300, "--data", MNIST, "--json", out, *FAST)
+    r = run_cli("bench", target, "--baseline", LENET300, "--data", MNIST, "--json-out", out, *FAST)
     assert r.exit_code == 0, r.stderr
     assert "speed-up vs dense" in r.stdout and "batch 4" in r.stdout
     d = json.loads(out.read_text())
@@ -50,12 +52,25 @@ def test_json_schema_and_table(target, tmp_path):
     assert "triton" in d["skipped_engines"]
 
 
-def test_json_to_stdout(target):
-    r = run_cli("bench", target, "--json", "-", "--engines", "dense-torch,chain-torch", *FAST)
-    assert r.exit_code == 0
+def test_json_flag_prints_json_like_every_command(target, tmp_path):
+    """`--json` is a flag (stdout holds one JSON document, no table); `--json-out FILE`
+    writes the same figures to a file beside the table, or beside `--json`."""
+    r = run_cli("bench", target, "--json", "--engines", "dense-torch,chain-torch", *FAST)
+    assert r.exit_code == 0, r.stderr
     d = json.loads(r.stdout)
     assert set(d["results"]["1"]) == {"dense-torch", "chain-torch"}
     assert d["baseline_weights"].startswith("random")
+    out = tmp_path / "both.json"
+    r = run_cli("bench", target, "--json", "--json-out", out, "--engines", "dense-torch", *FAST)
+    assert r.exit_code == 0, r.stderr
+    assert set(json.loads(r.stdout)) == set(json.loads(out.read_text()))
+    out2 = tmp_path / "table.json"
+    r = run_cli("bench", target, "--json-out", out2, "--engines", "dense-torch", *FAST)
+    assert r.exit_code == 0 and "speed-up vs dense" in r.stdout and json.loads(out2.read_text())["results"]
+    assert run_cli("bench", target, "--json", "-", *FAST).exit_code == 2  # a flag takes no file
+    (tmp_path / "file").write_text("not a directory")
+    r = run_cli("bench", target, "--json-out", tmp_path / "file" / "x.json", *FAST)
+    assert r.exit_code == 6 and r.stdout == ""  # refused before anything ran
 
 
 @pytest.mark.parametrize("args,code", [
@@ -65,7 +80,7 @@ def test_json_to_stdout(target):
 ])
 def test_each_gate_has_its_exit_code(target, tmp_path, args, code):
     out = tmp_path / "g.json"
-    r = run_cli("bench", target, "--engines", "dense-torch,tedepr", "--json", out, *FAST, *args)
+    r = run_cli("bench", target, "--engines", "dense-torch,tedepr", "--json-out", out, *FAST, *args)
     assert r.exit_code == code, r.stderr
     assert "gate" in r.stderr
     assert json.loads(out.read_text())["gates"]["failed"]  # the figures are still written
@@ -73,7 +88,7 @@ def test_each_gate_has_its_exit_code(target, tmp_path, args, code):
 
 def test_gates_pass_and_compare_to_saved(target, tmp_path):
     saved = tmp_path / "saved.json"
-    r = run_cli("bench", target, "--engines", "dense-torch,tedepr", "--json", saved, *FAST,
+    r = run_cli("bench", target, "--engines", "dense-torch,tedepr", "--json-out", saved, *FAST,
                 "--max-size", "10000000", "--fail-if-slower", "1000")
     assert r.exit_code == 0, r.stderr
     r = run_cli("bench", target, "--engines", "dense-torch,tedepr", *FAST, "--fail-if-slower", "1e-9",
@@ -87,11 +102,12 @@ def test_gates_pass_and_compare_to_saved(target, tmp_path):
 def test_engine_availability_and_bad_input(target, tmp_path):
     r = run_cli("bench", target, "--engines", "dense-torch,triton", *FAST)
     assert r.exit_code == 0 and "skipped triton" in r.stdout
+    said = [ln for ln in (r.stdout + r.stderr).splitlines() if "skip" in ln and "triton" in ln]
+    assert len(said) == 1, said  # said once, not twice
     r = run_cli("bench", target, "--engines", "dense-torch,triton", "--strict-engines", *FAST)
     assert r.exit_code == 10
     assert run_cli("bench", target, "--engines", "warp-drive", *FAST).exit_code == 2
     assert run_cli("bench", target, "--batch", "0", *FAST[:4]).exit_code == 2
-    assert run_cli("bench", target, "--device", "cuda", *FAST).exit_code == 10
     assert run_cli("bench", target, "--baseline", tmp_path / "none.pt", *FAST).exit_code == 3
     (tmp_path / "bad.pt").write_bytes(b"junk")
     assert run_cli("bench", target, "--baseline", tmp_path / "bad.pt", *FAST).exit_code == 4
@@ -105,14 +121,129 @@ def test_plan_is_stored_and_reused_and_overridable(target, tmp_path):
     plans = json.loads(r.stdout)["plans"]
     assert plans["1"]["layers"]["fc3"]["choice"] == "dense"
     assert plans["1"]["layers"]["fc3"]["reason"] == "override"
-    from tedepr_cli.artifact import load_artifact
-
     stored = load_artifact(out).meta["execution"]["plans"]["1"]
     assert stored["layers"]["fc3"]["choice"] == "dense" and "fingerprint" in stored
-    r = run_cli("bench", out, "--engines", "dense-torch,tedepr", "--json", "-", "--iters", "2",
-                "--warmup", "0", "--batch", "1")
+    r = run_cli("bench", out, "--engines", "dense-torch,tedepr", "--json", "--iters", "2",
+                "--warmup", "0", "--batch", "1", "--no-memory")
     d = json.loads(r.stdout)
     assert d["execution_plans"]["1"]["fresh"] is False  # same machine: the stored plan is used
     assert run_cli("plan", target, "-o", tmp_path / "x", "--override", "fc3=gpu").exit_code == 2
     assert run_cli("plan", target, "-o", tmp_path / "y", "--override", "fc3").exit_code == 2
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_device_cuda_without_a_gpu_exits_10_in_one_line(target, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "never.json"
+    r = run_cli("bench", target, "--device", "cuda", "--json-out", out, *FAST)
+    assert r.exit_code == 10
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("tedepr: ") and "--device cuda" in r.stderr
+    assert r.stdout == "" and not out.exists()
+
+
+def test_seed_reaches_the_inputs_the_planner_and_the_random_baseline(target, monkeypatch):
+    """`--seed` draws the benchmark batch, the planner's timing batch and (without
+    --baseline) the dense baseline's random weights."""
+    from tedepr_cli.bench import core, engines
+    from tedepr_cli.bench.engines import load_baseline
+
+    seen = []
+    real = engines.input_batch
+    monkeypatch.setattr(core, "input_batch", lambda art, b, seed: seen.append(seed) or real(art, b, seed))
+    plans = []
+    import tedepr_cli.execution.planner as ex
+
+    real_plan = ex.plan_execution
+    monkeypatch.setattr(ex, "plan_execution",
+                        lambda *a, **kw: plans.append(kw["seed"]) or real_plan(*a, **kw))
+    r = run_cli("bench", target, "--seed", "7", "--replan", "--engines", "dense-torch,tedepr", "--json",
+                *FAST)
+    assert r.exit_code == 0, r.stderr
+    assert seen == [7, 7] and plans == [7, 7]
+    assert json.loads(r.stdout)["options"]["seed"] == 7
+    art = load_artifact(target)
+    w1, w1_again, w2 = (load_baseline(art, None, s)[0].fc1.weight for s in (1, 1, 2))
+    assert torch.equal(w1, w1_again) and not torch.equal(w1, w2)
+
+
+def test_progress_is_reported_and_shown_on_a_tty_only(target, monkeypatch):
+    from tedepr_cli.bench.core import BenchOptions, load_target, run_bench
+    from tedepr_cli.commands import bench as cmd
+
+    calls = []
+    run_bench(load_target(target), BenchOptions(batches=[2], warmup=0, iters=4, engines=["dense-torch"],
+                                                memory=False), progress=lambda *a: calls.append(a))
+    assert [c[1:] for c in calls] == [(1, 4), (2, 4), (3, 4), (4, 4)] and "batch 2" in calls[0][0]
+    with cmd._progress(quiet=False) as p:
+        assert p is None  # pytest's stderr is no terminal
+    monkeypatch.setattr("tedepr_cli.console.is_tty", lambda: True)
+    with cmd._progress(quiet=True) as p:
+        assert p is None
+    with cmd._progress(quiet=False) as p:
+        assert callable(p)
+        p("batch 1: timing", 1, 4)
+
+
+@pytest.fixture(scope="module")
+def resnet_target(tmp_path_factory):
+    """A dense ResNet-20 (CIFAR shape) as an artifact: large activations."""
+    from tedepr_cli.arch import build, parse_arch
+    from tedepr_cli.loading import load_model
+
+    spec = parse_arch("resnet20")
+    d = tmp_path_factory.mktemp("resnet")
+    torch.save(build(spec).state_dict(), d / "r.pt")
+    return save_artifact(load_model(d / "r.pt", spec), d / "art")
+
+
+def test_peak_memory_is_measured_per_engine_and_scales_with_the_model(target, resnet_target):
+    """Before, every figure read 0 B (in one process, memory freed by one engine is reused by
+    the next without growing the resident set). A fresh process per figure: LeNet-300-100 at
+    batch 256 holds its activations (at least 256 x 300 floats), ResNet-20 at batch 64 holds
+    several 64 x 16 x 32 x 32 float maps (4 MiB each): far more."""
+    from tedepr_cli.bench.memory import measure_in_subprocess
+
+    def peak(art, engine, batch):
+        return measure_in_subprocess({"engine": engine, "batch": batch, "artifact": str(art), "seed": 0,
+                                      "baseline": None, "threads": 1, "onnx": None, "plan": None})
+
+    lenet = peak(target, "dense-torch", 256)
+    resnet = peak(resnet_target, "dense-torch", 64)
+    assert lenet >= 256 * 300 * 4
+    assert resnet >= 2 * 64 * 16 * 32 * 32 * 4
+    assert resnet > 4 * lenet
+    assert peak(target, "chain-torch", 256) > 0
+
+
+def test_bench_reports_memory_for_every_engine(target):
+    """Measured from each engine's first call in a process of its own, a figure includes
+    the workspaces the engine keeps (onnxruntime's arena, the kernel's buffers): at batch
+    64 every engine holds well over 64 KiB. In one process, after the warm-up, the kept
+    workspaces are already resident: figures of 0 B (before) or a page or two."""
+    r = run_cli("bench", target, "--engines", "dense-torch,chain-torch,tedepr,dense-ort,chain-ort", "--json",
+                "--iters", "2", "--warmup", "1", "--batch", "64")
+    assert r.exit_code == 0, r.stderr
+    d = json.loads(r.stdout)
+    mem = {e: s["peak_memory_bytes"] for e, s in d["results"]["64"].items()}
+    assert set(mem) == {"dense-torch", "chain-torch", "tedepr", "dense-ort", "chain-ort"}
+    assert all(isinstance(v, int) and v >= 64 * 1024 for v in mem.values()), mem
+    assert len(set(mem.values())) > 1, mem  # not one constant
+    assert "fresh process" in d["memory"]["method"]
+
+
+def test_plan_seed_draws_the_timing_batch(target, tmp_path, monkeypatch):
+    import tedepr_cli.execution.planner as ex
+
+    seen = []
+    real = torch.rand
+
+    def rand(*a, generator=None, **kw):
+        if generator is not None:
+            seen.append(generator.initial_seed())
+        return real(*a, generator=generator, **kw)
+
+    monkeypatch.setattr(ex.torch, "rand", rand)
+    r = run_cli("plan", target, "-o", tmp_path / "p", "--batch", "1", "--seed", "11", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert seen == [11]
+    assert load_artifact(tmp_path / "p").history[-1]["seed"] == 11

@@ -1,27 +1,24 @@
 """Side-by-side benchmark of a compressed model against its dense original (``tedepr bench``).
 
-Engines (each skipped with a reason when it cannot run here):
-
-``dense-torch``  the dense baseline in PyTorch (the reference every speed-up divides)
-``dense-ort``    the dense baseline exported to ONNX, in onnxruntime
-``chain-torch``  the compressed model, reference torch chain
-``tedepr``       the compressed model with the compiled kernels and the execution planner
-``chain-ort``    the compressed model's ONNX in onnxruntime
-``triton``       the compressed model's chains in Triton (``--device cuda`` only)
-
-All engines of one batch size are timed interleaved (:mod:`.stats`), single-threaded by
-default. Sizes, the planner's per-layer choices, the FLOP share on sparse/factorized
-kernels, peak inference memory and (with data) accuracy are reported beside the timings.
+The engines (:mod:`.engines`: dense and compressed, in PyTorch, onnxruntime, the compiled
+CPU kernels and Triton) each skipped with a reason when they cannot run here. All engines
+of one batch size are timed interleaved (:mod:`tedepr_cli.timing`), single-threaded by default; on
+``--device cuda`` with CUDA events (onnxruntime's CUDA provider, which runs on a stream
+of its own, with a synchronised wall clock). Sizes, the planner's per-layer choices, the
+FLOP share on sparse/factorized kernels, peak inference memory (:mod:`.memory`), the
+Triton engine's error against a float64 reference and (with data) accuracy are reported
+beside the timings.
 """
 
 from __future__ import annotations
 
 import copy
-import gzip
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +27,8 @@ import torch
 from torch import nn
 
 from ..artifact import Artifact, load_artifact, save_artifact
+from ..device import exact_fp32
+from ..device import resolve as resolve_device
 from ..errors import (
     BadInput,
     EngineUnavailable,
@@ -38,14 +37,17 @@ from ..errors import (
     SpeedupGateFailed,
     UsageError,
 )
-from ..logs import log
-from ..timing import NOISY_IQR, Plan, interleaved, speedup, summarize
+from ..machine import cpu_model
+from ..storage import byte_sizes
+from ..timing import NOISY_IQR, Plan, Timer, cuda_event_timer, interleaved, speedup, summarize, wall_timer
 from ..version import __version__
+from .engines import BASELINE, ENGINES, ORT_ENGINES, Engines, input_batch, load_baseline, ort_provider
+from .memory import CPU_METHOD, CUDA_METHOD, cuda_peak, measure_in_subprocess
 
-ENGINES = ("dense-torch", "dense-ort", "chain-torch", "tedepr", "chain-ort", "triton")
-BASELINE = "dense-torch"
 SCHEMA = "tedepr-bench"
 SCHEMA_VERSION = 1
+TRITON_REFERENCE = "the compressed model in float64 on the CPU (torch ops)"
+Progress = Callable[[str, int, "int | None"], None]  # (what, done, total or None)
 
 
 @dataclass
@@ -59,8 +61,9 @@ class BenchOptions:
     device: str = "cpu"
     strict: bool = False  # an unavailable requested engine fails instead of being skipped
     replan: bool = False
-    gate_engine: str = "tedepr"
+    gate_engine: str | None = None  # None: tedepr on the CPU, triton on CUDA
     seed: int = 0
+    memory: bool = True  # measure peak inference memory per engine and batch
 
     def validate(self) -> None:
         if not self.batches or any(b < 1 for b in self.batches):
@@ -74,6 +77,11 @@ class BenchOptions:
             raise UsageError(f"unknown engine(s) {', '.join(unknown)}; choose from {', '.join(ENGINES)}")
         if self.device not in ("cpu", "cuda"):
             raise UsageError("--device must be cpu or cuda")
+
+    @property
+    def gate(self) -> str:
+        """The engine the CI gates judge."""
+        return self.gate_engine or ("triton" if self.device == "cuda" else "tedepr")
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -93,34 +101,6 @@ def load_target(path: Path) -> Target:
     return Target(load_artifact(path), None, path)
 
 
-def load_baseline(art: Artifact, baseline: Path | None) -> tuple[nn.Module, bool]:
-    """The dense original: from ``--baseline`` (weights into the target's architecture), or
-    the architecture freshly built (same shapes: same speed; no accuracy). Returns
-    (model, has_real_weights)."""
-    from ..arch import build
-    from ..loading import load_model
-
-    if art.arch is None:
-        raise BadInput("the target has no architecture reference to build its dense baseline from")
-    if baseline is not None:
-        base = load_model(baseline, art.arch)
-        if base.meta.get("tensorization") or base.masks:
-            raise BadInput(f"--baseline {baseline} is itself compressed; give the dense checkpoint")
-        return base.model.eval(), True
-    torch.manual_seed(0)
-    return build(art.arch, allow_import=art.arch.is_import).eval(), False
-
-
-def _ort_session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def _onnx_of(model: nn.Module, input_shape: tuple[int, ...], path: Path) -> Path:
     import onnx
 
@@ -131,17 +111,13 @@ def _onnx_of(model: nn.Module, input_shape: tuple[int, ...], path: Path) -> Path
 
 
 # ---------------------------------------------------------------------------- machine
-def machine_info(threads: int) -> dict[str, Any]:
+def machine_info(threads: int, device: torch.device) -> dict[str, Any]:
     import onnxruntime
 
     from ..kernels import build
+    from ..kernels import triton as ktriton
 
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = cpu_model()
     st = build.status()
     commit = None
     try:
@@ -151,167 +127,233 @@ def machine_info(threads: int) -> dict[str, Any]:
         commit = r.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "platform": platform.platform(),
+    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "platform": platform.platform(),
             "python": platform.python_version(), "tedepr": __version__, "torch": torch.__version__,
             "onnxruntime": onnxruntime.__version__, "kernel": {k: st.get(k) for k in (
                 "available", "compiler", "compiler_version", "flags", "reason")},
-            "git_commit": commit}
+            "git_commit": commit, "device": str(device), "triton": ktriton.status()["triton"]}
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info["gpu"] = {"name": p.name, "memory_bytes": p.total_memory, "capability": f"{p.major}.{p.minor}",
+                       "multiprocessors": p.multi_processor_count, "cuda": torch.version.cuda,
+                       "onnxruntime_providers": onnxruntime.get_available_providers()}
+    return info
 
 
-def peak_memory(fn) -> int | None:
-    """Extra resident memory (bytes) a few calls of ``fn`` reach, via Linux's resettable
-    high-water mark (``/proc/self/clear_refs``); None where unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        before = _status_kb("VmRSS")
-        for _ in range(3):
-            fn()
-        return max(0, (_status_kb("VmHWM") - before) * 1024)
-    except OSError:
-        return None
+# ---------------------------------------------------------------------------- engines
+def unavailable(engine: str, device: torch.device) -> str | None:
+    """Why ``engine`` cannot run on ``device`` here, or None."""
+    if engine in ORT_ENGINES:
+        try:
+            import onnxruntime
+        except ImportError:
+            return "onnxruntime is not installed"
+        provider = ort_provider(device)
+        if provider not in onnxruntime.get_available_providers():
+            return (f"onnxruntime {onnxruntime.__version__} has no {provider} here"
+                    + (" (it comes with the onnxruntime-gpu package)" if device.type == "cuda" else ""))
+    if engine == "tedepr" and device.type == "cuda":
+        return "the compiled kernels run on the CPU (on --device cuda the triton engine runs the chains)"
+    if engine == "triton":
+        from ..kernels import triton as ktriton
+
+        st = ktriton.status()
+        if st["triton"] is None:
+            return str(st["reason"])
+        if device.type == "cpu" and not st["interpret"]:
+            return ("needs --device cuda (on the CPU only under TRITON_INTERPRET=1, Triton's interpreter: "
+                    "a correctness check, not a speed)")
+    return None
 
 
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise OSError(key)
+def max_rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest absolute difference over the largest absolute reference value (the error
+    relative to the output's scale; elementwise ratios blow up at outputs near zero)."""
+    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
+    return float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
 
-def _sizes_of(data: bytes) -> dict[str, int]:
-    return {"bytes": len(data), "gzip_bytes": len(gzip.compress(data, 9, mtime=0))}
+def triton_error(model: nn.Module, art: Artifact, x: torch.Tensor, device: torch.device) -> float:
+    """:func:`max_rel_error` of the Triton engine's output against :data:`TRITON_REFERENCE`."""
+    with torch.no_grad():
+        with exact_fp32():
+            got = model(x.to(device))
+        ref = copy.deepcopy(art.model).double().eval()(x.double())
+    return max_rel_error(got, ref)
 
 
 # ---------------------------------------------------------------------------- run
 def run_bench(target: Target, opts: BenchOptions, baseline_path: Path | None = None,
-              data: Path | None = None) -> dict[str, Any]:
-    """Measure every engine at every batch size; returns the JSON-ready report."""
+              data: Path | None = None, progress: Progress | None = None) -> dict[str, Any]:
+    """Measure every engine at every batch size; returns the JSON-ready report.
+    ``progress(what, done, total)`` hears about each timed round and memory probe.
+    Raises EngineUnavailable (``--device cuda`` without a GPU; ``strict`` and a named
+    engine that cannot run), BadInput (the baseline cannot run)."""
+    opts.validate()
+    device = resolve_device(opts.device)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(opts.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="tedepr-bench-"))
+    try:
+        return _run(target, opts, device, baseline_path, data, progress, tmp)
+    finally:
+        torch.set_num_threads(threads_before)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run(target: Target, opts: BenchOptions, device: torch.device, baseline_path: Path | None,
+         data: Path | None, progress: Progress | None, tmp: Path) -> dict[str, Any]:
     from safetensors.torch import save as st_save
 
-    from ..execution import build_model, flop_share, plan_for
+    from ..execution import flop_share, plan_for
     from ..kernels import build as kbuild
 
-    opts.validate()
-    torch.set_num_threads(opts.threads)
     art = target.art
-    base, real_base = load_baseline(art, baseline_path)
+    base, real_base = load_baseline(art, baseline_path, opts.seed)
     wanted = list(opts.engines or ENGINES)
     skipped: dict[str, str] = {}
     warnings: list[str] = []
-    tmp = Path(tempfile.mkdtemp(prefix="tedepr-bench-"))
     report: dict[str, Any] = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION,
                               "target": str(target.path), "baseline": str(baseline_path) if baseline_path
                               else None, "baseline_weights": "checkpoint" if real_base else
                               "random (same architecture: timing only)", "options": asdict(opts),
-                              "machine": machine_info(opts.threads)}
-    try:
-        sessions: dict[str, Any] = {}
-        if "dense-ort" in wanted or "chain-ort" in wanted:
-            try:
-                import onnxruntime  # noqa: F401
-            except ImportError:
-                for e in ("dense-ort", "chain-ort"):
-                    skipped[e] = "onnxruntime is not installed"
-        if "dense-ort" in wanted and "dense-ort" not in skipped:
-            sessions["dense-ort"] = _ort_session(_onnx_of(base, art.input_shape, tmp / "dense.onnx"),
-                                                 opts.threads)
-        if "chain-ort" in wanted and "chain-ort" not in skipped:
-            onnx_path = target.onnx or _onnx_of(art.model, art.input_shape, tmp / "compressed.onnx")
-            sessions["chain-ort"] = _ort_session(onnx_path, opts.threads)
-        if "tedepr" in wanted and not kbuild.available():
-            warnings.append(f"compiled kernels unavailable ({kbuild.status().get('reason')}): the tedepr "
-                            "engine plans with dense and torch paths only")
-        if "triton" in wanted:
+                              "machine": machine_info(opts.threads, device)}
+    for e in wanted:
+        why = unavailable(e, device)
+        if why:
+            skipped[e] = why
+    onnx: dict[str, Path] = {}
+    if "dense-ort" in wanted and "dense-ort" not in skipped:
+        onnx["dense-ort"] = _onnx_of(base, art.input_shape, tmp / "dense.onnx")
+    if "chain-ort" in wanted and "chain-ort" not in skipped:
+        onnx["chain-ort"] = target.onnx or _onnx_of(art.model, art.input_shape, tmp / "compressed.onnx")
+    eng = Engines(art, base, device, opts.threads, onnx)
+    if "triton" in wanted and "triton" not in skipped:
+        try:
+            eng.model("triton")
+        except Exception as exc:  # a layer the packer refuses: report it, time the others
+            skipped["triton"] = f"the Triton model cannot be built: {type(exc).__name__}: {_first_line(exc)}"
+        if "triton" in skipped:
+            pass
+        elif not eng.triton_layers:
+            skipped["triton"] = "no layer of this model runs on the Triton kernel"
+        else:
             from ..kernels import triton as ktriton
 
-            if opts.device != "cuda" or not torch.cuda.is_available():
-                skipped["triton"] = "needs --device cuda and a CUDA GPU (none here)"
-            elif not ktriton.available():
-                skipped["triton"] = "triton is not installed"
-        if opts.device == "cuda":  # GPU timing needs a GPU; none was available to build it on
-            raise EngineUnavailable("--device cuda: no CUDA device on this machine" if not
-                                    torch.cuda.is_available() else "--device cuda is not supported by "
-                                    "tedepr bench yet (the Triton kernels are tested, not benchmarked)")
-        for e in list(skipped):
-            if opts.strict and opts.engines and e in opts.engines:
+            report["triton"] = {"layers": eng.triton_layers, "interpreted": ktriton.interpreted(),
+                                "reference": TRITON_REFERENCE, "max_rel_error": {}}
+            if device.type == "cpu":
+                warnings.append("the triton engine runs in Triton's CPU interpreter (TRITON_INTERPRET=1): "
+                                "its times check that it runs, they say nothing about GPU speed")
+    if "tedepr" in wanted and "tedepr" not in skipped and not kbuild.available():
+        warnings.append(f"compiled kernels unavailable ({kbuild.status().get('reason')}): the tedepr "
+                        "engine plans with dense and torch paths only")
+    if opts.strict and opts.engines:
+        for e in opts.engines:
+            if e in skipped:
                 raise EngineUnavailable(f"engine {e} unavailable: {skipped[e]}")
-            log.info(f"skipping engine {e}: {skipped[e]}")
-        engines = [e for e in wanted if e not in skipped]
-        if BASELINE not in engines:
-            engines.insert(0, BASELINE)
-        results: dict[str, Any] = {}
-        plans: dict[str, Any] = {}
-        for b in opts.batches:
-            x = torch.rand(b, *art.input_shape, generator=torch.Generator().manual_seed(opts.seed))
-            xn = x.numpy()
-            fns = {}
+    engines = [e for e in wanted if e not in skipped]
+    if BASELINE not in engines:
+        engines.insert(0, BASELINE)
+    # the compressed artifact as a file: its size, and what the memory probes load
+    compact = save_artifact(copy.copy(art), tmp / "compact.safetensors")
+    memory_on = opts.memory
+    report["memory"] = {"method": (CUDA_METHOD if device.type == "cuda" else CPU_METHOD) if memory_on
+                        else "not measured (--no-memory)"}
+    timers: dict[str, Timer] = {}
+    if device.type == "cuda":
+        synced = wall_timer(synchronize=torch.cuda.synchronize)
+        timers = {e: synced if e in ORT_ENGINES else cuda_event_timer() for e in engines}
+    results: dict[str, Any] = {}
+    plans: dict[str, Any] = {}
+    for b in opts.batches:
+        x = input_batch(art, b, opts.seed)
+        fns = {}
+        with torch.no_grad():
             for e in engines:
-                if e == "dense-torch":
-                    fns[e] = (lambda m=base, x=x: m(x))
-                elif e == "chain-torch":
-                    fns[e] = (lambda m=art.model, x=x: m(x))
-                elif e == "tedepr":
-                    plan, fresh = plan_for(art, b, opts.threads, replan=opts.replan)
+                plan = None
+                if e == "tedepr":
+                    plan, fresh = plan_for(art, b, opts.threads, replan=opts.replan, seed=opts.seed)
                     plans[str(b)] = {**plan, "fresh": fresh, "flops": flop_share(art.model, art.masks, plan)}
-                    fast = build_model(art, plan, opts.threads)
-                    fns[e] = (lambda m=fast, x=x: m(x))
-                elif e in sessions:
-                    s = sessions[e]
-                    name = s.get_inputs()[0].name
-                    fns[e] = (lambda s=s, name=name, xn=xn: s.run(None, {name: xn}))
-            with torch.no_grad():
-                for e, f in list(fns.items()):
-                    try:
-                        f()
-                    except Exception as exc:  # an engine that cannot take this batch
-                        msg = f"{e} cannot run at batch {b}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
-                        if opts.strict:
-                            raise BadInput(msg) from None
-                        warnings.append(msg)
-                        del fns[e]
-                if BASELINE not in fns:
-                    raise BadInput(f"the dense baseline cannot run at batch {b}")
-                times = interleaved(fns, Plan(opts.warmup, opts.iters, opts.seconds))
-                mem = {e: peak_memory(f) for e, f in fns.items()}
-            row = {}
-            for e, ts in times.items():
-                s = summarize(ts, b)
-                s["speedup_vs_dense_torch"] = speedup(times[BASELINE], ts)
-                s["peak_memory_bytes"] = mem[e]
-                row[e] = s
-                if s["noisy"]:
-                    warnings.append(f"batch {b}, {e}: IQR is {100 * s['iqr_s'] / s['median_s']:.0f} % of the "
-                                    f"median (> {100 * NOISY_IQR:.0f} %): the machine was noisy, "
-                                    "treat small ratios with care")
-            results[str(b)] = row
-        report["results"] = results
-        report["execution_plans"] = plans
-        # sizes
-        params = sum(p.numel() for p in art.model.parameters())
-        kept = params - sum(int((~m).sum()) for m in art.masks.values())
-        dense_state = {k: v.contiguous() for k, v in base.state_dict().items()}
-        sizes = {"dense-safetensors": {"params": sum(p.numel() for p in base.parameters()),
-                                       **_sizes_of(st_save(dense_state))}}
-        compact = save_artifact(copy.copy(art), tmp / "compact.safetensors")
-        sizes["compressed-safetensors"] = {"params": params, "kept": kept,
-                                           **_sizes_of(compact.read_bytes())}
-        if "dense-ort" in sessions:
-            sizes["dense-onnx"] = _sizes_of((tmp / "dense.onnx").read_bytes())
-        if "chain-ort" in sessions:
-            onnx_path = target.onnx or tmp / "compressed.onnx"
-            sizes["compressed-onnx"] = _sizes_of(onnx_path.read_bytes())
-        report["sizes"] = sizes
-        if data is not None:
-            report["accuracy"] = _accuracy(art, base, real_base, data, plans, opts)
-        report["skipped_engines"] = skipped
-        report["warnings"] = warnings
-        return report
-    finally:
-        import shutil
+                try:
+                    fns[e] = eng.runner(e, x, plan)
+                    fns[e]()  # the first call: builds, compiles, and proves the engine takes this batch
+                except Exception as exc:  # an engine that cannot be built or cannot take this batch
+                    msg = f"{e} cannot run at batch {b}: {type(exc).__name__}: {_first_line(exc)}"
+                    if opts.strict:
+                        raise BadInput(msg) from None
+                    warnings.append(msg)
+                    fns.pop(e, None)
+            if BASELINE not in fns:
+                raise BadInput(f"the dense baseline cannot run at batch {b}")
 
-        shutil.rmtree(tmp, ignore_errors=True)
+            def on_round(done: int, total: int | None, what: str = f"batch {b}: timing {len(fns)} engines"
+                         ) -> None:
+                if progress is not None:
+                    progress(what, done, total)
+
+            times = interleaved(fns, Plan(opts.warmup, opts.iters, opts.seconds),
+                                timers={e: t for e, t in timers.items() if e in fns}, on_round=on_round)
+            if "triton" in fns:
+                report["triton"]["max_rel_error"][str(b)] = triton_error(eng.model("triton"), art, x, device)
+            mem: dict[str, int | None] = {e: None for e in fns}
+            if memory_on:
+                for i, e in enumerate(fns):
+                    if progress is not None:
+                        progress(f"batch {b}: peak memory of {e}", i, len(fns))
+                    try:
+                        mem[e] = _peak(e, fns[e], b, device, opts, compact, baseline_path, onnx,
+                                       plans.get(str(b)))
+                    except (OSError, RuntimeError) as exc:
+                        warnings.append(f"peak memory of {e} at batch {b} not measured: {_first_line(exc)}")
+        row = {}
+        for e, ts in times.items():
+            s = summarize(ts, b)
+            s["speedup_vs_dense_torch"] = speedup(times[BASELINE], ts)
+            s["peak_memory_bytes"] = mem[e]
+            row[e] = s
+            if s["noisy"]:
+                warnings.append(f"batch {b}, {e}: IQR is {100 * s['iqr_s'] / s['median_s']:.0f} % of the "
+                                f"median (> {100 * NOISY_IQR:.0f} %): the machine was noisy, "
+                                "treat small ratios with care")
+        results[str(b)] = row
+    report["results"] = results
+    report["execution_plans"] = plans
+    # sizes
+    params = sum(p.numel() for p in art.model.parameters())
+    kept = params - sum(int((~m).sum()) for m in art.masks.values())
+    dense_state = {k: v.contiguous() for k, v in base.state_dict().items()}
+    sizes = {"dense-safetensors": {"params": sum(p.numel() for p in base.parameters()),
+                                   **byte_sizes(st_save(dense_state))}}
+    sizes["compressed-safetensors"] = {"params": params, "kept": kept, **byte_sizes(compact.read_bytes())}
+    if "dense-ort" in onnx:
+        sizes["dense-onnx"] = byte_sizes(onnx["dense-ort"].read_bytes())
+    if "chain-ort" in onnx:
+        sizes["compressed-onnx"] = byte_sizes(onnx["chain-ort"].read_bytes())
+    report["sizes"] = sizes
+    if data is not None:
+        report["accuracy"] = _accuracy(art, base, real_base, data, plans, opts)
+    report["skipped_engines"] = skipped
+    report["warnings"] = warnings
+    return report
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
+def _peak(engine: str, fn: Callable[[], Any], batch: int, device: torch.device, opts: BenchOptions,
+          compact: Path, baseline: Path | None, onnx: dict[str, Path], plan: dict[str, Any] | None
+          ) -> int | None:
+    """One figure of :mod:`.memory`: in-process on CUDA (None for onnxruntime, which
+    allocates outside torch), in a fresh process on the CPU."""
+    if device.type == "cuda":
+        return None if engine in ORT_ENGINES else cuda_peak(fn, device)
+    spec = {"engine": engine, "batch": batch, "artifact": str(compact), "seed": opts.seed,
+            "baseline": str(baseline) if baseline else None, "threads": opts.threads,
+            "onnx": str(onnx[engine]) if engine in onnx else None,
+            "plan": plan if engine == "tedepr" else None}
+    return measure_in_subprocess(spec)
 
 
 def _accuracy(art: Artifact, base: nn.Module, real_base: bool, data: Path, plans: dict[str, Any],

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-import sys
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,6 +17,7 @@ from .common import (
     Output,
     Overwrite,
     Quiet,
+    Seed,
     Verbose,
     command,
 )
@@ -40,28 +42,34 @@ def bench(
         "(default: all that can run here).")] = None,
     strict: Annotated[bool, typer.Option("--strict-engines", help="Fail (exit 10) instead of skipping "
                                          "an unavailable engine named in --engines.")] = False,
-    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda (GPU timing with CUDA events; "
+                                        "exit 10 without a GPU).")] = "cpu",
     replan: Annotated[bool, typer.Option("--replan", help="Ignore stored execution plans.")] = False,
+    memory: Annotated[bool, typer.Option(
+        "--memory/--no-memory", help="Measure peak inference memory per engine and batch (on the CPU "
+        "one fresh process per figure, about 2 s each).")] = True,
     data: DataOpt = None,
+    seed: Seed = 0,
     json_file: Annotated[Path | None, typer.Option(
-        "--json", help="Write every figure as JSON to this file ('-' for stdout).")] = None,
+        "--json-out", help="Also write every figure as JSON to this file.")] = None,
     fail_if_slower: Annotated[float | None, typer.Option(
-        "--fail-if-slower", help="Gate (exit 11): fail if the tedepr engine is slower than RATIO x the "
-        "dense baseline (or x the same engine in --compare-to).")] = None,
+        "--fail-if-slower", help="Gate (exit 11): fail if the tedepr engine (triton on --device cuda) is "
+        "slower than RATIO x the dense baseline (or x the same engine in --compare-to).")] = None,
     compare_to: Annotated[Path | None, typer.Option(
         "--compare-to", help="A saved bench JSON for --fail-if-slower.")] = None,
     max_size: Annotated[int | None, typer.Option(
         "--max-size", help="Gate (exit 12): fail if the compressed artifact exceeds BYTES.")] = None,
     min_speedup: Annotated[float | None, typer.Option(
-        "--min-speedup", help="Gate (exit 13): fail if the tedepr engine's speed-up is below X.")] = None,
-    verbose: Verbose = 0, quiet: Quiet = False,
+        "--min-speedup", help="Gate (exit 13): fail if the gated engine's speed-up is below X.")] = None,
+    json_out: JsonOut = False, verbose: Verbose = 0, quiet: Quiet = False,
 ) -> None:
     """Honest latency and size: every engine side by side, interleaved, with medians, IQR,
-    percentiles, speed-ups with their spread, sizes, planner choices and accuracy."""
+    percentiles, speed-ups with their spread, sizes, peak memory, planner choices and accuracy."""
     import json as _json
 
     from ..bench.core import BenchOptions, check_gates, load_saved, load_target, run_bench
     from ..console import human_bytes, log
+    from ..device import resolve as resolve_device
     from ..errors import UsageError
 
     try:
@@ -70,8 +78,9 @@ def bench(
         raise UsageError(f"--batch takes integers like 1,32; got {batch!r}") from None
     opts = BenchOptions(batches=batches, threads=threads, warmup=warmup, iters=iters, seconds=seconds,
                         engines=[e.strip() for e in engines.split(",")] if engines else None,
-                        device=device, strict=strict, replan=replan)
+                        device=device, strict=strict, replan=replan, seed=seed, memory=memory)
     opts.validate()
+    resolve_device(opts.device)  # no GPU: exit 10 before anything is loaded
     if compare_to is not None and fail_if_slower is None:
         raise UsageError("--compare-to is used by --fail-if-slower: give both")
     saved = load_saved(compare_to) if compare_to is not None else None
@@ -79,22 +88,25 @@ def bench(
         from ..errors import InputNotFound
 
         raise InputNotFound(f"--baseline {baseline} does not exist")
-    target = load_target(path)
-    report = run_bench(target, opts, baseline, data)
-    failures = check_gates(report, fail_if_slower, max_size, min_speedup, saved, opts.gate_engine)
-    report["gates"] = {"fail_if_slower": fail_if_slower, "max_size": max_size, "min_speedup": min_speedup,
-                       "failed": [str(f) for f in failures]}
     if json_file is not None:
-        text = _json.dumps(report, indent=2, default=str) + "\n"
-        if str(json_file) == "-":
-            sys.stdout.write(text)
-        else:
-            from ..fsutil import atomic_output
+        from ..fsutil import check_output
 
-            with atomic_output(json_file, overwrite=True) as tmp:
-                tmp.write_text(text)
-            log.info(f"wrote {json_file}")
-    if str(json_file) != "-":
+        check_output(json_file, overwrite=True)
+    target = load_target(path)
+    with _progress(quiet) as progress:
+        report = run_bench(target, opts, baseline, data, progress=progress)
+    failures = check_gates(report, fail_if_slower, max_size, min_speedup, saved, opts.gate)
+    report["gates"] = {"engine": opts.gate, "fail_if_slower": fail_if_slower, "max_size": max_size,
+                       "min_speedup": min_speedup, "failed": [str(f) for f in failures]}
+    if json_file is not None:
+        from ..fsutil import atomic_output
+
+        with atomic_output(json_file, overwrite=True) as tmp:
+            tmp.write_text(_json.dumps(report, indent=2, default=str) + "\n")
+        log.info(f"wrote {json_file}")
+    if json_out:
+        print_json(report)
+    else:
         _print_bench(report, human_bytes)
     for w in report["warnings"]:
         log.warning(w)
@@ -104,9 +116,32 @@ def bench(
         raise failures[0]
 
 
+@contextlib.contextmanager
+def _progress(quiet: bool) -> Iterator[Callable[[str, int, int | None], None] | None]:
+    """A rich progress line on stderr while bench runs, on a TTY only (None elsewhere)."""
+    from ..console import is_tty
+
+    if quiet or not is_tty():
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..console import stderr as err_console
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err_console, transient=True) as p:
+        task = p.add_task("bench", total=None)
+
+        def update(what: str, done: int, total: int | None) -> None:
+            p.update(task, description=what, completed=done, total=total)
+
+        yield update
+
+
 def _print_bench(report: dict[str, Any], human_bytes) -> None:
     m = report["machine"]
-    stdout.print(f"{report['target']} vs dense baseline ({report['baseline_weights']}); {m['cpu']}, "
+    where = f"{m['gpu']['name']} (CUDA {m['gpu']['cuda']}), " if "gpu" in m else ""
+    stdout.print(f"{report['target']} vs dense baseline ({report['baseline_weights']}); {where}{m['cpu']}, "
                  f"{m['threads']} thread(s), torch {m['torch']}, onnxruntime {m['onnxruntime']}, kernels "
                  f"{'on' if m['kernel']['available'] else 'off'}")
     for b, row in report["results"].items():
@@ -135,6 +170,13 @@ def _print_bench(report: dict[str, Any], human_bytes) -> None:
         base = "unknown (no --baseline)" if acc["baseline"] is None else f"{100 * acc['baseline']:.2f} %"
         stdout.print(f"accuracy on {acc['data']} (test): baseline {base}, compressed "
                      f"{100 * acc['compressed']:.2f} %")
+    tri = report.get("triton")
+    if tri and tri["max_rel_error"]:
+        errs = ", ".join(f"batch {b} {e:.2e}" for b, e in tri["max_rel_error"].items())
+        stdout.print(f"triton: {len(tri['layers'])} layer(s) on the Triton kernel"
+                     f"{' (interpreted)' if tri['interpreted'] else ''}; max relative error vs "
+                     f"{tri['reference']}: {errs}")
+    stdout.print(f"peak mem: {report['memory']['method']}")
     for name, why in report.get("skipped_engines", {}).items():
         stdout.print(f"skipped {name}: {why}")
 
@@ -147,6 +189,7 @@ def plan(
     threads: Annotated[int, typer.Option("--threads", help="Threads the plan is made for.")] = 1,
     override: Annotated[list[str] | None, typer.Option(
         "--override", help="Force a layer's engine: name=kernel|dense|torch (globs, repeatable).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random batch layers are timed on.")] = 0,
     overwrite: Overwrite = False,
     json_out: JsonOut = False, verbose: Verbose = 0, quiet: Quiet = False,
 ) -> None:
@@ -178,10 +221,10 @@ def plan(
     torch.set_num_threads(threads)
     plans = {}
     for b in batches:
-        p = plan_execution(art, b, threads, overrides=overrides)
+        p = plan_execution(art, b, threads, overrides=overrides, seed=seed)
         store_plan(art, p)
         plans[str(b)] = p
-    art.record("plan", {"batch": batches, "threads": threads, "override": overrides})
+    art.record("plan", {"batch": batches, "threads": threads, "override": overrides}, seed=seed)
     save_artifact(art, output, overwrite=overwrite)
     log.info(f"wrote {output}")
     if json_out:

@@ -47,6 +47,8 @@ def export(
                                              "be dynamic.")] = "1,7",
     data: DataOpt = None,
     seed: Seed = 0,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda: where the PyTorch reference "
+                                        "runs (and onnxruntime, where it has CUDA).")] = "cpu",
     overwrite: Overwrite = False,
     arch: Arch = None, arch_kwargs: ArchKwargs = None, input_shape: InputShape = None,
     trust_pickle: TrustPickle = False,
@@ -55,6 +57,7 @@ def export(
     """Export a compact safetensors file and ONNX models of the chain, each validated
     against PyTorch (exit 8 on a miss); prints a size table."""
     from ..console import human_bytes, log
+    from ..device import resolve as resolve_device
     from ..errors import UsageError
     from ..export import ExportOptions
     from ..export import export as run_export
@@ -65,8 +68,9 @@ def export(
     except ValueError:
         raise UsageError(f"--batch-sizes must be integers like 1,7; got {batch_sizes!r}") from None
     opts = ExportOptions(formats=[f.strip() for f in to.split(",") if f.strip()], opset=opset,
-                         atol=atol, rtol=rtol, batch_sizes=sizes, seed=seed)
+                         atol=atol, rtol=rtol, batch_sizes=sizes, seed=seed, device=device)
     opts.validate()
+    resolve_device(device)  # --device cuda without a GPU: exit 10 before anything is written
     check_output(output, overwrite)
     art = _load(path, arch, arch_kwargs, input_shape, trust_pickle)
     report = run_export(art, output, opts, data, overwrite=overwrite)

@@ -20,14 +20,18 @@ def run(
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Override a recipe option: stage.option=value (repeatable), e.g. "
         "prune.sparsity=0.999.")] = None,
+    seed: Annotated[int | None, typer.Option(
+        "--seed", help="Seed of every stage (decompose, prune, finetune, export, bench), over the "
+        "recipe's; --set stage.seed=N still wins.")] = None,
     overwrite: Overwrite = False,
     json_out: JsonOut = False, verbose: Verbose = 0, quiet: Quiet = False,
 ) -> None:
     """Run a whole pipeline from a recipe file into one directory (flags override the recipe;
     the merged recipe is stored in every artifact)."""
-    from ..recipe import apply_overrides, load_recipe, run_recipe
+    from ..recipe import apply_overrides, apply_seed, load_recipe, run_recipe
 
-    merged = apply_overrides(load_recipe(recipe), set_ or [])
+    loaded = load_recipe(recipe)
+    merged = apply_overrides(loaded if seed is None else apply_seed(loaded, seed), set_ or [])
     summary = run_recipe(merged, output, overwrite=overwrite)
     if json_out:
         print_json(summary)

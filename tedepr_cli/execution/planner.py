@@ -39,10 +39,12 @@ def _capture_inputs(model: nn.Module, names: list[str], x: Tensor) -> dict[str, 
 
 
 def plan_execution(art: Artifact, batch: int, threads: int = 1, timing: bool = True,
-                   overrides: dict[str, str] | None = None, reps: int = 15, fuse: bool = True
-                   ) -> dict[str, Any]:
+                   overrides: dict[str, str] | None = None, reps: int = 15, fuse: bool = True,
+                   seed: int = 0) -> dict[str, Any]:
     """Choose kernel / dense / torch for every candidate layer of ``art`` at ``batch``, then
-    fuse chains of Linear-like layers where that is faster (``fuse=False``: never)."""
+    fuse chains of Linear-like layers where that is faster (``fuse=False``: never). The
+    timings run on ``batch`` uniform random inputs drawn with ``seed``; the caller's thread
+    count is restored afterwards."""
     overrides = overrides or {}
     for pat, c in overrides.items():
         if c not in CHOICES:
@@ -50,16 +52,16 @@ def plan_execution(art: Artifact, batch: int, threads: int = 1, timing: bool = T
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _plan(art, batch, threads, timing, overrides, reps, fuse)
+        return _plan(art, batch, threads, timing, overrides, reps, fuse, seed)
     finally:
         torch.set_num_threads(prev_threads)
 
 
 def _plan(art: Artifact, batch: int, threads: int, timing: bool, overrides: dict[str, str], reps: int,
-          fuse: bool) -> dict[str, Any]:
+          fuse: bool, seed: int) -> dict[str, Any]:
     model = folded_copy(art.model).eval()  # what build_model runs: plain weights, eval mode
     cands = candidates(model, art.masks)
-    x = torch.rand(batch, *art.input_shape, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(batch, *art.input_shape, generator=torch.Generator().manual_seed(seed))
     inputs = _capture_inputs(model, list(cands), x) if timing else {}
     layers: dict[str, Any] = {}
     for name, layer in cands.items():
@@ -141,11 +143,11 @@ def build_model(art: Artifact, plan: dict[str, Any], threads: int = 1) -> nn.Mod
 
 
 def plan_for(art: Artifact, batch: int, threads: int = 1, overrides: dict[str, str] | None = None,
-             replan: bool = False) -> tuple[dict[str, Any], bool]:
+             replan: bool = False, seed: int = 0) -> tuple[dict[str, Any], bool]:
     """The stored plan for ``batch`` if it was made on this machine, else a fresh one.
     Returns (plan, fresh)."""
     if not replan and not overrides:
         stored = stored_plan(art, batch, threads)
         if stored is not None:
             return stored, False
-    return plan_execution(art, batch, threads, overrides=overrides), True
+    return plan_execution(art, batch, threads, overrides=overrides, seed=seed), True

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -267,9 +267,12 @@ class SparseChainKernel:
 class ConvChainKernel:
     """A ``ChainConv2d`` (TT or TR conv, linear chain): the compiled kernel runs the input
     cores (C -> ring state, per pixel) and the output cores (state -> M, per pixel), torch
-    runs the k x k conv in rank space. Equals ``layer.forward`` up to fp32 rounding."""
+    runs the k x k conv in rank space. Equals ``layer.forward`` up to fp32 rounding.
+    ``chain`` makes the two chain kernels from their layouts (default: this module's
+    :class:`SparseChainKernel`; the Triton path passes its own)."""
 
-    def __init__(self, layer: nn.Module, masks: MaskArg = None, threads: int = 1) -> None:
+    def __init__(self, layer: nn.Module, masks: MaskArg = None, threads: int = 1,
+                 chain: Callable[[ChainLayout], Any] | None = None) -> None:
         from ..tensorized.conv import ChainConv2d
 
         if not isinstance(layer, ChainConv2d) or not supports(layer):
@@ -278,8 +281,9 @@ class ConvChainKernel:
         cores = list(layer.cores)
         ms = core_masks(cores, masks)
         d = layer.n_in
-        self.inputs = SparseChainKernel(ring_in_layout(cores[:d], ms[:d]), threads)
-        self.outputs = SparseChainKernel(ring_out_layout(cores[d + 1:], ms[d + 1:], layer.bias), threads)
+        make = chain or (lambda layout: SparseChainKernel(layout, threads))
+        self.inputs = make(ring_in_layout(cores[:d], ms[:d]))
+        self.outputs = make(ring_out_layout(cores[d + 1:], ms[d + 1:], layer.bias))
         kernel = layer.kernel_core.detach().float()
         if ms[d] is not None:
             kernel = kernel * ms[d].to(kernel.device, torch.bool)

@@ -1,0 +1,150 @@
+"""The engines ``tedepr bench`` times, each built into a zero-argument call that runs one
+batch (the timing loop and the memory probe of :mod:`.memory` share these builders).
+
+``dense-torch``  the dense baseline in PyTorch (the reference every speed-up divides)
+``dense-ort``    the dense baseline exported to ONNX, in onnxruntime
+``chain-torch``  the compressed model, reference torch chain
+``tedepr``       the compressed model with the compiled CPU kernels and the execution planner
+``chain-ort``    the compressed model's ONNX in onnxruntime
+``triton``       the compressed model with its sparse chains in the Triton kernel (CUDA; on
+                 the CPU only under ``TRITON_INTERPRET=1``, Triton's interpreter: correct,
+                 and far slower than anything else)
+
+On ``--device cuda`` the torch and Triton engines run on the GPU and the onnxruntime ones
+on its CUDA execution provider (inputs and outputs bound on the device); ``tedepr`` is a
+CPU engine.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..artifact import Artifact
+from ..errors import BadInput
+
+ENGINES = ("dense-torch", "dense-ort", "chain-torch", "tedepr", "chain-ort", "triton")
+ORT_ENGINES = ("dense-ort", "chain-ort")
+BASELINE = "dense-torch"
+
+
+def input_batch(art: Artifact, batch: int, seed: int) -> torch.Tensor:
+    """The benchmark input: ``batch`` uniform [0, 1) samples of the model's shape (CPU)."""
+    return torch.rand(batch, *art.input_shape, generator=torch.Generator().manual_seed(seed))
+
+
+def ort_provider(device: torch.device) -> str:
+    return "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
+
+
+def ort_session(path: Path, threads: int, device: torch.device) -> Any:
+    """An onnxruntime session on ``device``'s execution provider, ``threads`` intra-op threads."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    provider: Any = ort_provider(device)
+    if device.type == "cuda":
+        provider = (provider, {"device_id": device.index or 0})
+    return ort.InferenceSession(str(path), so, providers=[provider])
+
+
+def _ort_call(sess: Any, x: torch.Tensor, device: torch.device) -> Callable[[], Any]:
+    name = sess.get_inputs()[0].name
+    if device.type != "cuda":
+        xn = x.numpy()
+        return lambda: sess.run(None, {name: xn})
+    import numpy as np
+
+    xd = x.to(device).contiguous()  # bound once on the device: no host copy in the timed call
+    io = sess.io_binding()
+    io.bind_input(name, "cuda", device.index or 0, np.float32, list(xd.shape), xd.data_ptr())
+    for o in sess.get_outputs():
+        io.bind_output(o.name, "cuda", device.index or 0)
+
+    def call() -> None:
+        sess.run_with_iobinding(io)
+        _ = xd  # keep the bound input alive as long as the call
+
+    return call
+
+
+class Engines:
+    """Builds each engine's model (once) and its one-batch call.
+
+    ``art``: the compressed artifact; ``base``: the dense baseline (None: ``dense-torch``
+    unavailable); ``onnx``: the ONNX file of each onnxruntime engine to build."""
+
+    def __init__(self, art: Artifact, base: nn.Module | None, device: torch.device, threads: int,
+                 onnx: dict[str, Path] | None = None) -> None:
+        self.art, self.base, self.device, self.threads = art, base, device, threads
+        self.onnx = dict(onnx or {})
+        self._models: dict[str, Any] = {}
+        self.triton_layers: list[str] = []
+
+    def _on_device(self, m: nn.Module) -> nn.Module:
+        """``m`` itself on the CPU; a copy on another device (the artifact stays on the CPU)."""
+        return m.eval() if self.device.type == "cpu" else copy.deepcopy(m).to(self.device).eval()
+
+    def model(self, name: str) -> Any:
+        """The torch module (or onnxruntime session) behind an engine, on the device."""
+        if name in self._models:
+            return self._models[name]
+        if name == "dense-torch":
+            if self.base is None:
+                raise ValueError("no dense baseline was given")
+            m: Any = self._on_device(self.base)
+        elif name == "chain-torch":
+            m = self._on_device(self.art.model)
+        elif name == "triton":
+            from ..kernels.triton import triton_model
+
+            m, self.triton_layers = triton_model(self.art.model, self.art.masks, self.device)
+        elif name in ORT_ENGINES:
+            m = ort_session(self.onnx[name], self.threads, self.device)
+        else:
+            raise ValueError(f"engine {name} has no single model (the tedepr engine is built per plan)")
+        self._models[name] = m
+        return m
+
+    def runner(self, name: str, x: torch.Tensor, plan: dict[str, Any] | None = None) -> Callable[[], Any]:
+        """A call running engine ``name`` on the batch ``x`` (a CPU tensor, moved to the
+        device here, outside the call); ``plan``: the tedepr engine's execution plan."""
+        if name in ORT_ENGINES:
+            return _ort_call(self.model(name), x, self.device)
+        if name == "tedepr":
+            from ..execution import build_model
+
+            if plan is None:
+                raise ValueError("the tedepr engine needs an execution plan")
+            m: Any = build_model(self.art, plan, self.threads)
+        else:
+            m = self.model(name)
+        xd = x.to(self.device)
+        return lambda: m(xd)
+
+
+def load_baseline(art: Artifact, baseline: Path | None, seed: int = 0) -> tuple[nn.Module, bool]:
+    """The dense original: from ``--baseline`` (weights into the target's architecture), or
+    the architecture freshly built with ``seed`` (same shapes: same speed; no accuracy).
+    Returns (model, has_real_weights)."""
+    from ..arch import build
+    from ..loading import load_model
+
+    if art.arch is None:
+        raise BadInput("the target has no architecture reference to build its dense baseline from")
+    if baseline is not None:
+        base = load_model(baseline, art.arch)
+        if base.meta.get("tensorization") or base.masks:
+            raise BadInput(f"--baseline {baseline} is itself compressed; give the dense checkpoint")
+        return base.model.eval(), True
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build(art.arch, allow_import=art.arch.is_import).eval(), False
