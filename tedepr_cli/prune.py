@@ -212,11 +212,12 @@ def prune(art: Artifact, opts: PruneOptions, data: Path | None = None,
     score_s = time.perf_counter() - t0
     check_collapse(groups, masks)
     added: dict[str, int] = {}
+    samples = batches[0][0][:16] if batches else None  # the activity of ReLUs: on real data if given
     if opts.repair_paths:  # whole network: reconnect a cut input -> output, say what it cost
-        fixed = repair_paths(model, art.input_shape, masks, scores)
+        fixed = repair_paths(model, art.input_shape, masks, scores, inputs=samples)
         masks, added, reach = fixed.masks, fixed.added, fixed.reach
     else:  # whole network: refuse (exit 7) when no input unit reaches the output
-        reach = check_reachability(model, art.input_shape, masks)
+        reach = check_reachability(model, art.input_shape, masks, samples)
     apply_masks(model, masks)
     out.masks = masks
     report = _report(model, groups, masks, dense, opts, criterion, fallback, data, score_s)

@@ -53,6 +53,7 @@ from ..tensorized.wrappers import TensorizedLSTM, TensorizedMHA
 
 _F64 = torch.float64
 _EPS = 1e-3  # relaxed weight of an unkept entry when ordering multi-entry repairs
+_SAMPLES = 16  # random sample inputs for the activity of ReLUs when no batch is given
 _LAYERS = (nn.Linear, nn.modules.conv._ConvNd, TensorizedLayer, nn.RNNBase, TensorizedLSTM,
            nn.MultiheadAttention, TensorizedMHA)
 
@@ -109,6 +110,8 @@ class Reachability:
     that a skip path may bypass). ``traced`` is False when the graph could not be traced
     with ``torch.fx`` and the layers were followed in the order they run (skip paths
     unseen; ``note`` says why). ``checked`` is False if the model could not be run at all.
+    ``unknown_ops``: operations without a rule, followed conservatively (all to all).
+    ``reached``: indices of the reached output units.
     """
 
     outputs: int
@@ -118,8 +121,10 @@ class Reachability:
     note: str | None = None
     breaks: tuple[str, str] | None = None
     reached_units: int = 0
+    break_kind: str = "layer"  # layer | activation (a ReLU that never fires) | op
     cut_layers: list[str] = field(default_factory=list)
     unknown_ops: list[str] = field(default_factory=list)
+    reached: list[int] = field(default_factory=list)  # indices of the reached output units
 
     @property
     def connected(self) -> bool:
@@ -130,6 +135,12 @@ class Reachability:
         if self.breaks is None:
             return "no input unit reaches any output unit"
         up, layer = self.breaks
+        if self.break_kind == "activation":
+            return (f"it dies after {up}: none of the {self.reached_units:,} unit(s) {up} still "
+                    f"reaches ever passes the ReLU that follows ({layer}): with the kept weights "
+                    "their pre-activations stay <= 0 on every sample input")
+        if self.break_kind == "op":
+            return f"it breaks at {layer} after {up}, which keeps none of the reached units"
         if up == "the input":
             return (f"it breaks at {layer}: its kept entries read none of the input's "
                     f"{self.reached_units:,} units")
@@ -139,7 +150,7 @@ class Reachability:
     def as_dict(self) -> dict[str, Any]:
         return {"checked": self.checked, "traced": self.traced, "outputs": self.outputs,
                 "outputs_reached": self.outputs_reached, "cut_layers": list(self.cut_layers),
-                "note": self.note}
+                "conservative_ops": list(self.unknown_ops), "note": self.note}
 
 
 @dataclass
@@ -157,7 +168,7 @@ class Repair:
 
 # ---------------------------------------------------------------------------- public API
 def reachability(model: nn.Module, input_shape: tuple[int, ...],
-                 masks: dict[str, Tensor] | None = None) -> Reachability:
+                 masks: dict[str, Tensor] | None = None, inputs: Tensor | None = None) -> Reachability:
     """Which output units still depend on the input, given the kept pattern ``masks``.
 
     ``model``: any module (its train/eval mode and weights are left as they were);
@@ -169,23 +180,31 @@ def reachability(model: nn.Module, input_shape: tuple[int, ...],
     entry does; a convolution per channel and position, respecting ``groups``; an LSTM
     through its kept input-to-hidden and hidden-to-hidden entries over time.
 
+    A path must also be *active*: a unit behind a ReLU passes the marks on only if the
+    pruned model lifts it above zero for at least one of the sample ``inputs`` (a batch
+    ``(N, *input_shape)``; default 16 seeded normal samples), with BatchNorm on batch
+    statistics as in training. A kept path whose weights sum to a negative value at
+    every ReLU carries nothing, and no training step reaches it.
+
     The marks are propagated along the ``torch.fx`` graph (residual adds, concats and skip
     branches included); a model that cannot be traced is followed in the order its layers
-    run, and :attr:`Reachability.note` says so. Costs one forward pass at batch 1 and one
-    pass of 0/1 marks in float64. Raises nothing for a cut network (see
-    :func:`check_reachability`); a model that cannot run gives ``checked=False``.
+    run (structure only), and :attr:`Reachability.note` says so. Costs two forward passes
+    (batch 1 and the samples) and one pass of 0/1 marks in float64. Raises nothing for a
+    cut network (see :func:`check_reachability`); a model that cannot run gives
+    ``checked=False``.
     """
-    prog = _program(model, input_shape)
+    prog = _program(model, input_shape, inputs)
     if prog.failed:
         return Reachability(0, 0, traced=False, checked=False, note=prog.failed)
     return prog.evaluate(_Patterns(model, masks))
 
 
 def check_reachability(model: nn.Module, input_shape: tuple[int, ...],
-                       masks: dict[str, Tensor] | None = None) -> Reachability:
+                       masks: dict[str, Tensor] | None = None, inputs: Tensor | None = None
+                       ) -> Reachability:
     """:func:`reachability`, raising :class:`~tedepr_cli.errors.CollapseError` (exit 7)
     with one line naming the broken layer pair when no input unit reaches any output."""
-    reach = reachability(model, input_shape, masks)
+    reach = reachability(model, input_shape, masks, inputs)
     if not reach.connected:
         raise CollapseError(collapse_message(reach))
     return reach
@@ -202,58 +221,56 @@ def collapse_message(reach: Reachability, added: int = 0) -> str:
 
 
 def repair_paths(model: nn.Module, input_shape: tuple[int, ...], masks: dict[str, Tensor],
-                 scores: dict[str, Tensor] | None = None, every_output: bool = True) -> Repair:
+                 scores: dict[str, Tensor] | None = None, every_output: bool = True,
+                 inputs: Tensor | None = None) -> Repair:
     """Add the cheapest kept entries that reconnect the input to the output.
 
     ``masks``: boolean kept pattern per prunable parameter (not modified; the result holds
     new masks); ``scores``: the criterion's scores of the same shapes (higher = keep;
-    without them ties go by position). Greedy, one entry at a time: the gradient of the
-    reached outputs with respect to the 0/1 kept pattern is positive exactly at the
-    unkept entries that alone would complete an input-to-output path, and the best-scored
-    of them is added; when none can, unkept entries are relaxed to ``ε`` and the entry on
-    the paths needing the fewest further entries is added. With ``every_output`` the
-    repair goes on until every output unit depends on the input, not just one. Entries
-    added on the way that the final paths do not need are dropped again. Raises
+    without them ties go by position); ``inputs``: the sample batch of
+    :func:`reachability`. Greedy, one entry at a time: the gradient of the reached
+    outputs with respect to the 0/1 kept pattern is positive exactly at the unkept entries
+    that alone would complete an active input-to-output path, and the best-scored of them
+    is added; when none can, unkept entries are relaxed to ``ε`` and the entry on the
+    paths needing the fewest further entries is added. With ``every_output`` the repair
+    goes on until every output unit depends on the input, not just one. Entries added on
+    the way that the final paths do not need are dropped again (last added first). Raises
     :class:`~tedepr_cli.errors.CollapseError` if the network cannot be reconnected.
     """
-    prog = _program(model, input_shape)
+    prog = _program(model, input_shape, inputs)
     masks = {n: m.clone().bool() for n, m in masks.items()}
-    added: dict[str, list[int]] = {}
     if prog.failed:
         return Repair(masks, {}, Reachability(0, 0, traced=False, checked=False, note=prog.failed))
+    added: list[tuple[str, int]] = []
     reach = prog.evaluate(_Patterns(model, masks))
     flat_scores = {n: _clean(scores[n]) if scores is not None and n in scores
                    else torch.zeros(masks[n].numel(), dtype=_F64) for n in masks}
-    limit = 16 + 4 * (len(masks) + reach.outputs)
-    for _ in range(limit):
-        done = reach.connected and (not every_output or reach.outputs_reached == reach.outputs)
-        if done:
+    for _ in range(16 + 4 * (len(masks) + reach.outputs)):
+        if reach.connected and (not every_output or reach.outputs_reached == reach.outputs):
             break
         target = ~prog.reached_units if reach.connected else torch.ones_like(prog.reached_units)
         pick = _pick(prog, model, masks, target, flat_scores, soft=False) or \
             _pick(prog, model, masks, target, flat_scores, soft=True)
         if pick is None:
             break
-        name, idx = pick
-        masks[name].view(-1)[idx] = True
-        added.setdefault(name, []).append(idx)
+        masks[pick[0]].view(-1)[pick[1]] = True
+        added.append(pick)
         reach = prog.evaluate(_Patterns(model, masks))
-    # drop entries the final paths do not need (last added first)
     goal = reach.outputs_reached
-    for name in list(added):
-        for idx in reversed(list(added[name])):
-            masks[name].view(-1)[idx] = False
-            trial = prog.evaluate(_Patterns(model, masks))
-            if trial.outputs_reached >= goal and trial.connected:
-                added[name].remove(idx)
-                reach = trial
-            else:
-                masks[name].view(-1)[idx] = True
+    for name, idx in reversed(list(added)):  # drop what the final paths do not need
+        masks[name].view(-1)[idx] = False
+        trial = prog.evaluate(_Patterns(model, masks))
+        if trial.connected and trial.outputs_reached >= goal:
+            added.remove((name, idx))
+        else:
+            masks[name].view(-1)[idx] = True
     reach = prog.evaluate(_Patterns(model, masks))
-    total = sum(len(v) for v in added.values())
     if not reach.connected:
-        raise CollapseError(collapse_message(reach, total))
-    return Repair(masks, {n: len(v) for n, v in added.items() if v}, reach)
+        raise CollapseError(collapse_message(reach, len(added)))
+    per: dict[str, int] = {}
+    for name, _ in added:
+        per[name] = per.get(name, 0) + 1
+    return Repair(masks, per, reach)
 
 
 # ---------------------------------------------------------------------------- patterns
@@ -594,6 +611,37 @@ class _Program:
         self.calls: list[tuple[str, nn.Module, tuple, dict, Any]] = []  # fallback: layer calls
         self.output: Any = None
         self.reached_units = torch.zeros(0, dtype=torch.bool)
+        self.inputs: Tensor | None = None  # sample batch for the activity of ReLUs
+        self.relus: set[Any] = set()  # ReLU nodes of the graph
+
+    def fires(self, masks: dict[str, Tensor]) -> dict[Any, Tensor]:
+        """Per ReLU node, the elements that may pass the input on: positive for at least
+        one sample input of the pruned model (kept entries only, BatchNorm on batch
+        statistics as in training), or not depending on the input yet (a constant, which an
+        added entry may still lift). A unit that varies with the input but never rises
+        above zero passes nothing on."""
+        if not self.traced or not self.relus or self.inputs is None:
+            return {}
+        runner = _EnvRunner(self.gm)
+        own = dict(runner.named_parameters()) | dict(runner.named_buffers())
+        state: dict[str, Tensor] = {}
+        for n, p in self.model.named_parameters():
+            if f"gm.{n}" in own:
+                state[f"gm.{n}"] = p.detach() * masks[n].to(p.dtype) if n in masks else p.detach()
+        for n, b in self.model.named_buffers():
+            if f"gm.{n}" in own:
+                state[f"gm.{n}"] = b.detach().clone()  # running statistics stay untouched
+        with torch.no_grad(), _batch_statistics(self.model):
+            env = functional_call(runner, state, (self.inputs,))
+        out = {}
+        for node in self.relus:
+            v, r = env.get(node), self.real.get(node)
+            pre = env.get(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+            if isinstance(v, Tensor) and isinstance(r, Tensor) and isinstance(pre, Tensor) and r.dim() \
+                    and r.shape[0] == 1 and v.shape[1:] == r.shape[1:] and pre.shape == v.shape:
+                varies = (pre != pre[:1]).any(0, keepdim=True)
+                out[node] = ((v > 0).any(0, keepdim=True) | ~varies).to(_F64)
+        return out
 
     # -- one marks pass -----------------------------------------------------------------
     def run(self, pats: _Patterns, hard: bool) -> tuple[Tensor, list[_Record], dict[str, Any]]:
@@ -610,9 +658,10 @@ class _Program:
         dead = [r.name for r in records if r.inputs[0] > 0 and r.outputs[0] == 0]
         reach = Reachability(outputs=units.numel(), outputs_reached=int(units.sum()),
                              traced=self.traced, note=self.note, cut_layers=sorted(set(dead)),
-                             unknown_ops=sorted(info.get("unknown", set())))
+                             unknown_ops=sorted(info.get("unknown", set())),
+                             reached=torch.nonzero(units).reshape(-1).tolist())
         if not reach.connected:
-            reach.breaks, reach.reached_units = info["breaks"]
+            reach.breaks, reach.reached_units, reach.break_kind = info["breaks"]
         return reach
 
     def _finish(self, t: Any, hard: bool) -> Any:
@@ -626,6 +675,7 @@ class _Program:
         records: list[_Record] = []
         layer_nodes: dict[Any, str] = {}
         unknown: set[str] = set()
+        fires = self.fires(pats.masks)
         first = True
         out = None
         for node in self.gm.graph.nodes:
@@ -654,6 +704,8 @@ class _Program:
             except Exception as e:  # noqa: BLE001 -- a rule that does not fit: stay conservative
                 unknown.add(f"{_op_name(node)} ({type(e).__name__})")
                 t = _spread(r, [marks[n] for n in node.all_input_nodes])
+            if node in fires:
+                t = t * fires[node]
             t = self._finish(t, hard)
             marks[node] = t
             if node.op == "call_module" and isinstance(self.gm.get_submodule(node.target), _LAYERS):
@@ -685,9 +737,10 @@ class _Program:
         return _function_marks(_op_name(node), node, r, args_r, kwargs_r, targs, tkw, pats, self.real)
 
     def _graph_break(self, marks: dict, out_node: fx.Node, layer_nodes: dict, records: list[_Record]
-                     ) -> tuple[tuple[str, str] | None, int]:
-        """Where the last path dies: the last node (a layer if any) that reads marks but
-        writes none, and the nearest layer upstream of it that still reaches something."""
+                     ) -> tuple[tuple[str, str] | None, int, str]:
+        """Where the last path dies: the last node that reads marks but writes none (a
+        layer, a ReLU that never fires, or another operation), the nearest layer upstream of
+        it that still reaches something, and the units that reach it."""
 
         def reached(n: Any) -> bool:
             return isinstance(n, fx.Node) and any(bool((x > 0).any()) for x in _leaves(marks.get(n)))
@@ -696,12 +749,15 @@ class _Program:
                   and n.op not in ("placeholder", "get_attr")
                   and not reached(n) and any(reached(a) for a in n.all_input_nodes)]
         if not deaths:
-            return None, 0
-        layers = [n for n in deaths if n in layer_nodes]
-        dead = layers[-1] if layers else deaths[-1]
+            return None, 0, "op"
+        dead = deaths[-1]
+        kind = "layer" if dead in layer_nodes else "activation" if dead in self.relus else "op"
         rec = next((r for r in records if r.node is dead), None)
-        units = rec.inputs[0] if rec else int(sum(int((x > 0).sum()) for a in dead.all_input_nodes
-                                                   for x in _leaves(marks.get(a))))
+        if rec is not None:
+            units = rec.inputs[0]
+        else:
+            tin = next(iter(_leaves([marks.get(a) for a in dead.all_input_nodes if reached(a)])))
+            units = _unit_counts(tin, 1 if tin.dim() == 4 else -1)[0]
         seen, queue = set(), deque(a for a in dead.all_input_nodes if reached(a))
         while queue:
             n = queue.popleft()
@@ -709,11 +765,11 @@ class _Program:
                 continue
             seen.add(n)
             if n in layer_nodes:
-                return (layer_nodes[n], layer_nodes.get(dead, _op_name(dead))), units
+                return (layer_nodes[n], layer_nodes.get(dead, _op_name(dead))), units, kind
             if n.op == "placeholder":
                 continue
             queue.extend(a for a in n.all_input_nodes if reached(a))
-        return ("the input", layer_nodes.get(dead, _op_name(dead))), units
+        return ("the input", layer_nodes.get(dead, _op_name(dead))), units, kind
 
     # -- in the order the layers run (untraceable models) --------------------------------
     def _run_order(self, pats: _Patterns, hard: bool) -> tuple[Tensor, list[_Record], dict[str, Any]]:
@@ -739,12 +795,12 @@ class _Program:
             rec = _Record(q, None, _unit_counts(tin, dim), _unit_counts(tout, dim))
             records.append(rec)
             if rec.inputs[0] and not rec.outputs[0]:
-                breaks = ((last_live, q), rec.inputs[0])
+                breaks = ((last_live, q), rec.inputs[0], "layer")
             elif rec.outputs[0]:
                 last_live = q
             prev = tout
         out = _adapt(prev, self.output)
-        info: dict[str, Any] = {"unknown": unknown, "breaks": breaks or (None, 0)}
+        info: dict[str, Any] = {"unknown": unknown, "breaks": breaks or (None, 0, "layer")}
         return out, records, info
 
 
@@ -918,6 +974,41 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = f
 
 
+@contextmanager
+def _batch_statistics(model: nn.Module) -> Iterator[None]:
+    """BatchNorm on batch statistics (as in training), everything else in eval mode; every
+    module's own flag is restored afterwards (buffers are the caller's copies)."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.train()
+    try:
+        yield
+    finally:
+        for m, f in flags.items():
+            m.training = f
+
+
+class _EnvRunner(nn.Module):
+    """Runs a GraphModule and returns every node's value (for ``functional_call``)."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__()
+        self.gm = gm
+
+    def forward(self, x: Tensor) -> dict[Any, Any]:
+        interp = fx.Interpreter(self.gm, garbage_collect_values=False)
+        interp.run(x)
+        return interp.env
+
+
+def _is_relu(node: fx.Node, gm: fx.GraphModule) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), nn.ReLU | nn.ReLU6)
+    return node.op in ("call_function", "call_method") and _op_name(node) in ("relu", "relu_", "relu6")
+
+
 class _Tracer(fx.Tracer):
     """torch.fx tracer that keeps every layer the rules know (tensorized ones too) whole."""
 
@@ -925,13 +1016,15 @@ class _Tracer(fx.Tracer):
         return isinstance(m, _LAYERS) or super().is_leaf_module(m, qualname)
 
 
-def _program(model: nn.Module, input_shape: tuple[int, ...]) -> _Program:
+def _program(model: nn.Module, input_shape: tuple[int, ...], inputs: Tensor | None = None) -> _Program:
     prog = _Program(model)
     prog.input_shape = (1, *tuple(int(s) for s in input_shape))
     p = next(iter(model.parameters()), None)
     dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(prog.input_shape, generator=gen, dtype=dtype)
+    prog.inputs = inputs if inputs is not None and len(inputs) > 1 else \
+        torch.randn((_SAMPLES, *prog.input_shape[1:]), generator=gen, dtype=dtype)
     try:
         tracer = _Tracer()
         graph = tracer.trace(model)
@@ -940,6 +1033,7 @@ def _program(model: nn.Module, input_shape: tuple[int, ...]) -> _Program:
         with torch.no_grad(), _eval_mode(model):
             interp.run(x)
         prog.gm, prog.real, prog.traced = gm, dict(interp.env), True
+        prog.relus = {n for n in gm.graph.nodes if _is_relu(n, gm)}
         return prog
     except Exception as e:  # noqa: BLE001 -- any tracing failure: follow the module order
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
