@@ -109,6 +109,30 @@ def test_cut_names_the_broken_layer_pair_in_one_line():
     assert r.breaks == ("the input", "layers.0")
 
 
+def test_a_kept_path_whose_relu_never_fires_carries_nothing():
+    """Structurally connected, but layers.1's only kept weight is negative on a ReLU output
+    (>= 0): the unit after it is <= 0 for every input, so the output is constant."""
+    model = MLP((4, 6, 5, 3))
+    with torch.no_grad():
+        for w in model.parameters():
+            w.abs_()
+        model.layers[1].weight[1, 2] = -1.0
+    masks = _masks(model, {"layers.0.weight": [(2, 0)], "layers.1.weight": [(1, 2)],
+                           "layers.2.weight": [(0, 1)]})
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+    assert not _varies(_masked_outputs(model, masks, x))
+    r = reachability(model, model.input_shape, masks, x)
+    assert not r.connected and r.break_kind == "activation" and r.breaks[0] == "layers.1"
+    with pytest.raises(CollapseError, match="after layers.1: .*ReLU"):
+        check_reachability(model, model.input_shape, masks, x)
+    fixed = repair_paths(model, model.input_shape, masks, every_output=False, inputs=x)
+    assert fixed.reach.connected and _varies(_masked_outputs(model, fixed.masks, x))
+    # the same kept entries with a positive weight: an active path, accepted
+    with torch.no_grad():
+        model.layers[1].weight[1, 2] = 1.0
+    assert check_reachability(model, model.input_shape, masks, x).reached == [0]
+
+
 @pytest.mark.parametrize("fmt,conv", [("tt", False), ("tr", False), ("tt", True), ("tr", True)])
 def test_tensorized_layer_reach_matches_its_dense_weight(fmt, conv):
     """A tensorized layer connects exactly the unit pairs where its dense equivalent weight

@@ -18,8 +18,12 @@ its skip path. Marks are propagated per element, so convolutions are followed pe
 channel and position, grouped and depthwise convolutions per group. Each operation has a
 rule (a layer: its kept pattern; ``add``: either operand; ``softmax``/``LayerNorm``: the
 whole normalized dimension; an operation without a rule: conservatively, everything it
-reads reaches everything it writes). Where the graph cannot be traced the layers are
-followed in the order they run, which does not see skip connections; the result says so.
+reads reaches everything it writes). A path must also be active: behind a ReLU, a unit
+passes the marks on only if the pruned model lifts it above zero for some sample input
+(BatchNorm on batch statistics, as in training); a lone kept path whose weights sum to a
+negative value at a ReLU carries nothing, and gradient descent never reaches it. Where
+the graph cannot be traced the layers are followed in the order they run (structure
+only), which does not see skip connections; the result says so.
 
 :func:`repair_paths` adds the cheapest entries that reconnect a cut network: a layered
 search where the gradient of the reached outputs with respect to the kept pattern marks
@@ -137,8 +141,8 @@ class Reachability:
         up, layer = self.breaks
         if self.break_kind == "activation":
             return (f"it dies after {up}: none of the {self.reached_units:,} unit(s) {up} still "
-                    f"reaches ever passes the ReLU that follows ({layer}): with the kept weights "
-                    "their pre-activations stay <= 0 on every sample input")
+                    "reaches ever passes the ReLU that follows (with the kept weights their "
+                    "pre-activations stay <= 0 on every sample input)")
         if self.break_kind == "op":
             return f"it breaks at {layer} after {up}, which keeps none of the reached units"
         if up == "the input":
