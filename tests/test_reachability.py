@@ -286,6 +286,17 @@ def test_skip_path_keeps_a_network_with_a_cut_branch_connected():
         prune(Artifact(model=Residual(skip=False), arch=ArchSpec("x")), opts)
 
 
+def test_a_residual_add_passes_on_both_operands():
+    model = Residual()
+    diag = [(i, i) for i in range(4)]  # inp passes units 0..3 on
+    via_branch = _masks(model, {"inp.weight": diag, "b1.weight": [(4, 0)], "b2.weight": [(5, 4)],
+                                "out.weight": [(1, 5)]})  # unit 5 exists only in the branch
+    via_skip = _masks(model, {"inp.weight": diag, "b1.weight": [(4, 0)], "b2.weight": [(5, 4)],
+                              "out.weight": [(2, 0)]})  # unit 0 arrives only through the skip
+    assert reachability(model, model.input_shape, via_branch).reached == [1]
+    assert reachability(model, model.input_shape, via_skip).reached == [2]
+
+
 def test_resnet20_skip_paths_carry_a_channel_through_option_a_shortcuts():
     """Every block's branch cut: the stem's channel 0 reaches the head through the
     parameter-free shortcuts (stride-2 subsampling, channel zero-padding: 0 -> 8 -> 24)."""
