@@ -25,7 +25,7 @@ from .errors import BadInput, UsageError
 from .evaluate import num_outputs
 from .pruning.criteria import CRITERIA, CriterionOptions, ScoreContext
 from .pruning.masking import apply_masks, budget, check_collapse, rank_paths, select
-from .pruning.reachability import check_reachability, repair_paths
+from .pruning.reachability import Reachability, check_reachability, repair_paths
 from .pruning.targets import prunable_groups
 from .tensorized.tt import TTLinear
 
@@ -160,7 +160,12 @@ def auto_rank(art: Artifact, dopts: DecomposeOptions, opts: PruneOptions, max_ra
 
 def prune(art: Artifact, opts: PruneOptions, data: Path | None = None,
           decompose_opts: DecomposeOptions | None = None) -> tuple[Artifact, dict[str, Any]]:
-    """A new artifact with the least useful prunable entries masked to zero."""
+    """A new artifact with the least useful prunable entries masked to zero.
+
+    Raises :class:`~tedepr_cli.errors.CollapseError` when a layer, or the whole network
+    (:func:`~tedepr_cli.pruning.reachability.check_reachability`: no input unit reaches any
+    output), would collapse; with ``opts.repair_paths`` the cheapest reconnecting entries are
+    added beyond the budget instead (``report["repair"]``)."""
     opts.validate()
     if art.masks:
         raise BadInput(f"{art.source or 'the model'} is already pruned; prune the unpruned artifact")
@@ -238,7 +243,7 @@ def prune(art: Artifact, opts: PruneOptions, data: Path | None = None,
     return out, report
 
 
-def _reach_warnings(reach) -> list[str]:
+def _reach_warnings(reach: Reachability) -> list[str]:
     """Warnings of the whole-network check that do not refuse the result."""
     out = []
     if not reach.checked:
