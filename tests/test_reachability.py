@@ -337,6 +337,31 @@ def test_lstm_reach_follows_the_recurrence():
     assert _varies(_masked_outputs(model, ok, x)) and not _varies(_masked_outputs(model, cut, x))
 
 
+def test_attention_passes_the_values_on():
+    """nn.MultiheadAttention keeping only value rows of its packed projection: queries and
+    keys are constant (uniform attention), the output is the mean of the values: reached."""
+
+    class Att(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 3)
+            self.input_shape, self.input_kind = (5, 8), "sequence"
+
+        def forward(self, x):
+            return self.head(self.mha(x, x, x, need_weights=False)[0].mean(1))
+
+    torch.manual_seed(0)
+    model = Att().eval()
+    values = _masks(model, full=True)
+    values["mha.in_proj_weight"][:16] = False  # no query, no key rows
+    x = torch.randn(8, 5, 8, generator=torch.Generator().manual_seed(0))
+    assert reachability(model, model.input_shape, values, x).outputs_reached == 3
+    assert _varies(_masked_outputs(model, values, x))
+    values["mha.in_proj_weight"][16:] = False
+    assert not reachability(model, model.input_shape, values, x).connected
+
+
 class Untraceable(MLP):
     def forward(self, x):
         if x.sum() > 1e9:  # data-dependent control flow: torch.fx cannot trace this
@@ -355,6 +380,33 @@ def test_untraceable_model_follows_the_layer_order_and_says_so():
     _, rep = prune(Artifact(model=model, arch=ArchSpec("x")), opts)
     assert rep["reachability"]["traced"] is False
     assert any("order they run" in w for w in rep["warnings"])
+
+
+@pytest.mark.parametrize("name,kwargs,fmt", [
+    ("lenet5", {}, "tt"), ("resnet20", {"in_channels": 1, "width": 0.5}, "tr"),
+    ("vit_tiny", {"dim": 32, "depth": 2, "attn": "mha"}, None),
+    ("lstm", {"hidden": 16, "num_layers": 2, "bidirectional": True}, "tt")])
+def test_an_output_that_varies_with_the_input_is_always_reached(name, kwargs, fmt):
+    """Soundness on random masks: every output the pruned model numerically varies on
+    (same sample inputs, BatchNorm on batch statistics) is reported reached, so the guard
+    never refuses a working network; and cut networks do occur at these densities."""
+    torch.manual_seed(0)
+    art = Artifact(model=MODELS.get(name)(**kwargs).eval(), arch=parse_arch(name, json.dumps(kwargs)))
+    if fmt:
+        art, _ = decompose(art, DecomposeOptions(format=fmt, rank=2, init="random"))
+    model = art.model
+    g = torch.Generator().manual_seed(1)
+    cut = 0
+    for p in (0.001, 0.005, 0.02, 0.1, 0.4):
+        for _ in range(2):
+            masks = {n: torch.rand(k.shape, generator=g) < p for n, k in _masks(model).items()}
+            x = torch.randn(16, *art.input_shape, generator=g)
+            r = reachability(model, art.input_shape, masks, x)
+            y = _masked_outputs(model, masks, x, train=True)
+            varies = torch.nonzero(((y - y[:1]).abs() > 0).any(0)).reshape(-1).tolist()
+            assert set(varies) <= set(r.reached) and r.traced and not r.unknown_ops
+            cut += not r.connected
+    assert cut >= 1
 
 
 # ---------------------------------------------------------------------------- repair
