@@ -245,7 +245,7 @@ CASES = [
                              P % "negative.npz"], 4, ">= 0"),
     ("prune-twice", ["prune", P % "pruned", "-o", "{out}", "--sparsity", ".999"], 4, "already pruned"),
     ("prune-guard", ["prune", M, *A, "-o", "{out}", "--sparsity", ".999", "--no-decompose",
-                     "--criterion", "magnitude", "--min-density", "0.01"], 4, "guard"),
+                     "--criterion", "magnitude", "--min-density", "0.01"], 7, "guard"),
     ("prune-collapse", ["prune", P % "init.pt", *A, "-o", "{out}", "--sparsity", ".99", "--no-decompose",
                         "--criterion", "magnitude", "--no-path-guard"], 7, "collapse"),
     ("prune-exists", ["prune", M, *A, "-o", P % "exists", "--sparsity", ".99"], 6, "--overwrite"),

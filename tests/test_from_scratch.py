@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import torch
-from tedepr_cli.prune import PruneOptions, prune
 
 from tedepr_cli.arch import parse_arch
 from tedepr_cli.artifact import load_artifact
 from tedepr_cli.decompose import DecomposeOptions
 from tedepr_cli.loading import build_fresh
+from tedepr_cli.pruning.prune import PruneOptions, prune
 
 from .conftest import LENET300, MNIST, run_cli
 

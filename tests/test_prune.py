@@ -211,7 +211,9 @@ def test_budget_above_entries_keeps_everything():
 
 @pytest.mark.parametrize("sparsity,ratio", [(0.99, 4.0), (0.995, 4.0), (0.995, 2.0), (0.999, 4.0)])
 def test_auto_rank_balances_coarse_and_fine(sparsity, ratio):
-    out, rep = prune(_lenet(), PruneOptions(sparsity=sparsity, criterion="magnitude", coarse_ratio=ratio))
+    # one-shot magnitude at 99.9 % cuts every input -> output path (issue 15): repaired here
+    out, rep = prune(_lenet(), PruneOptions(sparsity=sparsity, criterion="magnitude", coarse_ratio=ratio,
+                                            repair_paths=True))
     auto = rep["rank_auto"]
     assert auto["rank"] >= 1 and auto["coarse_ratio"] == ratio
     assert rep["prunable_entries"] <= ratio * rep["kept"] or auto["rank"] == 1
@@ -250,14 +252,21 @@ def test_constructed_collapse_is_detected_and_guard_prevents_it():
         check_collapse(g, m)
 
 
-def test_guard_that_cannot_fit_the_budget_is_bad_input():
-    with pytest.raises(BadInput, match="guard"):
+def test_guard_that_cannot_fit_the_budget_is_a_collapse_with_fitting_advice():
+    with pytest.raises(CollapseError, match="guard alone needs .* lower --min-density or the sparsity"):
         prune(_lenet(), PruneOptions(sparsity=0.999, criterion="magnitude", decompose=False,
                                      min_density=0.01))
+    # 2 weights for 3 dense layers: no --min-density to lower, so it is not advised
+    with pytest.raises(CollapseError, match="needs 3 .one weight per dense layer.") as e:
+        prune(_lenet(), PruneOptions(sparsity=0.999992, criterion="magnitude", decompose=False))
+    assert "min-density" not in str(e.value) and "lower sparsity" in str(e.value)
 
 
 @pytest.mark.parametrize("name", sorted(ZOO_CASES))
-def test_zoo_models_do_not_collapse_at_0999(name):
+def test_zoo_models_stay_connected_at_0999(name):
+    """Every zoo model pruned to 99.9 % ends with every output depending on the input: the
+    narrowed VGGs are cut at this budget (constant logits; refused without repair), so the
+    path repair adds the few entries that reconnect them, beyond the budget and reported."""
     from tedepr_cli.zoo import MODELS
 
     # the zoo's own sizes (VGG narrowed: its budget is then still 230+ weights)
@@ -265,8 +274,18 @@ def test_zoo_models_do_not_collapse_at_0999(name):
         {"in_channels": 1} if name.startswith("resnet") else {} if name == "vit_tiny" else ZOO_CASES[name]
     art = Artifact(model=MODELS.get(name)(**kwargs).eval(), arch=parse_arch(name, json.dumps(kwargs)))
     torch.manual_seed(0)
-    out, rep = prune(art, PruneOptions(sparsity=0.999, criterion="tedepr", batch_size=32), MNIST)
-    assert rep["kept"] == min((rep["dense_prunable"] + 500) // 1000, rep["prunable_entries"])
+    out, rep = prune(art, PruneOptions(sparsity=0.999, criterion="tedepr", batch_size=32,
+                                       repair_paths=True), MNIST)
+    budget = min((rep["dense_prunable"] + 500) // 1000, rep["prunable_entries"])
+    assert rep["kept"] == budget + rep["repair"]["added"] and rep["repair"]["added"] <= 30
+    assert rep["reachability"]["outputs_reached"] == rep["reachability"]["outputs"] == 10
+    # the output depends on the input. In training mode: the check is structural, and a lone
+    # kept path through eval-mode BatchNorm at initialization (the identity) can sum to a
+    # negative value that no ReLU passes; batch statistics (fine-tuning) rescale it
+    x = torch.randn(8, *out.input_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = out.model.train()(x)
+    assert float((y - y[0]).abs().max()) > 1e-6
 
 
 def test_same_seed_same_masks_different_seed_different_masks():
@@ -402,7 +421,8 @@ def test_thin_rank_paths_give_one_warning_with_fitting_advice(rank, advice):
     torch.manual_seed(0)
     art = Artifact(model=MODELS.get("lenet300")().eval(), arch=parse_arch("lenet300"))
     dec, _ = decompose(art, DecomposeOptions(format="tr", rank=rank, init="random"))
-    _, report = prune(dec, PruneOptions(sparsity=0.9999, criterion="random"))  # 27 weights for 3 layers
+    _, report = prune(dec, PruneOptions(sparsity=0.9999, criterion="random",  # 27 weights, 3 layers
+                                        repair_paths=True))
     thin = [w for w in report["warnings"] if "rank paths" in w]
     assert len(thin) == 1 and advice in thin[0]
     assert "fc1 (" in thin[0] and "3 layer(s)" in thin[0]

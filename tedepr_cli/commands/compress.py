@@ -248,6 +248,10 @@ def prune(
     connectivity: Annotated[bool, typer.Option(
         "--connectivity/--no-connectivity", help="Spend the budget only on core entries that lie "
         "on complete paths through their layer's chain (effective sparsity).")] = True,
+    repair_paths: Annotated[bool, typer.Option(
+        "--repair-paths/--no-repair-paths", help="If no input unit would reach the output any more "
+        "(whole-network collapse, otherwise refused with exit 7), add the fewest best-scored entries "
+        "that reconnect every output, beyond the budget (the report says how many).")] = False,
     score_mode: Annotated[str, typer.Option(
         "--score-mode", help="Normalization layers while scoring: eval (running statistics) or "
         "train (batch statistics; running statistics are restored).")] = "eval",
@@ -285,6 +289,7 @@ def prune(
     opts = PruneOptions(sparsity=s, criterion=criterion, scope=scope, min_density=min_density,
                         path_guard=path_guard, connectivity=connectivity, batch_size=batch_size, seed=seed,
                         decompose=decompose_first, coarse_ratio=coarse_ratio, score_mode=score_mode,
+                        repair_paths=repair_paths,
                         criterion_options=CriterionOptions(steps=steps, inner_lr=inner_lr,
                                                            rounds=rounds, iterations=iterations))
     opts.validate()
@@ -332,3 +337,6 @@ def prune(
     stdout.print(f"kept {report['kept']:,} of {report['dense_prunable']:,} dense prunable weights: "
                  f"sparsity {100 * sp['vs_dense']:.2f} % vs dense, {100 * sp['over_prunable']:.2f} % "
                  f"over prunable entries, {100 * sp['over_all_params']:.2f} % over all parameters")
+    if report["repair"]["added"]:
+        stdout.print(f"path repair: {report['repair']['added']:,} entries added beyond the budget of "
+                     f"{report['budget']:,} to reconnect the input to the output")

@@ -115,8 +115,7 @@ def select(scores: dict[str, Tensor], groups: list[Group], kept: int, scope: str
                     keep[offsets[n] + idx] = True
     reserved = int(keep.sum())
     if reserved > kept:
-        raise BadInput(f"the collapse guard alone needs {reserved:,} entries but the budget keeps "
-                       f"{kept:,}: lower --min-density or the sparsity")
+        raise CollapseError(_guard_message(reserved, kept, min_density, path_guard, kinds))
     _take_best(keep, flat, ~keep, kept - reserved)
     if connect:
         shapes = {n: scores[n].shape for n in names}
@@ -125,6 +124,23 @@ def select(scores: dict[str, Tensor], groups: list[Group], kept: int, scope: str
         _connect(keep, flat, chains, kept)
     return {n: keep[offsets[n]: offsets[n] + s].reshape(scores[n].shape).clone()
             for n, s in zip(names, sizes, strict=True)}
+
+
+def _guard_message(reserved: int, kept: int, min_density: float, path_guard: bool,
+                   kinds: dict[str, str]) -> str:
+    """Why the budget cannot hold the collapse guard, with the advice that fits."""
+    needs = []
+    if path_guard:
+        if "dense" in kinds.values():
+            needs.append("one weight per dense layer")
+        if "cores" in kinds.values():
+            needs.append("one path through each tensorized layer's cores")
+    if min_density > 0:
+        needs.append(f"{min_density:g} of every tensor (--min-density)")
+    advice = "lower --min-density or the sparsity" if min_density > 0 else \
+        f"use a lower sparsity (one that keeps at least {reserved:,} entries)"
+    return (f"the budget keeps {kept:,} entries but the collapse guard alone needs {reserved:,} "
+            f"({' and '.join(needs)}), so no path from input to output could survive: {advice}")
 
 
 def _take_best(keep: Tensor, scores: Tensor, allowed: Tensor, n: int) -> None:

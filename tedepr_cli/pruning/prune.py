@@ -26,6 +26,7 @@ from ..masks import attach_masks, get_masks
 from ..tensorized.tt import TTLinear
 from .criteria import CRITERIA, CriterionOptions, ScoreContext
 from .masking import budget, check_collapse, rank_paths, select
+from .reachability import Reachability, check_reachability, repair_paths
 from .targets import prunable_groups
 
 DEFAULT_CRITERION = "tedepr"
@@ -47,6 +48,7 @@ class PruneOptions:
     decompose: bool = True
     coarse_ratio: float = 4.0  # one-shot path, rank "auto": cores hold about this x the budget
     score_mode: str = "eval"  # normalization layers while scoring: eval (running stats) or train (batch)
+    repair_paths: bool = False  # a cut network: add the cheapest entries that reconnect it (else refuse)
     criterion_options: CriterionOptions = field(default_factory=CriterionOptions)
 
     def validate(self) -> None:
@@ -162,7 +164,12 @@ def prune(art: Artifact, opts: PruneOptions, data: Path | None = None,
     """The ``tedepr prune`` stage: a new artifact whose least useful prunable entries are
     masked (the masks ride on its model, :mod:`tedepr_cli.masks`). A dense model is first
     decomposed (the one-shot path) unless ``opts.decompose`` is false; scoring batches come
-    from ``data`` (any ``--data`` layout, with the artifact's recorded preprocessing)."""
+    from ``data`` (any ``--data`` layout, with the artifact's recorded preprocessing).
+
+    Raises :class:`~tedepr_cli.errors.CollapseError` when a layer, or the whole network
+    (:func:`~tedepr_cli.pruning.reachability.check_reachability`: no input unit reaches any
+    output), would collapse; with ``opts.repair_paths`` the cheapest reconnecting entries are
+    added beyond the budget instead (``report["repair"]``)."""
     opts.validate()
     if art.masks:
         raise BadInput(f"{art.source or 'the model'} is already pruned; prune the unpruned artifact")
@@ -233,6 +240,7 @@ def prune_model(model: torch.nn.Module, opts: PruneOptions,
         return select(scores, groups, k, opts.scope, opts.min_density, opts.path_guard, opts.connectivity)
 
     t0 = time.perf_counter()
+    scores = None
     if kept >= entries:
         log.warning(f"the budget keeps {kept:,} entries but the model has only {entries:,} prunable "
                     f"entries: nothing pruned (sparsity vs dense already {1 - entries / dense:.4f})")
@@ -245,11 +253,44 @@ def prune_model(model: torch.nn.Module, opts: PruneOptions,
         masks = selector(scores, kept)
     score_s = time.perf_counter() - t0
     check_collapse(groups, masks)
+    added: dict[str, int] = {}
+    samples = batches[0][0][:16] if batches else None  # the activity of ReLUs: on real data if given
+    if opts.repair_paths:  # whole network: reconnect a cut input -> output, say what it cost
+        fixed = repair_paths(model, input_shape, masks, scores, inputs=samples)
+        masks, added, reach = fixed.masks, fixed.added, fixed.reach
+    else:  # whole network: refuse (exit 7) when no input unit reaches the output
+        reach = check_reachability(model, input_shape, masks, samples)
     attach_masks(model, masks)
     report = _report(model, groups, masks, dense, opts, criterion, fallback, data_note, score_s)
+    report["reachability"] = reach.as_dict()
+    report["repair"] = {"added": sum(added.values()), "tensors": added}
+    if added:
+        log.info(f"path repair: added {sum(added.values()):,} entries beyond the budget of "
+                 f"{report['budget']:,} to reconnect the input to every output "
+                 f"({', '.join(f'{n} {k}' for n, k in added.items())})")
+    report["warnings"] += _reach_warnings(reach)
     for w in report["warnings"]:
         log.warning(w)
     return report
+
+
+def _reach_warnings(reach: Reachability) -> list[str]:
+    """Warnings of the whole-network check that do not refuse the result."""
+    out = []
+    if not reach.checked:
+        out.append(f"the whole-network collapse check could not run: {reach.note}")
+    elif not reach.traced:
+        out.append(f"the whole-network collapse check followed the layers in the order they run: "
+                   f"{reach.note}; skip connections were not seen")
+    if reach.checked and 0 < reach.outputs_reached < reach.outputs:
+        out.append(f"{reach.outputs - reach.outputs_reached} of {reach.outputs} outputs depend on no "
+                   "input (constant logits); use a lower sparsity or --repair-paths")
+    if reach.cut_layers:
+        shown = ", ".join(reach.cut_layers[:6]) + (f" and {len(reach.cut_layers) - 6} more"
+                                                   if len(reach.cut_layers) > 6 else "")
+        out.append(f"{len(reach.cut_layers)} layer(s) pass nothing on (their branch is cut; another "
+                   f"path carries the signal): {shown}")
+    return out
 
 
 def _thin_warning(thin: list[tuple[str, int, int]]) -> str:
