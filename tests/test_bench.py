@@ -264,8 +264,8 @@ def test_bench_data_and_eval_agree_with_computed_normalization(tmp_path):
     assert load_artifact(run).meta["data"]["preprocess"]["normalize"] == "computed"
     ev = run_cli("eval", run, "--data", MNIST, "--json")
     assert ev.exit_code == 0, ev.stderr
-    be = run_cli("bench", run, "--data", MNIST, "--baseline", LENET300, "--engines", "dense-torch,chain-torch",
-                 "--json", *FAST)
+    be = run_cli("bench", run, "--data", MNIST, "--baseline", LENET300,
+                 "--engines", "dense-torch,chain-torch", "--json", *FAST)
     assert be.exit_code == 0, be.stderr
     acc = json.loads(be.stdout)["accuracy"]
     assert acc["compressed"] == pytest.approx(json.loads(ev.stdout)["accuracy"], abs=1e-9)
