@@ -11,7 +11,8 @@ Its names are loaded on first use, so ``import tedepr_cli`` (and the CLI's start
 
 from .version import __version__
 
-_API = ("tensorize", "prune", "get_masks", "remove_masks", "save", "load", "accelerate", "export_onnx")
+_API = ("tensorize", "from_linear", "from_conv2d", "prune", "get_masks", "remove_masks", "save", "load",
+        "accelerate", "export_onnx")
 __all__ = ["__version__", *_API]
 
 

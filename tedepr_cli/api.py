@@ -42,8 +42,8 @@ from .pruning.criteria import CriterionOptions
 from .pruning.prune import PruneOptions, auto_rank, prune_model
 from .surgery import eval_mode
 
-__all__ = ["tensorize", "prune", "get_masks", "remove_masks", "save", "load", "accelerate",
-           "export_onnx"]
+__all__ = ["tensorize", "from_linear", "from_conv2d", "prune", "get_masks", "remove_masks", "save", "load",
+           "accelerate", "export_onnx"]
 
 
 def _input_shape(model: nn.Module, example_input: Tensor | None) -> tuple[int, ...]:
@@ -109,6 +109,37 @@ def tensorize(model: nn.Module, *, example_input: Tensor | None = None, format: 
     tensorize_model(out, shape, opts)
     _declare_input(out, shape)
     return out
+
+
+def _from_layer(layer: nn.Module, input_shape: tuple[int, ...], format: str, rank: int,
+                compression: float | None, modes: int | str, chain: str, init: str, seed: int) -> nn.Module:
+    holder = nn.Sequential(copy.deepcopy(layer))
+    opts = DecomposeOptions(format=format, rank=rank, compression=compression, modes=modes, chain=chain,
+                            init=init, include=["0"], seed=seed)
+    tensorize_model(holder, input_shape, opts)
+    return holder[0]
+
+
+def from_linear(linear: nn.Linear, *, format: str = "tt", rank: int = 8, compression: float | None = None,
+                modes: int | str = "auto", chain: str = "linear", init: str = "pretrained",
+                seed: int = 0) -> nn.Module:
+    """A TT-matrix (``format="tt"``, Novikov et al. 2015) or tensor-ring (``"tr"``) Linear
+    initialized from ``linear``'s weight by TT-SVD/TR-SVD (``init="pretrained"``) and taking
+    its bias: the drop-in replacement, as tensorly-torch's ``FactorizedLinear.from_linear``.
+    ``linear`` is not changed. Raises ``BadInput`` when no factorization of the requested
+    ``rank``/``modes`` is smaller than the layer."""
+    return _from_layer(linear, (linear.in_features,), format, rank, compression, modes, chain, init, seed)
+
+
+def from_conv2d(conv: nn.Conv2d, input_hw: tuple[int, int], *, format: str = "tt", rank: int = 8,
+                compression: float | None = None, modes: int | str = "auto", chain: str = "linear",
+                init: str = "pretrained", seed: int = 0) -> nn.Module:
+    """The 3-step TT/TR conv chain (input cores, k×k conv in rank space, output cores;
+    TR-Nets, Wang et al. 2018) replacing ``conv`` (groups=1), initialized from its kernel.
+    ``input_hw``: the (height, width) of the conv's input in pixels. Raises ``BadInput`` for a
+    grouped conv or a factorization that would not be smaller."""
+    return _from_layer(conv, (conv.in_channels, *input_hw), format, rank, compression, modes, chain, init,
+                       seed)
 
 
 def _take_batches(batches: Iterable[Any], n: int) -> list[tuple[Tensor, Tensor]]:

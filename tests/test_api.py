@@ -233,3 +233,20 @@ def test_attach_masks_checks_names_and_shapes():
         attach_masks(model, {"nope.weight": torch.ones(3, dtype=torch.bool)})
     with pytest.raises(ValueError, match="shape"):
         attach_masks(model, {"fc.weight": torch.ones(3, dtype=torch.bool)})
+
+
+def test_from_linear_and_from_conv2d_build_drop_in_layers_from_the_weights():
+    """TT-SVD recovers a weight that has the layer's TT rank exactly (made here from a random
+    rank-3 chain), and the layer keeps the original's bias and interface."""
+    torch.manual_seed(0)
+    lin, conv = nn.Linear(64, 48), nn.Conv2d(8, 12, 3, padding=1)
+    with torch.no_grad():
+        lin.weight.copy_(tedepr.from_linear(lin, rank=3, modes=2, init="random").dense_weight())
+        conv.weight.copy_(tedepr.from_conv2d(conv, (6, 6), rank=3, modes=2, init="random").dense_weight())
+    x, xi = torch.randn(5, 64), torch.randn(2, 8, 6, 6)
+    tt, tc = tedepr.from_linear(lin, rank=3, modes=2), tedepr.from_conv2d(conv, (6, 6), rank=3, modes=2)
+    assert torch.allclose(tt(x), lin(x), rtol=1e-4, atol=1e-5)
+    assert torch.allclose(tc(xi), conv(xi), rtol=1e-4, atol=1e-5)
+    assert sum(p.numel() for p in tt.parameters()) < sum(p.numel() for p in lin.parameters())
+    with pytest.raises(BadInput):
+        tedepr.from_conv2d(nn.Conv2d(8, 8, 3, groups=8), (6, 6))
