@@ -7,7 +7,8 @@ holds nothing new outside `runs/` and no file of the repository has changed.
 
 Two documented exceptions, listed here and in the README's "Development" section:
 
-* SKIP: commands the walk does not run (installing, the test suite itself, torchrun);
+* SKIP: commands the walk does not run (installing, the test suite itself, torchrun, the
+  GPU check and the download of its wheels);
 * SMALLER: smaller settings for the long examples, so the walk takes about a minute.
 """
 
@@ -30,6 +31,8 @@ SKIP = {
     ".venv/bin/pip install": "installs tedepr, already installed where the tests run",
     ".venv/bin/python -m pytest": "the test suite itself",
     "torchrun": "two training processes; tests/test_train.py checks DDP against one process",
+    "python3 -m pip download": "fetches wheels for the GPU machine from a registry (network)",
+    "bash benchmarks/gpu_check.sh": "the GPU check; tests/test_gpu_check.py runs its --cpu-smoke mode",
 }
 
 #: (command prefix, regex, replacement, why): smaller settings for long examples
