@@ -6,7 +6,7 @@
 For representative shapes (LeNet 784->300, 1024->1024, a CIFAR-VGG 3x3 conv 256->256 on
 8x8, VGG FC6 25088->4096), TT rank 8, unpruned cores, one thread, batch 1 and 32: the
 median time of the torch chain with 2, 3 and 4 modes per side, the dense layer, and which
-mode count `--modes auto` picks. Timings are interleaved medians (tedepr_cli.bench.stats).
+mode count `--modes auto` picks. Timings are interleaved medians (tedepr_cli.timing).
 The claim checked: auto is never a slow configuration it could have avoided (its time is
 within noise of the fastest mode count). A miss is a warning (timings on a busy machine
 move by more than the margin); with ``--check`` it is exit code 1.
@@ -25,8 +25,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tedepr_cli.bench.stats import Plan, interleaved, summarize  # noqa: E402
 from tedepr_cli.tensorized.plan import PlanOptions, apply_plan, plan_model  # noqa: E402
+from tedepr_cli.timing import Plan, interleaved, summarize  # noqa: E402
 
 SHAPES = [("linear", 784, 300, None), ("linear", 1024, 1024, None), ("conv", 256, 256, 8),
           ("linear", 25088, 4096, None)]

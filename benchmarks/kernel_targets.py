@@ -20,7 +20,7 @@
 4. Dense-pruned 1024x1024 at 99.5 %: the kernel >= 2x faster than torch's CSR
    (``W.to_sparse_csr() @ x``, MKL in the x86 wheels), on the same layout, batch 1 and 32.
 
-Every group of engines is timed interleaved (A B C A B C ...; ``tedepr_cli.bench.stats``)
+Every group of engines is timed interleaved (A B C A B C ...; ``tedepr_cli.timing``)
 after a warm-up; figures are medians, ratios are the medians of the per-round ratios. The
 table (markdown) is printed and written to ``benchmarks/results/kernel_targets.md``.
 
@@ -48,9 +48,9 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
-from tedepr_cli.bench.stats import NOISY_IQR, Plan, interleaved, percentile  # noqa: E402
 from tedepr_cli.kernels import build  # noqa: E402
 from tedepr_cli.kernels.cpu import SparseChainKernel  # noqa: E402
+from tedepr_cli.timing import NOISY_IQR, Plan, interleaved, percentile  # noqa: E402
 
 N = 1024
 KEEP = round(0.005 * N * N)  # 99.5 % sparse vs the dense 1024 x 1024: 5,243 kept entries
@@ -127,8 +127,8 @@ def target1(peak: dict[str, float], iters: int) -> dict[str, Any]:
 
 
 def target2(iters: int) -> dict[str, Any]:
-    from tedepr_cli.bench.core import _onnx_of, load_baseline, load_target
-    from tedepr_cli.bench.engines import ort_session
+    from tedepr_cli.bench.core import _onnx_of, load_target
+    from tedepr_cli.bench.engines import load_baseline, ort_session
     from tedepr_cli.execution import build_model, plan_execution
 
     tgt = load_target(LENET)

@@ -42,7 +42,7 @@ def run(model: str, sparsity: float, seed: int, knobs: dict, out: Path) -> dict:
     from tedepr_cli.artifact import Artifact
     from tedepr_cli.decompose import DecomposeOptions
     from tedepr_cli.loading import load_model
-    from tedepr_cli.prune import PruneOptions, prune
+    from tedepr_cli.pruning.prune import PruneOptions, prune
     from tedepr_cli.train import TrainOptions, finetune
 
     torch.set_num_threads(1)

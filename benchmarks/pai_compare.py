@@ -101,7 +101,7 @@ def one_run(model: str, method: str, sparsity: float | None, seed: int, epochs: 
     from tedepr_cli.arch import build, parse_arch
     from tedepr_cli.artifact import Artifact
     from tedepr_cli.decompose import DecomposeOptions
-    from tedepr_cli.prune import PruneOptions, prune
+    from tedepr_cli.pruning.prune import PruneOptions, prune
     from tedepr_cli.pruning.targets import dense_prunable_count, prunable_params
     from tedepr_cli.train import TrainOptions, finetune
 
@@ -180,8 +180,8 @@ def measure(row: dict) -> dict:
     art = load_artifact(row["artifact"])
     with tempfile.TemporaryDirectory() as d:
         row["bytes"] = save_artifact(art, Path(d) / "m.safetensors").stat().st_size
-    from tedepr_cli.bench.stats import Plan, interleaved
     from tedepr_cli.execution import build_model, plan_execution
+    from tedepr_cli.timing import Plan, interleaved
 
     for b in (1, 32):
         x = torch.rand(b, *art.input_shape)

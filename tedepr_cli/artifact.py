@@ -24,11 +24,13 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save_file
 from torch import nn
 
-from . import __version__
 from .arch import ArchSpec, build
 from .errors import BadInput, InputNotFound, UnsafeInput
 from .fsutil import atomic_output
+from .masks import attach_masks, get_masks, plain_state_dict
 from .storage import decode, encode
+from .tensorized.layers import tensorized_specs
+from .version import __version__
 
 SCHEMA = "tedepr-artifact"
 SCHEMA_VERSION = 1
@@ -49,9 +51,14 @@ class Artifact:
 
     model: nn.Module
     arch: ArchSpec | None
-    masks: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """The pruning masks riding on :attr:`model` (:mod:`tedepr_cli.masks`), by plain
+        parameter name; empty for an unpruned model."""
+        return get_masks(self.model)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -98,6 +105,11 @@ class Artifact:
         for k, v in self.meta.items():
             if k not in out:
                 out[k] = _jsonable(v)
+        # the model is the source of truth for its tensorized layers (a model tensorized
+        # through the Python API has no recorded plan of its own)
+        specs = tensorized_specs(self.model)
+        if specs or out.get("tensorization"):
+            out["tensorization"] = {**(out.get("tensorization") or {}), "layers": _jsonable(specs)}
         out.setdefault("history", [])
         return out
 
@@ -142,8 +154,7 @@ def save_artifact(art: Artifact, path: str | Path, overwrite: bool = False,
     ``.safetensors``). Returns the path written."""
     path = Path(path)
     manifest = art.manifest()
-    state = {k: v for k, v in art.model.state_dict().items()}
-    tensors, encoding = encode(state, art.masks, layout=layout)
+    tensors, encoding = encode(plain_state_dict(art.model), art.masks, layout=layout)
     metadata = {
         META_MANIFEST: json.dumps(manifest, sort_keys=True),
         META_ENCODING: json.dumps(encoding, sort_keys=True),
@@ -308,11 +319,12 @@ def load_artifact(path: str | Path, allow_import: str | None = None) -> Artifact
     for name in masks:
         if name not in model_params:
             raise BadInput(f"{p}: mask for {name!r}, which is not a parameter of the model")
+    attach_masks(model, masks)
     meta_out = {k: copy.deepcopy(v) for k, v in manifest.items()
                 if k not in ("schema", "schema_version", "tool_version", "arch",
                              "input_shape", "input_kind")}
     model.eval()
-    return Artifact(model=model, arch=spec, masks=masks, meta=meta_out, source=str(p))
+    return Artifact(model=model, arch=spec, meta=meta_out, source=str(p))
 
 
 def load_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:

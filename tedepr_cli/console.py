@@ -15,7 +15,7 @@ from typing import Any
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.table import Table
 
-log = logging.getLogger("tedepr")
+from .logs import log  # noqa: F401  (re-exported: the CLI configures it)
 
 # Tables are results: when piped (CI logs, files) do not squeeze them into 80 columns.
 stdout = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)

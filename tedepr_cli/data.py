@@ -157,23 +157,3 @@ def check_labels(y: np.ndarray | torch.Tensor, num_classes: int, where: str) -> 
     if top >= num_classes:
         raise BadInput(f"{where}: label {top} is out of range for a model with "
                        f"{num_classes} outputs (set num_classes in --arch-kwargs)")
-
-
-def load_split(path: str | Path, split: str, input_shape: tuple[int, ...], kind: str,
-               num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``split`` of ``path`` (any ``--data`` layout, see :mod:`.datasets`) as (inputs,
-    labels) tensors ready for the model, with the data family's standard evaluation
-    preprocessing. Holds the whole split in memory: stream large data with
-    :func:`.datasets.make_split` instead."""
-    from .datasets import check_classes, make_split, open_dataset, resolve_preprocess
-
-    ds = open_dataset(path)
-    check_classes(ds, num_classes)
-    pre = resolve_preprocess(ds, input_shape, kind, augment=False)
-    s = make_split(ds, split, input_shape, kind, pre)
-    b = s.load(np.arange(len(s)))
-    if b.skipped:
-        from .console import log
-
-        log.warning(f"skipped {b.skipped} unreadable sample(s), e.g. {b.error}")
-    return b.x, b.y

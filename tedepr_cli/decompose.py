@@ -7,10 +7,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from .artifact import Artifact
 from .errors import BadInput, UsageError
 from .tensorized.decomp import VARIANCE_TARGETS, init_module
+from .tensorized.layers import tensorized_specs
 from .tensorized.plan import PlanOptions, apply_plan, plan_model
 
 INITS = ("pretrained", "random")
@@ -33,7 +35,8 @@ class DecomposeOptions(PlanOptions):
 
 
 def decompose(art: Artifact, opts: DecomposeOptions) -> tuple[Artifact, list[dict[str, Any]]]:
-    """A new artifact whose planned layers are tensor-train/ring chains.
+    """The ``tedepr decompose`` stage: a new artifact whose planned layers are
+    tensor-train/ring chains (:func:`tensorize_model` on a copy), with the plan recorded.
 
     Returns the artifact and the per-layer report (plan, params, work ratio and, for
     ``init="pretrained"``, the relative reconstruction error of each decomposed matrix).
@@ -46,7 +49,38 @@ def decompose(art: Artifact, opts: DecomposeOptions) -> tuple[Artifact, list[dic
     if art.arch is None:
         raise BadInput("decompose needs an architecture reference: pass --arch NAME")
     model = copy.deepcopy(art.model)
-    plans = plan_model(model, art.input_shape, opts)
+    report = tensorize_model(model, art.input_shape, opts)
+    model.eval()
+    meta = copy.deepcopy({k: v for k, v in art.meta.items() if k != "origin"})
+    options = asdict(opts)
+    meta["tensorization"] = {
+        **{k: options[k] for k in ("format", "chain", "init", "init_variance", "modes", "rank",
+                                   "rank_overrides", "compression", "include", "exclude")},
+        "variance_target": f"{opts.init_variance} ({'2' if opts.init_variance == 'he' else '1'}/fan_in)"
+        if opts.init == "random" else None,
+        "layers": tensorized_specs(model),
+        "report": report,
+    }
+    out = Artifact(model=model, arch=art.arch, meta=meta, source="")
+    if "origin" in art.meta:
+        out.meta["origin"] = art.meta["origin"]
+    out.record("decompose", options, seed=opts.seed)
+    return out, report
+
+
+def tensorize_model(model: nn.Module, input_shape: tuple[int, ...], opts: DecomposeOptions
+                    ) -> list[dict[str, Any]]:
+    """Replace ``model``'s planned layers by tensor-train/ring chains, in place (coarse grain,
+    DESIGN §2.1: TT-matrix, Novikov et al. 2015; TR-Nets, Wang et al. 2018).
+
+    ``input_shape`` is one sample's shape (no batch), used to find conv input sizes. Cores are
+    initialized from the replaced weights by TT-SVD/TR-SVD (``opts.init="pretrained"``) or
+    drawn with a variance-preserving scale (``"random"``, seeded by ``opts.seed``). Returns
+    one report row per planned layer. Raises :class:`UsageError` for bad options and
+    :class:`BadInput` when nothing can be tensorized.
+    """
+    opts.validate()
+    plans = plan_model(model, tuple(input_shape), opts)
     specs = {p.name: p.spec for p in plans if p.spec is not None}
     old = apply_plan(model, specs)
     gen = torch.Generator().manual_seed(opts.seed)
@@ -58,24 +92,7 @@ def decompose(art: Artifact, opts: DecomposeOptions) -> tuple[Artifact, list[dic
                                opts.init_variance, gen)
             row["rel_error"] = max(errs) if errs else None
         report.append(row)
-    # record the specs the modules hold (exact ranks after construction)
-    specs = {name: model.get_submodule(name).spec() for name in specs}
-    model.eval()
-    meta = copy.deepcopy({k: v for k, v in art.meta.items() if k != "origin"})
-    options = asdict(opts)
-    meta["tensorization"] = {
-        **{k: options[k] for k in ("format", "chain", "init", "init_variance", "modes", "rank",
-                                   "rank_overrides", "compression", "include", "exclude")},
-        "variance_target": f"{opts.init_variance} ({'2' if opts.init_variance == 'he' else '1'}/fan_in)"
-        if opts.init == "random" else None,
-        "layers": specs,
-        "report": report,
-    }
-    out = Artifact(model=model, arch=art.arch, masks={}, meta=meta, source="")
-    if "origin" in art.meta:
-        out.meta["origin"] = art.meta["origin"]
-    out.record("decompose", options, seed=opts.seed)
-    return out, report
+    return report
 
 
 def totals(report: list[dict[str, Any]], model_params_before: int, model_params_after: int

@@ -8,7 +8,6 @@ same samples and batch size.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -20,29 +19,28 @@ from torch import nn
 if TYPE_CHECKING:
     from .datasets import Split
 
-log = logging.getLogger("tedepr")
+from .logs import log
+from .surgery import eval_mode
 
 
 @torch.no_grad()
 def _run(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int | None,
          device: torch.device | None) -> dict[str, Any]:
-    was_training = model.training
-    model.eval()
     loss_sum = 0.0
     preds: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
     elapsed = 0.0
     t0 = time.perf_counter()
-    for x, y in batches:
-        if device is not None:
-            x, y = x.to(device), y.to(device)
-        if len(y):
-            out = model(x)
-            loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
-            preds.append(out.argmax(1).cpu())
-            labels.append(y.cpu())
+    with eval_mode(model):
+        for x, y in batches:
+            if device is not None:
+                x, y = x.to(device), y.to(device)
+            if len(y):
+                out = model(x)
+                loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
+                preds.append(out.argmax(1).cpu())
+                labels.append(y.cpu())
     elapsed = time.perf_counter() - t0
-    model.train(was_training)
     pred = torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
     y = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
     n = len(y)
@@ -95,9 +93,6 @@ def evaluate_split(model: nn.Module, split: Split, batch_size: int = 256, num_cl
 
 def num_outputs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     """Output width of ``model`` (number of classes), found by one dry run."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         out = model(torch.zeros(1, *input_shape))
-    model.train(was_training)
     return int(out.shape[-1])

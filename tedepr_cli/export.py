@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import gzip
 import io
 import json
 import logging
@@ -52,6 +51,8 @@ from .device import exact_fp32
 from .device import resolve as resolve_device
 from .errors import BadInput, EngineUnavailable, UsageError, ValidationError
 from .fsutil import atomic_output
+from .storage import byte_sizes
+from .surgery import eval_mode
 
 FORMATS = ("safetensors", "onnx", "onnx-sparse")
 FILES = {"safetensors": "model.safetensors", "onnx": "model.onnx", "onnx-sparse": "model.sparse.onnx"}
@@ -82,11 +83,6 @@ class ExportOptions:
 
 
 # ---------------------------------------------------------------------------- sizes
-def sizes(data: bytes) -> tuple[int, int]:
-    """(raw bytes, gzip -9 bytes): what the disk and the wire would hold."""
-    return len(data), len(gzip.compress(data, compresslevel=9, mtime=0))
-
-
 def entropy_bytes(numel: int, kept: int) -> float:
     """Information-theoretic minimum to say *which* ``kept`` of ``numel`` entries are kept:
     ``log2 C(numel, kept)`` bits."""
@@ -184,13 +180,18 @@ def fixed_batch_axes(proto) -> list[str]:
 
 def to_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int):
     """An ``onnx.ModelProto`` of ``model`` traced at ``example`` (batch >= 2, see
-    :func:`trace_batch`) with a dynamic batch axis (input ``x``, output ``logits``).
+    :func:`trace_batch`) with a dynamic batch axis (input ``x``, output ``logits``). Masks are
+    folded into the weights first (a copy), so the graph holds the pruned tensors themselves,
+    not a mask multiply.
 
     Raises :class:`EngineUnavailable` without onnx/onnxscript, and :class:`ValidationError`
     when the exporter fails (one line: the innermost reason) or leaves the batch axis of an
     input or output fixed."""
     import torch.onnx
 
+    from .masks import folded_copy
+
+    model = folded_copy(model).eval()
     try:
         with _quiet_export():
             prog = torch.onnx.export(model, (example,), dynamo=True, external_data=False,
@@ -299,11 +300,10 @@ def sample_inputs(art: Artifact, n: int, data: Path | None, seed: int) -> tuple[
     if data is None:
         g = torch.Generator().manual_seed(seed)
         return torch.rand(n, *art.input_shape, generator=g).numpy(), {"source": "random", "seed": seed}
-    from .datasets import make_split, open_dataset, resolve_preprocess
+    from .datasets import make_split
+    from .model_data import open_for_model
 
-    ds = open_dataset(data)
-    pre = resolve_preprocess(ds, art.input_shape, art.input_kind, augment=False,
-                             recorded=(art.meta.get("data") or {}).get("preprocess"))
+    ds, pre = open_for_model(data, art)
     split = make_split(ds, "test", art.input_shape, art.input_kind, pre)
     xs, got, pos = [], 0, 0
     while got < n and pos < len(split):  # unreadable files are skipped: read on until n
@@ -322,9 +322,10 @@ def kept_counts(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> dict[
     """``params`` (all parameters), ``kept`` (prunable entries -- weights or cores -- that
     the masks keep: the count ``tedepr prune`` reports) and ``other`` (parameters outside
     the prunable set: biases, norms, embeddings)."""
+    from .masks import plain_named_parameters
     from .pruning.targets import prunable_params
 
-    params = dict(model.named_parameters())
+    params = plain_named_parameters(model)
     prunable = set(prunable_params(model)) | set(masks)
     kept = sum(int(masks[n].sum()) if n in masks else params[n].numel() for n in prunable)
     total = sum(p.numel() for p in params.values())
@@ -337,12 +338,8 @@ def export(art: Artifact, out: Path, opts: ExportOptions, data: Path | None = No
     docstring for the tracing rule and the tolerance). Raises :class:`ValidationError` on
     a miss, with nothing written. The model's train/eval mode is restored afterwards."""
     opts.validate()
-    was_training = art.model.training
-    art.model.eval()
-    try:
+    with eval_mode(art.model):
         return _export(art, out, opts, data, overwrite)
-    finally:
-        art.model.train(was_training)
 
 
 def _export(art: Artifact, out: Path, opts: ExportOptions, data: Path | None, overwrite: bool
@@ -370,7 +367,7 @@ def _export(art: Artifact, out: Path, opts: ExportOptions, data: Path | None, ov
         np.save(tmp / "sample_inputs.npy", x_all)
         np.save(tmp / "sample_outputs.npy", refs[n])
         if "safetensors" in opts.formats:
-            exported = Artifact(model=art.model, arch=art.arch, masks=art.masks, meta=dict(art.meta))
+            exported = Artifact(model=art.model, arch=art.arch, meta=dict(art.meta))
             exported.meta = json.loads(json.dumps(art.meta, default=str))
             exported.record("export", {"formats": opts.formats})
             path = save_artifact(exported, tmp / FILES["safetensors"])
@@ -423,7 +420,7 @@ def _miss(c: dict[str, Any]) -> str:
 
 
 def _row(path: Path, counts: dict[str, int]) -> dict[str, Any]:
-    raw, gz = sizes(path.read_bytes())
+    raw, gz = byte_sizes(path.read_bytes()).values()
     return {"file": path.name, **counts, "bytes": raw, "gzip_bytes": gz}
 
 
@@ -437,7 +434,7 @@ def _dense_original(art: Artifact) -> dict[str, Any]:
         torch.manual_seed(0)
         dense = build(art.arch, allow_import=art.arch.is_import)
     state = {k: v.contiguous() for k, v in dense.state_dict().items()}
-    raw, gz = sizes(st_save(state))
+    raw, gz = byte_sizes(st_save(state)).values()
     return {"file": "(dense original, fp32 safetensors)", **kept_counts(dense, {}), "bytes": raw,
             "gzip_bytes": gz, "note": "gzip size measured on this architecture's initial weights"}
 

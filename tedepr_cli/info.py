@@ -6,8 +6,10 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
+from torch.nn.utils.parametrize import type_before_parametrizations
 
 from .artifact import Artifact
+from .masks import plain_named_parameters
 
 
 def bytes_on_disk(path: str | Path) -> int:
@@ -18,10 +20,15 @@ def bytes_on_disk(path: str | Path) -> int:
 
 
 def layer_rows(model: nn.Module, masks: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per module that owns parameters: name, type, shapes, params, kept."""
+    """One row per module that owns parameters: name, type, shapes, params, kept (masked
+    parameters under their plain names, e.g. ``fc1.cores.0``)."""
+    owners: dict[str, list[tuple[str, Any]]] = {}
+    for full, p in plain_named_parameters(model).items():
+        mname, _, pname = full.rpartition(".")
+        owners.setdefault(mname, []).append((pname, p))
     rows = []
     for mname, mod in model.named_modules():
-        own = list(mod.named_parameters(recurse=False))
+        own = owners.get(mname)
         if not own:
             continue
         total = sum(p.numel() for _, p in own)
@@ -30,8 +37,8 @@ def layer_rows(model: nn.Module, masks: dict[str, Any]) -> list[dict[str, Any]]:
             full = f"{mname}.{pname}" if mname else pname
             kept += int(masks[full].sum()) if full in masks else p.numel()
         shapes = ", ".join(f"{n}{list(p.shape)}" for n, p in own)
-        rows.append({"name": mname or "(root)", "type": type(mod).__name__, "shapes": shapes,
-                     "params": total, "kept": kept})
+        rows.append({"name": mname or "(root)", "type": type_before_parametrizations(mod).__name__,
+                     "shapes": shapes, "params": total, "kept": kept})
     return rows
 
 

@@ -120,8 +120,8 @@ def run_recipe(recipe: dict[str, Any], out: Path, overwrite: bool = False) -> di
     from .export import ExportOptions, export
     from .fsutil import atomic_output, check_output, expand_user
     from .loading import load_model
-    from .prune import PruneOptions, prune
     from .pruning.criteria import CriterionOptions
+    from .pruning.prune import PruneOptions, prune
     from .train import TrainOptions, finetune
 
     validate(recipe)
@@ -175,7 +175,7 @@ def run_recipe(recipe: dict[str, Any], out: Path, overwrite: bool = False) -> di
         art = keep(art, "pruned")
         summary["sparsity_vs_dense"] = rep["sparsity"]["vs_dense"]
     if "finetune" in plan:
-        from .console import log
+        from .logs import log
         from .train import epoch_line
 
         total = plan["finetune"].epochs

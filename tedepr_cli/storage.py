@@ -23,6 +23,7 @@ tensor (zeros where masked) and its boolean mask, bit for bit.
 
 from __future__ import annotations
 
+import gzip
 from typing import Any
 
 import numpy as np
@@ -223,3 +224,9 @@ def decode(tensors: dict[str, torch.Tensor], encoding: dict[str, Any]
 def stored_bytes(tensors: dict[str, torch.Tensor]) -> int:
     """Payload bytes (without the safetensors header)."""
     return _nbytes(tensors)
+
+
+def byte_sizes(data: bytes) -> dict[str, int]:
+    """``{"bytes", "gzip_bytes"}`` of a serialized file: what the disk and the wire (gzip -9,
+    no timestamp) would hold. The one place size figures are computed (export, bench)."""
+    return {"bytes": len(data), "gzip_bytes": len(gzip.compress(data, compresslevel=9, mtime=0))}

@@ -41,25 +41,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from .artifact import Artifact, save_artifact
-from .console import log
 from .data import stratified_split
 from .datasets import (
     NORMALIZE_CHOICES,
     Dataset,
     Preprocess,
     Split,
-    check_classes,
     epoch_batches,
     iterate,
     make_split,
-    open_dataset,
-    resolve_preprocess,
 )
 from .device import resolve as resolve_device
 from .distill import distill_loss, load_teacher
 from .errors import BadInput, OutputError, TrainingDiverged, UsageError
-from .evaluate import evaluate_split, num_outputs
+from .evaluate import evaluate_split
 from .fsutil import atomic_output, check_output
+from .logs import log
+from .masks import load_plain_state, plain_state_dict
+from .model_data import open_for_model
 
 OPTIMIZERS = ("sgd", "adamw", "adam")
 _NORMALIZE_HELP = f"--normalize must be one of {', '.join(NORMALIZE_CHOICES)}"
@@ -151,11 +150,9 @@ def data_section(ds: Dataset, pre: Preprocess) -> dict[str, Any]:
 
 def load_splits(data: Path, art: Artifact, opts: TrainOptions) -> Splits:
     """Train (minus a stratified, seeded validation share), validation and test splits."""
-    ds = open_dataset(data)
-    check_classes(ds, num_outputs(art.model, art.input_shape))
+    ds, pre = open_for_model(data, art, normalize=opts.normalize, augment=opts.augment, seed=opts.seed,
+                             strict=opts.strict_data)
     shape, kind = art.input_shape, art.input_kind
-    pre = resolve_preprocess(ds, shape, kind, normalize=opts.normalize, augment=opts.augment, seed=opts.seed,
-                             recorded=(art.meta.get("data") or {}).get("preprocess"), strict=opts.strict_data)
     log.info(f"preprocessing: normalize {pre.normalize}"
              + (f" (mean {pre.mean}, std {pre.std})" if pre.mean else "")
              + f", augment {pre.augment or 'off'}")
@@ -174,27 +171,6 @@ def load_splits(data: Path, art: Artifact, opts: TrainOptions) -> Splits:
         train = train.subset(np.sort(keep))
     test = make_split(ds, "test", shape, kind, pre, train=False, strict=opts.strict_data)
     return Splits(train, val, test, data_section(ds, pre))
-
-
-# ---------------------------------------------------------------------------- masks
-class MaskEnforcer:
-    """Keeps pruned entries at exactly zero: gradients of masked entries are zeroed before
-    each step (so momentum/Adam moments stay zero) and the weights re-masked after it
-    (so weight decay cannot move them)."""
-
-    def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
-        params = dict(model.named_parameters())
-        self.pairs = [(params[n], m.to(params[n].device)) for n, m in masks.items()]
-
-    def zero_grads(self) -> None:
-        for p, m in self.pairs:
-            if p.grad is not None:
-                p.grad.mul_(m)
-
-    @torch.no_grad()
-    def apply(self) -> None:
-        for p, m in self.pairs:
-            p.mul_(m)
 
 
 # ---------------------------------------------------------------------------- distributed
@@ -318,10 +294,9 @@ def finetune(art: Artifact, data: Path, out: Path, opts: TrainOptions, resume: b
     device = torch.device(f"cuda:{dist.local_rank}" if opts.device == "cuda" else "cpu")
     _init_dist(dist, opts.device)
     splits = load_splits(data, art, opts)
+    # the masks ride on the model (tedepr_cli.masks): pruned entries stay exactly zero
+    # through any optimizer step, with no bookkeeping here
     model = copy.deepcopy(art.model).to(device)
-    masks = {n: m.to(device) for n, m in art.masks.items()}
-    enforcer = MaskEnforcer(model, masks)
-    enforcer.apply()
     teacher = load_teacher(opts.teacher, art).to(device) if opts.teacher else None
     opt = _optimizer(model, opts)
     n_train = len(splits.train)
@@ -329,7 +304,7 @@ def finetune(art: Artifact, data: Path, out: Path, opts: TrainOptions, resume: b
     # best: the val accuracy, or minus the training loss without --val-fraction
     start_epoch, best, stale, history = 0, -math.inf, 0, []
     if saved is not None:
-        model.load_state_dict(saved["model"])
+        load_plain_state(model, saved["model"])
         opt.load_state_dict(saved["optimizer"])
         start_epoch, best, stale = saved["epoch"], saved["best"], saved["stale"]
         history = [json.loads(x) for x in saved["history"]]
@@ -385,9 +360,7 @@ def finetune(art: Artifact, data: Path, out: Path, opts: TrainOptions, resume: b
             if not math.isfinite(step_loss):
                 _diverged(out, last_good, epoch, b, dist)
             loss.backward()
-            enforcer.zero_grads()
             opt.step()
-            enforcer.apply()
             loss_sum += step_loss
             correct += int(step_correct)
             seen += int(step_seen)
@@ -414,13 +387,13 @@ def finetune(art: Artifact, data: Path, out: Path, opts: TrainOptions, resume: b
             stale += 1
         history.append(metrics)
         if dist.main:
-            snapshot = _artifact(art, model, masks, recipe, history, "last", splits.data)
+            snapshot = _artifact(art, model, recipe, history, "last", splits.data)
             save_artifact(snapshot, out / "last", overwrite=True)
             if improved:
-                best_snapshot = _artifact(art, model, masks, recipe, history, "best", splits.data)
+                best_snapshot = _artifact(art, model, recipe, history, "best", splits.data)
                 save_artifact(best_snapshot, out / "best", overwrite=True)
             _write_metrics(out, history)
-            state = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            state = {"model": {k: v.detach().cpu() for k, v in plain_state_dict(model).items()},
                      "optimizer": _cpu(opt.state_dict()), "epoch": epoch + 1, "best": best, "stale": stale,
                      "history": [json.dumps(_stored(h)) for h in history], "options": recipe}
             _save_state(out, state)
@@ -459,11 +432,10 @@ def _cpu(obj: Any) -> Any:
     return obj
 
 
-def _artifact(src: Artifact, model: nn.Module, masks: dict[str, torch.Tensor], recipe: dict[str, Any],
+def _artifact(src: Artifact, model: nn.Module, recipe: dict[str, Any],
               history: list[dict[str, Any]], which: str, data: dict[str, Any]) -> Artifact:
     cpu_model = copy.deepcopy(model).cpu().eval()
-    a = Artifact(model=cpu_model, arch=src.arch, masks={n: m.cpu() for n, m in masks.items()},
-                 meta=copy.deepcopy(src.meta), source="")
+    a = Artifact(model=cpu_model, arch=src.arch, meta=copy.deepcopy(src.meta), source="")
     a.meta["training"] = {"recipe": recipe, "checkpoint": which, "epoch": history[-1]["epoch"],
                           "last_metrics": _stored(history[-1])}
     a.meta["data"] = data

@@ -54,7 +54,7 @@ def run_cli(*args):
 
 
 def sample_inputs(model, n: int = 32, split: str = "test"):
-    from tedepr_cli.data import load_split
+    from tedepr_cli.model_data import load_split
 
     x, y = load_split(MNIST, split, model.input_shape, model.input_kind, 10)
     return x[:n], y[:n]

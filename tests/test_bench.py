@@ -19,7 +19,7 @@ FAST = ["--iters", "3", "--warmup", "1", "--batch", "1,4", "--no-memory"]
 def target(tmp_path_factory):
     from tedepr_cli.arch import parse_arch
     from tedepr_cli.loading import load_model
-    from tedepr_cli.prune import PruneOptions, prune
+    from tedepr_cli.pruning.prune import PruneOptions, prune
 
     art, _ = prune(load_model(LENET300, parse_arch("lenet300")), PruneOptions(sparsity=0.995,
                                                                               criterion="magnitude"))
@@ -145,13 +145,13 @@ def test_seed_reaches_the_inputs_the_planner_and_the_random_baseline(target, mon
     """`--seed` draws the benchmark batch, the planner's timing batch and (without
     --baseline) the dense baseline's random weights."""
     from tedepr_cli.bench import core, engines
-    from tedepr_cli.bench.core import load_baseline
+    from tedepr_cli.bench.engines import load_baseline
 
     seen = []
     real = engines.input_batch
     monkeypatch.setattr(core, "input_batch", lambda art, b, seed: seen.append(seed) or real(art, b, seed))
     plans = []
-    import tedepr_cli.execution as ex
+    import tedepr_cli.execution.planner as ex
 
     real_plan = ex.plan_execution
     monkeypatch.setattr(ex, "plan_execution",
@@ -232,7 +232,7 @@ def test_bench_reports_memory_for_every_engine(target):
 
 
 def test_plan_seed_draws_the_timing_batch(target, tmp_path, monkeypatch):
-    import tedepr_cli.execution as ex
+    import tedepr_cli.execution.planner as ex
 
     seen = []
     real = torch.rand
@@ -247,3 +247,29 @@ def test_plan_seed_draws_the_timing_batch(target, tmp_path, monkeypatch):
     assert r.exit_code == 0, r.stderr
     assert seen == [11]
     assert load_artifact(tmp_path / "p").history[-1]["seed"] == 11
+
+
+def test_bench_data_and_eval_agree_with_computed_normalization(tmp_path):
+    """A run fine-tuned with --normalize computed records its statistics; `bench --data` must
+    present the test split as `eval` does (it used to ignore the record: 47.1 vs 63.8 %)."""
+    from .conftest import LENET300, MNIST
+
+    pruned, run = tmp_path / "pruned", tmp_path / "run"
+    r = run_cli("prune", LENET300, "--arch", "lenet300", "--sparsity", "0.99", "--criterion", "magnitude",
+                "-o", pruned)
+    assert r.exit_code == 0, r.stderr
+    r = run_cli("finetune", pruned, "--data", MNIST, "--epochs", "1", "--limit-train", "512",
+                "--normalize", "computed", "-o", run)
+    assert r.exit_code == 0, r.stderr
+    assert load_artifact(run).meta["data"]["preprocess"]["normalize"] == "computed"
+    ev = run_cli("eval", run, "--data", MNIST, "--json")
+    assert ev.exit_code == 0, ev.stderr
+    be = run_cli("bench", run, "--data", MNIST, "--baseline", LENET300,
+                 "--engines", "dense-torch,chain-torch", "--json", *FAST)
+    assert be.exit_code == 0, be.stderr
+    acc = json.loads(be.stdout)["accuracy"]
+    assert acc["compressed"] == pytest.approx(json.loads(ev.stdout)["accuracy"], abs=1e-9)
+    # the dense checkpoint was trained on raw pixels: it is evaluated on them, not on the
+    # compressed model's statistics
+    base = run_cli("eval", LENET300, "--arch", "lenet300", "--data", MNIST, "--json")
+    assert acc["baseline"] == pytest.approx(json.loads(base.stdout)["accuracy"], abs=1e-9)

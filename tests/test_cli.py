@@ -133,7 +133,7 @@ def test_every_option_and_argument_has_help_text():
 
 
 def test_prune_help_lists_every_scope():
-    from tedepr_cli.prune import SCOPES
+    from tedepr_cli.pruning.prune import SCOPES
 
     text = " ".join(run_cli("prune", "--help").stdout.split())
     assert all(s in text for s in SCOPES), text

@@ -13,7 +13,8 @@ import torch
 from tedepr_cli.arch import parse_arch
 from tedepr_cli.artifact import save_artifact
 from tedepr_cli.loading import load_model
-from tedepr_cli.prune import PruneOptions, prune
+from tedepr_cli.masks import plain_named_parameters
+from tedepr_cli.pruning.prune import PruneOptions, prune
 
 from .conftest import LENET300, MNIST, run_cli
 
@@ -52,7 +53,7 @@ def test_finetune_on_cuda_keeps_pruned_entries_exactly_zero(pruned, tmp_path):
         epochs=2, batch_size=64, limit_train=512, lr=3e-3, seed=5, device="cuda", weight_decay=0.01))
     # the raw trained tensors (an artifact stores only kept entries: zero where pruned regardless)
     trained = torch.load(tmp_path / "run" / "state.pt", weights_only=True)["model"]
-    before = dict(art.model.named_parameters())
+    before = plain_named_parameters(art.model)
     for n, m in art.masks.items():
         assert torch.count_nonzero(trained[n][~m]) == 0
         assert torch.count_nonzero(trained[n][m]) > 0

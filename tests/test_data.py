@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from tedepr_cli.data import check_labels, load_npz, load_split, present
+from tedepr_cli.data import check_labels, load_npz, present
 from tedepr_cli.errors import BadInput, InputNotFound
+from tedepr_cli.model_data import load_split
 
 from .conftest import MNIST
 

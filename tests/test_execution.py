@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tedepr_cli import execution
+from tedepr_cli import execution, timing
 from tedepr_cli.artifact import Artifact
 from tedepr_cli.execution import (
     build_model,
@@ -27,6 +27,7 @@ from tedepr_cli.execution import (
 )
 from tedepr_cli.kernels import build
 from tedepr_cli.kernels.cpu import FusedSequence, SparseChainKernel
+from tedepr_cli.masks import attach_masks, plain_named_parameters
 from tedepr_cli.tensorized.layers import build_layer
 
 from .conftest import LENET300
@@ -91,7 +92,9 @@ def artifact(model: nn.Module) -> Artifact:
             masks.update({f"{name}.cores.{i}": c.detach() != 0 for i, c in enumerate(mod.cores)})
         elif isinstance(mod, nn.Linear) and hasattr(model, "mask3") and name == "fc3":
             masks[f"{name}.weight"] = model.mask3
-    return Artifact(model=model.eval(), arch=None, masks=masks)
+    model.eval()
+    attach_masks(model, masks)
+    return Artifact(model=model, arch=None)
 
 
 def ref64(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -269,7 +272,7 @@ def test_shapes_fallbacks_and_hooks():
     y = fs(xg)
     assert y.grad_fn is not None
     y.sum().backward()
-    assert xg.grad is not None and model.fc1.cores[0].grad is not None
+    assert xg.grad is not None and plain_named_parameters(model)["fc1.cores.0"].grad is not None
     fs.train()
     assert torch.equal(fs(x), model(x))
     fs.eval()
@@ -306,9 +309,9 @@ def test_program_validation():
 
 # ---------------------------------------------------------------------------- the planner
 def fixed_clock(prefer_fused: bool = True):
-    """A stand-in for execution._time: fixed figures, so decisions do not depend on load."""
+    """A stand-in for timing.medians: fixed figures, so decisions do not depend on load."""
 
-    def fake(fns, reps, clock=None):
+    def fake(fns, reps, warmup=2, clock=None):
         out = {}
         for k in fns:
             if k.startswith("chunk"):
@@ -322,7 +325,7 @@ def fixed_clock(prefer_fused: bool = True):
 
 @needs_kernel
 def test_plan_records_fusion_and_builds_it(monkeypatch):
-    monkeypatch.setattr(execution, "_time", fixed_clock())
+    monkeypatch.setattr(timing, "medians", fixed_clock())
     for model in (Net(), Net(scale=True)):
         art = artifact(model)
         plan = plan_execution(art, 1)
@@ -337,19 +340,19 @@ def test_plan_records_fusion_and_builds_it(monkeypatch):
         x = torch.randn(3, 3, 4, 4)
         with torch.no_grad():
             assert rel(built(x), ref64(model, x)) <= TOL
-        share = flop_share(art, plan)
+        share = flop_share(art.model, art.masks, plan)
         assert share["kernel_flops"] > 0 and share["torch_chain_flops"] == 0
 
 
 @needs_kernel
 def test_plan_refuses_slower_or_inexact_fusion(monkeypatch):
     art = artifact(Net())
-    monkeypatch.setattr(execution, "_time", fixed_clock(prefer_fused=False))
+    monkeypatch.setattr(timing, "medians", fixed_clock(prefer_fused=False))
     assert plan_execution(art, 1)["fusions"] == []
-    monkeypatch.setattr(execution, "_time", fixed_clock())
-    monkeypatch.setattr(execution, "FUSION_RTOL", -1.0)  # no output is that exact
+    monkeypatch.setattr(timing, "medians", fixed_clock())
+    monkeypatch.setattr(execution.fusion, "FUSION_RTOL", -1.0)  # no output is that exact
     assert plan_execution(art, 1)["fusions"] == []
-    monkeypatch.setattr(execution, "FUSION_RTOL", TOL)
+    monkeypatch.setattr(execution.fusion, "FUSION_RTOL", TOL)
     assert plan_execution(art, 1, fuse=False)["fusions"] == []
     plan = plan_execution(art, 1, overrides={"fc2": "torch"})  # an override splits the run
     assert [f["layers"] for f in plan["fusions"]] == [["fc1"]] and "fused" not in plan["layers"]["fc2"]
@@ -357,7 +360,7 @@ def test_plan_refuses_slower_or_inexact_fusion(monkeypatch):
     with torch.no_grad():
         assert rel(build_model(art, plan)(x), ref64(art.model, x)) <= TOL
     # the whole-model guard drops fusions along with the per-layer choices
-    monkeypatch.setattr(execution, "GUARD_SLACK", 0.0)
+    monkeypatch.setattr(execution.planner, "GUARD_SLACK", 0.0)
     plan = plan_execution(art, 1)
     assert plan["guard"]["fallback"] and plan["fusions"] == []
     assert all("fused" not in r for r in plan["layers"].values())
@@ -373,7 +376,7 @@ def test_cost_model_fuses_without_timing():
 
 @needs_kernel
 def test_stored_plan_is_reused_and_a_stale_fusion_is_skipped(monkeypatch, caplog):
-    monkeypatch.setattr(execution, "_time", fixed_clock())
+    monkeypatch.setattr(timing, "medians", fixed_clock())
     art = artifact(Net())
     plan = plan_execution(art, 2)
     store_plan(art, plan)
@@ -397,9 +400,9 @@ def test_pruned_lenet300_plan(monkeypatch):
     whole model (the tedepr engine of `tedepr bench`)."""
     from tedepr_cli.arch import parse_arch
     from tedepr_cli.loading import load_model
-    from tedepr_cli.prune import PruneOptions, prune
+    from tedepr_cli.pruning.prune import PruneOptions, prune
 
-    monkeypatch.setattr(execution, "_time", fixed_clock())
+    monkeypatch.setattr(timing, "medians", fixed_clock())
     art, _ = prune(load_model(LENET300, parse_arch("lenet300")),
                    PruneOptions(sparsity=0.995, criterion="magnitude"))
     for b in (1, 32):

@@ -16,7 +16,8 @@ from tedepr_cli.artifact import Artifact, load_artifact
 from tedepr_cli.decompose import DecomposeOptions, decompose
 from tedepr_cli.errors import ValidationError
 from tedepr_cli.export import ExportOptions, entropy_bytes, export
-from tedepr_cli.prune import PruneOptions, prune
+from tedepr_cli.masks import plain_named_parameters
+from tedepr_cli.pruning.prune import PruneOptions, prune
 
 from .conftest import MNIST, ZOO_CASES, run_cli
 
@@ -218,7 +219,9 @@ def _tiny_outputs():
     x = torch.rand(7, *art.input_shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         factor = 1e-6 / float(art.model(x).abs().max())
-        art.model.fc3.cores[0].mul_(factor)  # one core: the layer's weight is linear in it
+        # one core: the layer's weight is linear in it (the stored tensor: the core a forward
+        # reads is computed from it and the mask riding on the module)
+        plain_named_parameters(art.model)["fc3.cores.0"].mul_(factor)
         art.model.fc3.bias.mul_(factor)
         out = art.model(x)
     assert 1e-7 < out.abs().max() < 1e-5

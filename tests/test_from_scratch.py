@@ -9,7 +9,7 @@ from tedepr_cli.arch import parse_arch
 from tedepr_cli.artifact import load_artifact
 from tedepr_cli.decompose import DecomposeOptions
 from tedepr_cli.loading import build_fresh
-from tedepr_cli.prune import PruneOptions, prune
+from tedepr_cli.pruning.prune import PruneOptions, prune
 
 from .conftest import LENET300, MNIST, run_cli
 

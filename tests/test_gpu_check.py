@@ -136,7 +136,8 @@ def test_masks_check_fails_when_a_pruned_entry_moved(tmp_path):
     from tedepr_cli.arch import parse_arch
     from tedepr_cli.artifact import save_artifact
     from tedepr_cli.loading import load_model
-    from tedepr_cli.prune import PruneOptions, prune
+    from tedepr_cli.masks import plain_state_dict
+    from tedepr_cli.pruning.prune import PruneOptions, prune
 
     from .conftest import LENET300
 
@@ -146,7 +147,7 @@ def test_masks_check_fails_when_a_pruned_entry_moved(tmp_path):
     check = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "masks"]
     for run, moved in (("good", False), ("bad", True)):
         save_artifact(art, tmp_path / run / "last")
-        state = {k: v.clone() for k, v in art.model.state_dict().items()}
+        state = {k: v.clone() for k, v in plain_state_dict(art.model).items()}
         if moved:
             state[name][~mask] = 1e-3
         torch.save({"model": state}, tmp_path / run / "state.pt")

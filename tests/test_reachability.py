@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-import tedepr_cli.prune as prune_module
+import tedepr_cli.pruning.prune as prune_module
 from tedepr_cli.arch import ArchSpec, parse_arch
 from tedepr_cli.artifact import Artifact, load_artifact
 from tedepr_cli.decompose import DecomposeOptions, decompose
 from tedepr_cli.errors import CollapseError
-from tedepr_cli.prune import PruneOptions, prune
+from tedepr_cli.pruning.prune import PruneOptions, prune
 from tedepr_cli.pruning.reachability import check_reachability, reachability, repair_paths
 from tedepr_cli.pruning.targets import prunable_groups
 from tedepr_cli.zoo import MODELS

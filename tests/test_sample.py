@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 from tedepr_cli.arch import parse_arch
-from tedepr_cli.data import load_split
 from tedepr_cli.evaluate import evaluate
 from tedepr_cli.loading import load_model
+from tedepr_cli.model_data import load_split
 
 from .conftest import LENET300, MNIST, ROOT, SAMPLES
 

@@ -14,7 +14,8 @@ from tedepr_cli.arch import parse_arch
 from tedepr_cli.artifact import load_artifact
 from tedepr_cli.errors import TrainingDiverged
 from tedepr_cli.loading import load_model
-from tedepr_cli.prune import PruneOptions, prune
+from tedepr_cli.masks import plain_named_parameters
+from tedepr_cli.pruning.prune import PruneOptions, prune
 from tedepr_cli.train import TrainOptions, finetune
 
 from .conftest import LENET300, MNIST, ROOT, ZOO_CASES, run_cli
@@ -38,15 +39,29 @@ def _weights(art):
 
 
 @pytest.mark.parametrize("optimizer,wd", [("adamw", 0.01), ("sgd", 5e-4), ("adam", 0.0)])
-def test_pruned_entries_stay_exactly_zero(pruned, tmp_path, optimizer, wd):
+def test_pruned_entries_stay_exactly_zero(pruned, tmp_path, optimizer, wd, monkeypatch):
+    import tedepr_cli.train as train_mod
+
+    live = []  # the model being trained, checked in memory at every epoch end (before any save,
+    # whose compact storage would re-zero pruned entries and hide a broken mask mechanism)
+    snapshot = train_mod._artifact
+
+    def spy(src, model, *args, **kwargs):
+        stored = plain_named_parameters(model)
+        live.append(all(torch.count_nonzero(stored[n].detach()[~m.to(stored[n].device)]) == 0
+                        for n, m in pruned.masks.items()))
+        return snapshot(src, model, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "_artifact", spy)
     best, summary = finetune(pruned, MNIST, tmp_path / "run", _quick(optimizer=optimizer, weight_decay=wd,
                                                                     lr=0.05 if optimizer == "sgd" else 3e-3))
-    params = dict(best.model.named_parameters())
+    assert live and all(live)
+    params = plain_named_parameters(best.model)
     for n, m in pruned.masks.items():
         assert torch.equal(best.masks[n], m)
         assert torch.count_nonzero(params[n].detach()[~m]) == 0  # bit for bit zero
         assert torch.count_nonzero(params[n].detach()[m]) > 0
-    before = dict(pruned.model.named_parameters())
+    before = plain_named_parameters(pruned.model)
     assert any(not torch.equal(params[n], before[n]) for n in pruned.masks)  # it did train
     assert summary["epochs_run"] == 2 and 0 <= summary["test_accuracy"] <= 1
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
@@ -185,7 +200,7 @@ def test_ddp_two_processes_match_single_process(pruned, tmp_path):
     for k, v in a.model.state_dict().items():
         assert torch.allclose(v, b.model.state_dict()[k], rtol=1e-4, atol=1e-6), k
     for n, m in a.masks.items():  # masks survive DDP
-        assert torch.equal(b.masks[n], m) and not dict(b.model.named_parameters())[n][~m].any()
+        assert torch.equal(b.masks[n], m) and not plain_named_parameters(b.model)[n][~m].any()
     one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
     assert len(one) == len(two) == 2
     for m1, m2 in zip(one, two, strict=True):

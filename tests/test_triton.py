@@ -155,7 +155,7 @@ def _artifacts(tmp):
     dense-pruned LeNet-300-100 (plain pruned nn.Linear)."""
     from tedepr_cli.arch import build, parse_arch
     from tedepr_cli.loading import load_model
-    from tedepr_cli.prune import PruneOptions, prune
+    from tedepr_cli.pruning.prune import PruneOptions, prune
 
     lenet = parse_arch("lenet300")
     spec = parse_arch("resnet20", json.dumps({"in_channels": 1, "input_size": 8, "width": 0.5}))

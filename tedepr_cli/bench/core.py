@@ -2,7 +2,7 @@
 
 The engines (:mod:`.engines`: dense and compressed, in PyTorch, onnxruntime, the compiled
 CPU kernels and Triton) each skipped with a reason when they cannot run here. All engines
-of one batch size are timed interleaved (:mod:`.stats`), single-threaded by default; on
+of one batch size are timed interleaved (:mod:`tedepr_cli.timing`), single-threaded by default; on
 ``--device cuda`` with CUDA events (onnxruntime's CUDA provider, which runs on a stream
 of its own, with a synchronised wall clock). Sizes, the planner's per-layer choices, the
 FLOP share on sparse/factorized kernels, peak inference memory (:mod:`.memory`), the
@@ -13,7 +13,6 @@ beside the timings.
 from __future__ import annotations
 
 import copy
-import gzip
 import os
 import platform
 import shutil
@@ -27,7 +26,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import __version__
 from ..artifact import Artifact, load_artifact, save_artifact
 from ..device import exact_fp32
 from ..device import resolve as resolve_device
@@ -39,9 +37,12 @@ from ..errors import (
     SpeedupGateFailed,
     UsageError,
 )
-from .engines import BASELINE, ENGINES, ORT_ENGINES, Engines, input_batch, ort_provider
+from ..machine import cpu_model
+from ..storage import byte_sizes
+from ..timing import NOISY_IQR, Plan, Timer, cuda_event_timer, interleaved, speedup, summarize, wall_timer
+from ..version import __version__
+from .engines import BASELINE, ENGINES, ORT_ENGINES, Engines, input_batch, load_baseline, ort_provider
 from .memory import CPU_METHOD, CUDA_METHOD, cuda_peak, measure_in_subprocess
-from .stats import NOISY_IQR, Plan, Timer, cuda_event_timer, interleaved, speedup, summarize, wall_timer
 
 SCHEMA = "tedepr-bench"
 SCHEMA_VERSION = 1
@@ -100,25 +101,6 @@ def load_target(path: Path) -> Target:
     return Target(load_artifact(path), None, path)
 
 
-def load_baseline(art: Artifact, baseline: Path | None, seed: int = 0) -> tuple[nn.Module, bool]:
-    """The dense original: from ``--baseline`` (weights into the target's architecture), or
-    the architecture freshly built with ``seed`` (same shapes: same speed; no accuracy).
-    Returns (model, has_real_weights)."""
-    from ..arch import build
-    from ..loading import load_model
-
-    if art.arch is None:
-        raise BadInput("the target has no architecture reference to build its dense baseline from")
-    if baseline is not None:
-        base = load_model(baseline, art.arch)
-        if base.meta.get("tensorization") or base.masks:
-            raise BadInput(f"--baseline {baseline} is itself compressed; give the dense checkpoint")
-        return base.model.eval(), True
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build(art.arch, allow_import=art.arch.is_import).eval(), False
-
-
 def _onnx_of(model: nn.Module, input_shape: tuple[int, ...], path: Path) -> Path:
     import onnx
 
@@ -135,12 +117,7 @@ def machine_info(threads: int, device: torch.device) -> dict[str, Any]:
     from ..kernels import build
     from ..kernels import triton as ktriton
 
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = cpu_model()
     st = build.status()
     commit = None
     try:
@@ -161,10 +138,6 @@ def machine_info(threads: int, device: torch.device) -> dict[str, Any]:
                        "multiprocessors": p.multi_processor_count, "cuda": torch.version.cuda,
                        "onnxruntime_providers": onnxruntime.get_available_providers()}
     return info
-
-
-def _sizes_of(data: bytes) -> dict[str, int]:
-    return {"bytes": len(data), "gzip_bytes": len(gzip.compress(data, 9, mtime=0))}
 
 
 # ---------------------------------------------------------------------------- engines
@@ -301,7 +274,7 @@ def _run(target: Target, opts: BenchOptions, device: torch.device, baseline_path
                 plan = None
                 if e == "tedepr":
                     plan, fresh = plan_for(art, b, opts.threads, replan=opts.replan, seed=opts.seed)
-                    plans[str(b)] = {**plan, "fresh": fresh, "flops": flop_share(art, plan)}
+                    plans[str(b)] = {**plan, "fresh": fresh, "flops": flop_share(art.model, art.masks, plan)}
                 try:
                     fns[e] = eng.runner(e, x, plan)
                     fns[e]()  # the first call: builds, compiles, and proves the engine takes this batch
@@ -351,12 +324,12 @@ def _run(target: Target, opts: BenchOptions, device: torch.device, baseline_path
     kept = params - sum(int((~m).sum()) for m in art.masks.values())
     dense_state = {k: v.contiguous() for k, v in base.state_dict().items()}
     sizes = {"dense-safetensors": {"params": sum(p.numel() for p in base.parameters()),
-                                   **_sizes_of(st_save(dense_state))}}
-    sizes["compressed-safetensors"] = {"params": params, "kept": kept, **_sizes_of(compact.read_bytes())}
+                                   **byte_sizes(st_save(dense_state))}}
+    sizes["compressed-safetensors"] = {"params": params, "kept": kept, **byte_sizes(compact.read_bytes())}
     if "dense-ort" in onnx:
-        sizes["dense-onnx"] = _sizes_of(onnx["dense-ort"].read_bytes())
+        sizes["dense-onnx"] = byte_sizes(onnx["dense-ort"].read_bytes())
     if "chain-ort" in onnx:
-        sizes["compressed-onnx"] = _sizes_of(onnx["chain-ort"].read_bytes())
+        sizes["compressed-onnx"] = byte_sizes(onnx["chain-ort"].read_bytes())
     report["sizes"] = sizes
     if data is not None:
         report["accuracy"] = _accuracy(art, base, real_base, data, plans, opts)
@@ -385,17 +358,23 @@ def _peak(engine: str, fn: Callable[[], Any], batch: int, device: torch.device, 
 
 def _accuracy(art: Artifact, base: nn.Module, real_base: bool, data: Path, plans: dict[str, Any],
               opts: BenchOptions) -> dict[str, Any]:
-    from ..data import load_split
-    from ..evaluate import evaluate, num_outputs
+    from ..evaluate import evaluate
     from ..execution import build_model
+    from ..model_data import tensors_for
 
-    x, y = load_split(data, "test", art.input_shape, art.input_kind, num_outputs(art.model, art.input_shape))
+    # each model sees the data as it was trained to: the compressed one with the preprocessing
+    # its manifest records (as `tedepr eval`), the baseline checkpoint with the family default
+    x, y = tensors_for(art, data, "test")
     out: dict[str, Any] = {"data": str(data), "split": "test", "samples": len(y)}
     out["compressed"] = evaluate(art.model, x, y)["accuracy"]
     if plans:
         plan = plans[max(plans, key=int)]
         out["compressed_tedepr_engine"] = evaluate(build_model(art, plan, opts.threads), x, y)["accuracy"]
-    out["baseline"] = evaluate(base, x, y)["accuracy"] if real_base else None
+    if real_base:
+        xb, yb = tensors_for(Artifact(model=base, arch=None), data, "test")
+        out["baseline"] = evaluate(base, xb, yb)["accuracy"]
+    else:
+        out["baseline"] = None
     if not real_base:
         out["note"] = "no --baseline checkpoint: baseline accuracy unknown"
     return out

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..artifact import Artifact
+from ..errors import BadInput
 
 ENGINES = ("dense-torch", "dense-ort", "chain-torch", "tedepr", "chain-ort", "triton")
 ORT_ENGINES = ("dense-ort", "chain-ort")
@@ -128,3 +129,22 @@ class Engines:
             m = self.model(name)
         xd = x.to(self.device)
         return lambda: m(xd)
+
+
+def load_baseline(art: Artifact, baseline: Path | None, seed: int = 0) -> tuple[nn.Module, bool]:
+    """The dense original: from ``--baseline`` (weights into the target's architecture), or
+    the architecture freshly built with ``seed`` (same shapes: same speed; no accuracy).
+    Returns (model, has_real_weights)."""
+    from ..arch import build
+    from ..loading import load_model
+
+    if art.arch is None:
+        raise BadInput("the target has no architecture reference to build its dense baseline from")
+    if baseline is not None:
+        base = load_model(baseline, art.arch)
+        if base.meta.get("tensorization") or base.masks:
+            raise BadInput(f"--baseline {baseline} is itself compressed; give the dense checkpoint")
+        return base.model.eval(), True
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build(art.arch, allow_import=art.arch.is_import).eval(), False

@@ -109,8 +109,7 @@ def _measure(spec: dict[str, Any]) -> int:
     import torch
 
     from ..artifact import load_artifact
-    from .core import load_baseline
-    from .engines import Engines, input_batch
+    from .engines import Engines, input_batch, load_baseline
 
     torch.set_num_threads(int(spec["threads"]))
     art = load_artifact(Path(spec["artifact"]))

@@ -10,7 +10,8 @@ from typing import Annotated, Any
 
 import typer
 
-from ..cli import (
+from ..console import print_json, stdout, table
+from .common import (
     DataOpt,
     JsonOut,
     Output,
@@ -20,7 +21,6 @@ from ..cli import (
     Verbose,
     command,
 )
-from ..console import print_json, stdout, table
 
 
 @command

@@ -8,7 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from ..cli import (
+from ..console import print_json, stdout, table
+from .common import (
     Arch,
     ArchKwargs,
     DataOpt,
@@ -25,7 +26,6 @@ from ..cli import (
     command,
     torch_seed,
 )
-from ..console import print_json, stdout, table
 
 
 def _parse_ranks(values: list[str]) -> tuple[int | None, dict[str, int]]:
@@ -78,11 +78,10 @@ def _split_globs(values: list[str]) -> list[str]:
 
 
 def _accuracy(art, data: Path, split: str = "test") -> float:
-    from ..data import load_split
-    from ..evaluate import evaluate, num_outputs
+    from ..evaluate import evaluate
+    from ..model_data import tensors_for
 
-    x, y = load_split(data, split, art.input_shape, art.input_kind,
-                      num_outputs(art.model, art.input_shape))
+    x, y = tensors_for(art, data, split)
     return evaluate(art.model, x, y)["accuracy"]
 
 
@@ -278,9 +277,9 @@ def prune(
     from ..decompose import DecomposeOptions
     from ..errors import UsageError
     from ..fsutil import check_output
-    from ..prune import PruneOptions
-    from ..prune import prune as run_prune
     from ..pruning.criteria import CriterionOptions
+    from ..pruning.prune import PruneOptions
+    from ..pruning.prune import prune as run_prune
 
     if (sparsity is None) == (density is None):
         raise UsageError("give exactly one of --sparsity or --density")

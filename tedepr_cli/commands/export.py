@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from ..cli import (
+from ..console import print_json, stdout, table
+from .common import (
     Arch,
     ArchKwargs,
     DataOpt,
@@ -22,7 +23,6 @@ from ..cli import (
     _load,
     command,
 )
-from ..console import print_json, stdout, table
 
 AtolOpt = Annotated[float, typer.Option(
     "--atol", help="Validation: absolute tolerance as a fraction of the output's scale: an entry "

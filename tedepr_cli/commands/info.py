@@ -7,7 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
-from ..cli import (
+from ..console import print_json, stdout, table
+from .common import (
     Arch,
     ArchKwargs,
     InputShape,
@@ -18,7 +19,6 @@ from ..cli import (
     _load,
     command,
 )
-from ..console import print_json, stdout, table
 
 
 @command
@@ -88,18 +88,15 @@ def _describe_data(spec: str):
 
 
 def _fits(ds, art) -> dict[str, Any]:
-    """Whether ``ds`` can feed ``art``'s model: class count and one presented sample."""
+    """Whether the opened dataset ``ds`` can feed ``art``'s model: class count and one
+    presented sample, as every command would present it (:mod:`tedepr_cli.model_data`)."""
     import numpy as np
 
-    from ..datasets import check_classes, make_split, resolve_preprocess
     from ..errors import TedeprError
-    from ..evaluate import num_outputs
+    from ..model_data import split_for
 
     try:
-        check_classes(ds, num_outputs(art.model, art.input_shape))
-        pre = resolve_preprocess(ds, art.input_shape, art.input_kind, augment=False,
-                                 recorded=(art.meta.get("data") or {}).get("preprocess"))
-        make_split(ds, "test", art.input_shape, art.input_kind, pre).batch(np.arange(1))
+        split_for(art, ds, "test").batch(np.arange(1))
     except TedeprError as e:
         return {"ok": False, "reason": str(e)}
     return {"ok": True, "reason": None}

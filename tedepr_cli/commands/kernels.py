@@ -6,13 +6,13 @@ from typing import Annotated
 
 import typer
 
-from ..cli import (
+from ..console import print_json, stdout, table
+from .common import (
     JsonOut,
     Quiet,
     Verbose,
     command,
 )
-from ..console import print_json, stdout, table
 
 
 @command

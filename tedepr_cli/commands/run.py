@@ -7,8 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
-from ..cli import JsonOut, Output, Overwrite, Quiet, Verbose, command
 from ..console import print_json, stdout, table
+from .common import JsonOut, Output, Overwrite, Quiet, Verbose, command
 
 
 @command

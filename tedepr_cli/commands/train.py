@@ -8,7 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from ..cli import (
+from ..console import print_json, stdout, table
+from .common import (
     Arch,
     ArchKwargs,
     InputShape,
@@ -23,7 +24,6 @@ from ..cli import (
     command,
     torch_seed,
 )
-from ..console import print_json, stdout, table
 
 
 @command
@@ -192,9 +192,10 @@ def eval_(
     import torch
 
     from ..data import SPLITS
-    from ..datasets import check_classes, make_split, open_dataset, resolve_preprocess
+    from ..datasets import make_split
     from ..errors import UsageError
     from ..evaluate import evaluate_split, num_outputs
+    from ..model_data import open_for_model
 
     if batch_size < 1 or threads < 1 or workers < 0:
         raise UsageError("--batch-size and --threads must be >= 1, --workers >= 0")
@@ -203,10 +204,7 @@ def eval_(
     torch.set_num_threads(threads)
     art = _load(path, arch, arch_kwargs, input_shape, trust_pickle)
     classes = num_outputs(art.model, art.input_shape)
-    ds = open_dataset(data)
-    check_classes(ds, classes)
-    pre = resolve_preprocess(ds, art.input_shape, art.input_kind, normalize=normalize, augment=False,
-                             recorded=(art.meta.get("data") or {}).get("preprocess"), strict=strict_data)
+    ds, pre = open_for_model(data, art, normalize=normalize, strict=strict_data)
     s = make_split(ds, split, art.input_shape, art.input_kind, pre, strict=strict_data)
     m = evaluate_split(art.model, s, batch_size=batch_size, num_classes=classes, workers=workers)
     m.update(path=str(path), data=str(data), split=split, reader=ds.reader, normalize=pre.normalize)

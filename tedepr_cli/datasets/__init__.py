@@ -20,7 +20,6 @@ seqdir          ``[train|test/]<class>/*.npy|npz`` clips, or a ``labels.csv`` li
 
 from __future__ import annotations
 
-import logging
 import re
 import zipfile
 from collections.abc import Callable
@@ -31,6 +30,7 @@ import numpy as np
 
 from ..errors import BadInput, InputNotFound, UsageError
 from ..fsutil import expand_user
+from ..logs import log
 from .base import ArraySource, ConcatSource, Dataset
 from .imagefolder import has_images, read_imagefolder
 from .pipeline import (
@@ -62,7 +62,6 @@ __all__ = ["READERS", "NORMALIZE_CHOICES", "Batch", "Dataset", "Preprocess", "Sp
            "describe_dataset", "epoch_batches", "iterate", "make_split", "open_dataset", "parse_spec",
            "resolve_preprocess", "sequential"]
 
-log = logging.getLogger("tedepr")
 
 READERS: dict[str, Callable[[Path], Dataset]] = {
     "npz": read_npz,

@@ -16,7 +16,6 @@ batches.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -27,10 +26,9 @@ import torch
 
 from ..data import present
 from ..errors import BadInput, UsageError
+from ..logs import log
 from . import transforms as T
 from .base import ArraySource, ConcatSource, Dataset, ItemSource, Source
-
-log = logging.getLogger("tedepr")
 
 NORMALIZE_CHOICES = ("auto", "standard", "computed", "none")
 CACHE_BYTES = 256 * 2**20  # present small in-memory arrays once

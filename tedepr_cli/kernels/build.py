@@ -23,7 +23,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import importlib.resources
-import logging
 import os
 import platform
 import shlex
@@ -36,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from ..fsutil import output_mode
-
-log = logging.getLogger("tedepr")
+from ..logs import log
+from ..machine import cpu_features
 
 ABI = 3  # must equal TEDEPR_ABI in kernels/chain.c
 DEFAULT_CFLAGS = "-O3 -march=native"
@@ -82,20 +81,6 @@ def find_compiler() -> str | None:
 def cflags() -> list[str]:
     """Optimisation flags (``TEDEPR_CFLAGS`` or the default) plus the flags a shared library needs."""
     return shlex.split(os.environ.get("TEDEPR_CFLAGS", DEFAULT_CFLAGS)) + list(REQUIRED_FLAGS)
-
-
-def cpu_features() -> str:
-    """The CPU feature flags (x86 ``flags`` / ARM ``Features`` of /proc/cpuinfo), which
-    ``-march=native`` code depends on; a machine without /proc gives its architecture."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key = line.split(":", 1)[0].strip().lower()
-                if key in ("flags", "features"):
-                    return " ".join(sorted(line.split(":", 1)[1].split()))
-    except OSError:
-        pass
-    return platform.machine() or "unknown"
 
 
 def _compiler_version(cc: str) -> str:

@@ -17,7 +17,6 @@ with a linear chain, pruned ``nn.Linear``) for a :class:`TritonLayer`: the model
 
 from __future__ import annotations
 
-import copy
 import os
 from typing import Any
 
@@ -219,11 +218,12 @@ def triton_model(model: nn.Module, masks: dict[str, Tensor], device: str | torch
     run does (the compressed layers :func:`tedepr_cli.execution.candidates` lists). Returns
     (model, names of the layers on Triton). Inference only: run it under ``torch.no_grad()``."""
     from ..execution import candidates
+    from ..masks import folded_copy
 
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
-    out = copy.deepcopy(model).eval()
+    out = folded_copy(model).eval()  # plain weights: the masks ride in the kernels' layouts
     on = []
     for name, layer in candidates(out, masks).items():
         wrapped = triton_layer(name, layer, masks, dev)

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..console import log
 from ..errors import BadInput
+from ..logs import log
 from ..registry import Registry
 
 

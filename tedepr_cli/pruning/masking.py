@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..errors import BadInput, CollapseError
 from .targets import Group
@@ -207,14 +207,6 @@ def _apportion(weights: list[int], total: int, denom: int) -> list[int]:
     for i in sorted(range(len(raw)), key=lambda i: -(raw[i] - base[i]))[: total - sum(base)]:
         base[i] += 1
     return base
-
-
-def apply_masks(model: nn.Module, masks: dict[str, Tensor]) -> None:
-    """Zero the pruned entries in place (the stored parameters *are* the masked weights)."""
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for n, m in masks.items():
-            params[n].mul_(m.to(params[n].dtype))
 
 
 def connected(masks: list[Tensor], kind: str) -> bool:

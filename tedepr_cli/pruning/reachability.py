@@ -48,6 +48,7 @@ from torch import Tensor, fx, nn
 from torch.func import functional_call
 
 from ..errors import CollapseError
+from ..masks import plain_named_parameters
 from ..tensorized.base import TensorizedLayer
 from ..tensorized.chain import ring_dense, ring_input, ring_output, tt_matrix_forward
 from ..tensorized.conv import ChainConv2d
@@ -285,7 +286,7 @@ class _Patterns:
 
     def __init__(self, model: nn.Module, masks: dict[str, Tensor] | None, eps: float | None = None,
                  grad: bool = False) -> None:
-        self.params = dict(model.named_parameters())
+        self.params = plain_named_parameters(model)
         self.masks = masks or {}
         self.eps = eps
         self.grad = grad

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..masks import plain_named_parameters
 from ..tensorized.base import TensorizedLayer
 from ..tensorized.wrappers import TensorizedLSTM
 
@@ -44,17 +45,26 @@ def prunable_groups(model: nn.Module) -> list[Group]:
         elif isinstance(mod, nn.Linear | nn.Conv2d):
             groups.append(Group(mname, "dense", [_join(mname, "weight")], mod.weight.numel(), mod))
         elif isinstance(mod, nn.LSTM | TensorizedLSTM):
-            for pname, p in mod.named_parameters(recurse=False):
-                if pname.startswith("weight_"):
-                    groups.append(Group(_join(mname, pname), "dense", [_join(mname, pname)], p.numel(), mod))
+            for pname in _recurrent_weights(mod):
+                groups.append(Group(_join(mname, pname), "dense", [_join(mname, pname)],
+                                    getattr(mod, pname).numel(), mod))
         elif isinstance(mod, nn.MultiheadAttention) and mod.in_proj_weight is not None:
             groups.append(Group(_join(mname, "in_proj_weight"), "dense",
                                 [_join(mname, "in_proj_weight")], mod.in_proj_weight.numel(), mod))
     return groups
 
 
+def _recurrent_weights(mod: nn.Module) -> list[str]:
+    """The weight matrices of a (tensorized) LSTM in the module's own order; masked ones
+    included (a mask moves a parameter out of ``named_parameters(recurse=False)``)."""
+    if isinstance(mod, TensorizedLSTM):
+        return [f"weight_hh_{s}" for s in mod._suffixes()]
+    return [n for n in mod._flat_weights_names if n.startswith("weight_")]
+
+
 def prunable_params(model: nn.Module) -> dict[str, nn.Parameter]:
-    params = dict(model.named_parameters())
+    """The prunable tensors by plain parameter name (a masked one: the tensor it trains)."""
+    params = plain_named_parameters(model)
     return {n: params[n] for g in prunable_groups(model) for n in g.params}
 
 

@@ -37,3 +37,38 @@ def build_layer(spec: dict[str, Any]) -> nn.Module:
 
 def is_tensorized(m: nn.Module) -> bool:
     return isinstance(m, TENSORIZED)
+
+
+def tensorized_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """``{module name: spec}`` of every outermost tensorized module of ``model``: what an
+    artifact's ``tensorization.layers`` stores and
+    :func:`~tedepr_cli.tensorized.plan.rebuild` re-creates."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, mod in model.named_modules():
+        if is_tensorized(mod) and not any(name.startswith(f"{n}.") for n in out):
+            out[name] = mod.spec()
+    return out
+
+
+def to_dense_layer(layer: nn.Module) -> nn.Module:
+    """The dense ``nn.Linear``/``nn.Conv2d`` equal to a linear-chain tensorized Linear/Conv2d
+    (its :meth:`~.base.TensorizedLayer.dense_weight` and bias): the reference a chain must
+    equal, and the "rebuild W once" execution path. Raises ``ValueError`` for a nonlinear
+    chain (no single dense weight)."""
+    import torch
+
+    from .conv import ChainConv2d
+
+    with torch.no_grad():
+        w = layer.dense_weight().detach()
+        if isinstance(layer, ChainConv2d):
+            dense = nn.Conv2d(layer.in_features, layer.out_features, layer.kernel_size, layer.stride,
+                              layer.padding, layer.dilation, bias=layer.bias is not None)
+        else:
+            dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        dense = dense.to(device=w.device, dtype=w.dtype)
+        dense.weight.copy_(w)
+        if layer.bias is not None:
+            dense.bias.copy_(layer.bias.detach())
+    dense.train(layer.training)
+    return dense

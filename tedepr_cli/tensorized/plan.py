@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from ..errors import BadInput, UsageError
-from .layers import FORMATS, build_layer
+from ..surgery import eval_mode, swap_module
+from .layers import FORMATS, build_layer, to_dense_layer
 
 SUPPORTED = (nn.Linear, nn.Conv2d, nn.LSTM, nn.MultiheadAttention)
 MAX_AUTO_MODES = 4
@@ -264,13 +265,10 @@ def _conv_input_sizes(model: nn.Module, input_shape: tuple[int, ...]) -> dict[st
         if isinstance(mod, nn.Conv2d):
             hooks.append(mod.register_forward_pre_hook(
                 lambda m, a, name=name: sizes.__setitem__(name, tuple(a[0].shape[-2:]))))
-    was = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(torch.zeros(1, *input_shape))
     finally:
-        model.train(was)
         for h in hooks:
             h.remove()
     return sizes
@@ -421,14 +419,6 @@ def _overridden(name: str, opts: PlanOptions) -> set[str]:
 
 
 # ---------------------------------------------------------------------------- apply
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    old = getattr(parent, attr)
-    setattr(parent, attr, new)
-    return old
-
-
 def apply_plan(model: nn.Module, specs: dict[str, dict[str, Any]]) -> dict[str, nn.Module]:
     """Replace the named layers with (uninitialized) tensorized modules; returns the
     replaced dense modules by name."""
@@ -441,7 +431,7 @@ def apply_plan(model: nn.Module, specs: dict[str, dict[str, Any]]) -> dict[str, 
         if kind != spec.get("type"):
             raise BadInput(f"tensorization plan says {name} is {spec.get('type')!r}, the model "
                            f"has {type(names[name]).__name__}")
-        old[name] = _set_module(model, name, build_layer(spec))
+        old[name] = swap_module(model, name, build_layer(spec))
     return old
 
 
@@ -455,27 +445,13 @@ def rebuild(model: nn.Module, tensorization: dict[str, Any]) -> None:
 
 def densify(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every linear-chain tensorized Linear/Conv2d replaced by the
-    dense layer of its equivalent weight (the reference the chain must equal, and the
-    "rebuild W once" execution path)."""
+    dense layer of its equivalent weight (:func:`~.layers.to_dense_layer`)."""
     import copy
 
     from .base import TensorizedLayer
-    from .conv import ChainConv2d
 
     out = copy.deepcopy(model)
     for name, mod in list(out.named_modules()):
-        if not isinstance(mod, TensorizedLayer) or mod.chain != "linear":
-            continue
-        with torch.no_grad():
-            w = mod.dense_weight()
-            if isinstance(mod, ChainConv2d):
-                dense = nn.Conv2d(mod.in_features, mod.out_features, mod.kernel_size, mod.stride,
-                                  mod.padding, mod.dilation, bias=mod.bias is not None)
-            else:
-                dense = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
-            dense = dense.to(w.dtype)
-            dense.weight.copy_(w)
-            if mod.bias is not None:
-                dense.bias.copy_(mod.bias)
-        _set_module(out, name, dense)
+        if isinstance(mod, TensorizedLayer) and mod.chain == "linear":
+            swap_module(out, name, to_dense_layer(mod))
     return out

@@ -19,6 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .tr import TRLinear
+from .tt import TTLinear
+
+
+def _linear(spec: dict[str, Any]) -> nn.Module:
+    """The TT/TR Linear of a projection's spec (malformed specs raise ``ValueError``)."""
+    if spec.get("type") != "linear" or spec.get("format") not in ("tt", "tr"):
+        raise ValueError(f"a projection must be a TT/TR linear spec, got {spec.get('type')!r}/"
+                         f"{spec.get('format')!r}")
+    return (TTLinear if spec["format"] == "tt" else TRLinear)(spec)
+
 
 class TensorizedLSTM(nn.Module):
     """``nn.LSTM`` with tensorized input projections (batch_first, layers, bidirectional)."""
@@ -26,8 +37,6 @@ class TensorizedLSTM(nn.Module):
     kind = "lstm"
 
     def __init__(self, spec: dict[str, Any]) -> None:
-        from .layers import build_layer
-
         super().__init__()
         self._spec = dict(spec)
         self.hidden_size = int(spec["hidden_size"])
@@ -37,7 +46,7 @@ class TensorizedLSTM(nn.Module):
         dirs = 2 if self.bidirectional else 1
         if len(spec["ih"]) != self.num_layers * dirs:
             raise ValueError("LSTM spec needs one input projection per layer and direction")
-        self.ih = nn.ModuleList([build_layer(s) for s in spec["ih"]])
+        self.ih = nn.ModuleList([_linear(s) for s in spec["ih"]])
         h = self.hidden_size
         for name in self._suffixes():
             self.register_parameter(f"weight_hh_{name}", nn.Parameter(torch.zeros(4 * h, h)))
@@ -92,15 +101,13 @@ class TensorizedMHA(nn.Module):
     kind = "mha"
 
     def __init__(self, spec: dict[str, Any]) -> None:
-        from .layers import build_layer
-
         super().__init__()
         self._spec = dict(spec)
         self.embed_dim = int(spec["embed_dim"])
         self.num_heads = int(spec["num_heads"])
         self.batch_first = bool(spec["batch_first"])
-        self.in_proj = build_layer(spec["in_proj"])
-        self.out_proj = build_layer(spec["out_proj"]) if spec.get("out_proj") else \
+        self.in_proj = _linear(spec["in_proj"])
+        self.out_proj = _linear(spec["out_proj"]) if spec.get("out_proj") else \
             nn.Linear(self.embed_dim, self.embed_dim)
 
     def spec(self) -> dict[str, Any]:

@@ -18,16 +18,16 @@ from typing import Any
 
 import torch
 
-from .artifact import Artifact
-from .console import log
-from .decompose import DecomposeOptions, decompose
-from .errors import BadInput, UsageError
-from .evaluate import num_outputs
-from .pruning.criteria import CRITERIA, CriterionOptions, ScoreContext
-from .pruning.masking import apply_masks, budget, check_collapse, rank_paths, select
-from .pruning.reachability import Reachability, check_reachability, repair_paths
-from .pruning.targets import prunable_groups
-from .tensorized.tt import TTLinear
+from ..artifact import Artifact
+from ..decompose import DecomposeOptions, decompose
+from ..errors import BadInput, UsageError
+from ..logs import log
+from ..masks import attach_masks, get_masks
+from ..tensorized.tt import TTLinear
+from .criteria import CRITERIA, CriterionOptions, ScoreContext
+from .masking import budget, check_collapse, rank_paths, select
+from .reachability import Reachability, check_reachability, repair_paths
+from .targets import prunable_groups
 
 DEFAULT_CRITERION = "tedepr"
 SCOPES = ("global", "normalized", "layer")
@@ -74,13 +74,15 @@ class PruneOptions:
 
 @contextmanager
 def _score_mode(model: torch.nn.Module, mode: str) -> Iterator[None]:
-    """Score with normalization layers in ``mode``; buffers (running stats) are restored after.
+    """Score with normalization layers in ``mode``; buffers (running stats) and every module's
+    train/eval flag are restored afterwards.
 
     In eval mode an untrained BatchNorm is the identity, so a deep random network's activations
     grow layer by layer; in train mode each layer normalizes with batch statistics, as in the
     first training steps the criteria try to foresee.
     """
     saved = {n: b.clone() for n, b in model.named_buffers()}
+    flags = {m: m.training for m in model.modules()}
     model.eval()  # dropout stays off either way: scores must not depend on dropout draws
     if mode == "train":
         for m in model.modules():
@@ -89,23 +91,21 @@ def _score_mode(model: torch.nn.Module, mode: str) -> Iterator[None]:
     try:
         yield
     finally:
-        model.eval()
+        for m, was in flags.items():
+            m.training = was
         with torch.no_grad():
             for n, b in model.named_buffers():
-                b.copy_(saved[n])
+                if n in saved:
+                    b.copy_(saved[n])
 
 
 def _batches(data: Path, art: Artifact, n: int, size: int, gen: torch.Generator
              ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``n`` seeded random batches from the train split (any ``--data`` layout), presented
-    as the model needs (with the data family's evaluation preprocessing)."""
-    from .datasets import check_classes, make_split, open_dataset, resolve_preprocess
+    as the model needs (:mod:`tedepr_cli.model_data`: the recorded preprocessing)."""
+    from ..model_data import split_for
 
-    ds = open_dataset(data)
-    check_classes(ds, num_outputs(art.model, art.input_shape))
-    pre = resolve_preprocess(ds, art.input_shape, art.input_kind, augment=False,
-                             recorded=(art.meta.get("data") or {}).get("preprocess"))
-    train = make_split(ds, "train", art.input_shape, art.input_kind, pre)
+    train = split_for(art, data, "train")
     out = []
     for _ in range(n):
         idx = torch.randperm(len(train), generator=gen)[: min(size, len(train))].numpy()
@@ -128,20 +128,21 @@ def resolve_criterion(requested: str | None, has_data: bool) -> tuple[str, str |
     return name, None
 
 
-def auto_rank(art: Artifact, dopts: DecomposeOptions, opts: PruneOptions, max_rank: int = 64) -> int:
+def auto_rank(model: torch.nn.Module, input_shape: tuple[int, ...], dopts: DecomposeOptions,
+              opts: PruneOptions, max_rank: int = 64) -> int:
     """The coarse/fine balance of the one-shot path: the largest uniform rank whose
     decomposed model has at most ``coarse_ratio`` x the budget's prunable entries, so the
     coarse grain does most of the compression and the fine grain prunes the last factor
     (rank 1 if even that is too large). A fixed rank often leaves the fine grain to cut
     so deep that chains lose their rank paths (see docs/pai_results.md)."""
-    from .pruning.targets import dense_prunable_count
-    from .tensorized.plan import plan_model
+    from ..tensorized.plan import plan_model
+    from .targets import dense_prunable_count
 
-    dense = dense_prunable_count(art.model)
+    dense = dense_prunable_count(model)
     limit = opts.coarse_ratio * budget(opts.sparsity, dense)
 
     def entries(r: int) -> int:
-        plans = plan_model(art.model, art.input_shape, replace(dopts, rank=r))
+        plans = plan_model(model, input_shape, replace(dopts, rank=r))
         return dense - sum(p.dense_params - p.params for p in plans if p.spec is not None)
 
     lo, hi, best = 1, max_rank, 1
@@ -160,7 +161,10 @@ def auto_rank(art: Artifact, dopts: DecomposeOptions, opts: PruneOptions, max_ra
 
 def prune(art: Artifact, opts: PruneOptions, data: Path | None = None,
           decompose_opts: DecomposeOptions | None = None) -> tuple[Artifact, dict[str, Any]]:
-    """A new artifact with the least useful prunable entries masked to zero.
+    """The ``tedepr prune`` stage: a new artifact whose least useful prunable entries are
+    masked (the masks ride on its model, :mod:`tedepr_cli.masks`). A dense model is first
+    decomposed (the one-shot path) unless ``opts.decompose`` is false; scoring batches come
+    from ``data`` (any ``--data`` layout, with the artifact's recorded preprocessing).
 
     Raises :class:`~tedepr_cli.errors.CollapseError` when a layer, or the whole network
     (:func:`~tedepr_cli.pruning.reachability.check_reachability`: no input unit reaches any
@@ -169,14 +173,12 @@ def prune(art: Artifact, opts: PruneOptions, data: Path | None = None,
     opts.validate()
     if art.masks:
         raise BadInput(f"{art.source or 'the model'} is already pruned; prune the unpruned artifact")
-    criterion, fallback = resolve_criterion(opts.criterion, data is not None)
-    if fallback:
-        log.warning(fallback)
+    criterion, _ = resolve_criterion(opts.criterion, data is not None)
     rank_note = None
     if not art.meta.get("tensorization") and opts.decompose:
         dopts = decompose_opts or DecomposeOptions(seed=opts.seed, rank=None)
         if dopts.rank is None and dopts.compression is None:
-            dopts = replace(dopts, rank=auto_rank(art, dopts, opts))
+            dopts = replace(dopts, rank=auto_rank(art.model, art.input_shape, dopts, opts))
             rank_note = {"rank": dopts.rank, "coarse_ratio": opts.coarse_ratio}
         art, _ = decompose(art, dopts)
         how = f" (auto: cores about {opts.coarse_ratio:g}x the budget)" if rank_note else ""
@@ -184,7 +186,43 @@ def prune(art: Artifact, opts: PruneOptions, data: Path | None = None,
                  f"(pass a decomposed artifact or --no-decompose to control this)")
     out = Artifact(model=copy.deepcopy(art.model).eval(), arch=art.arch, meta=copy.deepcopy(art.meta),
                    source="")
-    model = out.model
+    batches = None
+    if data is not None and CRITERIA.get(criterion).needs_data:
+        copts = opts.criterion_options
+        n_batches = {"tedepr": copts.steps + 1, "force": copts.iterations}.get(criterion, 1)
+        gen = torch.Generator().manual_seed(opts.seed)
+        batches = _batches(data, art, n_batches, opts.batch_size, gen)
+    report = prune_model(out.model, opts, batches, art.input_shape, data_note=str(data) if data else None)
+    if rank_note:
+        report["rank_auto"] = rank_note
+    # the scoring time is for the caller (--json); the manifest keeps only what the same
+    # inputs and seed reproduce
+    out.meta["pruning"] = {k: v for k, v in report.items() if k != "score_seconds"}
+    out.record("prune", {**asdict(opts), "criterion": report["criterion"],
+                         "data": str(data) if data else None}, seed=opts.seed)
+    return out, report
+
+
+def prune_model(model: torch.nn.Module, opts: PruneOptions,
+                batches: list[tuple[torch.Tensor, torch.Tensor]] | None,
+                input_shape: tuple[int, ...], data_note: str | None = None) -> dict[str, Any]:
+    """Prune ``model`` in place: score every prunable entry with ``opts.criterion``, keep the
+    budget ``round((1 - sparsity) * D)`` (``D``: the dense original's prunable weights,
+    DESIGN §2.2) after the collapse guards, and attach the masks to the model.
+
+    ``batches``: scoring batches ``(x, y)`` (``x`` of shape ``(B, *input_shape)``, ``y``
+    class indices ``(B,)``) for the data-driven criteria, or ``None`` (the default criterion
+    then falls back to data-free SynFlow). Returns the pruning report (kept counts, the three
+    sparsities, per-layer rows, warnings). Raises :class:`UsageError` for bad options,
+    :class:`BadInput` for a model without prunable weights or already pruned, and
+    :class:`CollapseError` when a layer would lose every path.
+    """
+    opts.validate()
+    if get_masks(model):
+        raise BadInput("the model is already pruned; prune the unpruned model")
+    criterion, fallback = resolve_criterion(opts.criterion, batches is not None)
+    if fallback:
+        log.warning(fallback)
     groups = prunable_groups(model)
     if not groups:
         raise BadInput("the model has no prunable weights")
@@ -195,9 +233,8 @@ def prune(art: Artifact, opts: PruneOptions, data: Path | None = None,
     kept = budget(opts.sparsity, dense)
     gen = torch.Generator().manual_seed(opts.seed)
     copts = opts.criterion_options
-    n_batches = {"tedepr": copts.steps + 1, "force": copts.iterations}.get(criterion, 1)
-    batches = _batches(data, art, n_batches, opts.batch_size, gen) if data is not None \
-        and CRITERIA.get(criterion).needs_data else None
+    if not CRITERIA.get(criterion).needs_data:
+        batches = None
 
     def selector(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
         return select(scores, groups, k, opts.scope, opts.min_density, opts.path_guard, opts.connectivity)
@@ -209,7 +246,7 @@ def prune(art: Artifact, opts: PruneOptions, data: Path | None = None,
                     f"entries: nothing pruned (sparsity vs dense already {1 - entries / dense:.4f})")
         masks = {n: torch.ones_like(params[n], dtype=torch.bool) for n in names}
     else:
-        ctx = ScoreContext(model=model, targets=names, batches=batches, input_shape=art.input_shape,
+        ctx = ScoreContext(model=model, targets=names, batches=batches, input_shape=tuple(input_shape),
                            generator=gen, options=copts, kept=kept, select=selector)
         with _score_mode(model, opts.score_mode):
             scores = CRITERIA.get(criterion).fn(ctx)
@@ -219,13 +256,12 @@ def prune(art: Artifact, opts: PruneOptions, data: Path | None = None,
     added: dict[str, int] = {}
     samples = batches[0][0][:16] if batches else None  # the activity of ReLUs: on real data if given
     if opts.repair_paths:  # whole network: reconnect a cut input -> output, say what it cost
-        fixed = repair_paths(model, art.input_shape, masks, scores, inputs=samples)
+        fixed = repair_paths(model, input_shape, masks, scores, inputs=samples)
         masks, added, reach = fixed.masks, fixed.added, fixed.reach
     else:  # whole network: refuse (exit 7) when no input unit reaches the output
-        reach = check_reachability(model, art.input_shape, masks, samples)
-    apply_masks(model, masks)
-    out.masks = masks
-    report = _report(model, groups, masks, dense, opts, criterion, fallback, data, score_s)
+        reach = check_reachability(model, input_shape, masks, samples)
+    attach_masks(model, masks)
+    report = _report(model, groups, masks, dense, opts, criterion, fallback, data_note, score_s)
     report["reachability"] = reach.as_dict()
     report["repair"] = {"added": sum(added.values()), "tensors": added}
     if added:
@@ -235,14 +271,7 @@ def prune(art: Artifact, opts: PruneOptions, data: Path | None = None,
     report["warnings"] += _reach_warnings(reach)
     for w in report["warnings"]:
         log.warning(w)
-    if rank_note:
-        report["rank_auto"] = rank_note
-    # the scoring time is for the caller (--json); the manifest keeps only what the same
-    # inputs and seed reproduce
-    out.meta["pruning"] = {k: v for k, v in report.items() if k != "score_seconds"}
-    out.record("prune", {**asdict(opts), "criterion": criterion, "data": str(data) if data else None},
-               seed=opts.seed)
-    return out, report
+    return report
 
 
 def _reach_warnings(reach: Reachability) -> list[str]:
@@ -281,7 +310,7 @@ def _thin_warning(thin: list[tuple[str, int, int]]) -> str:
 
 
 def _report(model, groups, masks, dense: int, opts: PruneOptions, criterion: str,
-            fallback: str | None, data: Path | None, score_s: float) -> dict[str, Any]:
+            fallback: str | None, data: str | None, score_s: float) -> dict[str, Any]:
     kept = sum(int(m.sum()) for m in masks.values())
     entries = sum(m.numel() for m in masks.values())
     all_params = sum(p.numel() for p in model.parameters())
@@ -307,7 +336,7 @@ def _report(model, groups, masks, dense: int, opts: PruneOptions, criterion: str
         "criterion": criterion,
         "criterion_requested": opts.criterion or DEFAULT_CRITERION,
         "fallback": fallback,
-        "data": str(data) if data else None,
+        "data": data,
         "sparsity_target": opts.sparsity,
         "scope": opts.scope,
         "seed": opts.seed,

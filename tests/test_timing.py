@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tedepr_cli.bench.stats import (
+from tedepr_cli.timing import (
     Plan,
     cuda_event_timer,
     interleaved,

@@ -1,4 +1,5 @@
-"""Timing statistics that survive a noisy shared machine.
+"""Timing that survives a noisy shared machine: the one timer of tedepr (``tedepr bench``
+and the execution planner both measure through it).
 
 Engines are timed *interleaved* (A B C A B C ...) after a warm-up, so drift (thermal,
 other tenants) hits all of them alike; speed-ups are computed from the *paired* per-round
@@ -142,3 +143,11 @@ def interleaved(fns: dict[str, Callable[[], Any]], plan: Plan, clock: Clock = ti
         elif r >= plan.min_iters and clock() - start >= plan.seconds:
             break
     return times
+
+
+def medians(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 2,
+            clock: Clock = time.perf_counter) -> dict[str, float]:
+    """Median seconds per call of each callable over ``reps`` interleaved rounds (after
+    ``warmup`` rounds): the planner's quick decision between candidates."""
+    times = interleaved(fns, Plan(warmup=warmup, iters=reps, min_iters=1), clock)
+    return {k: statistics.median(v) for k, v in times.items()}
