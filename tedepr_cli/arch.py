@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from .errors import BadInput, UnsafeInput, UsageError
+from .errors import BadInput, UnsafeInput, UsageError, opt
 from .zoo import MODELS
 
 _IMPORT_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -75,18 +75,18 @@ def parse_arch(name: str, kwargs_json: str | None = None,
         try:
             kwargs = json.loads(kwargs_json)
         except json.JSONDecodeError as e:
-            raise UsageError(f"--arch-kwargs is not valid JSON: {e.msg} at column {e.colno}") from None
+            raise UsageError(f"{opt('arch-kwargs')} is not valid JSON: {e.msg} at column {e.colno}") from None
         if not isinstance(kwargs, dict):
-            raise UsageError("--arch-kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'")
+            raise UsageError(f"{opt('arch-kwargs')} must be a JSON object, e.g. '{{\"num_classes\": 10}}'")
     shape = None
     if input_shape:
         try:
             shape = _parse_shape([int(s) for s in input_shape.replace("x", ",").split(",")])
         except ValueError:
-            raise UsageError(f"--input-shape must look like 1,28,28, got {input_shape!r}") from None
+            raise UsageError(f"{opt('input-shape')} must look like 1,28,28, got {input_shape!r}") from None
     if ":" in name:
         if not _IMPORT_RE.match(name):
-            raise UsageError(f"--arch {name!r} is not of the form pkg.module:callable")
+            raise UsageError(f"{opt('arch')} {name!r} is not of the form pkg.module:callable")
     elif name not in MODELS:
         raise UsageError(f"unknown architecture {name!r}; choose one of: {', '.join(MODELS.names())} "
                          "(or pkg.module:callable)")
@@ -105,7 +105,7 @@ def build(spec: ArchSpec, allow_import: bool = False) -> nn.Module:
         if not allow_import:
             raise UnsafeInput(
                 f"the architecture {spec.name!r} is an import path: importing it runs code. "
-                f"Pass --arch {spec.name} to confirm you trust that module"
+                f"Pass {opt('arch')} {spec.name} to confirm you trust that module"
             )
         factory = _import(spec.name)
     else:
@@ -113,7 +113,7 @@ def build(spec: ArchSpec, allow_import: bool = False) -> nn.Module:
     try:
         model = factory(**spec.kwargs)
     except TypeError as e:
-        raise BadInput(f"--arch-kwargs do not fit {spec.name}: {e}") from None
+        raise BadInput(f"{opt('arch-kwargs')} do not fit {spec.name}: {e}") from None
     except (ValueError, RuntimeError) as e:
         raise BadInput(f"cannot build {spec.name} with {spec.kwargs}: {e}") from None
     if not isinstance(model, nn.Module):
@@ -121,7 +121,7 @@ def build(spec: ArchSpec, allow_import: bool = False) -> nn.Module:
     if spec.input_shape is not None:
         model.input_shape = spec.input_shape
     if getattr(model, "input_shape", None) is None:
-        raise BadInput(f"{spec.name} declares no input shape: pass --input-shape (e.g. 3,32,32)")
+        raise BadInput(f"{spec.name} declares no input shape: pass {opt('input-shape')} (e.g. 3,32,32)")
     model.input_shape = tuple(int(s) for s in model.input_shape)
     if getattr(model, "input_kind", None) not in ("flat", "image", "sequence"):
         n = len(model.input_shape)
@@ -136,11 +136,11 @@ def _import(path: str):
     try:
         obj: Any = importlib.import_module(mod_name)
     except ImportError as e:
-        raise UsageError(f"cannot import {mod_name!r} for --arch: {e}") from None
+        raise UsageError(f"cannot import {mod_name!r} for {opt('arch')}: {e}") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise UsageError(f"--arch: {mod_name!r} has no attribute {attr!r}")
+            raise UsageError(f"{opt('arch')}: {mod_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise UsageError(f"--arch {path!r} is not callable")
+        raise UsageError(f"{opt('arch')} {path!r} is not callable")
     return obj

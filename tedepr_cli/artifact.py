@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .arch import ArchSpec, build
-from .errors import BadInput, InputNotFound, UnsafeInput
+from .errors import BadInput, InputNotFound, UnsafeInput, opt
 from .fsutil import atomic_output
 from .masks import attach_masks, get_masks, plain_state_dict
 from .storage import decode, encode
@@ -92,7 +92,7 @@ class Artifact:
         if self.arch is None:
             raise BadInput(
                 "this model has no architecture reference (loaded from a .pt2 program or a "
-                "pickled module); pass --arch NAME so its weights can be stored in an artifact"
+                f"pickled module); pass {opt('arch')} NAME so its weights can be stored in an artifact"
             )
         out: dict[str, Any] = {
             "schema": SCHEMA,

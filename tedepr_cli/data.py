@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import BadInput, InputNotFound
+from .errors import BadInput, InputNotFound, opt
 
 SPLITS = ("train", "test", "all")
 
@@ -141,10 +141,10 @@ def present(x: np.ndarray, input_shape: tuple[int, ...], kind: str) -> torch.Ten
         s = tuple(t.shape[1:])
     if len(s) != 3 or s[0] != c:
         raise BadInput(f"samples of shape {s} do not match the model's input {want}: channel "
-                       f"count differs (set in_channels in --arch-kwargs)")
+                       f"count differs (set in_channels in {opt('arch-kwargs')})")
     if s[1] > h or s[2] > w:
         raise BadInput(f"samples of size {s[1]}x{s[2]} are larger than the model's input "
-                       f"{h}x{w} (set input_size in --arch-kwargs)")
+                       f"{h}x{w} (set input_size in {opt('arch-kwargs')})")
     if (s[1], s[2]) != (h, w):
         top, left = (h - s[1]) // 2, (w - s[2]) // 2
         t = torch.nn.functional.pad(t, (left, w - s[2] - left, top, h - s[1] - top))
@@ -156,4 +156,4 @@ def check_labels(y: np.ndarray | torch.Tensor, num_classes: int, where: str) -> 
     top = int(y.max()) if len(y) else -1
     if top >= num_classes:
         raise BadInput(f"{where}: label {top} is out of range for a model with "
-                       f"{num_classes} outputs (set num_classes in --arch-kwargs)")
+                       f"{num_classes} outputs (set num_classes in {opt('arch-kwargs')})")

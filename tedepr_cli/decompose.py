@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .artifact import Artifact
-from .errors import BadInput, UsageError
+from .errors import BadInput, UsageError, opt
 from .tensorized.decomp import VARIANCE_TARGETS, init_module
 from .tensorized.layers import tensorized_specs
 from .tensorized.plan import PlanOptions, apply_plan, plan_model
@@ -29,9 +29,9 @@ class DecomposeOptions(PlanOptions):
     def validate(self) -> None:
         super().validate()
         if self.init not in INITS:
-            raise UsageError(f"--init must be one of {', '.join(INITS)}, got {self.init!r}")
+            raise UsageError(f"{opt('init')} must be one of {', '.join(INITS)}, got {self.init!r}")
         if self.init_variance not in VARIANCE_TARGETS:
-            raise UsageError(f"--init-variance must be one of {', '.join(VARIANCE_TARGETS)}")
+            raise UsageError(f"{opt('init-variance')} must be one of {', '.join(VARIANCE_TARGETS)}")
 
 
 def decompose(art: Artifact, opts: DecomposeOptions) -> tuple[Artifact, list[dict[str, Any]]]:
@@ -47,7 +47,7 @@ def decompose(art: Artifact, opts: DecomposeOptions) -> tuple[Artifact, list[dic
     if art.masks:
         raise BadInput(f"{art.source or 'the model'} is already pruned; decompose the dense model first")
     if art.arch is None:
-        raise BadInput("decompose needs an architecture reference: pass --arch NAME")
+        raise BadInput(f"decompose needs an architecture reference: pass {opt('arch')} NAME")
     model = copy.deepcopy(art.model)
     report = tensorize_model(model, art.input_shape, opts)
     model.eval()

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .errors import EngineUnavailable, UsageError
+from .errors import EngineUnavailable, UsageError, opt
 
 DEVICES = ("cpu", "cuda")
 
@@ -20,12 +20,12 @@ def resolve(name: str) -> torch.device:
     """``cpu``, or the current CUDA device for ``cuda``. Raises UsageError for another
     name, EngineUnavailable when CUDA is asked for and torch sees no GPU."""
     if name not in DEVICES:
-        raise UsageError(f"--device must be cpu or cuda, got {name!r}")
+        raise UsageError(f"{opt('device')} must be cpu or cuda, got {name!r}")
     if name == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
         why = "this torch is a CPU build" if torch.version.cuda is None else "torch sees no GPU"
-        raise EngineUnavailable(f"--device cuda: no CUDA device on this machine ({why})")
+        raise EngineUnavailable(f"{opt('device')} cuda: no CUDA device on this machine ({why})")
     return torch.device("cuda", torch.cuda.current_device())
 
 

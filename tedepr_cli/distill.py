@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .artifact import Artifact, is_artifact
-from .errors import BadInput
+from .errors import BadInput, opt
 from .evaluate import num_outputs
 
 
@@ -32,7 +32,7 @@ def load_teacher(path: str | Path, student: Artifact) -> nn.Module:
     arch = None
     if not is_artifact(p) and p.suffix.lower() != ".pt2":
         if student.arch is None or student.arch.is_import:
-            raise BadInput(f"--teacher {p} holds only weights, and the student's architecture is not "
+            raise BadInput(f"{opt('teacher')} {p} holds only weights, and the student's architecture is not "
                            "a zoo model: pass the teacher as a tedepr artifact or a .pt2 program")
         arch = student.arch
     teacher = load_model(p, arch).model.eval()
@@ -42,10 +42,10 @@ def load_teacher(path: str | Path, student: Artifact) -> nn.Module:
     try:
         got = num_outputs(teacher, student.input_shape)
     except Exception as e:  # a teacher that cannot take the student's inputs
-        raise BadInput(f"--teacher {p} does not accept the student's inputs "
+        raise BadInput(f"{opt('teacher')} {p} does not accept the student's inputs "
                        f"{tuple(student.input_shape)}: {str(e).splitlines()[0]}") from None
     if got != want:
-        raise BadInput(f"--teacher {p} predicts {got} classes, the student {want}")
+        raise BadInput(f"{opt('teacher')} {p} predicts {got} classes, the student {want}")
     return teacher
 
 

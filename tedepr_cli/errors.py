@@ -8,6 +8,35 @@ single source of truth.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+_CLI_FLAGS: ContextVar[bool] = ContextVar("tedepr_cli_flags", default=False)
+
+
+def opt(name: str) -> str:
+    """How messages name an option: ``--name`` while the command line runs (inside
+    :func:`cli_flags`), the library's parameter otherwise (``min-density`` -> ``min_density``,
+    ``no-decompose`` -> ``decompose=False``). The library knows no flags: the CLI says how
+    its options are spelled."""
+    if _CLI_FLAGS.get():
+        return f"--{name}"
+    if name.startswith("no-"):
+        return f"{name[3:].replace('-', '_')}=False"
+    return name.replace("-", "_")
+
+
+@contextmanager
+def cli_flags() -> Iterator[None]:
+    """Within the block, :func:`opt` spells options as command-line flags (the CLI's command
+    wrapper runs every command in it); the previous setting is restored after."""
+    token = _CLI_FLAGS.set(True)
+    try:
+        yield
+    finally:
+        _CLI_FLAGS.reset(token)
+
 
 class TedeprError(Exception):
     """Base class of the errors a user can act on (never a bug in tedepr)."""

@@ -19,6 +19,7 @@ from torch import nn
 if TYPE_CHECKING:
     from .datasets import Split
 
+from .errors import opt
 from .logs import log
 from .surgery import eval_mode
 
@@ -86,7 +87,7 @@ def evaluate_split(model: nn.Module, split: Split, batch_size: int = 256, num_cl
     m = _run(model, batches(), num_classes, device)
     if skipped[0]:
         log.warning(f"skipped {skipped[0]} unreadable sample(s), e.g. {skipped[1]} "
-                    f"(--strict-data makes this an error)")
+                    f"({opt('strict-data')} makes this an error)")
         m["skipped"] = skipped[0]
     return m
 

@@ -49,7 +49,7 @@ from safetensors.torch import save as st_save
 from .artifact import Artifact, load_artifact, save_artifact
 from .device import exact_fp32
 from .device import resolve as resolve_device
-from .errors import BadInput, EngineUnavailable, UsageError, ValidationError
+from .errors import BadInput, EngineUnavailable, UsageError, ValidationError, opt
 from .fsutil import atomic_output
 from .storage import byte_sizes
 from .surgery import eval_mode
@@ -73,13 +73,14 @@ class ExportOptions:
     def validate(self) -> None:
         bad = [f for f in self.formats if f not in FORMATS]
         if bad or not self.formats:
-            raise UsageError(f"--to takes a comma list of {', '.join(FORMATS)}; got {','.join(self.formats)}")
+            raise UsageError(f"{opt('to')} takes a comma list of {', '.join(FORMATS)}; got "
+                             f"{','.join(self.formats)}")
         if not MIN_OPSET <= self.opset <= MAX_OPSET:
-            raise UsageError(f"--opset {self.opset} is not supported: use {MIN_OPSET}..{MAX_OPSET}")
+            raise UsageError(f"{opt('opset')} {self.opset} is not supported: use {MIN_OPSET}..{MAX_OPSET}")
         if self.atol < 0 or self.rtol < 0:
-            raise UsageError("--atol/--rtol must be >= 0")
+            raise UsageError(f"{opt('atol')}/{opt('rtol')} must be >= 0")
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
-            raise UsageError("--batch-sizes must be positive integers")
+            raise UsageError(f"{opt('batch-sizes')} must be positive integers")
 
 
 # ---------------------------------------------------------------------------- sizes

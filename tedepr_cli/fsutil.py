@@ -28,13 +28,13 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import InputNotFound, OutputError
+from .errors import InputNotFound, OutputError, opt
 
 
 def check_output(target: Path, overwrite: bool) -> None:
     """Fail early (before any work) if ``target`` exists and ``overwrite`` is off."""
     if (target.exists() or target.is_symlink()) and not overwrite:
-        raise OutputError(f"{target} already exists; pass --overwrite to replace it")
+        raise OutputError(f"{target} already exists; pass {opt('overwrite')} to replace it")
     parent = target.parent if str(target.parent) else Path(".")
     probe = parent
     while not probe.exists():
@@ -147,7 +147,7 @@ def atomic_output(target: str | Path, overwrite: bool = False, directory: bool =
         _fsync_tree(tmp)
         if target.exists() or target.is_symlink():
             if not overwrite:  # appeared while we worked
-                raise OutputError(f"{target} appeared while writing; pass --overwrite to replace it")
+                raise OutputError(f"{target} appeared while writing; pass {opt('overwrite')} to replace it")
             old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(target, old)
             os.rename(tmp, target)

@@ -34,15 +34,14 @@ from torch import nn
 
 from .arch import ArchSpec, build
 from .artifact import Artifact, is_artifact, load_artifact, load_state, read_safetensors
-from .errors import BadInput, InputNotFound, UnsafeInput
+from .errors import BadInput, InputNotFound, UnsafeInput, opt
 
 log = logging.getLogger("tedepr")
 
-PICKLE_REFUSAL = (
-    "{path} is a pickled Python object, not plain tensors: unpickling it would run code "
-    "stored in the file. Save a state_dict instead (torch.save(model.state_dict(), ...)) or, "
-    "only if you trust the file's origin, pass --trust-pickle"
-)
+def _pickle_refusal(path: object) -> str:
+    return (f"{path} is a pickled Python object, not plain tensors: unpickling it would run code "
+            "stored in the file. Save a state_dict instead (torch.save(model.state_dict(), ...)) or, "
+            f"only if you trust the file's origin, pass {opt('trust-pickle')}")
 
 
 def load_model(path: str | Path, arch: ArchSpec | None = None,
@@ -54,7 +53,7 @@ def load_model(path: str | Path, arch: ArchSpec | None = None,
     if is_artifact(p):
         art = load_artifact(p, allow_import=arch.name if arch and arch.is_import else None)
         if arch is not None and arch.name != art.arch.name:
-            raise BadInput(f"{p} is an artifact of {art.arch.name!r}, but --arch says {arch.name!r}")
+            raise BadInput(f"{p} is an artifact of {art.arch.name!r}, but {opt('arch')} says {arch.name!r}")
         return art
     if p.is_dir():
         raise InputNotFound(f"{p} is a directory but not a tedepr artifact (no model.safetensors)")
@@ -91,8 +90,8 @@ def build_fresh(arch: ArchSpec, seed: int = 0) -> Artifact:
 def _from_state(p: Path, state: dict[str, torch.Tensor], arch: ArchSpec | None,
                 source_kind: str = "state_dict") -> Artifact:
     if arch is None:
-        raise BadInput(f"{p} holds only weights (a state_dict); pass --arch NAME "
-                       "(a zoo model) or --arch pkg.module:callable to say which network")
+        raise BadInput(f"{p} holds only weights (a state_dict); pass {opt('arch')} NAME "
+                       f"(a zoo model) or {opt('arch')} pkg.module:callable to say which network")
     model = build(arch, allow_import=True)  # the user typed --arch on this command line
     load_state(model, state, where=str(p))
     model.eval()
@@ -170,7 +169,7 @@ def _load_torch_file(p: Path, arch: ArchSpec | None, trust_pickle: bool) -> Arti
         if not _pickle_builds_objects(p.read_bytes()):
             raise BadInput(f"{p} is not a readable PyTorch file: {_first_line(e)}") from None
         if not trust_pickle:
-            raise UnsafeInput(PICKLE_REFUSAL.format(path=p)) from None
+            raise UnsafeInput(_pickle_refusal(p)) from None
         obj = _trusted_load(p)
     except Exception as e:  # the safe loader ran no code; any other failure means a bad file
         raise BadInput(f"{p} is not a readable PyTorch file: {_first_line(e)}") from None
@@ -195,7 +194,7 @@ def _from_module(p: Path, module: nn.Module, arch: ArchSpec | None, kind: str) -
     if arch is not None:
         return _from_state(p, module.state_dict(), arch, source_kind=kind)
     if getattr(module, "input_shape", None) is None:
-        raise BadInput(f"{p}: the module declares no input_shape; pass --arch to rebuild it")
+        raise BadInput(f"{p}: the module declares no input_shape; pass {opt('arch')} to rebuild it")
     if getattr(module, "input_kind", None) is None:
         module.input_kind = {1: "flat", 2: "sequence"}.get(len(module.input_shape), "image")
     module.eval()
@@ -264,11 +263,11 @@ def _check_pt2(p: Path, data: bytes) -> None:
                 with held_torch_logs():
                     torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
             except pickle.UnpicklingError:
-                raise UnsafeInput(PICKLE_REFUSAL.format(path=f"{p} (member {name})")) from None
+                raise UnsafeInput(_pickle_refusal(f"{p} (member {name})")) from None
             except Exception as e:
                 raise BadInput(f"{p}: member {name} is unreadable: {_first_line(e)}") from None
         elif blob[:1] == b"\x80" and _pickle_builds_objects(blob):
-            raise UnsafeInput(PICKLE_REFUSAL.format(path=f"{p} (member {name})"))
+            raise UnsafeInput(_pickle_refusal(f"{p} (member {name})"))
 
 
 class ExportedProgramModule(nn.Module):

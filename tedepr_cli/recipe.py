@@ -34,7 +34,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from .errors import BadInput, InputNotFound, UsageError
+from .errors import BadInput, InputNotFound, UsageError, opt
 
 STAGES = ("decompose", "prune", "finetune", "export", "bench")
 SECTIONS = ("model", "data", *STAGES)
@@ -72,7 +72,7 @@ def apply_overrides(recipe: dict[str, Any], sets: list[str]) -> dict[str, Any]:
         key, eq, raw = item.partition("=")
         section, dot, option = key.strip().partition(".")
         if not eq or not dot or not option:
-            raise UsageError(f"--set takes stage.option=value, got {item!r}")
+            raise UsageError(f"{opt('set')} takes stage.option=value, got {item!r}")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:

@@ -53,7 +53,7 @@ from .datasets import (
 )
 from .device import resolve as resolve_device
 from .distill import distill_loss, load_teacher
-from .errors import BadInput, OutputError, TrainingDiverged, UsageError
+from .errors import BadInput, OutputError, TrainingDiverged, UsageError, opt
 from .evaluate import evaluate_split
 from .fsutil import atomic_output, check_output
 from .logs import log
@@ -61,7 +61,6 @@ from .masks import load_plain_state, plain_state_dict
 from .model_data import open_for_model
 
 OPTIMIZERS = ("sgd", "adamw", "adam")
-_NORMALIZE_HELP = f"--normalize must be one of {', '.join(NORMALIZE_CHOICES)}"
 SCHEDULES = ("cosine", "step", "constant")
 
 
@@ -96,25 +95,27 @@ class TrainOptions:
 
     def validate(self) -> None:
         checks = [
-            (self.epochs >= 1, "--epochs must be >= 1"),
-            (self.batch_size >= 1, "--batch-size must be >= 1"),
-            (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
-            (self.lr is None or (self.lr > 0 and math.isfinite(self.lr)), "--lr must be > 0"),
-            (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}"),
-            (self.warmup_epochs >= 0, "--warmup-epochs must be >= 0"),
-            (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
-            (0 <= self.val_fraction < 1, "--val-fraction must be in [0, 1)"),
-            (self.weight_decay >= 0, "--weight-decay must be >= 0"),
-            (self.early_stopping >= 0, "--early-stopping must be >= 0"),
-            (self.limit_train >= 0, "--limit-train must be >= 0"),
-            (self.threads >= 1, "--threads must be >= 1"),
-            (self.device in ("cpu", "cuda"), "--device must be cpu or cuda"),
-            (self.step_epochs >= 1 and 0 < self.gamma <= 1, "--step-epochs >= 1 and 0 < --gamma <= 1"),
-            (0 <= self.distill_alpha <= 1, "--distill-alpha must be in [0, 1]"),
+            (self.epochs >= 1, f"{opt('epochs')} must be >= 1"),
+            (self.batch_size >= 1, f"{opt('batch-size')} must be >= 1"),
+            (self.optimizer in OPTIMIZERS, f"{opt('optimizer')} must be one of {', '.join(OPTIMIZERS)}"),
+            (self.lr is None or (self.lr > 0 and math.isfinite(self.lr)), f"{opt('lr')} must be > 0"),
+            (self.schedule in SCHEDULES, f"{opt('schedule')} must be one of {', '.join(SCHEDULES)}"),
+            (self.warmup_epochs >= 0, f"{opt('warmup-epochs')} must be >= 0"),
+            (0 <= self.label_smoothing < 1, f"{opt('label-smoothing')} must be in [0, 1)"),
+            (0 <= self.val_fraction < 1, f"{opt('val-fraction')} must be in [0, 1)"),
+            (self.weight_decay >= 0, f"{opt('weight-decay')} must be >= 0"),
+            (self.early_stopping >= 0, f"{opt('early-stopping')} must be >= 0"),
+            (self.limit_train >= 0, f"{opt('limit-train')} must be >= 0"),
+            (self.threads >= 1, f"{opt('threads')} must be >= 1"),
+            (self.device in ("cpu", "cuda"), f"{opt('device')} must be cpu or cuda"),
+            (self.step_epochs >= 1 and 0 < self.gamma <= 1, f"{opt('step-epochs')} >= 1 and 0 < "
+                                                            f"{opt('gamma')} <= 1"),
+            (0 <= self.distill_alpha <= 1, f"{opt('distill-alpha')} must be in [0, 1]"),
             (self.distill_temperature > 0 and math.isfinite(self.distill_temperature),
-             "--distill-temperature must be > 0"),
-            (self.workers >= 0, "--workers must be >= 0"),
-            (self.normalize in NORMALIZE_CHOICES, _NORMALIZE_HELP),
+             f"{opt('distill-temperature')} must be > 0"),
+            (self.workers >= 0, f"{opt('workers')} must be >= 0"),
+            (self.normalize in NORMALIZE_CHOICES,
+             f"{opt('normalize')} must be one of {', '.join(NORMALIZE_CHOICES)}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -127,7 +128,8 @@ def resolve_lr(art: Artifact) -> float:
     sweep 1e-2 won the validation for every tensorized run (1e-3 underfits the cores in
     30 epochs by 3-8 points); dense models picked either."""
     lr = 1e-2 if art.meta.get("tensorization") else 1e-3
-    log.info(f"learning rate {lr:g} ({'tensorized' if lr == 1e-2 else 'dense'} model; --lr sets another)")
+    log.info(f"learning rate {lr:g} ({'tensorized' if lr == 1e-2 else 'dense'} model; {opt('lr')} sets "
+             "another)")
     return lr
 
 
@@ -161,9 +163,10 @@ def load_splits(data: Path, art: Artifact, opts: TrainOptions) -> Splits:
     if opts.val_fraction > 0:
         flags = stratified_split(train.labels_np, opts.val_fraction, seed=opts.seed).astype(bool)
         if flags.all() or not flags.any():
-            raise BadInput(f"{data}: too few training samples for --val-fraction {opts.val_fraction} "
+            raise BadInput(f"{data}: too few training samples for {opt('val-fraction')} {opts.val_fraction} "
                            f"({int(flags.sum())} of {len(flags)} held out, stratified per class); "
-                           f"change it, or pass --val-fraction 0 to pick the best epoch by training loss")
+                           f"change it, or pass {opt('val-fraction')} 0 to pick the best epoch by training "
+                           "loss")
         val = train.subset(np.flatnonzero(flags), train=False)
         train = train.subset(np.flatnonzero(~flags))
     if opts.limit_train:
@@ -298,14 +301,14 @@ def finetune(art: Artifact, data: Path, out: Path, opts: TrainOptions, resume: b
     # through any optimizer step, with no bookkeeping here
     model = copy.deepcopy(art.model).to(device)
     teacher = load_teacher(opts.teacher, art).to(device) if opts.teacher else None
-    opt = _optimizer(model, opts)
+    optimizer = _optimizer(model, opts)
     n_train = len(splits.train)
     steps_per_epoch = math.ceil(n_train / opts.batch_size)
     # best: the val accuracy, or minus the training loss without --val-fraction
     start_epoch, best, stale, history = 0, -math.inf, 0, []
     if saved is not None:
         load_plain_state(model, saved["model"])
-        opt.load_state_dict(saved["optimizer"])
+        optimizer.load_state_dict(saved["optimizer"])
         start_epoch, best, stale = saved["epoch"], saved["best"], saved["stale"]
         history = [json.loads(x) for x in saved["history"]]
         last_good: dict[str, Any] | None = saved
@@ -341,9 +344,9 @@ def finetune(art: Artifact, data: Path, out: Path, opts: TrainOptions, resume: b
             if batch.skipped:
                 skipped += batch.skipped
                 skip_note = skip_note or batch.error
-            for g in opt.param_groups:
+            for g in optimizer.param_groups:
                 g["lr"] = opts.lr * lr_factor(epoch * steps_per_epoch + b, steps_per_epoch, opts)
-            opt.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
             out_ = train_model(x)
             # sum over my share / global batch, times world: DDP's average is the global mean
             total = F.cross_entropy(out_, y, reduction="sum", label_smoothing=opts.label_smoothing)
@@ -360,7 +363,7 @@ def finetune(art: Artifact, data: Path, out: Path, opts: TrainOptions, resume: b
             if not math.isfinite(step_loss):
                 _diverged(out, last_good, epoch, b, dist)
             loss.backward()
-            opt.step()
+            optimizer.step()
             loss_sum += step_loss
             correct += int(step_correct)
             seen += int(step_seen)
@@ -368,10 +371,10 @@ def finetune(art: Artifact, data: Path, out: Path, opts: TrainOptions, resume: b
                 on_batch(epoch + 1, b + 1, steps_per_epoch, step_loss / max(step_seen, 1))
         if skipped:
             log.warning(f"epoch {epoch + 1}: skipped {skipped} unreadable sample(s), e.g. {skip_note} "
-                        f"(--strict-data makes this an error)")
+                        f"({opt('strict-data')} makes this an error)")
         metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
                    "train_accuracy": correct / max(seen, 1),
-                   "lr": opt.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 3),
+                   "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 3),
                    "examples_per_s": round(n_train / max(time.perf_counter() - t0, 1e-9), 1)}
         if not math.isfinite(metrics["train_loss"]):
             _diverged(out, last_good, epoch, steps_per_epoch, dist)
@@ -394,7 +397,8 @@ def finetune(art: Artifact, data: Path, out: Path, opts: TrainOptions, resume: b
                 save_artifact(best_snapshot, out / "best", overwrite=True)
             _write_metrics(out, history)
             state = {"model": {k: v.detach().cpu() for k, v in plain_state_dict(model).items()},
-                     "optimizer": _cpu(opt.state_dict()), "epoch": epoch + 1, "best": best, "stale": stale,
+                     "optimizer": _cpu(optimizer.state_dict()), "epoch": epoch + 1, "best": best,
+                     "stale": stale,
                      "history": [json.dumps(_stored(h)) for h in history], "options": recipe}
             _save_state(out, state)
             last_good = state
@@ -458,7 +462,8 @@ def _final(out: Path, src: Artifact) -> Artifact:
 def _diverged(out: Path, last_good: dict[str, Any] | None, epoch: int, batch: int, dist: Dist) -> None:
     where = f"epoch {epoch + 1}, batch {batch + 1}"
     kept = f"the last good checkpoint is {out / 'last'}" if last_good else "no checkpoint was completed"
-    raise TrainingDiverged(f"loss became NaN/Inf at {where}; {kept}. Lower --lr or add --warmup-epochs")
+    raise TrainingDiverged(f"loss became NaN/Inf at {where}; {kept}. Lower {opt('lr')} or add "
+                           f"{opt('warmup-epochs')}")
 
 
 def epoch_line(epoch: int, total: int, m: dict[str, Any]) -> str:

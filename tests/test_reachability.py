@@ -99,7 +99,7 @@ def test_cut_names_the_broken_layer_pair_in_one_line():
     with pytest.raises(CollapseError) as e:
         check_reachability(model, model.input_shape, masks)
     msg = str(e.value)
-    assert "\n" not in msg and "between layers.0 and layers.1" in msg and "--repair-paths" in msg
+    assert "\n" not in msg and "between layers.0 and layers.1" in msg and "repair_paths" in msg
     # layers.1 reading the unit layers.0 reaches: one output depends on the input
     masks["layers.1.weight"][1, 2] = True
     r = check_reachability(model, model.input_shape, masks)

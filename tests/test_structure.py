@@ -127,3 +127,51 @@ def test_importing_the_library_loads_no_cli_code():
             f"print(sorted(m for m in {UI_LIBRARIES!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_library_names_options_as_parameters_and_the_cli_as_flags():
+    """Library messages know no flags (``errors.opt``): a library caller reads the parameter
+    name, the command line its flag."""
+    from tedepr_cli.errors import UsageError, cli_flags, opt
+    from tedepr_cli.pruning.prune import PruneOptions
+
+    def message() -> str:
+        try:
+            PruneOptions(sparsity=2.0).validate()
+        except UsageError as e:
+            return str(e)
+        raise AssertionError("validate() accepted sparsity 2.0")
+
+    assert message().startswith("sparsity must be in (0, 1)")
+    with cli_flags():
+        assert message().startswith("--sparsity must be in (0, 1)")
+        assert opt("no-decompose") == "--no-decompose"
+    assert opt("no-decompose") == "decompose=False" and opt("min-density") == "min_density"
+
+
+def test_no_library_string_spells_a_command_line_flag():
+    """Outside docstrings and the CLI modules, string literals name options through
+    ``errors.opt`` (so a library caller never reads ``--flag`` advice)."""
+    import io
+    import re
+    import tokenize
+
+    flag = re.compile(r"(?<![\w\-`.])--[a-z][a-z0-9]*(?:-[a-z0-9]+)*\b")
+    bad = []
+    for name, path in _modules().items():
+        if _is_cli(name) or name == "tedepr_cli.errors":
+            continue
+        src = path.read_text()
+        tree = ast.parse(src)
+        docs = set()
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            first = node.body[0] if node.body else None
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
+                    and isinstance(first.value.value, str):
+                docs.update(range(first.lineno, first.end_lineno + 1))
+        for t in tokenize.generate_tokens(io.StringIO(src).readline):
+            if t.type == tokenize.STRING and t.start[0] not in docs and flag.search(t.string):
+                bad.append(f"{path.name}:{t.start[0]}: {t.string[:70]}")
+    assert not bad, "\n".join(bad)

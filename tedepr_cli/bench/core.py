@@ -36,6 +36,7 @@ from ..errors import (
     SlowerGateFailed,
     SpeedupGateFailed,
     UsageError,
+    opt,
 )
 from ..machine import cpu_model
 from ..storage import byte_sizes
@@ -67,16 +68,17 @@ class BenchOptions:
 
     def validate(self) -> None:
         if not self.batches or any(b < 1 for b in self.batches):
-            raise UsageError("--batch takes positive integers, e.g. 1,32")
+            raise UsageError(f"{opt('batch')} takes positive integers, e.g. 1,32")
         if self.threads < 1 or self.warmup < 0 or self.iters < 1:
-            raise UsageError("--threads >= 1, --warmup >= 0 and --iters >= 1 are required")
+            raise UsageError(f"{opt('threads')} >= 1, {opt('warmup')} >= 0 and {opt('iters')} >= 1 are "
+                             "required")
         if self.seconds is not None and self.seconds <= 0:
-            raise UsageError("--time must be > 0 seconds")
+            raise UsageError(f"{opt('time')} must be > 0 seconds")
         unknown = [e for e in (self.engines or []) if e not in ENGINES]
         if unknown:
             raise UsageError(f"unknown engine(s) {', '.join(unknown)}; choose from {', '.join(ENGINES)}")
         if self.device not in ("cpu", "cuda"):
-            raise UsageError("--device must be cpu or cuda")
+            raise UsageError(f"{opt('device')} must be cpu or cuda")
 
     @property
     def gate(self) -> str:
@@ -153,7 +155,8 @@ def unavailable(engine: str, device: torch.device) -> str | None:
             return (f"onnxruntime {onnxruntime.__version__} has no {provider} here"
                     + (" (it comes with the onnxruntime-gpu package)" if device.type == "cuda" else ""))
     if engine == "tedepr" and device.type == "cuda":
-        return "the compiled kernels run on the CPU (on --device cuda the triton engine runs the chains)"
+        return (f"the compiled kernels run on the CPU (on {opt('device')} cuda the triton engine runs the "
+                "chains)")
     if engine == "triton":
         from ..kernels import triton as ktriton
 
@@ -161,7 +164,8 @@ def unavailable(engine: str, device: torch.device) -> str | None:
         if st["triton"] is None:
             return str(st["reason"])
         if device.type == "cpu" and not st["interpret"]:
-            return ("needs --device cuda (on the CPU only under TRITON_INTERPRET=1, Triton's interpreter: "
+            return (f"needs {opt('device')} cuda (on the CPU only under TRITON_INTERPRET=1, Triton's "
+                    "interpreter: "
                     "a correctness check, not a speed)")
     return None
 
@@ -259,7 +263,7 @@ def _run(target: Target, opts: BenchOptions, device: torch.device, baseline_path
     compact = save_artifact(copy.copy(art), tmp / "compact.safetensors")
     memory_on = opts.memory
     report["memory"] = {"method": (CUDA_METHOD if device.type == "cuda" else CPU_METHOD) if memory_on
-                        else "not measured (--no-memory)"}
+                        else f"not measured ({opt('no-memory')})"}
     timers: dict[str, Timer] = {}
     if device.type == "cuda":
         synced = wall_timer(synchronize=torch.cuda.synchronize)
@@ -376,7 +380,7 @@ def _accuracy(art: Artifact, base: nn.Module, real_base: bool, data: Path, plans
     else:
         out["baseline"] = None
     if not real_base:
-        out["note"] = "no --baseline checkpoint: baseline accuracy unknown"
+        out["note"] = f"no {opt('baseline')} checkpoint: baseline accuracy unknown"
     return out
 
 
@@ -407,11 +411,11 @@ def check_gates(report: dict[str, Any], fail_if_slower: float | None, max_size: 
             sp = row[e]["speedup_vs_dense_torch"]["median"]
             if sp < min_speedup:
                 failures.append(SpeedupGateFailed(f"batch {b}: {e} speed-up {sp:.2f}x is below "
-                                                  f"--min-speedup {min_speedup}"))
+                                                  f"{opt('min-speedup')} {min_speedup}"))
     if max_size is not None:
         size = report["sizes"]["compressed-safetensors"]["bytes"]
         if size > max_size:
-            failures.append(SizeGateFailed(f"compressed artifact is {size:,} bytes, above --max-size "
+            failures.append(SizeGateFailed(f"compressed artifact is {size:,} bytes, above {opt('max-size')} "
                                            f"{max_size:,}"))
     return failures
 
@@ -422,9 +426,9 @@ def load_saved(path: Path) -> dict[str, Any]:
     try:
         d = json.loads(path.read_text())
     except FileNotFoundError:
-        raise BadInput(f"--compare-to {path} does not exist") from None
+        raise BadInput(f"{opt('compare-to')} {path} does not exist") from None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadInput(f"--compare-to {path} is not a tedepr bench JSON: {e}") from None
+        raise BadInput(f"{opt('compare-to')} {path} is not a tedepr bench JSON: {e}") from None
     if not isinstance(d, dict) or d.get("schema") != SCHEMA:
-        raise BadInput(f"--compare-to {path} is not a tedepr bench JSON")
+        raise BadInput(f"{opt('compare-to')} {path} is not a tedepr bench JSON")
     return d

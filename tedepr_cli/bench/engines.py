@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..artifact import Artifact
-from ..errors import BadInput
+from ..errors import BadInput, opt
 
 ENGINES = ("dense-torch", "dense-ort", "chain-torch", "tedepr", "chain-ort", "triton")
 ORT_ENGINES = ("dense-ort", "chain-ort")
@@ -143,7 +143,7 @@ def load_baseline(art: Artifact, baseline: Path | None, seed: int = 0) -> tuple[
     if baseline is not None:
         base = load_model(baseline, art.arch)
         if base.meta.get("tensorization") or base.masks:
-            raise BadInput(f"--baseline {baseline} is itself compressed; give the dense checkpoint")
+            raise BadInput(f"{opt('baseline')} {baseline} is itself compressed; give the dense checkpoint")
         return base.model.eval(), True
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -19,7 +19,7 @@ import typer
 from typer.core import TyperGroup
 
 from ..console import setup_logging
-from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, TedeprError, UsageError
+from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, TedeprError, UsageError, cli_flags
 from ..fsutil import expand_user
 from ..version import __version__
 
@@ -132,7 +132,8 @@ def command(fn: F) -> F:
         setup_logging(verbose, kwargs.get("quiet", False))
         kwargs = {k: expand_user(v) if isinstance(v, Path) else v for k, v in kwargs.items()}  # ~, ~user
         try:
-            return fn(*args, **kwargs)
+            with cli_flags():  # library messages name options as this command line spells them
+                return fn(*args, **kwargs)
         except TedeprError as e:
             if verbose:
                 traceback.print_exc(file=sys.stderr)

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BadInput, InputNotFound, UsageError
+from ..errors import BadInput, InputNotFound, UsageError, opt
 from ..fsutil import expand_user
 from ..logs import log
 from .base import ArraySource, ConcatSource, Dataset
@@ -88,7 +88,7 @@ def parse_spec(spec: str | Path) -> tuple[str | None, Path]:
         if name in READERS:
             return name, Path(m.group(2))
         if not Path(s).exists():
-            raise UsageError(f"--data {s}: unknown reader {m.group(1)!r}; choose one of "
+            raise UsageError(f"{opt('data')} {s}: unknown reader {m.group(1)!r}; choose one of "
                              f"{', '.join(READERS)} (e.g. cifar10:/data/cifar-10-batches-py)")
     return None, Path(s)
 
@@ -107,7 +107,7 @@ def detect(path: Path) -> tuple[str, str]:
     if path.is_file():
         if path.suffix.lower() == ".npz" or zipfile.is_zipfile(path):
             return "npz", ".npz file"
-        raise BadInput(f"{path} is a file but not an .npz; --data also takes a directory holding "
+        raise BadInput(f"{path} is a file but not an .npz; {opt('data')} also takes a directory holding "
                        f"{LOOKED_FOR}")
     p = path
     if (p / "data_batch_1").is_file() or (p / "test_batch").is_file() or (p / CIFAR10_DIR).is_dir():

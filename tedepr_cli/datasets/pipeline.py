@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..data import present
-from ..errors import BadInput, UsageError
+from ..errors import BadInput, UsageError, opt
 from ..logs import log
 from . import transforms as T
 from .base import ArraySource, ConcatSource, Dataset, ItemSource, Source
@@ -159,7 +159,8 @@ class Split:
                 keep.append(p)
             except _Unreadable as e:
                 if self.strict:
-                    raise BadInput(f"{f}: {e} (without --strict-data unreadable files are skipped)") from None
+                    raise BadInput(f"{f}: {e} (without {opt('strict-data')} unreadable files are "
+                                   "skipped)") from None
                 skipped += 1
                 first = first or f"{f}: {e}"
         y = self.labels[torch.from_numpy(np.asarray(keep, dtype=np.int64))]
@@ -220,7 +221,8 @@ def resolve_preprocess(ds: Dataset, input_shape: tuple[int, ...], kind: str, *, 
     ``augment``: None takes the family default (on for CIFAR and image folders).
     """
     if normalize not in NORMALIZE_CHOICES:
-        raise UsageError(f"--normalize must be one of {', '.join(NORMALIZE_CHOICES)}, got {normalize!r}")
+        raise UsageError(f"{opt('normalize')} must be one of {', '.join(NORMALIZE_CHOICES)}, got "
+                         f"{normalize!r}")
     fam = ds.family
     train_src = ds.splits["train"]
     items = isinstance(train_src, ItemSource) and train_src.kind == "image"
@@ -232,10 +234,11 @@ def resolve_preprocess(ds: Dataset, input_shape: tuple[int, ...], kind: str, *, 
     possible = policy is not None and (items or kind == "image")
     if augment:
         if fam == "sequence" or policy is None:
-            raise UsageError("--augment: no augmentation is defined for sequence features (use --no-augment)")
+            raise UsageError(f"{opt('augment')}: no augmentation is defined for sequence features (use "
+                             f"{opt('no-augment')})")
         if not possible:
-            raise UsageError(f"--augment crops and flips images, but this model takes {kind} inputs "
-                             f"{tuple(input_shape)} (use --no-augment)")
+            raise UsageError(f"{opt('augment')} crops and flips images, but this model takes {kind} inputs "
+                             f"{tuple(input_shape)} (use {opt('no-augment')})")
         pre.augment = policy
     elif augment is None and fam in T.AUGMENTED_BY_DEFAULT and possible:
         pre.augment = policy
@@ -248,7 +251,8 @@ def resolve_preprocess(ds: Dataset, input_shape: tuple[int, ...], kind: str, *, 
         normalize = "standard" if fam in T.NORMALIZED_BY_DEFAULT else "none"
     if normalize == "standard":
         if fam not in T.STATS:
-            raise UsageError(f"--normalize standard: no standard statistics are known for {ds.reader} data "
+            raise UsageError(f"{opt('normalize')} standard: no standard statistics are known for "
+                             f"{ds.reader} data "
                              f"(use computed or none)")
         mean, std = T.STATS[fam]
         if kind == "sequence":  # image rows as time steps: channels folded into the features
@@ -258,7 +262,7 @@ def resolve_preprocess(ds: Dataset, input_shape: tuple[int, ...], kind: str, *, 
         try:
             pre.mean, pre.std = T.channel_stats(mean, std, ch)
         except ValueError as e:
-            raise BadInput(f"--normalize standard: {e}") from None
+            raise BadInput(f"{opt('normalize')} standard: {e}") from None
         pre.normalize = "standard"
     elif normalize == "computed":
         pre.mean, pre.std = compute_stats(ds, input_shape, kind, seed, strict)
@@ -311,7 +315,7 @@ def check_classes(ds: Dataset, outputs: int) -> None:
         top = max(int(s.labels.max()) for s in ds.splits.values() if len(s))
         raise BadInput(f"{ds.path}: the data has {k} classes (labels up to {top}) but the model has "
                        f"{outputs} outputs: label {top} is out of range; build the model with "
-                       f"--arch-kwargs '{{\"num_classes\": {k}}}'")
+                       f"{opt('arch-kwargs')} '{{\"num_classes\": {k}}}'")
     if ds.classes is not None and k < outputs:
         log.info(f"{ds.path}: {k} classes for a model with {outputs} outputs (outputs {k}..{outputs - 1} "
                  f"are never targets)")

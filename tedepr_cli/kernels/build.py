@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..errors import opt
 from ..fsutil import output_mode
 from ..logs import log
 from ..machine import cpu_features
@@ -84,7 +85,7 @@ def cflags() -> list[str]:
 
 
 def _compiler_version(cc: str) -> str:
-    out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
+    out = subprocess.run([cc, f"{opt('version')}"], capture_output=True, text=True, timeout=30)
     return (out.stdout or out.stderr).strip()
 
 

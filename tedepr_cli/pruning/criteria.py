@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..errors import BadInput
+from ..errors import BadInput, opt
 from ..logs import log
 from ..registry import Registry
 
@@ -205,7 +205,7 @@ def tedepr(ctx: ScoreContext) -> dict[str, Tensor]:
         scores = _tedepr_once(ctx, lr)
         if all(bool(torch.isfinite(v).all()) for v in scores.values()):
             if lr != ctx.options.inner_lr:
-                log.warning(f"tedepr criterion: the inner SGD steps diverged at --inner-lr "
+                log.warning(f"tedepr criterion: the inner SGD steps diverged at {opt('inner-lr')} "
                             f"{ctx.options.inner_lr:g}; scored with {lr:g}")
             return scores
         lr /= 10

@@ -18,7 +18,7 @@ from decimal import ROUND_HALF_UP, Decimal
 import torch
 from torch import Tensor
 
-from ..errors import BadInput, CollapseError
+from ..errors import BadInput, CollapseError, opt
 from .targets import Group
 
 
@@ -136,8 +136,8 @@ def _guard_message(reserved: int, kept: int, min_density: float, path_guard: boo
         if "cores" in kinds.values():
             needs.append("one path through each tensorized layer's cores")
     if min_density > 0:
-        needs.append(f"{min_density:g} of every tensor (--min-density)")
-    advice = "lower --min-density or the sparsity" if min_density > 0 else \
+        needs.append(f"{min_density:g} of every tensor ({opt('min-density')})")
+    advice = f"lower {opt('min-density')} or the sparsity" if min_density > 0 else \
         f"use a lower sparsity (one that keeps at least {reserved:,} entries)"
     return (f"the budget keeps {kept:,} entries but the collapse guard alone needs {reserved:,} "
             f"({' and '.join(needs)}), so no path from input to output could survive: {advice}")
@@ -240,4 +240,4 @@ def check_collapse(groups: list[Group], masks: dict[str, Tensor]) -> None:
             what = "all its weights are pruned" if g.kind == "dense" else \
                 "its cores no longer connect input to output"
             raise CollapseError(f"layer {g.name} would collapse: {what}. Lower the sparsity, "
-                                f"raise --min-density, or keep the path guard on")
+                                f"raise {opt('min-density')}, or keep the path guard on")

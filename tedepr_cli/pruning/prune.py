@@ -20,7 +20,7 @@ import torch
 
 from ..artifact import Artifact
 from ..decompose import DecomposeOptions, decompose
-from ..errors import BadInput, UsageError
+from ..errors import BadInput, UsageError, opt
 from ..logs import log
 from ..masks import attach_masks, get_masks
 from ..tensorized.tt import TTLinear
@@ -53,20 +53,22 @@ class PruneOptions:
 
     def validate(self) -> None:
         if not (0.0 < self.sparsity < 1.0):
-            raise UsageError(f"--sparsity must be in (0, 1), got {self.sparsity}")
+            raise UsageError(f"{opt('sparsity')} must be in (0, 1), got {self.sparsity}")
         if self.scope not in SCOPES:
-            raise UsageError(f"--scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
+            raise UsageError(f"{opt('scope')} must be one of {', '.join(SCOPES)}, got {self.scope!r}")
         if not (0.0 <= self.min_density < 1.0):
-            raise UsageError(f"--min-density must be in [0, 1), got {self.min_density}")
+            raise UsageError(f"{opt('min-density')} must be in [0, 1), got {self.min_density}")
         if self.batch_size <= 0:
-            raise UsageError("--batch-size must be positive")
+            raise UsageError(f"{opt('batch-size')} must be positive")
         if not self.coarse_ratio >= 1:
-            raise UsageError(f"--coarse-ratio must be >= 1, got {self.coarse_ratio}")
+            raise UsageError(f"{opt('coarse-ratio')} must be >= 1, got {self.coarse_ratio}")
         o = self.criterion_options
         if o.steps < 0 or o.rounds < 1 or o.iterations < 1 or o.inner_lr <= 0:
-            raise UsageError("--steps >= 0, --rounds >= 1, --iterations >= 1, --inner-lr > 0 required")
+            raise UsageError(f"{opt('steps')} >= 0, {opt('rounds')} >= 1, {opt('iterations')} >= 1, "
+                             f"{opt('inner-lr')} > 0 required")
         if self.score_mode not in SCORE_MODES:
-            raise UsageError(f"--score-mode must be one of {', '.join(SCORE_MODES)}, got {self.score_mode!r}")
+            raise UsageError(f"{opt('score-mode')} must be one of {', '.join(SCORE_MODES)}, got "
+                             f"{self.score_mode!r}")
         if self.criterion is not None and self.criterion not in CRITERIA:
             raise UsageError(f"unknown criterion {self.criterion!r}; choose one of: "
                              f"{', '.join(CRITERIA.names())}")
@@ -121,9 +123,10 @@ def resolve_criterion(requested: str | None, has_data: bool) -> tuple[str, str |
     if crit.needs_data and not has_data:
         if requested is not None:
             free = ", ".join(n for n in CRITERIA if not CRITERIA.get(n).needs_data)
-            raise UsageError(f"criterion {name!r} scores with data: pass --data, or choose a "
+            raise UsageError(f"criterion {name!r} scores with data: pass {opt('data')}, or choose a "
                              f"data-free criterion ({free})")
-        return DATA_FREE_FALLBACK, (f"no --data given: the default criterion {DEFAULT_CRITERION!r} needs "
+        return DATA_FREE_FALLBACK, (f"no {opt('data')} given: the default criterion {DEFAULT_CRITERION!r} "
+                                    "needs "
                                     f"data, so the data-free {DATA_FREE_FALLBACK!r} was used")
     return name, None
 
@@ -183,7 +186,7 @@ def prune(art: Artifact, opts: PruneOptions, data: Path | None = None,
         art, _ = decompose(art, dopts)
         how = f" (auto: cores about {opts.coarse_ratio:g}x the budget)" if rank_note else ""
         log.info(f"decomposed with {dopts.format.upper()} rank {dopts.rank}{how} before pruning "
-                 f"(pass a decomposed artifact or --no-decompose to control this)")
+                 f"(pass a decomposed artifact or {opt('no-decompose')} to control this)")
     out = Artifact(model=copy.deepcopy(art.model).eval(), arch=art.arch, meta=copy.deepcopy(art.meta),
                    source="")
     batches = None
@@ -284,7 +287,7 @@ def _reach_warnings(reach: Reachability) -> list[str]:
                    f"{reach.note}; skip connections were not seen")
     if reach.checked and 0 < reach.outputs_reached < reach.outputs:
         out.append(f"{reach.outputs - reach.outputs_reached} of {reach.outputs} outputs depend on no "
-                   "input (constant logits); use a lower sparsity or --repair-paths")
+                   f"input (constant logits); use a lower sparsity or {opt('repair-paths')}")
     if reach.cut_layers:
         shown = ", ".join(reach.cut_layers[:6]) + (f" and {len(reach.cut_layers) - 6} more"
                                                    if len(reach.cut_layers) > 6 else "")
@@ -305,8 +308,8 @@ def _thin_warning(thin: list[tuple[str, int, int]]) -> str:
             f"weights have rank <= 2 and pass almost nothing on: {shown}. ")
     if all(r == 1 for _, _, r in thin):
         return head + ("They are already rank 1: the budget is too small for them; use a lower sparsity "
-                       "or keep them dense (`tedepr decompose --exclude NAME`, then prune)")
-    return head + "Try a lower rank (fewer, denser cores), --scope normalized, or a lower sparsity"
+                       f"or keep them dense (`tedepr decompose {opt('exclude')} NAME`, then prune)")
+    return head + f"Try a lower rank (fewer, denser cores), {opt('scope')} normalized, or a lower sparsity"
 
 
 def _report(model, groups, masks, dense: int, opts: PruneOptions, criterion: str,

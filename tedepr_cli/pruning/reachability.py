@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.func import functional_call
 
-from ..errors import CollapseError
+from ..errors import CollapseError, opt
 from ..masks import plain_named_parameters
 from ..tensorized.base import TensorizedLayer
 from ..tensorized.chain import ring_dense, ring_input, ring_output, tt_matrix_forward
@@ -222,7 +222,7 @@ def collapse_message(reach: Reachability, added: int = 0) -> str:
     tried = f" even after adding {added:,} entries" if added else ""
     return (f"no path from the input to the output survives the pruning{tried}: "
             f"{reach.describe_break()}{how}, so every input gives the same output. Use a "
-            "lower sparsity, or --repair-paths to add the few entries that reconnect it")
+            f"lower sparsity, or {opt('repair-paths')} to add the few entries that reconnect it")
 
 
 def repair_paths(model: nn.Module, input_shape: tuple[int, ...], masks: dict[str, Tensor],

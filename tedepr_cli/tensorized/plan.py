@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import BadInput, UsageError
+from ..errors import BadInput, UsageError, opt
 from ..surgery import eval_mode, swap_module
 from .layers import FORMATS, build_layer, to_dense_layer
 
@@ -52,20 +52,20 @@ class PlanOptions:
 
     def validate(self) -> None:
         if self.format not in FORMATS:
-            raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+            raise UsageError(f"{opt('format')} must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if self.chain not in ("linear", "nonlinear"):
-            raise UsageError(f"--chain must be linear or nonlinear, got {self.chain!r}")
+            raise UsageError(f"{opt('chain')} must be linear or nonlinear, got {self.chain!r}")
         if self.compression is not None and self.rank_overrides and self.rank is None:
             pass
         if self.compression is not None and not self.compression > 1:
-            raise UsageError(f"--compression must be > 1 (dense/compressed), got {self.compression}")
+            raise UsageError(f"{opt('compression')} must be > 1 (dense/compressed), got {self.compression}")
         if self.rank is not None and self.rank <= 0:
-            raise UsageError(f"--rank must be a positive integer, got {self.rank}")
+            raise UsageError(f"{opt('rank')} must be a positive integer, got {self.rank}")
         for k, v in self.rank_overrides.items():
             if v <= 0:
-                raise UsageError(f"--rank {k}={v}: ranks must be positive")
+                raise UsageError(f"{opt('rank')} {k}={v}: ranks must be positive")
         if self.modes != "auto" and (not isinstance(self.modes, int) or not 1 <= self.modes <= 8):
-            raise UsageError(f"--modes must be 'auto' or an integer 1..8, got {self.modes!r}")
+            raise UsageError(f"{opt('modes')} must be 'auto' or an integer 1..8, got {self.modes!r}")
 
 
 @dataclass
@@ -300,7 +300,7 @@ def _largest_rank_within(build, budget: float, cap: int) -> int | None:
 def plan_model(model: nn.Module, input_shape: tuple[int, ...], opts: PlanOptions) -> list[LayerPlan]:
     """Decide the tensorization of every supported layer of ``model``."""
     opts.validate()
-    for flag, pats in (("--rank", opts.rank_overrides), ("--modes", opts.mode_overrides)):
+    for flag, pats in ((f"{opt('rank')}", opts.rank_overrides), (f"{opt('modes')}", opts.mode_overrides)):
         for pat in pats:
             if not any(fnmatch.fnmatchcase(n, pat) for n, _ in model.named_modules()):
                 raise BadInput(f"{flag} {pat}=...: no layer matches {pat!r}")
@@ -319,7 +319,7 @@ def plan_model(model: nn.Module, input_shape: tuple[int, ...], opts: PlanOptions
         if not wanted or _matches(name, opts.exclude):
             continue
         if kind is None:
-            raise BadInput(f"--include matched {name} ({type(mod).__name__}): tedepr tensorizes "
+            raise BadInput(f"{opt('include')} matched {name} ({type(mod).__name__}): tedepr tensorizes "
                            "Linear, Conv2d, LSTM and MultiheadAttention layers")
         why = _why_unsupported(mod)
         if why:
@@ -335,7 +335,7 @@ def plan_model(model: nn.Module, input_shape: tuple[int, ...], opts: PlanOptions
             continue
         plans.append(_plan_layer(name, kind, mod, shape, dense, hw.get(name), opts, explicit))
     if not any(p.spec for p in plans):
-        raise BadInput("no layer to tensorize: check --include/--exclude and the ranks")
+        raise BadInput(f"no layer to tensorize: check {opt('include')}/{opt('exclude')} and the ranks")
     return plans
 
 
@@ -367,7 +367,7 @@ def _plan_layer(name: str, kind: str, mod: nn.Module, shape: list[int], dense: i
             r = rank if rank is not None else 8
             if r > cap and opts.modes != "auto":
                 raise BadInput(f"rank {r} for {name} exceeds the full rank {cap} of its "
-                               f"{d}-mode factorization; use --rank {name}=<= {cap}")
+                               f"{d}-mode factorization; use {opt('rank')} {name}=<= {cap}")
             if r > cap:
                 r = cap
         spec = build(r)
@@ -382,7 +382,7 @@ def _plan_layer(name: str, kind: str, mod: nn.Module, shape: list[int], dense: i
             return LayerPlan(name, kind, shape, None, dense, dense, None,
                              "kept dense: factorized form would not be smaller")
         if explicit or opts.compression is not None:
-            why = (f"cannot reach --compression {opts.compression}" if opts.compression
+            why = (f"cannot reach {opt('compression')} {opts.compression}" if opts.compression
                    else f"rank {rank} gives no compression")
             if explicit:
                 raise BadInput(f"{name}: {why} with {opts.modes} modes")
@@ -400,16 +400,17 @@ def _modes_for(name: str, kind: str, mod: nn.Module, opts: PlanOptions
         if not fnmatch.fnmatchcase(name, pat):
             continue
         if kind not in ("linear", "conv2d"):
-            raise BadInput(f"--modes {pat}=...: explicit modes are for Linear/Conv2d, {name} is {kind}")
+            raise BadInput(f"{opt('modes')} {pat}=...: explicit modes are for Linear/Conv2d, {name} is "
+                           f"{kind}")
         n, m = (mod.in_features, mod.out_features) if kind == "linear" else (mod.in_channels,
                                                                              mod.out_channels)
         if math.prod(ins) != n or math.prod(outs) != m:
-            raise BadInput(f"--modes for {name}: {'x'.join(map(str, ins))} does not factor its "
+            raise BadInput(f"{opt('modes')} for {name}: {'x'.join(map(str, ins))} does not factor its "
                            f"{n} inputs or {'x'.join(map(str, outs))} its {m} outputs")
         if kind == "linear" and opts.format == "tt" and len(ins) != len(outs):
-            raise BadInput(f"--modes for {name}: a TT-matrix needs as many input as output modes")
+            raise BadInput(f"{opt('modes')} for {name}: a TT-matrix needs as many input as output modes")
         if any(x < 1 for x in (*ins, *outs)):
-            raise BadInput(f"--modes for {name}: modes must be positive")
+            raise BadInput(f"{opt('modes')} for {name}: modes must be positive")
         return list(ins), list(outs)
     return None
 
