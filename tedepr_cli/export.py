@@ -439,10 +439,13 @@ def _dense_original(art: Artifact) -> dict[str, Any]:
             "gzip_bytes": gz, "note": "gzip size measured on this architecture's initial weights"}
 
 
-def validate_dir(path: Path, atol: float = 1e-5, rtol: float = 1e-4) -> dict[str, Any]:
+def validate_dir(path: Path, atol: float = 1e-5, rtol: float = 1e-4,
+                 allow_import: str | None = None) -> dict[str, Any]:
     """Re-run every exported model in ``path`` on its saved sample inputs and compare with
     the saved outputs by :func:`compare`'s rule; an ONNX file whose batch axis is fixed
-    fails too. Raises :class:`BadInput` when ``path`` is no export directory."""
+    fails too. ``allow_import``: the import-path architecture the user named (``--arch``;
+    the safetensors file of a custom architecture needs it, :func:`load_artifact`).
+    Raises :class:`BadInput` when ``path`` is no export directory."""
     import onnx
 
     xi, xo = path / "sample_inputs.npy", path / "sample_outputs.npy"
@@ -460,7 +463,7 @@ def validate_dir(path: Path, atol: float = 1e-5, rtol: float = 1e-4) -> dict[str
             results[f.name].update(ok=False, why=f"fixed batch axis: {'; '.join(fixed)}")
     st = path / FILES["safetensors"]
     if st.exists():
-        art = load_artifact(st)
+        art = load_artifact(st, allow_import=allow_import)
         with torch.no_grad():
             results[st.name] = compare(art.model(torch.from_numpy(x)).numpy(), y, atol, rtol)
     if not results:

@@ -92,13 +92,15 @@ class Target:
     path: Path
 
 
-def load_target(path: Path) -> Target:
-    """An artifact, a finetune run, or an export directory (model.safetensors + model.onnx)."""
+def load_target(path: Path, allow_import: str | None = None) -> Target:
+    """An artifact, a finetune run, or an export directory (model.safetensors + model.onnx).
+    ``allow_import``: the import-path architecture the user named (``--arch``), see
+    :func:`~tedepr_cli.artifact.load_artifact`."""
     if path.is_dir() and (path / "model.safetensors").is_file() and not (path / "manifest.json").exists():
-        art = load_artifact(path / "model.safetensors")
+        art = load_artifact(path / "model.safetensors", allow_import=allow_import)
         onnx_path = path / "model.onnx"
         return Target(art, onnx_path if onnx_path.is_file() else None, path)
-    return Target(load_artifact(path), None, path)
+    return Target(load_artifact(path, allow_import=allow_import), None, path)
 
 
 def _onnx_of(model: nn.Module, input_shape: tuple[int, ...], path: Path) -> Path:

@@ -105,6 +105,9 @@ InputShape = Annotated[str | None, typer.Option(
 TrustPickle = Annotated[bool, typer.Option(
     "--trust-pickle", help="Allow loading pickled modules/objects. Unpickling runs code "
     "from the file: only for files you made or trust.")]
+ConfirmArch = Annotated[str | None, typer.Option(
+    "--arch", help="Confirm the artifact's import-path architecture (pkg.module:callable, as its "
+    "manifest names it): only then is that module imported. Not needed for zoo models.")]
 ModelPath = Annotated[Path, typer.Argument(
     help="Checkpoint (.pt/.pth/.safetensors state_dict, .pt2 program) or tedepr artifact.",
     metavar="PATH", show_default=False)]
@@ -161,6 +164,16 @@ def _arch(arch: str | None, arch_kwargs: str | None, input_shape: str | None):
             raise UsageError("--arch-kwargs/--input-shape need --arch")
         return None
     return parse_arch(arch, arch_kwargs, input_shape)
+
+
+def _allow_import(arch: str | None) -> str | None:
+    """The import path a command that only reads artifacts (plan, bench, validate) may
+    import: the one the user typed with ``--arch`` (checked for form; a zoo name needs no
+    confirmation). Whether it is the one the manifest names is checked on load."""
+    if arch is None:
+        return None
+    spec = _arch(arch, None, None)
+    return spec.name if spec.is_import else None
 
 
 def _load(path: Path, arch: str | None, arch_kwargs: str | None, input_shape: str | None,

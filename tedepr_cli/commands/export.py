@@ -11,6 +11,7 @@ from ..console import print_json, stdout, table
 from .common import (
     Arch,
     ArchKwargs,
+    ConfirmArch,
     DataOpt,
     InputShape,
     JsonOut,
@@ -20,6 +21,7 @@ from .common import (
     Seed,
     TrustPickle,
     Verbose,
+    _allow_import,
     _load,
     command,
 )
@@ -111,6 +113,7 @@ def validate(
                                          show_default=False)],
     atol: AtolOpt = 1e-5,
     rtol: RtolOpt = 1e-4,
+    arch: ConfirmArch = None,
     json_out: JsonOut = False, verbose: Verbose = 0, quiet: Quiet = False,
 ) -> None:
     """Re-check an export directory: run every model on its saved sample inputs and compare
@@ -120,7 +123,7 @@ def validate(
 
     if not path.is_dir():
         raise InputNotFound(f"{path} is not a directory written by tedepr export")
-    results = validate_dir(path, atol, rtol)
+    results = validate_dir(path, atol, rtol, allow_import=_allow_import(arch))
     if json_out:
         print_json(results)
     else:

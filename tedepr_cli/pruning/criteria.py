@@ -19,8 +19,9 @@ the chain) and on dense weights. The caller sets the normalization layers' mode
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -88,6 +89,23 @@ def _loss(model: nn.Module, params: dict[str, Tensor], batch: tuple[Tensor, Tens
           temperature: float = 1.0) -> Tensor:
     x, y = batch
     return F.cross_entropy(functional_call(model, params, (x,)) / temperature, y)
+
+
+@contextlib.contextmanager
+def differentiable_attention() -> Iterator[None]:
+    """Run ``F.scaled_dot_product_attention`` (what ``nn.MultiheadAttention`` and torch's
+    Transformer layers call) on its math backend while scoring.
+
+    The fused kernels (flash, memory-efficient) have no double backward ("derivative for
+    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented"), and
+    the ``tedepr`` and ``grasp`` criteria differentiate through a gradient. The math
+    backend computes the same attention with ordinary differentiable ops.
+    ``torch.nn.attention.sdpa_kernel`` restores the previous backend choice on exit.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
 
 
 # ---------------------------------------------------------------------------- criteria

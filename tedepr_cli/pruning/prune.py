@@ -24,7 +24,7 @@ from ..errors import BadInput, UsageError
 from ..logs import log
 from ..masks import attach_masks, get_masks
 from ..tensorized.tt import TTLinear
-from .criteria import CRITERIA, CriterionOptions, ScoreContext
+from .criteria import CRITERIA, CriterionOptions, ScoreContext, differentiable_attention
 from .masking import budget, check_collapse, rank_paths, select
 from .reachability import Reachability, check_reachability, repair_paths
 from .targets import prunable_groups
@@ -248,7 +248,7 @@ def prune_model(model: torch.nn.Module, opts: PruneOptions,
     else:
         ctx = ScoreContext(model=model, targets=names, batches=batches, input_shape=tuple(input_shape),
                            generator=gen, options=copts, kept=kept, select=selector)
-        with _score_mode(model, opts.score_mode):
+        with _score_mode(model, opts.score_mode), differentiable_attention():
             scores = CRITERIA.get(criterion).fn(ctx)
         masks = selector(scores, kept)
     score_s = time.perf_counter() - t0

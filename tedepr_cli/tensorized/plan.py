@@ -200,7 +200,7 @@ def _spec_for(kind: str, mod: nn.Module, fmt: str, d: int, r: int, chain: str,
                 "batch_first": mod.batch_first, "bias": mod.bias, "ih": ih}
     e = mod.embed_dim
     return {"type": "mha", "embed_dim": e, "num_heads": mod.num_heads,
-            "batch_first": mod.batch_first,
+            "batch_first": mod.batch_first, "dropout": float(mod.dropout),
             "in_proj": _linear_spec(fmt, e, 3 * e, d, r, chain, mod.in_proj_bias is not None,
                                     out_modes=_gate_modes(e, d, 3)),
             "out_proj": _linear_spec(fmt, e, e, d, r, chain, mod.out_proj.bias is not None)}
