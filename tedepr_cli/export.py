@@ -52,7 +52,7 @@ from .device import resolve as resolve_device
 from .errors import BadInput, EngineUnavailable, UsageError, ValidationError
 from .fsutil import atomic_output
 from .storage import byte_sizes
-from .surgery import eval_mode
+from .surgery import eval_mode, example_input, is_token_model
 
 FORMATS = ("safetensors", "onnx", "onnx-sparse")
 FILES = {"safetensors": "model.safetensors", "onnx": "model.onnx", "onnx-sparse": "model.sparse.onnx"}
@@ -299,7 +299,9 @@ def sample_inputs(art: Artifact, n: int, data: Path | None, seed: int) -> tuple[
     ``n`` readable test samples."""
     if data is None:
         g = torch.Generator().manual_seed(seed)
-        return torch.rand(n, *art.input_shape, generator=g).numpy(), {"source": "random", "seed": seed}
+        x = example_input(art.model, art.input_shape, n, "rand", generator=g)
+        return x.numpy(), {"source": "random token ids" if is_token_model(art.model) else "random",
+                           "seed": seed}
     from .datasets import make_split
     from .model_data import open_for_model
 

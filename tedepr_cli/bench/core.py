@@ -39,6 +39,7 @@ from ..errors import (
 )
 from ..machine import cpu_model
 from ..storage import byte_sizes
+from ..surgery import example_input
 from ..timing import NOISY_IQR, Plan, Timer, cuda_event_timer, interleaved, speedup, summarize, wall_timer
 from ..version import __version__
 from .engines import BASELINE, ENGINES, ORT_ENGINES, Engines, input_batch, load_baseline, ort_provider
@@ -108,7 +109,7 @@ def _onnx_of(model: nn.Module, input_shape: tuple[int, ...], path: Path) -> Path
 
     from ..export import to_onnx
 
-    onnx.save(to_onnx(model, torch.zeros(2, *input_shape), 18), str(path))
+    onnx.save(to_onnx(model, example_input(model, input_shape, 2), 18), str(path))
     return path
 
 

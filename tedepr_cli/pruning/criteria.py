@@ -32,6 +32,7 @@ from torch.func import functional_call
 from ..errors import BadInput
 from ..logs import log
 from ..registry import Registry
+from ..surgery import example_input
 
 
 @dataclass
@@ -175,7 +176,7 @@ def synflow(ctx: ScoreContext) -> dict[str, Tensor]:
             if t.is_floating_point():
                 t.abs_()
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    ones = torch.ones(1, *ctx.input_shape, dtype=torch.float64)
+    ones = example_input(model, ctx.input_shape, 1, "ones", dtype=torch.float64)  # ids for embeddings
     total = sum(base[n].numel() for n in ctx.targets)
     rounds = max(1, ctx.options.rounds)
     masks: dict[str, Tensor] | None = None

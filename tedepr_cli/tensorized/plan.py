@@ -20,11 +20,10 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..errors import BadInput, UsageError
-from ..surgery import eval_mode, swap_module
+from ..surgery import dry_forward, swap_module
 from .layers import FORMATS, build_layer, to_dense_layer
 
 SUPPORTED = (nn.Linear, nn.Conv2d, nn.LSTM, nn.MultiheadAttention)
@@ -266,8 +265,7 @@ def _conv_input_sizes(model: nn.Module, input_shape: tuple[int, ...]) -> dict[st
             hooks.append(mod.register_forward_pre_hook(
                 lambda m, a, name=name: sizes.__setitem__(name, tuple(a[0].shape[-2:]))))
     try:
-        with eval_mode(model), torch.no_grad():
-            model(torch.zeros(1, *input_shape))
+        dry_forward(model, input_shape)  # a shape the model cannot take: BadInput naming it
     finally:
         for h in hooks:
             h.remove()
