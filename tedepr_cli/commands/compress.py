@@ -337,6 +337,12 @@ def prune(
     stdout.print(f"kept {report['kept']:,} of {report['dense_prunable']:,} dense prunable weights: "
                  f"sparsity {100 * sp['vs_dense']:.2f} % vs dense, {100 * sp['over_prunable']:.2f} % "
                  f"over prunable entries, {100 * sp['over_all_params']:.2f} % over all parameters")
+    cov = report["coverage"]
+    left = cov["not_pruned"]
+    stdout.print(f"the prunable tensors hold {100 * cov['prunable_share']:.2f} % of the model's "
+                 f"{report['all_params']:,} parameters" + (
+                     f"; weights not pruned: {', '.join(f'{n} ({k:,})' for n, k in left.items())}"
+                     if left else ""))
     if report["repair"]["added"]:
         stdout.print(f"path repair: {report['repair']['added']:,} entries added beyond the budget of "
                      f"{report['budget']:,} to reconnect the input to the output")

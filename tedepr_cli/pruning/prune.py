@@ -309,6 +309,22 @@ def _thin_warning(thin: list[tuple[str, int, int]]) -> str:
     return head + "Try a lower rank (fewer, denser cores), --scope normalized, or a lower sparsity"
 
 
+def _unpruned_weights(model: torch.nn.Module, prunable: set[str]) -> dict[str, int]:
+    """Weight tensors (not biases, not normalization parameters) no group prunes, by plain
+    name: their entry count (an embedding, a layer type tedepr does not prune)."""
+    from ..masks import plain_named_parameters
+    from ..tensorized.plan import NORMS
+
+    norms = {n for n, m in model.named_modules() if isinstance(m, NORMS)}
+    out = {}
+    for n, p in plain_named_parameters(model).items():
+        owner, _, leaf = n.rpartition(".")
+        if n in prunable or "bias" in leaf or owner in norms or p.dim() < 2:
+            continue
+        out[n] = p.numel()
+    return out
+
+
 def _report(model, groups, masks, dense: int, opts: PruneOptions, criterion: str,
             fallback: str | None, data: str | None, score_s: float) -> dict[str, Any]:
     kept = sum(int(m.sum()) for m in masks.values())
@@ -350,6 +366,10 @@ def _report(model, groups, masks, dense: int, opts: PruneOptions, criterion: str
             "over_prunable": 1 - kept / entries,
             "over_all_params": (entries - kept) / all_params,
         },
+        # what the sparsity covers: the prunable tensors' share of the whole model, and the
+        # weight layers left out (embeddings, ...), so "99 % sparsity" cannot hide them
+        "coverage": {"prunable_share": entries / all_params,
+                     "not_pruned": _unpruned_weights(model, {n for g in groups for n in g.params})},
         "score_seconds": round(score_s, 3),
         "layers": layers,
         "warnings": warnings,

@@ -257,6 +257,32 @@ def _why_unsupported(mod: nn.Module) -> str | None:
     return None
 
 
+NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+
+
+def _untensorized_row(name: str, mod: nn.Module, why: str | None = None) -> LayerPlan | None:
+    """The plan row of a layer tedepr leaves dense: every module with a weight of its own
+    (not a normalization layer) is accounted for, with the reason. None for modules without
+    weights of their own (containers, activations, norms)."""
+    own = dict(mod.named_parameters(recurse=False))
+    if not own or isinstance(mod, NORMS):
+        return None
+    weights = {n: p for n, p in own.items() if "bias" not in n}
+    if not weights:
+        return None
+    first = next(iter(weights.values()))
+    count = sum(p.numel() for p in weights.values())
+    if why is None:
+        kind = type(mod).__name__
+        why = {nn.Embedding: "embedding (tedepr tensorizes Linear, Conv2d, LSTM and MHA)",
+               nn.GRU: "GRU (not tensorized yet; its weights can be pruned dense)",
+               nn.RNN: "RNN (not tensorized yet; its weights can be pruned dense)",
+               nn.Conv1d: "Conv1d (not tensorized yet; its weight can be pruned dense)"}.get(
+            type(mod), f"{kind}: not a layer type tedepr tensorizes")
+    return LayerPlan(name, type(mod).__name__.lower(), [int(x) for x in first.shape], None, count, count,
+                     None, f"kept dense: {why}")
+
+
 def _conv_input_sizes(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, tuple[int, int]]:
     sizes: dict[str, tuple[int, int]] = {}
     hooks = []
@@ -314,6 +340,11 @@ def plan_model(model: nn.Module, input_shape: tuple[int, ...], opts: PlanOptions
             continue
         kind = _kind(mod)
         wanted = _matches(name, opts.include) if explicit else kind is not None
+        if kind is None and not explicit and not _matches(name, opts.exclude):
+            other = _untensorized_row(name, mod)  # every weight layer gets a row, with the reason
+            if other is not None:
+                plans.append(other)
+            continue
         if not wanted or _matches(name, opts.exclude):
             continue
         if kind is None:
@@ -323,6 +354,7 @@ def plan_model(model: nn.Module, input_shape: tuple[int, ...], opts: PlanOptions
         if why:
             if explicit:
                 raise BadInput(f"{name} is a {why}, which tedepr cannot tensorize")
+            plans.append(_untensorized_row(name, mod, why))
             continue
         dense = _dense_weight_params(kind, mod)
         shape = [int(s) for s in getattr(mod, "weight", getattr(mod, "in_proj_weight", None)).shape] \
