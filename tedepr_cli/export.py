@@ -435,7 +435,10 @@ def _dense_original(art: Artifact) -> dict[str, Any]:
     with torch.random.fork_rng(devices=[]):  # a fixed draw: export.json is the same every run
         torch.manual_seed(0)
         dense = build(art.arch, allow_import=art.arch.is_import)
-    state = {k: v.contiguous() for k, v in dense.state_dict().items()}
+    from .masks import tied_parameters
+
+    tied = tied_parameters(dense)  # a tied tensor is stored once (safetensors refuses shared memory)
+    state = {k: v.contiguous() for k, v in dense.state_dict().items() if k not in tied}
     raw, gz = byte_sizes(st_save(state)).values()
     return {"file": "(dense original, fp32 safetensors)", **kept_counts(dense, {}), "bytes": raw,
             "gzip_bytes": gz, "note": "gzip size measured on this architecture's initial weights"}

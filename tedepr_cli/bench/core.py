@@ -210,6 +210,7 @@ def _run(target: Target, opts: BenchOptions, device: torch.device, baseline_path
 
     from ..execution import flop_share, plan_for
     from ..kernels import build as kbuild
+    from ..masks import tied_parameters
 
     art = target.art
     base, real_base = load_baseline(art, baseline_path, opts.seed)
@@ -325,7 +326,8 @@ def _run(target: Target, opts: BenchOptions, device: torch.device, baseline_path
     # sizes
     params = sum(p.numel() for p in art.model.parameters())
     kept = params - sum(int((~m).sum()) for m in art.masks.values())
-    dense_state = {k: v.contiguous() for k, v in base.state_dict().items()}
+    tied = tied_parameters(base)  # a tied tensor is stored once (safetensors refuses shared memory)
+    dense_state = {k: v.contiguous() for k, v in base.state_dict().items() if k not in tied}
     sizes = {"dense-safetensors": {"params": sum(p.numel() for p in base.parameters()),
                                    **byte_sizes(st_save(dense_state))}}
     sizes["compressed-safetensors"] = {"params": params, "kept": kept, **byte_sizes(compact.read_bytes())}

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..masks import plain_named_parameters
+from ..masks import plain_named_parameters, tied_parameters
 from ..tensorized.base import TensorizedLayer
 from ..tensorized.wrappers import TensorizedLSTM
 
@@ -37,7 +37,15 @@ def _join(prefix: str, name: str) -> str:
 
 
 def prunable_groups(model: nn.Module) -> list[Group]:
-    """Every prunable layer of ``model`` in module order."""
+    """Every prunable layer of ``model`` in module order. A tied tensor (one tensor used by
+    several layers, :func:`~tedepr_cli.masks.tied_parameters`) is one group, under its
+    first name: pruned once with one mask and counted once in the budget."""
+    aliases = tied_parameters(model)
+    groups = [g for g in _groups(model) if not any(n in aliases for n in g.params)]
+    return groups
+
+
+def _groups(model: nn.Module) -> list[Group]:
     groups: list[Group] = []
     for mname, mod in model.named_modules():
         if isinstance(mod, TensorizedLayer):

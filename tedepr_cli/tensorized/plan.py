@@ -283,6 +283,20 @@ def _untensorized_row(name: str, mod: nn.Module, why: str | None = None) -> Laye
                      None, f"kept dense: {why}")
 
 
+def _tied_layers(model: nn.Module) -> dict[str, str]:
+    """Layers whose weight is tied to another layer's (``masks.tied_parameters``), with the
+    reason they stay dense: tensorizing one side would untie the pair (the other keeps the
+    dense tensor), and tedepr keeps ties."""
+    from ..masks import tied_parameters
+
+    out: dict[str, str] = {}
+    for alias, canonical in tied_parameters(model).items():
+        for mine, other in ((alias, canonical), (canonical, alias)):
+            owner = mine.rpartition(".")[0]
+            out.setdefault(owner, f"weight tied to {other} (kept dense to keep the tie)")
+    return out
+
+
 def _conv_input_sizes(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, tuple[int, int]]:
     sizes: dict[str, tuple[int, int]] = {}
     hooks = []
@@ -335,6 +349,7 @@ def plan_model(model: nn.Module, input_shape: tuple[int, ...], opts: PlanOptions
         if isinstance(mod, nn.MultiheadAttention):
             inside_mha.update(f"{name}.{c}" if name else c for c, _ in mod.named_modules() if c)
     explicit = bool(opts.include)
+    tied = _tied_layers(model)
     for name, mod in model.named_modules():
         if not name or name in inside_mha:
             continue
@@ -350,7 +365,7 @@ def plan_model(model: nn.Module, input_shape: tuple[int, ...], opts: PlanOptions
         if kind is None:
             raise BadInput(f"--include matched {name} ({type(mod).__name__}): tedepr tensorizes "
                            "Linear, Conv2d, LSTM and MultiheadAttention layers")
-        why = _why_unsupported(mod)
+        why = _why_unsupported(mod) or tied.get(name)
         if why:
             if explicit:
                 raise BadInput(f"{name} is a {why}, which tedepr cannot tensorize")
