@@ -8,11 +8,13 @@ manifest alone can never make tedepr import a module.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,22 +152,27 @@ def _module_input_shape(path: str) -> tuple[int, ...] | None:
         raise BadInput(f"{mod_name}.input_shape: {e}") from None
 
 
+@contextlib.contextmanager
+def cwd_importable() -> Iterator[None]:
+    """Modules in the current directory importable for the ``with`` block (as under
+    ``python -m``; a console script's ``sys.path`` lacks it): for an ``--arch`` path and a
+    trusted pickle's classes, both named by the user. ``sys.path`` is restored afterwards."""
+    cwd = os.getcwd()
+    if cwd in sys.path or "" in sys.path:
+        yield
+        return
+    sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        sys.path.remove(cwd)
+
+
 def _import_module(name: str) -> Any:
     """``importlib.import_module(name)``, also finding a module in the current directory
-    (as ``python -m`` does; a console script's ``sys.path`` lacks it). ``sys.path`` is
-    restored afterwards."""
-    try:
+    (:func:`cwd_importable`)."""
+    with cwd_importable():
         return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        cwd = os.getcwd()
-        top = name.split(".")[0]
-        if e.name != top or cwd in sys.path or "" in sys.path:
-            raise
-        sys.path.insert(0, cwd)
-        try:
-            return importlib.import_module(name)
-        finally:
-            sys.path.remove(cwd)
 
 
 def _import(path: str):

@@ -357,11 +357,14 @@ def _param_owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return owner, attr
 
 
-def load_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], where: str, strict: bool = True
+               ) -> dict[str, list[str]]:
     """``load_state_dict`` with every missing, unexpected and mis-shaped key named.
 
     A tied weight (:func:`~tedepr_cli.masks.tied_parameters` of ``model``) may be given
-    under any one of its names (checkpoints often store it once)."""
+    under any one of its names (checkpoints often store it once). With ``strict=False``
+    unexpected keys are ignored and missing ones keep the model's current values; mis-shaped
+    keys are refused either way. Returns ``{"missing": [...], "unexpected": [...]}``."""
     state = dict(state)
     for alias, canonical in tied_parameters(model).items():
         if alias not in state and canonical in state:
@@ -374,18 +377,21 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> 
     shaped = [f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
               for k in expected if k in state and state[k].shape != expected[k].shape]
     problems = []
-    if missing:
+    if missing and strict:
         problems.append("missing keys: " + ", ".join(missing))
-    if unexpected:
+    if unexpected and strict:
         problems.append("unexpected keys: " + ", ".join(unexpected))
     if shaped:
         problems.append("mis-shaped keys: " + ", ".join(shaped))
     if problems:
-        raise BadInput(f"{where} does not fit the architecture; " + "; ".join(problems))
+        hint = "" if shaped or not strict else " (--non-strict loads it anyway and lists them)"
+        raise BadInput(f"{where} does not fit the architecture; " + "; ".join(problems) + hint)
+    state = {k: v for k, v in state.items() if k in expected}
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise BadInput(f"{where} has NaN/Inf values in: {', '.join(bad)}")
     converted = {k: v.to(expected[k].dtype) if v.dtype != expected[k].dtype
                  and v.is_floating_point() and expected[k].is_floating_point() else v
                  for k, v in state.items()}
-    model.load_state_dict(converted, strict=True)
+    model.load_state_dict(converted, strict=strict)
+    return {"missing": missing, "unexpected": unexpected}

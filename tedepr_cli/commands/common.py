@@ -108,6 +108,10 @@ TrustPickle = Annotated[bool, typer.Option(
 ConfirmArch = Annotated[str | None, typer.Option(
     "--arch", help="Confirm the artifact's import-path architecture (pkg.module:callable, as its "
     "manifest names it): only then is that module imported. Not needed for zoo models.")]
+NonStrict = Annotated[bool, typer.Option(
+    "--non-strict", help="Load a checkpoint whose keys do not all fit --arch: unexpected keys "
+    "(e.g. a buffer like embeddings.position_ids) are ignored, missing ones keep the "
+    "architecture's initialization; both are listed. Mis-shaped keys are still refused.")]
 ModelPath = Annotated[Path, typer.Argument(
     help="Checkpoint (.pt/.pth/.safetensors state_dict, .pt2 program) or tedepr artifact.",
     metavar="PATH", show_default=False)]
@@ -177,10 +181,11 @@ def _allow_import(arch: str | None) -> str | None:
 
 
 def _load(path: Path, arch: str | None, arch_kwargs: str | None, input_shape: str | None,
-          trust_pickle: bool):
+          trust_pickle: bool, non_strict: bool = False):
     from ..loading import load_model
 
-    return load_model(path, _arch(arch, arch_kwargs, input_shape), trust_pickle=trust_pickle)
+    return load_model(path, _arch(arch, arch_kwargs, input_shape), trust_pickle=trust_pickle,
+                      strict=not non_strict)
 
 
 # ---------------------------------------------------------------------------- commands

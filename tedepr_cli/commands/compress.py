@@ -16,6 +16,7 @@ from .common import (
     InputShape,
     JsonOut,
     ModelPath,
+    NonStrict,
     Output,
     Overwrite,
     Quiet,
@@ -116,7 +117,7 @@ def decompose(
     seed: Seed = 0,
     overwrite: Overwrite = False,
     arch: Arch = None, arch_kwargs: ArchKwargs = None, input_shape: InputShape = None,
-    trust_pickle: TrustPickle = False,
+    trust_pickle: TrustPickle = False, non_strict: NonStrict = False,
     json_out: JsonOut = False, verbose: Verbose = 0, quiet: Quiet = False,
 ) -> None:
     """Coarse grain: turn each weight matrix / conv kernel into tensor-train or tensor-ring
@@ -141,7 +142,7 @@ def decompose(
     opts.validate()
     check_output(output, overwrite)
     torch_seed(seed)
-    art = _load(path, arch, arch_kwargs, input_shape, trust_pickle)
+    art = _load(path, arch, arch_kwargs, input_shape, trust_pickle, non_strict)
     before = sum(p.numel() for p in art.model.parameters())
     acc_before = _accuracy(art, data) if data else None
     out, report = run_decompose(art, opts)
@@ -265,7 +266,7 @@ def prune(
     seed: Seed = 0,
     overwrite: Overwrite = False,
     arch: Arch = None, arch_kwargs: ArchKwargs = None, input_shape: InputShape = None,
-    trust_pickle: TrustPickle = False,
+    trust_pickle: TrustPickle = False, non_strict: NonStrict = False,
     json_out: JsonOut = False, verbose: Verbose = 0, quiet: Quiet = False,
 ) -> None:
     """Fine grain: score every prunable entry at initialization and keep the most useful,
@@ -316,7 +317,7 @@ def prune(
 
         art = build_fresh(parse_arch(str(path), arch_kwargs, input_shape), seed)
     else:
-        art = _load(path, arch, arch_kwargs, input_shape, trust_pickle)
+        art = _load(path, arch, arch_kwargs, input_shape, trust_pickle, non_strict)
         if init != "pretrained" and (art.meta.get("tensorization") or not decompose_first):
             raise UsageError(f"--init {init} initializes the cores of the one-shot decomposition, and "
                              f"{path} is {'already decomposed' if decompose_first else 'kept dense'}; to "

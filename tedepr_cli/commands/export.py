@@ -16,6 +16,7 @@ from .common import (
     InputShape,
     JsonOut,
     ModelPath,
+    NonStrict,
     Overwrite,
     Quiet,
     Seed,
@@ -53,7 +54,7 @@ def export(
                                         "runs (and onnxruntime, where it has CUDA).")] = "cpu",
     overwrite: Overwrite = False,
     arch: Arch = None, arch_kwargs: ArchKwargs = None, input_shape: InputShape = None,
-    trust_pickle: TrustPickle = False,
+    trust_pickle: TrustPickle = False, non_strict: NonStrict = False,
     json_out: JsonOut = False, verbose: Verbose = 0, quiet: Quiet = False,
 ) -> None:
     """Export a compact safetensors file and ONNX models of the chain, each validated
@@ -74,7 +75,7 @@ def export(
     opts.validate()
     resolve_device(device)  # --device cuda without a GPU: exit 10 before anything is written
     check_output(output, overwrite)
-    art = _load(path, arch, arch_kwargs, input_shape, trust_pickle)
+    art = _load(path, arch, arch_kwargs, input_shape, trust_pickle, non_strict)
     report = run_export(art, output, opts, data, overwrite=overwrite)
     log.info(f"wrote {output}")
     if json_out:
