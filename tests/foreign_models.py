@@ -108,6 +108,15 @@ def tied(**kw) -> nn.Module:
     return m
 
 
+def untied(**kw) -> nn.Module:
+    """The same layers as :func:`tied`, each with its own weight (an architecture that does
+    not tie them itself: loading an artifact of a tied model must tie them again)."""
+    m = _Tied(**kw)
+    m.b.weight = nn.Parameter(m.a.weight.detach().clone())
+    m.input_shape = (64,)
+    return m
+
+
 # ---------------------------------------------------------------------------- torchvision style
 class BasicBlock(nn.Module):
     """torchvision.models.resnet.BasicBlock, verbatim in structure."""

@@ -227,6 +227,39 @@ def test_tied_weights_pruned_once_counted_once_stored_once_retied(tmp_path):
     assert bool((back.b.weight[~art.masks["a.weight"]] == 0).all())
 
 
+def test_prune_in_memory_masks_every_user_of_a_tied_tensor():
+    """The one mask rides on both layers: a training step through either keeps the pruned
+    entries exactly zero (no gradient reaches them through the second layer)."""
+    import tedepr_cli as tedepr
+
+    torch.manual_seed(0)
+    model = fm.tied()
+    x, y = torch.randn(16, 64), torch.randint(0, 10, (16,))
+    tedepr.prune(model, sparsity=0.9, criterion="magnitude")
+    mask = tedepr.get_masks(model)["a.weight"]
+    assert list(tedepr.get_masks(model)) == ["inp.weight", "a.weight", "head.weight"]
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    original = model.a.parametrizations.weight.original
+    assert original is model.b.parametrizations.weight.original
+    assert bool((original[~mask] == 0).all()) and bool((model.b.weight[~mask] == 0).all())
+
+
+def test_artifact_reties_for_an_architecture_that_does_not_tie(tmp_path):
+    """An artifact stores a tie the architecture does not make itself: loading ties again."""
+    from tedepr_cli.arch import ArchSpec
+    from tedepr_cli.artifact import Artifact, save_artifact
+
+    torch.manual_seed(0)
+    art = Artifact(model=build(parse_arch(f"{MOD}:tied"), allow_import=True), arch=ArchSpec(f"{MOD}:untied"))
+    save_artifact(art, tmp_path / "a")
+    back = load_artifact(tmp_path / "a", allow_import=f"{MOD}:untied").model
+    assert back.a.weight is back.b.weight and torch.equal(back.b.weight, art.model.a.weight)
+
+
 def test_decompose_keeps_ties(tmp_path):
     ckpt = _checkpoint(tmp_path, "tied")
     res = run_cli("decompose", ckpt, "--arch", f"{MOD}:tied", "-o", tmp_path / "d", "--json")
