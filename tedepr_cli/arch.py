@@ -8,9 +8,13 @@ manifest alone can never make tedepr import a module.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+import os
 import re
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,8 +112,10 @@ def build(spec: ArchSpec, allow_import: bool = False) -> nn.Module:
                 f"Pass {opt('arch')} {spec.name} to confirm you trust that module"
             )
         factory = _import(spec.name)
+        declared = _module_input_shape(spec.name)
     else:
         factory = MODELS.get(spec.name)
+        declared = None
     try:
         model = factory(**spec.kwargs)
     except TypeError as e:
@@ -120,8 +126,11 @@ def build(spec: ArchSpec, allow_import: bool = False) -> nn.Module:
         raise BadInput(f"{spec.name} returned {type(model).__name__}, not a torch nn.Module")
     if spec.input_shape is not None:
         model.input_shape = spec.input_shape
+    elif getattr(model, "input_shape", None) is None and declared is not None:
+        model.input_shape = declared
     if getattr(model, "input_shape", None) is None:
-        raise BadInput(f"{spec.name} declares no input shape: pass {opt('input-shape')} (e.g. 3,32,32)")
+        raise BadInput(f"{spec.name} declares no input shape (neither the model nor its module has "
+                       f"an input_shape attribute): pass {opt('input-shape')} (e.g. 3,32,32)")
     model.input_shape = tuple(int(s) for s in model.input_shape)
     if getattr(model, "input_kind", None) not in ("flat", "image", "sequence"):
         n = len(model.input_shape)
@@ -129,12 +138,49 @@ def build(spec: ArchSpec, allow_import: bool = False) -> nn.Module:
     return model
 
 
+def _module_input_shape(path: str) -> tuple[int, ...] | None:
+    """The module-level ``input_shape`` next to the callable ``path`` names (README
+    "Inputs"): the per-sample shape for models that do not set ``model.input_shape``
+    themselves. None where the module has none; :class:`BadInput` for a malformed one."""
+    mod_name = path.partition(":")[0]
+    shape = getattr(sys.modules[mod_name], "input_shape", None)  # imported by _import
+    if shape is None:
+        return None
+    try:
+        return _parse_shape(list(shape))
+    except (BadInput, TypeError) as e:
+        raise BadInput(f"{mod_name}.input_shape: {e}") from None
+
+
+@contextlib.contextmanager
+def cwd_importable() -> Iterator[None]:
+    """Modules in the current directory importable for the ``with`` block (as under
+    ``python -m``; a console script's ``sys.path`` lacks it): for an ``--arch`` path and a
+    trusted pickle's classes, both named by the user. ``sys.path`` is restored afterwards."""
+    cwd = os.getcwd()
+    if cwd in sys.path or "" in sys.path:
+        yield
+        return
+    sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        sys.path.remove(cwd)
+
+
+def _import_module(name: str) -> Any:
+    """``importlib.import_module(name)``, also finding a module in the current directory
+    (:func:`cwd_importable`)."""
+    with cwd_importable():
+        return importlib.import_module(name)
+
+
 def _import(path: str):
     """The callable an ``--arch pkg.module:callable`` names; only reached for a path the user
     typed, so failures are usage errors."""
     mod_name, _, attr = path.partition(":")
     try:
-        obj: Any = importlib.import_module(mod_name)
+        obj: Any = _import_module(mod_name)
     except ImportError as e:
         raise UsageError(f"cannot import {mod_name!r} for {opt('arch')}: {e}") from None
     for part in attr.split("."):

@@ -27,8 +27,8 @@ from torch import nn
 from .arch import ArchSpec, build
 from .errors import BadInput, InputNotFound, UnsafeInput, opt
 from .fsutil import atomic_output
-from .masks import attach_masks, get_masks, plain_state_dict
-from .storage import decode, encode
+from .masks import attach_masks, get_masks, plain_state_dict, tied_parameters
+from .storage import decode, encode, ties_of
 from .tensorized.layers import tensorized_specs
 from .version import __version__
 
@@ -154,7 +154,8 @@ def save_artifact(art: Artifact, path: str | Path, overwrite: bool = False,
     ``.safetensors``). Returns the path written."""
     path = Path(path)
     manifest = art.manifest()
-    tensors, encoding = encode(plain_state_dict(art.model), art.masks, layout=layout)
+    tensors, encoding = encode(plain_state_dict(art.model), art.masks, layout=layout,
+                               ties=tied_parameters(art.model))
     metadata = {
         META_MANIFEST: json.dumps(manifest, sort_keys=True),
         META_ENCODING: json.dumps(encoding, sort_keys=True),
@@ -314,8 +315,9 @@ def load_artifact(path: str | Path, allow_import: str | None = None) -> Artifact
         from .tensorized.plan import rebuild  # the coarse-grain stage owns this
 
         rebuild(model, manifest["tensorization"])
+    retie(model, ties_of(encoding))
     load_state(model, state, where=str(p))
-    model_params = dict(model.named_parameters())
+    model_params = dict(model.named_parameters(remove_duplicate=False))
     for name in masks:
         if name not in model_params:
             raise BadInput(f"{p}: mask for {name!r}, which is not a parameter of the model")
@@ -327,26 +329,69 @@ def load_artifact(path: str | Path, allow_import: str | None = None) -> Artifact
     return Artifact(model=model, arch=spec, meta=meta_out, source=str(p))
 
 
-def load_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    """``load_state_dict`` with every missing, unexpected and mis-shaped key named."""
+def retie(model: nn.Module, ties: dict[str, str]) -> None:
+    """Make every ``alias`` parameter of ``ties`` (alias -> name) the very tensor ``name``
+    is, as when the artifact was saved (an architecture that ties them already is left as
+    it is). Raises :class:`BadInput` for a name that is not a plain parameter or shapes
+    that differ."""
+    for alias, canonical in ties.items():
+        try:
+            owner_a, attr_a = _param_owner(model, alias)
+            owner_c, attr_c = _param_owner(model, canonical)
+        except (AttributeError, KeyError):
+            raise BadInput(f"the artifact ties {alias} to {canonical}, which the model does not "
+                           "have") from None
+        a, c = getattr(owner_a, attr_a), getattr(owner_c, attr_c)
+        if a is c:
+            continue
+        if a.shape != c.shape:
+            raise BadInput(f"the artifact ties {alias} {tuple(a.shape)} to {canonical} {tuple(c.shape)}")
+        setattr(owner_a, attr_a, c)
+
+
+def _param_owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    mod, _, attr = name.rpartition(".")
+    owner = model.get_submodule(mod) if mod else model
+    if not isinstance(owner._parameters.get(attr), nn.Parameter):
+        raise KeyError(name)
+    return owner, attr
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], where: str, strict: bool = True
+               ) -> dict[str, list[str]]:
+    """``load_state_dict`` with every missing, unexpected and mis-shaped key named.
+
+    A tied weight (:func:`~tedepr_cli.masks.tied_parameters` of ``model``) may be given
+    under any one of its names (checkpoints often store it once). With ``strict=False``
+    unexpected keys are ignored and missing ones keep the model's current values; mis-shaped
+    keys are refused either way. Returns ``{"missing": [...], "unexpected": [...]}``."""
+    state = dict(state)
+    for alias, canonical in tied_parameters(model).items():
+        if alias not in state and canonical in state:
+            state[alias] = state[canonical]
+        elif canonical not in state and alias in state:
+            state[canonical] = state[alias]
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     shaped = [f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
               for k in expected if k in state and state[k].shape != expected[k].shape]
     problems = []
-    if missing:
+    if missing and strict:
         problems.append("missing keys: " + ", ".join(missing))
-    if unexpected:
+    if unexpected and strict:
         problems.append("unexpected keys: " + ", ".join(unexpected))
     if shaped:
         problems.append("mis-shaped keys: " + ", ".join(shaped))
     if problems:
-        raise BadInput(f"{where} does not fit the architecture; " + "; ".join(problems))
+        hint = "" if shaped or not strict else f" ({opt('non-strict')} loads it anyway and lists them)"
+        raise BadInput(f"{where} does not fit the architecture; " + "; ".join(problems) + hint)
+    state = {k: v for k, v in state.items() if k in expected}
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise BadInput(f"{where} has NaN/Inf values in: {', '.join(bad)}")
     converted = {k: v.to(expected[k].dtype) if v.dtype != expected[k].dtype
                  and v.is_floating_point() and expected[k].is_floating_point() else v
                  for k, v in state.items()}
-    model.load_state_dict(converted, strict=True)
+    model.load_state_dict(converted, strict=strict)
+    return {"missing": missing, "unexpected": unexpected}

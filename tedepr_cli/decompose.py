@@ -47,7 +47,8 @@ def decompose(art: Artifact, opts: DecomposeOptions) -> tuple[Artifact, list[dic
     if art.masks:
         raise BadInput(f"{art.source or 'the model'} is already pruned; decompose the dense model first")
     if art.arch is None:
-        raise BadInput(f"decompose needs an architecture reference: pass {opt('arch')} NAME")
+        hint = (art.meta.get("origin") or {}).get("arch_hint") or f"pass {opt('arch')} NAME"
+        raise BadInput(f"decompose needs an architecture reference: {hint}")
     model = copy.deepcopy(art.model)
     report = tensorize_model(model, art.input_shape, opts)
     model.eval()

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 from .errors import opt
 from .logs import log
-from .surgery import eval_mode
+from .surgery import dry_forward, eval_mode
 
 
 @torch.no_grad()
@@ -93,7 +93,10 @@ def evaluate_split(model: nn.Module, split: Split, batch_size: int = 256, num_cl
 
 
 def num_outputs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Output width of ``model`` (number of classes), found by one dry run."""
-    with eval_mode(model), torch.no_grad():
-        out = model(torch.zeros(1, *input_shape))
+    """Output width of ``model`` (number of classes), found by one dry run
+    (:func:`~tedepr_cli.surgery.dry_forward`: token ids for an embedding model; a shape the
+    model cannot take is :class:`~tedepr_cli.errors.BadInput`)."""
+    out = dry_forward(model, input_shape)
+    if isinstance(out, tuple | list):
+        out = out[0]
     return int(out.shape[-1])

@@ -52,7 +52,7 @@ from .device import resolve as resolve_device
 from .errors import BadInput, EngineUnavailable, UsageError, ValidationError, opt
 from .fsutil import atomic_output
 from .storage import byte_sizes
-from .surgery import eval_mode
+from .surgery import eval_mode, example_input, is_token_model
 
 FORMATS = ("safetensors", "onnx", "onnx-sparse")
 FILES = {"safetensors": "model.safetensors", "onnx": "model.onnx", "onnx-sparse": "model.sparse.onnx"}
@@ -300,7 +300,9 @@ def sample_inputs(art: Artifact, n: int, data: Path | None, seed: int) -> tuple[
     ``n`` readable test samples."""
     if data is None:
         g = torch.Generator().manual_seed(seed)
-        return torch.rand(n, *art.input_shape, generator=g).numpy(), {"source": "random", "seed": seed}
+        x = example_input(art.model, art.input_shape, n, "rand", generator=g)
+        return x.numpy(), {"source": "random token ids" if is_token_model(art.model) else "random",
+                           "seed": seed}
     from .datasets import make_split
     from .model_data import open_for_model
 
@@ -434,16 +436,22 @@ def _dense_original(art: Artifact) -> dict[str, Any]:
     with torch.random.fork_rng(devices=[]):  # a fixed draw: export.json is the same every run
         torch.manual_seed(0)
         dense = build(art.arch, allow_import=art.arch.is_import)
-    state = {k: v.contiguous() for k, v in dense.state_dict().items()}
+    from .masks import tied_parameters
+
+    tied = tied_parameters(dense)  # a tied tensor is stored once (safetensors refuses shared memory)
+    state = {k: v.contiguous() for k, v in dense.state_dict().items() if k not in tied}
     raw, gz = byte_sizes(st_save(state)).values()
     return {"file": "(dense original, fp32 safetensors)", **kept_counts(dense, {}), "bytes": raw,
             "gzip_bytes": gz, "note": "gzip size measured on this architecture's initial weights"}
 
 
-def validate_dir(path: Path, atol: float = 1e-5, rtol: float = 1e-4) -> dict[str, Any]:
+def validate_dir(path: Path, atol: float = 1e-5, rtol: float = 1e-4,
+                 allow_import: str | None = None) -> dict[str, Any]:
     """Re-run every exported model in ``path`` on its saved sample inputs and compare with
     the saved outputs by :func:`compare`'s rule; an ONNX file whose batch axis is fixed
-    fails too. Raises :class:`BadInput` when ``path`` is no export directory."""
+    fails too. ``allow_import``: the import-path architecture the user named (``--arch``;
+    the safetensors file of a custom architecture needs it, :func:`load_artifact`).
+    Raises :class:`BadInput` when ``path`` is no export directory."""
     import onnx
 
     xi, xo = path / "sample_inputs.npy", path / "sample_outputs.npy"
@@ -461,7 +469,7 @@ def validate_dir(path: Path, atol: float = 1e-5, rtol: float = 1e-4) -> dict[str
             results[f.name].update(ok=False, why=f"fixed batch axis: {'; '.join(fixed)}")
     st = path / FILES["safetensors"]
     if st.exists():
-        art = load_artifact(st)
+        art = load_artifact(st, allow_import=allow_import)
         with torch.no_grad():
             results[st.name] = compare(art.model(torch.from_numpy(x)).numpy(), y, atol, rtol)
     if not results:

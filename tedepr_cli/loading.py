@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .arch import ArchSpec, build
+from .arch import ArchSpec, build, cwd_importable, is_arch_name
 from .artifact import Artifact, is_artifact, load_artifact, load_state, read_safetensors
 from .errors import BadInput, InputNotFound, UnsafeInput, opt
 
@@ -45,11 +45,28 @@ def _pickle_refusal(path: object) -> str:
 
 
 def load_model(path: str | Path, arch: ArchSpec | None = None,
-               trust_pickle: bool = False) -> Artifact:
-    """Load ``path`` as an :class:`Artifact` (model, architecture, masks, history)."""
+               trust_pickle: bool = False, strict: bool = True) -> Artifact:
+    """Load ``path`` as an :class:`Artifact` (model, architecture, masks, history).
+
+    ``strict=False`` loads a checkpoint whose keys do not all fit ``arch`` (unexpected keys
+    ignored, missing ones left at the architecture's initialization), logs both lists and
+    records them in the manifest's ``origin.keys``. A Hugging Face model folder
+    (``config.json`` and weights, no tedepr manifest) loads its weights file into ``arch``;
+    without ``arch`` it is :class:`BadInput` saying how to write one.
+    """
     p = Path(path)
     if not p.exists():
         raise InputNotFound(f"{p} does not exist")
+    hf = _hf_weights(p)
+    if hf is not None:
+        if arch is None:
+            raise BadInput(
+                f"{p} is a Hugging Face model folder (config.json + {hf.name}), not a tedepr "
+                "artifact: write a function that builds the model, e.g. in mymodels.py `def "
+                f"encoder(): m = transformers.AutoModel.from_pretrained('{p}'); m.input_shape = "
+                f"(128,); return m`, and pass {opt('arch')} mymodels:encoder (its weights come from "
+                f"{hf.name}; add {opt('non-strict')} if the keys differ)")
+        p = hf
     if is_artifact(p):
         art = load_artifact(p, allow_import=arch.name if arch and arch.is_import else None)
         if arch is not None and arch.name != art.arch.name:
@@ -60,13 +77,28 @@ def load_model(path: str | Path, arch: ArchSpec | None = None,
     suffix = p.suffix.lower()
     if suffix == ".safetensors":
         tensors, _ = read_safetensors(p)
-        return _from_state(p, tensors, arch)
+        return _from_state(p, tensors, arch, strict=strict)
     if suffix == ".pt2":
-        return _load_pt2(p, arch, trust_pickle)
+        return _load_pt2(p, arch, trust_pickle, strict)
     if suffix == ".onnx":
         raise BadInput(f"{p}: ONNX models are an output of tedepr, not an input; "
                        "load the PyTorch checkpoint or artifact instead")
-    return _load_torch_file(p, arch, trust_pickle)
+    return _load_torch_file(p, arch, trust_pickle, strict)
+
+
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def _hf_weights(p: Path) -> Path | None:
+    """The weights file of a Hugging Face model folder (``config.json`` beside
+    ``model.safetensors`` or ``pytorch_model.bin``, no tedepr manifest), else None."""
+    if not p.is_dir() or not (p / "config.json").is_file() or (p / "manifest.json").exists():
+        return None
+    for name in HF_WEIGHTS:
+        f = p / name
+        if f.is_file() and not (name == "model.safetensors" and is_artifact(f)):
+            return f
+    return None
 
 
 def build_fresh(arch: ArchSpec, seed: int = 0) -> Artifact:
@@ -88,15 +120,21 @@ def build_fresh(arch: ArchSpec, seed: int = 0) -> Artifact:
 
 
 def _from_state(p: Path, state: dict[str, torch.Tensor], arch: ArchSpec | None,
-                source_kind: str = "state_dict") -> Artifact:
+                source_kind: str = "state_dict", strict: bool = True) -> Artifact:
     if arch is None:
         raise BadInput(f"{p} holds only weights (a state_dict); pass {opt('arch')} NAME "
                        f"(a zoo model) or {opt('arch')} pkg.module:callable to say which network")
     model = build(arch, allow_import=True)  # the user typed --arch on this command line
-    load_state(model, state, where=str(p))
+    keys = load_state(model, state, where=str(p), strict=strict)
     model.eval()
     art = Artifact(model=model, arch=arch, source=str(p))
     art.meta["origin"] = {"path": str(p), "kind": source_kind}
+    if keys["missing"] or keys["unexpected"]:
+        art.meta["origin"]["keys"] = keys
+        for what, names in (("missing (kept the architecture's initialization)", keys["missing"]),
+                            ("unexpected (ignored)", keys["unexpected"])):
+            if names:
+                log.warning(f"{p}: {len(names)} key(s) {what}: {', '.join(names)}")
     return art
 
 
@@ -160,7 +198,7 @@ def _logged_cause(held: list[logging.LogRecord]) -> str | None:
     return None
 
 
-def _load_torch_file(p: Path, arch: ArchSpec | None, trust_pickle: bool) -> Artifact:
+def _load_torch_file(p: Path, arch: ArchSpec | None, trust_pickle: bool, strict: bool = True) -> Artifact:
     try:
         with held_torch_logs():
             obj = torch.load(p, map_location="cpu", weights_only=True)
@@ -174,32 +212,67 @@ def _load_torch_file(p: Path, arch: ArchSpec | None, trust_pickle: bool) -> Arti
     except Exception as e:  # the safe loader ran no code; any other failure means a bad file
         raise BadInput(f"{p} is not a readable PyTorch file: {_first_line(e)}") from None
     if isinstance(obj, nn.Module):
-        return _from_module(p, obj, arch, "pickled module")
+        return _from_module(p, obj, arch, "pickled module", strict)
     state = _find_state_dict(obj)
     if state is None:
         raise BadInput(f"{p} holds a {type(obj).__name__}, not a state_dict of tensors or a "
                        "module")
-    return _from_state(p, state, arch)
+    return _from_state(p, state, arch, strict=strict)
 
 
 def _trusted_load(p: Path) -> Any:
     try:
-        with held_torch_logs():
+        with held_torch_logs(), cwd_importable():
             return torch.load(p, map_location="cpu", weights_only=False)
     except Exception as e:  # user code ran: anything can fail
         raise BadInput(f"{p}: unpickling failed: {_first_line(e)}") from None
 
 
-def _from_module(p: Path, module: nn.Module, arch: ArchSpec | None, kind: str) -> Artifact:
+def _recover_arch(p: Path, module: nn.Module) -> tuple[ArchSpec | None, str]:
+    """The architecture of a trusted pickled module, where one can be recovered: its class
+    as ``pkg.module:Class``, built with no arguments, with the very state-dict keys and
+    shapes of the file. Returns ``(spec or None, hint)``: the hint says what to pass instead.
+    Only called with ``--trust-pickle`` (unpickling already ran this module's code)."""
+    cls = type(module)
+    path = f"{cls.__module__}:{cls.__qualname__}"
+    hint = (f"{p} holds a pickled {cls.__qualname__}; pass {opt('arch')} pkg.module:callable that builds "
+            f"this network (e.g. {opt('arch')} {path} with {opt('arch-kwargs')} for its constructor); the "
+            "file's "
+            "weights fill it")
+    if cls.__module__ in ("__main__", "builtins") or "<" in cls.__qualname__ or not is_arch_name(path):
+        return None, hint
+    shape = getattr(module, "input_shape", None)
+    spec = ArchSpec(path, {}, tuple(int(s) for s in shape) if shape is not None else None)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            built = build(spec, allow_import=True)
+    except Exception:  # a constructor that needs arguments, or anything user code raises
+        return None, hint
+    want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    if {k: tuple(v.shape) for k, v in built.state_dict().items()} != want:
+        return None, hint
+    return spec, hint
+
+
+def _from_module(p: Path, module: nn.Module, arch: ArchSpec | None, kind: str, strict: bool = True
+                 ) -> Artifact:
+    if arch is None and kind == "pickled module":
+        arch, hint = _recover_arch(p, module)
+        if arch is not None:
+            log.info(f"{p}: architecture recovered from the pickled module: {arch.name} (later "
+                     f"commands on its artifacts need {opt('arch')} {arch.name})")
     if arch is not None:
-        return _from_state(p, module.state_dict(), arch, source_kind=kind)
+        return _from_state(p, module.state_dict(), arch, source_kind=kind, strict=strict)
     if getattr(module, "input_shape", None) is None:
         raise BadInput(f"{p}: the module declares no input_shape; pass {opt('arch')} to rebuild it")
     if getattr(module, "input_kind", None) is None:
         module.input_kind = {1: "flat", 2: "sequence"}.get(len(module.input_shape), "image")
     module.eval()
     art = Artifact(model=module, arch=None, source=str(p))
-    art.meta["origin"] = {"path": str(p), "kind": kind}
+    art.meta["origin"] = {"path": str(p), "kind": kind, "arch_hint": hint if kind == "pickled module" else (
+        f"{p} is a torch.export program: its graph calls operators, not layer modules, so tedepr "
+        f"cannot swap its layers for tensorized ones; pass {opt('arch')} pkg.module:callable that builds "
+        "the network (the program's weights fill it)")}
     return art
 
 
@@ -274,11 +347,17 @@ class ExportedProgramModule(nn.Module):
     """Runs a ``torch.export`` program as a module. The program was captured in one mode
     (usually eval) and cannot switch, so ``train()``/``eval()`` leave it as it is."""
 
-    def __init__(self, program: nn.Module) -> None:
+    def __init__(self, program: nn.Module, batch: int | None = None, where: str = "") -> None:
         super().__init__()
         self.program = program
+        self.batch = batch  # a program exported with a static batch size runs only at it
+        self.where = where
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.batch is not None and x.shape[0] != self.batch:
+            raise BadInput(f"{self.where} was exported with a static batch size of {self.batch} and "
+                           f"cannot run batch {x.shape[0]}: export it with a dynamic batch dimension "
+                           f"(torch.export.Dim) or pass {opt('arch')} to pour its weights into the network")
         return self.program(x)
 
     def train(self, mode: bool = True) -> ExportedProgramModule:
@@ -286,7 +365,7 @@ class ExportedProgramModule(nn.Module):
         return self
 
 
-def _load_pt2(p: Path, arch: ArchSpec | None, trust_pickle: bool) -> Artifact:
+def _load_pt2(p: Path, arch: ArchSpec | None, trust_pickle: bool, strict: bool = True) -> Artifact:
     data = p.read_bytes()
     if not trust_pickle:
         _check_pt2(p, data)
@@ -303,14 +382,15 @@ def _load_pt2(p: Path, arch: ArchSpec | None, trust_pickle: bool) -> Artifact:
         state = dict(ep.state_dict)
         state.update({k: v for k, v in ep.constants.items()
                       if k in expected and isinstance(v, torch.Tensor)})
-        return _from_state(p, state, arch, source_kind="torch.export")
-    module = ExportedProgramModule(ep.module())
+        return _from_state(p, state, arch, source_kind="torch.export", strict=strict)
     shapes = [n.meta["val"].shape for n in ep.graph.nodes
               if n.op == "placeholder" and n.name in set(ep.graph_signature.user_inputs)]
     if len(shapes) != 1:
         raise BadInput(f"{p}: tedepr supports programs with one tensor input, found {len(shapes)}")
+    batch = shapes[0][0] if isinstance(shapes[0][0], int) else None
+    module = ExportedProgramModule(ep.module(), batch, str(p))
     try:
         module.input_shape = tuple(int(s) for s in shapes[0][1:])
     except TypeError:
         raise BadInput(f"{p}: the program's input shape is not static beyond the batch") from None
-    return _from_module(p, module, None, "torch.export")
+    return _from_module(p, module, None, "torch.export", strict)

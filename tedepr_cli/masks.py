@@ -82,9 +82,19 @@ def attach_masks(model: nn.Module, masks: dict[str, Tensor]) -> None:
     parameter's stored values are zeroed where the mask is ``False`` so that the trainable
     tensor, its gradient and every optimizer state derived from it stay zero there.
 
+    A tensor shared by several parameters (tied weights, :func:`tied_parameters`) has one
+    mask: given under any of its names, it is attached under all of them, so every layer
+    that uses the tensor sees it masked.
+
     Raises ``KeyError`` for a name that is not a parameter of ``model`` and ``ValueError``
     for a mask of the wrong shape.
     """
+    masks = dict(masks)
+    for alias, canonical in tied_parameters(model).items():
+        if canonical in masks and alias not in masks:
+            masks[alias] = masks[canonical]
+        elif alias in masks and canonical not in masks:
+            masks[canonical] = masks[alias]
     for name, mask in masks.items():
         module, attr = _owner(model, name)
         existing = _mask_of(module, attr)
@@ -119,10 +129,12 @@ def _masked(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, FixedMask]]
 
 
 def get_masks(model: nn.Module) -> dict[str, Tensor]:
-    """The boolean masks attached to ``model``, by plain parameter name (empty if unpruned).
+    """The boolean masks attached to ``model``, by plain parameter name (empty if unpruned);
+    a tied tensor once, under its first name (:func:`tied_parameters`).
 
     The tensors returned are the live buffers: do not modify them in place."""
-    return {name: fm.mask for name, _, _, fm in _masked(model)}
+    aliases = tied_parameters(model)
+    return {name: fm.mask for name, _, _, fm in _masked(model) if name not in aliases}
 
 
 def is_pruned(model: nn.Module) -> bool:
@@ -172,6 +184,21 @@ def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
             out[plain_name(key)] = value
         else:
             out[key] = value
+    return out
+
+
+def tied_parameters(model: nn.Module) -> dict[str, str]:
+    """Tied weights: every plain parameter name that holds the same tensor as an earlier one
+    (``dec.weight`` -> ``enc.weight`` when ``dec.weight is enc.weight``), mapped to that first
+    name (module order, as ``named_parameters`` lists it). Empty for a model without ties.
+    A tied tensor is pruned once, counted once, stored once and re-tied on load."""
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        plain = plain_name(name)
+        canonical = first.setdefault(id(p), plain)
+        if canonical != plain:
+            out[plain] = canonical
     return out
 
 

@@ -115,19 +115,30 @@ def _nbytes(parts: dict[str, torch.Tensor]) -> int:
 
 
 def encode(state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None = None,
-           layout: str = "auto") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+           layout: str = "auto", ties: dict[str, str] | None = None
+           ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Turn a state dict plus masks into flat safetensors entries and their encoding map.
 
     ``layout`` forces one of ``csr``/``coo``/``bitmask``/``delta`` for every masked tensor (tests,
-    experiments); ``auto`` picks the smallest per tensor.
+    experiments); ``auto`` picks the smallest per tensor. ``ties`` (alias -> name, tied
+    weights: :func:`~tedepr_cli.masks.tied_parameters`) are stored once: an alias is the
+    entry ``{"layout": "tied", "to": name}`` and no tensor (safetensors refuses tensors
+    that share memory); :func:`decode` gives it the same tensor and mask back.
     """
-    masks = masks or {}
+    masks = {k: v for k, v in (masks or {}).items() if k not in (ties or {})}
+    for alias, canonical in (ties or {}).items():
+        if canonical not in state:
+            raise BadInput(f"{alias} is tied to {canonical}, which is not in the model")
+    state = dict(state)
     unknown = set(masks) - set(state)
     if unknown:
         raise BadInput(f"masks for tensors that are not in the model: {sorted(unknown)}")
     tensors: dict[str, torch.Tensor] = {}
     encoding: dict[str, Any] = {}
     for name, t in state.items():
+        if name in (ties or {}):
+            encoding[name] = {"layout": "tied", "to": ties[name]}
+            continue
         if SEP in name:
             raise BadInput(f"tensor name {name!r} contains the reserved separator {SEP!r}")
         t = t.detach().cpu().contiguous()
@@ -170,6 +181,8 @@ def decode(tensors: dict[str, torch.Tensor], encoding: dict[str, Any]
         if not isinstance(enc, dict) or "layout" not in enc:
             raise BadInput(f"artifact encoding of {name!r} is malformed")
         lay = enc["layout"]
+        if lay == "tied":
+            continue  # filled in below, once every tensor is decoded
         if lay == "dense":
             if name not in tensors:
                 raise BadInput(f"artifact is missing tensor {name!r}")
@@ -218,7 +231,20 @@ def decode(tensors: dict[str, torch.Tensor], encoding: dict[str, Any]
         mask[pos] = True
         state[name] = dense.reshape(shape)
         masks[name] = mask.reshape(shape)
+    for name, enc in encoding.items():
+        if enc["layout"] == "tied":
+            to = enc.get("to")
+            if to not in state:
+                raise BadInput(f"artifact ties {name!r} to {to!r}, which it does not store")
+            state[name] = state[to]
+            if to in masks:
+                masks[name] = masks[to]
     return state, masks
+
+
+def ties_of(encoding: dict[str, Any]) -> dict[str, str]:
+    """The ties an encoding map records (alias -> name), see :func:`encode`."""
+    return {n: e["to"] for n, e in encoding.items() if isinstance(e, dict) and e.get("layout") == "tied"}
 
 
 def stored_bytes(tensors: dict[str, torch.Tensor]) -> int:

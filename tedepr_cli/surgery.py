@@ -7,7 +7,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from torch import nn
+import torch
+from torch import Tensor, nn
+
+from .errors import BadInput, opt
 
 
 def swap_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
@@ -32,3 +35,84 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, was in flags:
             m.training = was
+
+
+# ---------------------------------------------------------------------------- probe inputs
+def first_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The first leaf module holding parameters, in registration order (the layer the
+    input meets first in a model written in the usual order), or None."""
+    for name, mod in model.named_modules():
+        if not any(True for _ in mod.children()) and any(True for _ in mod.parameters(recurse=False)):
+            return name, mod
+    return None
+
+
+def example_input(model: nn.Module, input_shape: tuple[int, ...], batch: int = 1, fill: str = "zeros",
+                  generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A probe input of ``(batch, *input_shape)`` in the dtype and range ``model`` expects.
+
+    A model whose first layer (:func:`first_layer`) is an ``nn.Embedding``/``EmbeddingBag``
+    takes token ids: ``int64`` in ``[0, num_embeddings)`` (``fill``: ``zeros`` -> id 0,
+    ``ones`` -> id 1, ``rand`` -> uniform ids). Any other model takes ``dtype`` floats:
+    zeros, ones, or uniform [0, 1) (``rand``). ``generator`` seeds ``rand``.
+    """
+    shape = (batch, *input_shape)
+    first = first_layer(model)
+    if first is not None and isinstance(first[1], nn.Embedding | nn.EmbeddingBag):
+        vocab = int(first[1].num_embeddings)
+        if fill == "rand":
+            return torch.randint(0, vocab, shape, generator=generator, dtype=torch.int64)
+        return torch.full(shape, min(1 if fill == "ones" else 0, vocab - 1), dtype=torch.int64)
+    if fill == "rand":
+        return torch.rand(shape, generator=generator, dtype=dtype)
+    return (torch.ones if fill == "ones" else torch.zeros)(shape, dtype=dtype)
+
+
+def is_token_model(model: nn.Module) -> bool:
+    """Whether ``model`` takes integer token ids (its first layer is an embedding)."""
+    first = first_layer(model)
+    return first is not None and isinstance(first[1], nn.Embedding | nn.EmbeddingBag)
+
+
+def dry_forward(model: nn.Module, input_shape: tuple[int, ...]) -> Tensor:
+    """One eval-mode, no-grad forward of :func:`example_input` (batch 1): the output.
+
+    A forward that fails on this input (a shape the model cannot take: "Output size is too
+    small" after too many poolings, a mismatched Linear, wrong dtype) raises
+    :class:`~tedepr_cli.errors.BadInput` naming the input shape and the innermost layer
+    that was running, with torch's first line. Train/eval flags are restored.
+    """
+    running: list[str] = []
+
+    def enter(name: str):
+        def pre(_m, _a):
+            running.append(name)
+        return pre
+
+    def leave(name: str):
+        def post(_m, _a, _o):
+            if running and running[-1] == name:
+                running.pop()
+        return post
+
+    handles = []
+    for name, mod in model.named_modules():
+        if name:
+            handles.append(mod.register_forward_pre_hook(enter(name)))
+            handles.append(mod.register_forward_hook(leave(name)))
+    try:
+        with eval_mode(model), torch.no_grad():
+            x = example_input(model, tuple(input_shape))
+            return model(x)
+    except (RuntimeError, ValueError, IndexError, TypeError, AssertionError) as e:
+        where = ""
+        if running:
+            name = running[-1]
+            where = f" in layer {name} ({type(model.get_submodule(name)).__name__})"
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        shape = "x".join(map(str, input_shape))
+        raise BadInput(f"the model's forward fails on inputs of shape {shape} (per sample){where}: "
+                       f"{first}; pass the {opt('input-shape')} the model takes") from None
+    finally:
+        for h in handles:
+            h.remove()

@@ -40,6 +40,7 @@ from ..errors import (
 )
 from ..machine import cpu_model
 from ..storage import byte_sizes
+from ..surgery import example_input
 from ..timing import NOISY_IQR, Plan, Timer, cuda_event_timer, interleaved, speedup, summarize, wall_timer
 from ..version import __version__
 from .engines import BASELINE, ENGINES, ORT_ENGINES, Engines, input_batch, load_baseline, ort_provider
@@ -94,13 +95,15 @@ class Target:
     path: Path
 
 
-def load_target(path: Path) -> Target:
-    """An artifact, a finetune run, or an export directory (model.safetensors + model.onnx)."""
+def load_target(path: Path, allow_import: str | None = None) -> Target:
+    """An artifact, a finetune run, or an export directory (model.safetensors + model.onnx).
+    ``allow_import``: the import-path architecture the user named (``--arch``), see
+    :func:`~tedepr_cli.artifact.load_artifact`."""
     if path.is_dir() and (path / "model.safetensors").is_file() and not (path / "manifest.json").exists():
-        art = load_artifact(path / "model.safetensors")
+        art = load_artifact(path / "model.safetensors", allow_import=allow_import)
         onnx_path = path / "model.onnx"
         return Target(art, onnx_path if onnx_path.is_file() else None, path)
-    return Target(load_artifact(path), None, path)
+    return Target(load_artifact(path, allow_import=allow_import), None, path)
 
 
 def _onnx_of(model: nn.Module, input_shape: tuple[int, ...], path: Path) -> Path:
@@ -108,7 +111,7 @@ def _onnx_of(model: nn.Module, input_shape: tuple[int, ...], path: Path) -> Path
 
     from ..export import to_onnx
 
-    onnx.save(to_onnx(model, torch.zeros(2, *input_shape), 18), str(path))
+    onnx.save(to_onnx(model, example_input(model, input_shape, 2), 18), str(path))
     return path
 
 
@@ -211,6 +214,7 @@ def _run(target: Target, opts: BenchOptions, device: torch.device, baseline_path
 
     from ..execution import flop_share, plan_for
     from ..kernels import build as kbuild
+    from ..masks import tied_parameters
 
     art = target.art
     base, real_base = load_baseline(art, baseline_path, opts.seed)
@@ -326,7 +330,8 @@ def _run(target: Target, opts: BenchOptions, device: torch.device, baseline_path
     # sizes
     params = sum(p.numel() for p in art.model.parameters())
     kept = params - sum(int((~m).sum()) for m in art.masks.values())
-    dense_state = {k: v.contiguous() for k, v in base.state_dict().items()}
+    tied = tied_parameters(base)  # a tied tensor is stored once (safetensors refuses shared memory)
+    dense_state = {k: v.contiguous() for k, v in base.state_dict().items() if k not in tied}
     sizes = {"dense-safetensors": {"params": sum(p.numel() for p in base.parameters()),
                                    **byte_sizes(st_save(dense_state))}}
     sizes["compressed-safetensors"] = {"params": params, "kept": kept, **byte_sizes(compact.read_bytes())}

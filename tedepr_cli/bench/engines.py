@@ -34,8 +34,11 @@ BASELINE = "dense-torch"
 
 
 def input_batch(art: Artifact, batch: int, seed: int) -> torch.Tensor:
-    """The benchmark input: ``batch`` uniform [0, 1) samples of the model's shape (CPU)."""
-    return torch.rand(batch, *art.input_shape, generator=torch.Generator().manual_seed(seed))
+    """The benchmark input: ``batch`` uniform [0, 1) samples of the model's shape (CPU), or
+    uniform token ids for a model that starts with an embedding."""
+    from ..surgery import example_input
+
+    return example_input(art.model, art.input_shape, batch, "rand", torch.Generator().manual_seed(seed))
 
 
 def ort_provider(device: torch.device) -> str:

@@ -12,6 +12,7 @@ import typer
 
 from ..console import print_json, stdout, table
 from .common import (
+    ConfirmArch,
     DataOpt,
     JsonOut,
     Output,
@@ -19,6 +20,7 @@ from .common import (
     Quiet,
     Seed,
     Verbose,
+    _allow_import,
     command,
 )
 
@@ -61,6 +63,7 @@ def bench(
         "--max-size", help="Gate (exit 12): fail if the compressed artifact exceeds BYTES.")] = None,
     min_speedup: Annotated[float | None, typer.Option(
         "--min-speedup", help="Gate (exit 13): fail if the gated engine's speed-up is below X.")] = None,
+    arch: ConfirmArch = None,
     json_out: JsonOut = False, verbose: Verbose = 0, quiet: Quiet = False,
 ) -> None:
     """Honest latency and size: every engine side by side, interleaved, with medians, IQR,
@@ -92,7 +95,7 @@ def bench(
         from ..fsutil import check_output
 
         check_output(json_file, overwrite=True)
-    target = load_target(path)
+    target = load_target(path, _allow_import(arch))
     with _progress(quiet) as progress:
         report = run_bench(target, opts, baseline, data, progress=progress)
     failures = check_gates(report, fail_if_slower, max_size, min_speedup, saved, opts.gate)
@@ -191,6 +194,7 @@ def plan(
         "--override", help="Force a layer's engine: name=kernel|dense|torch (globs, repeatable).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random batch layers are timed on.")] = 0,
     overwrite: Overwrite = False,
+    arch: ConfirmArch = None,
     json_out: JsonOut = False, verbose: Verbose = 0, quiet: Quiet = False,
 ) -> None:
     """Choose, per layer and batch size, how the compressed model runs on this machine
@@ -217,7 +221,7 @@ def plan(
             raise UsageError(f"--override takes name=kernel|dense|torch, got {item!r}")
         overrides[name] = choice
     check_output(output, overwrite)
-    art = load_artifact(path)
+    art = load_artifact(path, allow_import=_allow_import(arch))
     torch.set_num_threads(threads)
     plans = {}
     for b in batches:

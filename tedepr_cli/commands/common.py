@@ -105,6 +105,13 @@ InputShape = Annotated[str | None, typer.Option(
 TrustPickle = Annotated[bool, typer.Option(
     "--trust-pickle", help="Allow loading pickled modules/objects. Unpickling runs code "
     "from the file: only for files you made or trust.")]
+ConfirmArch = Annotated[str | None, typer.Option(
+    "--arch", help="Confirm the artifact's import-path architecture (pkg.module:callable, as its "
+    "manifest names it): only then is that module imported. Not needed for zoo models.")]
+NonStrict = Annotated[bool, typer.Option(
+    "--non-strict", help="Load a checkpoint whose keys do not all fit --arch: unexpected keys "
+    "(e.g. a buffer like embeddings.position_ids) are ignored, missing ones keep the "
+    "architecture's initialization; both are listed. Mis-shaped keys are still refused.")]
 ModelPath = Annotated[Path, typer.Argument(
     help="Checkpoint (.pt/.pth/.safetensors state_dict, .pt2 program) or tedepr artifact.",
     metavar="PATH", show_default=False)]
@@ -164,11 +171,22 @@ def _arch(arch: str | None, arch_kwargs: str | None, input_shape: str | None):
     return parse_arch(arch, arch_kwargs, input_shape)
 
 
+def _allow_import(arch: str | None) -> str | None:
+    """The import path a command that only reads artifacts (plan, bench, validate) may
+    import: the one the user typed with ``--arch`` (checked for form; a zoo name needs no
+    confirmation). Whether it is the one the manifest names is checked on load."""
+    if arch is None:
+        return None
+    spec = _arch(arch, None, None)
+    return spec.name if spec.is_import else None
+
+
 def _load(path: Path, arch: str | None, arch_kwargs: str | None, input_shape: str | None,
-          trust_pickle: bool):
+          trust_pickle: bool, non_strict: bool = False):
     from ..loading import load_model
 
-    return load_model(path, _arch(arch, arch_kwargs, input_shape), trust_pickle=trust_pickle)
+    return load_model(path, _arch(arch, arch_kwargs, input_shape), trust_pickle=trust_pickle,
+                      strict=not non_strict)
 
 
 # ---------------------------------------------------------------------------- commands

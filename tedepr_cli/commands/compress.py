@@ -16,6 +16,7 @@ from .common import (
     InputShape,
     JsonOut,
     ModelPath,
+    NonStrict,
     Output,
     Overwrite,
     Quiet,
@@ -116,7 +117,7 @@ def decompose(
     seed: Seed = 0,
     overwrite: Overwrite = False,
     arch: Arch = None, arch_kwargs: ArchKwargs = None, input_shape: InputShape = None,
-    trust_pickle: TrustPickle = False,
+    trust_pickle: TrustPickle = False, non_strict: NonStrict = False,
     json_out: JsonOut = False, verbose: Verbose = 0, quiet: Quiet = False,
 ) -> None:
     """Coarse grain: turn each weight matrix / conv kernel into tensor-train or tensor-ring
@@ -141,7 +142,7 @@ def decompose(
     opts.validate()
     check_output(output, overwrite)
     torch_seed(seed)
-    art = _load(path, arch, arch_kwargs, input_shape, trust_pickle)
+    art = _load(path, arch, arch_kwargs, input_shape, trust_pickle, non_strict)
     before = sum(p.numel() for p in art.model.parameters())
     acc_before = _accuracy(art, data) if data else None
     out, report = run_decompose(art, opts)
@@ -265,7 +266,7 @@ def prune(
     seed: Seed = 0,
     overwrite: Overwrite = False,
     arch: Arch = None, arch_kwargs: ArchKwargs = None, input_shape: InputShape = None,
-    trust_pickle: TrustPickle = False,
+    trust_pickle: TrustPickle = False, non_strict: NonStrict = False,
     json_out: JsonOut = False, verbose: Verbose = 0, quiet: Quiet = False,
 ) -> None:
     """Fine grain: score every prunable entry at initialization and keep the most useful,
@@ -316,7 +317,7 @@ def prune(
 
         art = build_fresh(parse_arch(str(path), arch_kwargs, input_shape), seed)
     else:
-        art = _load(path, arch, arch_kwargs, input_shape, trust_pickle)
+        art = _load(path, arch, arch_kwargs, input_shape, trust_pickle, non_strict)
         if init != "pretrained" and (art.meta.get("tensorization") or not decompose_first):
             raise UsageError(f"--init {init} initializes the cores of the one-shot decomposition, and "
                              f"{path} is {'already decomposed' if decompose_first else 'kept dense'}; to "
@@ -337,6 +338,12 @@ def prune(
     stdout.print(f"kept {report['kept']:,} of {report['dense_prunable']:,} dense prunable weights: "
                  f"sparsity {100 * sp['vs_dense']:.2f} % vs dense, {100 * sp['over_prunable']:.2f} % "
                  f"over prunable entries, {100 * sp['over_all_params']:.2f} % over all parameters")
+    cov = report["coverage"]
+    left = cov["not_pruned"]
+    stdout.print(f"the prunable tensors hold {100 * cov['prunable_share']:.2f} % of the model's "
+                 f"{report['all_params']:,} parameters" + (
+                     f"; weights not pruned: {', '.join(f'{n} ({k:,})' for n, k in left.items())}"
+                     if left else ""))
     if report["repair"]["added"]:
         stdout.print(f"path repair: {report['repair']['added']:,} entries added beyond the budget of "
                      f"{report['budget']:,} to reconnect the input to the output")

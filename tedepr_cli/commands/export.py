@@ -11,15 +11,18 @@ from ..console import print_json, stdout, table
 from .common import (
     Arch,
     ArchKwargs,
+    ConfirmArch,
     DataOpt,
     InputShape,
     JsonOut,
     ModelPath,
+    NonStrict,
     Overwrite,
     Quiet,
     Seed,
     TrustPickle,
     Verbose,
+    _allow_import,
     _load,
     command,
 )
@@ -51,7 +54,7 @@ def export(
                                         "runs (and onnxruntime, where it has CUDA).")] = "cpu",
     overwrite: Overwrite = False,
     arch: Arch = None, arch_kwargs: ArchKwargs = None, input_shape: InputShape = None,
-    trust_pickle: TrustPickle = False,
+    trust_pickle: TrustPickle = False, non_strict: NonStrict = False,
     json_out: JsonOut = False, verbose: Verbose = 0, quiet: Quiet = False,
 ) -> None:
     """Export a compact safetensors file and ONNX models of the chain, each validated
@@ -72,7 +75,7 @@ def export(
     opts.validate()
     resolve_device(device)  # --device cuda without a GPU: exit 10 before anything is written
     check_output(output, overwrite)
-    art = _load(path, arch, arch_kwargs, input_shape, trust_pickle)
+    art = _load(path, arch, arch_kwargs, input_shape, trust_pickle, non_strict)
     report = run_export(art, output, opts, data, overwrite=overwrite)
     log.info(f"wrote {output}")
     if json_out:
@@ -111,6 +114,7 @@ def validate(
                                          show_default=False)],
     atol: AtolOpt = 1e-5,
     rtol: RtolOpt = 1e-4,
+    arch: ConfirmArch = None,
     json_out: JsonOut = False, verbose: Verbose = 0, quiet: Quiet = False,
 ) -> None:
     """Re-check an export directory: run every model on its saved sample inputs and compare
@@ -120,7 +124,7 @@ def validate(
 
     if not path.is_dir():
         raise InputNotFound(f"{path} is not a directory written by tedepr export")
-    results = validate_dir(path, atol, rtol)
+    results = validate_dir(path, atol, rtol, allow_import=_allow_import(arch))
     if json_out:
         print_json(results)
     else:

@@ -13,6 +13,7 @@ from .common import (
     ArchKwargs,
     InputShape,
     JsonOut,
+    NonStrict,
     Quiet,
     TrustPickle,
     Verbose,
@@ -29,7 +30,7 @@ def info(path: Annotated[Path | None, typer.Argument(
              "--data", help="Describe a data set instead (or as well): [reader:]PATH, see README "
              "'Datasets'. With a model, also checks that the data fits it.")] = None,
          arch: Arch = None, arch_kwargs: ArchKwargs = None,
-         input_shape: InputShape = None, trust_pickle: TrustPickle = False,
+         input_shape: InputShape = None, trust_pickle: TrustPickle = False, non_strict: NonStrict = False,
          json_out: JsonOut = False, verbose: Verbose = 0, quiet: Quiet = False) -> None:
     """Describe a checkpoint or artifact (architecture, layers, parameters, size, history)
     and/or a data set (--data: reader, splits, classes, counts, sample shape)."""
@@ -48,7 +49,7 @@ def info(path: Annotated[Path | None, typer.Argument(
         else:
             _print_data(dd[0])
         return
-    art = _load(path, arch, arch_kwargs, input_shape, trust_pickle)
+    art = _load(path, arch, arch_kwargs, input_shape, trust_pickle, non_strict)
     d = describe(art)
     if dd is not None:
         d["data"] = {**dd[0], "fits_model": _fits(dd[1], art)}

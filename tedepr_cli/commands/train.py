@@ -15,6 +15,7 @@ from .common import (
     InputShape,
     JsonOut,
     ModelPath,
+    NonStrict,
     Overwrite,
     Quiet,
     Seed,
@@ -88,7 +89,7 @@ def finetune(
     seed: Seed = 0,
     overwrite: Overwrite = False,
     arch: Arch = None, arch_kwargs: ArchKwargs = None, input_shape: InputShape = None,
-    trust_pickle: TrustPickle = False,
+    trust_pickle: TrustPickle = False, non_strict: NonStrict = False,
     json_out: JsonOut = False, verbose: Verbose = 0, quiet: Quiet = False,
 ) -> None:
     """Train a (pruned, tensorized or dense) model with its masks fixed: pruned entries stay
@@ -111,7 +112,7 @@ def finetune(
     if resume and overwrite:
         raise UsageError("--resume continues a run; --overwrite would discard it: choose one")
     torch_seed(seed)
-    art = _load(path, arch, arch_kwargs, input_shape, trust_pickle)
+    art = _load(path, arch, arch_kwargs, input_shape, trust_pickle, non_strict)
     main_rank = dist_from_env().main
     progress = _progress(epochs) if (main_rank and not quiet and not json_out) else None
 
@@ -185,7 +186,7 @@ def eval_(
     strict_data: Annotated[bool, typer.Option(
         "--strict-data", help="Fail on an unreadable sample file instead of skipping it.")] = False,
     arch: Arch = None, arch_kwargs: ArchKwargs = None, input_shape: InputShape = None,
-    trust_pickle: TrustPickle = False,
+    trust_pickle: TrustPickle = False, non_strict: NonStrict = False,
     json_out: JsonOut = False, verbose: Verbose = 0, quiet: Quiet = False,
 ) -> None:
     """Loss, top-1 and per-class accuracy and throughput of a model on labelled data."""
@@ -202,7 +203,7 @@ def eval_(
     if split not in SPLITS:
         raise UsageError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     torch.set_num_threads(threads)
-    art = _load(path, arch, arch_kwargs, input_shape, trust_pickle)
+    art = _load(path, arch, arch_kwargs, input_shape, trust_pickle, non_strict)
     classes = num_outputs(art.model, art.input_shape)
     ds, pre = open_for_model(data, art, normalize=normalize, strict=strict_data)
     s = make_split(ds, split, art.input_shape, art.input_kind, pre, strict=strict_data)

@@ -16,7 +16,7 @@ from ..artifact import Artifact
 from ..errors import UsageError
 from ..logs import log
 from ..masks import folded_copy
-from ..surgery import swap_module
+from ..surgery import example_input, swap_module
 from .cost import estimate
 from .fusion import apply_fusions, plan_fusions
 from .modules import CHOICES, candidates, options
@@ -61,7 +61,7 @@ def _plan(art: Artifact, batch: int, threads: int, timing: bool, overrides: dict
           fuse: bool, seed: int) -> dict[str, Any]:
     model = folded_copy(art.model).eval()  # what build_model runs: plain weights, eval mode
     cands = candidates(model, art.masks)
-    x = torch.rand(batch, *art.input_shape, generator=torch.Generator().manual_seed(seed))
+    x = example_input(model, art.input_shape, batch, "rand", torch.Generator().manual_seed(seed))
     inputs = _capture_inputs(model, list(cands), x) if timing else {}
     layers: dict[str, Any] = {}
     for name, layer in cands.items():

@@ -19,8 +19,9 @@ the chain) and on dense weights. The caller sets the normalization layers' mode
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +32,7 @@ from torch.func import functional_call
 from ..errors import BadInput, opt
 from ..logs import log
 from ..registry import Registry
+from ..surgery import example_input
 
 
 @dataclass
@@ -88,6 +90,23 @@ def _loss(model: nn.Module, params: dict[str, Tensor], batch: tuple[Tensor, Tens
           temperature: float = 1.0) -> Tensor:
     x, y = batch
     return F.cross_entropy(functional_call(model, params, (x,)) / temperature, y)
+
+
+@contextlib.contextmanager
+def differentiable_attention() -> Iterator[None]:
+    """Run ``F.scaled_dot_product_attention`` (what ``nn.MultiheadAttention`` and torch's
+    Transformer layers call) on its math backend while scoring.
+
+    The fused kernels (flash, memory-efficient) have no double backward ("derivative for
+    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented"), and
+    the ``tedepr`` and ``grasp`` criteria differentiate through a gradient. The math
+    backend computes the same attention with ordinary differentiable ops.
+    ``torch.nn.attention.sdpa_kernel`` restores the previous backend choice on exit.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
 
 
 # ---------------------------------------------------------------------------- criteria
@@ -157,7 +176,7 @@ def synflow(ctx: ScoreContext) -> dict[str, Tensor]:
             if t.is_floating_point():
                 t.abs_()
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    ones = torch.ones(1, *ctx.input_shape, dtype=torch.float64)
+    ones = example_input(model, ctx.input_shape, 1, "ones", dtype=torch.float64)  # ids for embeddings
     total = sum(base[n].numel() for n in ctx.targets)
     rounds = max(1, ctx.options.rounds)
     masks: dict[str, Tensor] | None = None

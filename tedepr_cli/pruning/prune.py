@@ -24,7 +24,7 @@ from ..errors import BadInput, UsageError, opt
 from ..logs import log
 from ..masks import attach_masks, get_masks
 from ..tensorized.tt import TTLinear
-from .criteria import CRITERIA, CriterionOptions, ScoreContext
+from .criteria import CRITERIA, CriterionOptions, ScoreContext, differentiable_attention
 from .masking import budget, check_collapse, rank_paths, select
 from .reachability import Reachability, check_reachability, repair_paths
 from .targets import prunable_groups
@@ -251,7 +251,7 @@ def prune_model(model: torch.nn.Module, opts: PruneOptions,
     else:
         ctx = ScoreContext(model=model, targets=names, batches=batches, input_shape=tuple(input_shape),
                            generator=gen, options=copts, kept=kept, select=selector)
-        with _score_mode(model, opts.score_mode):
+        with _score_mode(model, opts.score_mode), differentiable_attention():
             scores = CRITERIA.get(criterion).fn(ctx)
         masks = selector(scores, kept)
     score_s = time.perf_counter() - t0
@@ -312,6 +312,22 @@ def _thin_warning(thin: list[tuple[str, int, int]]) -> str:
     return head + f"Try a lower rank (fewer, denser cores), {opt('scope')} normalized, or a lower sparsity"
 
 
+def _unpruned_weights(model: torch.nn.Module, prunable: set[str]) -> dict[str, int]:
+    """Weight tensors (not biases, not normalization parameters) no group prunes, by plain
+    name: their entry count (an embedding, a layer type tedepr does not prune)."""
+    from ..masks import plain_named_parameters
+    from ..tensorized.plan import NORMS
+
+    norms = {n for n, m in model.named_modules() if isinstance(m, NORMS)}
+    out = {}
+    for n, p in plain_named_parameters(model).items():
+        owner, _, leaf = n.rpartition(".")
+        if n in prunable or "bias" in leaf or owner in norms or p.dim() < 2:
+            continue
+        out[n] = p.numel()
+    return out
+
+
 def _report(model, groups, masks, dense: int, opts: PruneOptions, criterion: str,
             fallback: str | None, data: str | None, score_s: float) -> dict[str, Any]:
     kept = sum(int(m.sum()) for m in masks.values())
@@ -353,6 +369,10 @@ def _report(model, groups, masks, dense: int, opts: PruneOptions, criterion: str
             "over_prunable": 1 - kept / entries,
             "over_all_params": (entries - kept) / all_params,
         },
+        # what the sparsity covers: the prunable tensors' share of the whole model, and the
+        # weight layers left out (embeddings, ...), so "99 % sparsity" cannot hide them
+        "coverage": {"prunable_share": entries / all_params,
+                     "not_pruned": _unpruned_weights(model, {n for g in groups for n in g.params})},
         "score_seconds": round(score_s, 3),
         "layers": layers,
         "warnings": warnings,

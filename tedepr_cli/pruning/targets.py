@@ -1,8 +1,9 @@
 """What the fine grain may prune, and what each prunable tensor stands for.
 
-Prunable: the cores of tensorized layers, and the weights of dense Linear/Conv2d layers,
-LSTM ``weight_ih``/``weight_hh`` and MultiheadAttention ``in_proj_weight``. Biases,
-normalization parameters and embeddings are never pruned (as in SNIP/GraSP/SynFlow).
+Prunable: the cores of tensorized layers, and the weights of dense Linear and convolution
+layers (Conv1d/2d/3d, grouped, transposed), recurrent ``weight_ih``/``weight_hh`` (LSTM, GRU,
+RNN) and MultiheadAttention ``in_proj_weight``. Biases, normalization parameters and
+embeddings are never pruned (as in SNIP/GraSP/SynFlow).
 
 Tensors are grouped by layer. Each group knows how many weights the *dense original* layer
 had (``dense_count``): the sparsity budget is always relative to the dense model
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..masks import plain_named_parameters
+from ..masks import plain_named_parameters, tied_parameters
 from ..tensorized.base import TensorizedLayer
 from ..tensorized.wrappers import TensorizedLSTM
 
@@ -36,15 +37,23 @@ def _join(prefix: str, name: str) -> str:
 
 
 def prunable_groups(model: nn.Module) -> list[Group]:
-    """Every prunable layer of ``model`` in module order."""
+    """Every prunable layer of ``model`` in module order. A tied tensor (one tensor used by
+    several layers, :func:`~tedepr_cli.masks.tied_parameters`) is one group, under its
+    first name: pruned once with one mask and counted once in the budget."""
+    aliases = tied_parameters(model)
+    groups = [g for g in _groups(model) if not any(n in aliases for n in g.params)]
+    return groups
+
+
+def _groups(model: nn.Module) -> list[Group]:
     groups: list[Group] = []
     for mname, mod in model.named_modules():
         if isinstance(mod, TensorizedLayer):
             groups.append(Group(mname, "cores", [_join(mname, f"cores.{i}") for i in range(len(mod.cores))],
                                 mod.dense_params(), mod))
-        elif isinstance(mod, nn.Linear | nn.Conv2d):
+        elif isinstance(mod, nn.Linear | nn.modules.conv._ConvNd):  # Conv1d/2d/3d, grouped, transposed
             groups.append(Group(mname, "dense", [_join(mname, "weight")], mod.weight.numel(), mod))
-        elif isinstance(mod, nn.LSTM | TensorizedLSTM):
+        elif isinstance(mod, nn.RNNBase | TensorizedLSTM):  # LSTM, GRU, RNN
             for pname in _recurrent_weights(mod):
                 groups.append(Group(_join(mname, pname), "dense", [_join(mname, pname)],
                                     getattr(mod, pname).numel(), mod))
@@ -55,7 +64,7 @@ def prunable_groups(model: nn.Module) -> list[Group]:
 
 
 def _recurrent_weights(mod: nn.Module) -> list[str]:
-    """The weight matrices of a (tensorized) LSTM in the module's own order; masked ones
+    """The weight matrices of a (tensorized) LSTM/GRU/RNN in the module's own order; masked ones
     included (a mask moves a parameter out of ``named_parameters(recurse=False)``)."""
     if isinstance(mod, TensorizedLSTM):
         return [f"weight_hh_{s}" for s in mod._suffixes()]

@@ -91,6 +91,15 @@ class TensorizedLayer(nn.Module):
         layout: ``(out, in)`` for Linear, ``(out, in, kh, kw)`` for Conv2d."""
         raise NotImplementedError
 
+    @property
+    def weight(self) -> Tensor:
+        """:meth:`dense_weight`, under the name the replaced layer had, so that code reading
+        ``layer.weight`` (torch's own modules, user code) keeps working; computed on each
+        read (differentiable), never stored. A nonlinear chain has none (AttributeError)."""
+        if self.chain != "linear":
+            raise AttributeError("a nonlinear chain has no dense equivalent weight")
+        return self.dense_weight()
+
     def _require_linear_chain(self) -> None:
         if self.chain != "linear":
             raise ValueError("a nonlinear chain has no single dense equivalent weight")

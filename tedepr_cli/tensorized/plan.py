@@ -20,11 +20,10 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..errors import BadInput, UsageError, opt
-from ..surgery import eval_mode, swap_module
+from ..surgery import dry_forward, swap_module
 from .layers import FORMATS, build_layer, to_dense_layer
 
 SUPPORTED = (nn.Linear, nn.Conv2d, nn.LSTM, nn.MultiheadAttention)
@@ -200,7 +199,7 @@ def _spec_for(kind: str, mod: nn.Module, fmt: str, d: int, r: int, chain: str,
                 "batch_first": mod.batch_first, "bias": mod.bias, "ih": ih}
     e = mod.embed_dim
     return {"type": "mha", "embed_dim": e, "num_heads": mod.num_heads,
-            "batch_first": mod.batch_first,
+            "batch_first": mod.batch_first, "dropout": float(mod.dropout),
             "in_proj": _linear_spec(fmt, e, 3 * e, d, r, chain, mod.in_proj_bias is not None,
                                     out_modes=_gate_modes(e, d, 3)),
             "out_proj": _linear_spec(fmt, e, e, d, r, chain, mod.out_proj.bias is not None)}
@@ -258,6 +257,46 @@ def _why_unsupported(mod: nn.Module) -> str | None:
     return None
 
 
+NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+
+
+def _untensorized_row(name: str, mod: nn.Module, why: str | None = None) -> LayerPlan | None:
+    """The plan row of a layer tedepr leaves dense: every module with a weight of its own
+    (not a normalization layer) is accounted for, with the reason. None for modules without
+    weights of their own (containers, activations, norms)."""
+    own = dict(mod.named_parameters(recurse=False))
+    if not own or isinstance(mod, NORMS):
+        return None
+    weights = {n: p for n, p in own.items() if "bias" not in n}
+    if not weights:
+        return None
+    first = next(iter(weights.values()))
+    count = sum(p.numel() for p in weights.values())
+    if why is None:
+        kind = type(mod).__name__
+        why = {nn.Embedding: "embedding (tedepr tensorizes Linear, Conv2d, LSTM and MHA)",
+               nn.GRU: "GRU (not tensorized yet; its weights can be pruned dense)",
+               nn.RNN: "RNN (not tensorized yet; its weights can be pruned dense)",
+               nn.Conv1d: "Conv1d (not tensorized yet; its weight can be pruned dense)"}.get(
+            type(mod), f"{kind}: not a layer type tedepr tensorizes")
+    return LayerPlan(name, type(mod).__name__.lower(), [int(x) for x in first.shape], None, count, count,
+                     None, f"kept dense: {why}")
+
+
+def _tied_layers(model: nn.Module) -> dict[str, str]:
+    """Layers whose weight is tied to another layer's (``masks.tied_parameters``), with the
+    reason they stay dense: tensorizing one side would untie the pair (the other keeps the
+    dense tensor), and tedepr keeps ties."""
+    from ..masks import tied_parameters
+
+    out: dict[str, str] = {}
+    for alias, canonical in tied_parameters(model).items():
+        for mine, other in ((alias, canonical), (canonical, alias)):
+            owner = mine.rpartition(".")[0]
+            out.setdefault(owner, f"weight tied to {other} (kept dense to keep the tie)")
+    return out
+
+
 def _conv_input_sizes(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, tuple[int, int]]:
     sizes: dict[str, tuple[int, int]] = {}
     hooks = []
@@ -266,8 +305,7 @@ def _conv_input_sizes(model: nn.Module, input_shape: tuple[int, ...]) -> dict[st
             hooks.append(mod.register_forward_pre_hook(
                 lambda m, a, name=name: sizes.__setitem__(name, tuple(a[0].shape[-2:]))))
     try:
-        with eval_mode(model), torch.no_grad():
-            model(torch.zeros(1, *input_shape))
+        dry_forward(model, input_shape)  # a shape the model cannot take: BadInput naming it
     finally:
         for h in hooks:
             h.remove()
@@ -311,20 +349,27 @@ def plan_model(model: nn.Module, input_shape: tuple[int, ...], opts: PlanOptions
         if isinstance(mod, nn.MultiheadAttention):
             inside_mha.update(f"{name}.{c}" if name else c for c, _ in mod.named_modules() if c)
     explicit = bool(opts.include)
+    tied = _tied_layers(model)
     for name, mod in model.named_modules():
         if not name or name in inside_mha:
             continue
         kind = _kind(mod)
         wanted = _matches(name, opts.include) if explicit else kind is not None
+        if kind is None and not explicit and not _matches(name, opts.exclude):
+            other = _untensorized_row(name, mod)  # every weight layer gets a row, with the reason
+            if other is not None:
+                plans.append(other)
+            continue
         if not wanted or _matches(name, opts.exclude):
             continue
         if kind is None:
             raise BadInput(f"{opt('include')} matched {name} ({type(mod).__name__}): tedepr tensorizes "
                            "Linear, Conv2d, LSTM and MultiheadAttention layers")
-        why = _why_unsupported(mod)
+        why = _why_unsupported(mod) or tied.get(name)
         if why:
             if explicit:
                 raise BadInput(f"{name} is a {why}, which tedepr cannot tensorize")
+            plans.append(_untensorized_row(name, mod, why))
             continue
         dense = _dense_weight_params(kind, mod)
         shape = [int(s) for s in getattr(mod, "weight", getattr(mod, "in_proj_weight", None)).shape] \

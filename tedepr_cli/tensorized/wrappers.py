@@ -96,9 +96,22 @@ class TensorizedLSTM(nn.Module):
 
 class TensorizedMHA(nn.Module):
     """``nn.MultiheadAttention`` whose packed input projection and output projection are
-    tensorized Linears."""
+    tensorized Linears.
+
+    Drop-in for code that reads ``nn.MultiheadAttention``'s public attributes:
+    ``in_proj_weight`` (3E × E) and ``out_proj.weight`` are the dense equivalents of the
+    chains (computed on read), ``in_proj_bias``/``out_proj.bias`` the biases, ``bias_k``/
+    ``bias_v``/``q_proj_weight``/... ``None`` as in a packed ``nn.MultiheadAttention``.
+    ``_qkv_same_embed_dim`` is False: torch's ``nn.TransformerEncoderLayer`` then takes its
+    slow path, which calls this module, instead of its fused kernel on dense packed weights
+    (which would bypass the chain and its masks' savings).
+    """
 
     kind = "mha"
+    _qkv_same_embed_dim = False  # see the class docstring: keeps the chain on the forward path
+    bias_k = bias_v = None
+    q_proj_weight = k_proj_weight = v_proj_weight = None
+    add_zero_attn = False
 
     def __init__(self, spec: dict[str, Any]) -> None:
         super().__init__()
@@ -109,6 +122,18 @@ class TensorizedMHA(nn.Module):
         self.in_proj = _linear(spec["in_proj"])
         self.out_proj = _linear(spec["out_proj"]) if spec.get("out_proj") else \
             nn.Linear(self.embed_dim, self.embed_dim)
+        self.dropout = float(spec.get("dropout", 0.0))  # on the attention weights, in training
+        self.kdim = self.vdim = self.embed_dim
+        self.head_dim = self.embed_dim // self.num_heads
+
+    @property
+    def in_proj_weight(self) -> Tensor:
+        """The dense (3E, E) packed projection the chain equals (a new tensor each read)."""
+        return self.in_proj.dense_weight()
+
+    @property
+    def in_proj_bias(self) -> Tensor | None:
+        return self.in_proj.bias
 
     def spec(self) -> dict[str, Any]:
         out = {**self._spec, "type": self.kind, "in_proj": self.in_proj.spec()}
@@ -144,6 +169,8 @@ class TensorizedMHA(nn.Module):
                 mask = mask.reshape(b, nh, lq, lk)
             att = att.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool else att + mask
         w = F.softmax(att, dim=-1)
+        if self.training and self.dropout > 0:
+            w = F.dropout(w, p=self.dropout)
         out = self.out_proj((w @ v).transpose(1, 2).reshape(b, lq, e))
         if not self.batch_first:
             out = out.transpose(0, 1)
