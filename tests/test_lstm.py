@@ -204,7 +204,7 @@ def test_planner_keeps_torch_for_an_lstm_the_kernel_does_not_take(monkeypatch):
 
 
 # ---------------------------------------------------------------------------- training path
-def tensorized_lstm(recurrence: str, bidirectional: bool, layers: int, batch_first: bool) -> TensorizedLSTM:
+def tensorized_lstm(recurrence: str | None, bidirectional: bool, layers: int, batch_first: bool) -> TensorizedLSTM:
     ih = []
     dirs = 2 if bidirectional else 1
     for k in range(layers):
@@ -218,7 +218,8 @@ def tensorized_lstm(recurrence: str, bidirectional: bool, layers: int, batch_fir
     with torch.no_grad():
         for p in m.parameters():
             p.copy_(torch.randn(p.shape, dtype=p.dtype) * 0.5)
-    m.recurrence = recurrence
+    if recurrence is not None:  # None: the default a built model gets
+        m.recurrence = recurrence
     return m
 
 
@@ -256,8 +257,8 @@ def test_fused_path_is_one_autograd_node_not_a_graph_per_step():
             todo += [g for g, _ in f.next_functions]
         return len(seen)
 
-    m = tensorized_lstm("auto", False, 1, True).float()
-    assert m.fused()  # 12 inputs <= 4 x 8 hidden: auto fuses
+    m = tensorized_lstm(None, False, 1, True).float()
+    assert m.recurrence == "auto" and m.fused()  # 12 inputs <= 4 x 8 hidden: auto fuses
     assert graph_size(m, 40) == graph_size(m, 5)  # independent of the sequence length
     m.recurrence = "loop"
     assert graph_size(m, 40) > graph_size(m, 5) + 100
