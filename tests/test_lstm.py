@@ -204,7 +204,8 @@ def test_planner_keeps_torch_for_an_lstm_the_kernel_does_not_take(monkeypatch):
 
 
 # ---------------------------------------------------------------------------- training path
-def tensorized_lstm(recurrence: str | None, bidirectional: bool, layers: int, batch_first: bool) -> TensorizedLSTM:
+def tensorized_lstm(recurrence: str | None, bidirectional: bool, layers: int,
+                    batch_first: bool) -> TensorizedLSTM:
     ih = []
     dirs = 2 if bidirectional else 1
     for k in range(layers):
@@ -272,3 +273,28 @@ def test_auto_recurrence_rule():
     m.recurrence = "sometimes"
     with pytest.raises(ValueError, match="recurrence"):
         m.fused()
+
+
+# ---------------------------------------------------------------------------- export
+def test_lstm_onnx_is_one_lstm_op_and_its_sparse_file_stores_w_hh_sparse(tmp_path):
+    """The tensorized LSTM exports as ONNX's LSTM op (not a graph unrolled per step), and
+    ``model.sparse.onnx`` holds the pruned hidden-to-hidden matrix as a sparse initializer:
+    no dense (4H, H) initializer is left."""
+    import onnx
+    from onnx import numpy_helper
+
+    from tedepr_cli.export import ExportOptions, export
+
+    art = lstm_artifact()
+    h = art.model.lstm.hidden_size
+    export(art, tmp_path / "e", ExportOptions(formats=["onnx", "onnx-sparse"]))
+    dense, sparse = (onnx.load(str(tmp_path / "e" / f)) for f in ("model.onnx", "model.sparse.onnx"))
+    assert [n.op_type for n in dense.graph.node].count("LSTM") == 1
+    big = [i.name for i in sparse.graph.initializer if numpy_helper.to_array(i).size >= 4 * h * h]
+    assert not big, big
+    kept_hh = int(art.masks["lstm.weight_hh_l0"].sum())
+    hh = [s for s in sparse.graph.sparse_initializer if list(s.dims)[-2:] == [4 * h, h]]  # R: (dirs, 4H, H)
+    assert len(hh) == 1 and numpy_helper.to_array(hh[0].values).size <= kept_hh
+    sizes = [(tmp_path / "e" / f).stat().st_size for f in ("model.sparse.onnx", "model.onnx")]
+    # the dense R (4 B per entry) gave way to its kept entries (value + int64 index)
+    assert sizes[0] <= sizes[1] - 4 * (4 * h * h) + 12 * kept_hh + 1024, sizes
