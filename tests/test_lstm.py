@@ -181,6 +181,7 @@ def test_planner_dense_choice_is_the_equivalent_nn_lstm():
         assert outputs_close(dense(x), copy.deepcopy(model.lstm).double()(x.double())) <= TOL
 
 
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
 def test_planner_keeps_torch_for_an_lstm_the_kernel_does_not_take(monkeypatch):
     """A pruned nn.LSTM with projections: no compiled choice, and the plan says why."""
     monkeypatch.setattr(timing, "medians", fixed_clock)
