@@ -171,6 +171,28 @@ def test_planner_plans_the_lstm_as_one_layer_and_can_choose_the_kernel(monkeypat
             assert rel(built(x), copy.deepcopy(art.model).double()(x.double())) <= TOL
 
 
+@needs_lstm_kernel
+def test_planner_can_choose_the_kernel_for_a_pruned_nn_lstm(monkeypatch):
+    """The dense-weight baseline (`prune --no-decompose`): a plain nn.LSTM with masked
+    weights is planned whole too, and its compiled module equals the model."""
+    monkeypatch.setattr(timing, "medians", fixed_clock)
+    torch.manual_seed(0)
+    spec = parse_arch("lstm", json.dumps({**ZOO_CASES["lstm"], "num_layers": 2}))
+    art, _ = prune(Artifact(model=build(spec).eval(), arch=spec),
+                   PruneOptions(sparsity=0.9, criterion="magnitude", decompose=False))
+    assert isinstance(art.model.lstm, nn.LSTM) and "lstm.weight_hh_l1" in art.masks
+    model = folded_copy(art.model).eval()
+    assert "lstm" in candidates(model, art.masks)
+    assert set(options("lstm", model.lstm, art.masks, 1)) == {"dense", "kernel"}
+    plan = plan_execution(art, 3, fuse=False)
+    assert plan["layers"]["lstm"]["choice"] == "kernel"
+    built = build_model(art, plan)
+    assert isinstance(built.lstm, KernelLSTM)
+    x = torch.rand(3, *art.input_shape)
+    with torch.no_grad():
+        assert rel(built(x), copy.deepcopy(art.model).double()(x.double())) <= TOL
+
+
 def test_planner_dense_choice_is_the_equivalent_nn_lstm():
     art = lstm_artifact()
     model = folded_copy(art.model).eval()
