@@ -6,12 +6,21 @@ layouts of :mod:`tedepr_cli.storage`, with the manifest embedded in the metadata
 file carrying the manifest in its metadata. Loading needs no pickle: the manifest names
 the architecture, the tensorization plan rebuilds factorized layers, and the tensors fill
 them.
+
+Size (issue 17): on small compressed models the metadata used to be most of the file. The
+tensors are packed, one per dtype (:func:`tedepr_cli.storage.pack`), the embedded manifest
+is compact JSON, and in a *directory* artifact the large derived reports (:data:`EXTERNAL`:
+the per-layer tensorization and pruning tables, stored execution plans) live only in
+``manifest.json``; the embedded copy records their SHA-256 under ``external``, so an edited
+report is still detected and the model loads from ``model.safetensors`` alone (without
+those reports). A single-file artifact embeds the whole manifest.
 """
 
 from __future__ import annotations
 
 import copy
 import datetime as _dt
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -28,7 +37,7 @@ from .arch import ArchSpec, build
 from .errors import BadInput, InputNotFound, UnsafeInput, opt
 from .fsutil import atomic_output
 from .masks import attach_masks, get_masks, plain_state_dict, tied_parameters
-from .storage import decode, encode, ties_of
+from .storage import decode, encode, pack, ties_of
 from .tensorized.layers import tensorized_specs
 from .version import __version__
 
@@ -38,6 +47,11 @@ MODEL_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
 META_MANIFEST = "tedepr.manifest"
 META_ENCODING = "tedepr.encoding"
+# manifest entries a directory artifact keeps only in manifest.json: derived per-layer
+# reports and stored execution plans (section, key)
+EXTERNAL = (("tensorization", "report"), ("pruning", "layers"), ("execution", "plans"))
+EXTERNAL_KEY = "external"  # the embedded manifest's record of what it left out
+_COMPACT = {"sort_keys": True, "separators": (",", ":")}
 
 
 @dataclass
@@ -154,13 +168,13 @@ def save_artifact(art: Artifact, path: str | Path, overwrite: bool = False,
     ``.safetensors``). Returns the path written."""
     path = Path(path)
     manifest = art.manifest()
-    tensors, encoding = encode(plain_state_dict(art.model), art.masks, layout=layout,
-                               ties=tied_parameters(art.model))
-    metadata = {
-        META_MANIFEST: json.dumps(manifest, sort_keys=True),
-        META_ENCODING: json.dumps(encoding, sort_keys=True),
-    }
+    tensors, encoding = pack(*encode(plain_state_dict(art.model), art.masks, layout=layout,
+                                     ties=tied_parameters(art.model)))
     single = path.suffix == ".safetensors"
+    metadata = {
+        META_MANIFEST: json.dumps(manifest if single else embedded_manifest(manifest), **_COMPACT),
+        META_ENCODING: json.dumps(encoding, **_COMPACT),
+    }
     with atomic_output(path, overwrite=overwrite, directory=not single) as tmp:
         st_path = tmp if single else tmp / MODEL_FILE
         save_file(tensors, str(st_path), metadata=metadata)
@@ -168,6 +182,24 @@ def save_artifact(art: Artifact, path: str | Path, overwrite: bool = False,
         if not single:
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def embedded_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest a directory artifact embeds in ``model.safetensors``: ``manifest``
+    without the :data:`EXTERNAL` reports, plus ``external`` naming them and the SHA-256 of
+    their canonical JSON (unchanged when there is nothing to leave out)."""
+    out = dict(manifest)
+    removed: dict[str, Any] = {}
+    for section, key in EXTERNAL:
+        sec = out.get(section)
+        if isinstance(sec, dict) and key in sec:
+            sec = dict(sec)
+            removed[f"{section}.{key}"] = sec.pop(key)
+            out[section] = sec
+    if removed:
+        digest = hashlib.sha256(json.dumps(removed, **_COMPACT).encode()).hexdigest()
+        out[EXTERNAL_KEY] = {"file": MANIFEST_FILE, "keys": sorted(removed), "sha256": digest}
+    return out
 
 
 def _sort_metadata(path: Path) -> None:
@@ -301,9 +333,12 @@ def load_artifact(path: str | Path, allow_import: str | None = None) -> Artifact
     if p.is_dir() and (p / MANIFEST_FILE).exists():
         side = parse_manifest((p / MANIFEST_FILE).read_text(errors="replace"),
                               str(p / MANIFEST_FILE))
-        if side != manifest:
+        # the embedded copy is the whole manifest (older artifacts) or leaves the reports
+        # to manifest.json, whose digest it records
+        if side != manifest and embedded_manifest(side) != manifest:
             raise BadInput(f"{p / MANIFEST_FILE} differs from the manifest embedded in "
                            f"{MODEL_FILE}; the artifact was edited or is corrupt")
+        manifest = side
     try:
         encoding = json.loads(meta.get(META_ENCODING, "{}"))
     except json.JSONDecodeError:
@@ -324,7 +359,7 @@ def load_artifact(path: str | Path, allow_import: str | None = None) -> Artifact
     attach_masks(model, masks)
     meta_out = {k: copy.deepcopy(v) for k, v in manifest.items()
                 if k not in ("schema", "schema_version", "tool_version", "arch",
-                             "input_shape", "input_kind")}
+                             "input_shape", "input_kind", EXTERNAL_KEY)}
     model.eval()
     return Artifact(model=model, arch=spec, meta=meta_out, source=str(p))
 

@@ -97,21 +97,21 @@ def compact_report(art: Artifact, path: Path) -> dict[str, Any]:
     """Bytes of the prunable (masked) part of a compact safetensors file against the
     target ``4 bytes per kept value + the minimal index bytes``."""
     from .artifact import META_ENCODING, read_safetensors
+    from .storage import masked_part_bytes
 
     tensors, meta = read_safetensors(path)
-    enc = json.loads(meta[META_ENCODING])
+    parts = masked_part_bytes(tensors, json.loads(meta[META_ENCODING]))
     stored = kept = 0
     minimal_index = 0.0
     for name, m in art.masks.items():
-        parts = [t for k, t in tensors.items() if k.startswith(f"{name}::")]
-        stored += sum(t.numel() * t.element_size() for t in parts)
+        stored += parts[name][1]
         k = int(m.sum())
         kept += k
         minimal_index += entropy_bytes(m.numel(), k)
     target = 4 * kept + minimal_index
     layouts: dict[str, int] = {}
     for name in art.masks:
-        lay = enc[name]["layout"]
+        lay = parts[name][0]
         layouts[lay] = layouts.get(lay, 0) + 1
     return {"masked_tensors": len(art.masks), "kept_values": kept, "stored_bytes": stored,
             "minimal_bytes": round(target), "ratio": stored / target if target else None,

@@ -19,6 +19,21 @@ of four documented layouts is chosen:
 An unmasked tensor is stored as itself under its own name. The per-tensor choice, shape and
 dtype live in the ``tedepr.encoding`` metadata entry (JSON). Decoding restores the dense
 tensor (zeros where masked) and its boolean mask, bit for bit.
+
+**Packed files** (:func:`pack`, what artifacts write since issue 17): a safetensors header
+spends ~80 bytes per tensor, more than a small pruned core's whole payload, so every part
+above is concatenated, per dtype, into one 1-D tensor ``tedepr.pack.<CODE>`` (``F32``,
+``U8``, ``U16``, ... as safetensors names them), and ``tedepr.encoding`` becomes::
+
+    {"format": 2, "tensors": [[name, shape], ...                           # unmasked float32
+                              [name, shape, CODE], ...                     # unmasked, other dtype
+                              [name, shape, layout, [[CODE, n], ...]]]}    # masked
+
+listed in storage order: each entry's parts (an unmasked tensor is one part; a masked
+tensor's parts are the layout's above, in that order, values first, ``n`` elements each,
+and the values' CODE is the tensor's dtype) follow the previous entries' parts of the same
+dtype. :func:`unpack` restores the per-part tensors; files written before (a dict of
+``{name: {"layout", "shape", "dtype"}}``) decode as they are.
 """
 
 from __future__ import annotations
@@ -163,6 +178,130 @@ def encode(state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None
     return tensors, encoding
 
 
+PACKED_FORMAT = 2
+PACK_PREFIX = "tedepr.pack."
+PARTS = {"coo": ("values", "index"), "bitmask": ("values", "bits"), "delta": ("values", "gaps"),
+         "csr": ("values", "indices", "indptr")}  # the parts of each layout, in packed order
+_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+          torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+          torch.uint8: "U8", torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
+          torch.bool: "BOOL"}
+_BY_CODE = {c: d for d, c in _CODES.items()}
+
+
+def _code(t: torch.Tensor) -> str:
+    if t.dtype not in _CODES:
+        raise BadInput(f"cannot store a {t.dtype} tensor")
+    return _CODES[t.dtype]
+
+
+def pack(tensors: dict[str, torch.Tensor], encoding: dict[str, Any]
+         ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """:func:`encode`'s output as one tensor per dtype plus the format-2 encoding (see the
+    module doc): the header then holds a handful of entries instead of one per part."""
+    entries: list[list[Any]] = []
+    blobs: dict[str, list[torch.Tensor]] = {}
+
+    def put(t: torch.Tensor) -> list[Any]:
+        code = _code(t)
+        blobs.setdefault(code, []).append(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8))
+        return [code, t.numel()]
+
+    for name, enc in encoding.items():
+        lay = enc["layout"]
+        if lay == "tied":  # stored once under the name it is tied to: no data of its own
+            entries.append([name, [], "tied", enc["to"]])
+            continue
+        if lay == "dense":
+            t = tensors[name]
+            put(t)
+            entries.append([name, list(t.shape)] + ([] if t.dtype is torch.float32 else [_code(t)]))
+        else:
+            parts = [put(tensors[f"{name}{SEP}{lay}.{suffix}"]) for suffix in PARTS[lay]]
+            if parts[0][0] != _CODES[_DTYPES[enc["dtype"]]]:
+                raise BadInput(f"values of {name} are not stored in the tensor's dtype")
+            entries.append([name, list(enc["shape"]), lay, parts])
+    packed = {f"{PACK_PREFIX}{code}": torch.cat(ts).view(_BY_CODE[code])
+              for code, ts in sorted(blobs.items())}
+    return packed, {"format": PACKED_FORMAT, "tensors": entries}
+
+
+def is_packed(encoding: Any) -> bool:
+    """Whether ``encoding`` is the format-2 (packed) encoding rather than a per-tensor map."""
+    return isinstance(encoding, dict) and isinstance(encoding.get("format"), int) \
+        and not isinstance(encoding.get("format"), bool)
+
+
+def unpack(tensors: dict[str, torch.Tensor], encoding: dict[str, Any]
+           ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Inverse of :func:`pack`: the per-part tensors (views into the packed ones) and the
+    per-tensor encoding map. Malformed entries, parts past the end of their packed tensor
+    and packed data no entry claims raise :class:`BadInput`."""
+    if encoding.get("format") != PACKED_FORMAT:
+        raise BadInput(f"artifact encoding format {encoding.get('format')!r} is not supported by this "
+                       f"tedepr (supports {PACKED_FORMAT}); upgrade tedepr")
+    entries = encoding.get("tensors")
+    if not isinstance(entries, list):
+        raise BadInput("artifact encoding has no tensor list")
+    offsets = {k.removeprefix(PACK_PREFIX): 0 for k in tensors if k.startswith(PACK_PREFIX)}
+    out: dict[str, torch.Tensor] = {}
+    enc: dict[str, Any] = {}
+
+    def take(code: Any, n: Any, what: str) -> torch.Tensor:
+        if code not in offsets or not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise BadInput(f"artifact encoding of {what!r} names a packed part ({code!r}, {n!r}) "
+                           "the file does not have")
+        blob, start = tensors[f"{PACK_PREFIX}{code}"], offsets[code]
+        if blob.dim() != 1 or start + n > blob.numel():
+            raise BadInput(f"packed {code} data ends before the part of {what!r}")
+        offsets[code] = start + n
+        return blob[start:start + n]
+
+    for e in entries:
+        if not isinstance(e, list) or len(e) not in (2, 3, 4) or not isinstance(e[0], str) \
+                or not isinstance(e[1], list) or not all(isinstance(d, int) and not isinstance(d, bool)
+                                                         and d >= 0 for d in e[1]):
+            raise BadInput(f"artifact encoding entry {str(e)[:80]} is malformed")
+        name, shape = e[0], e[1]
+        if name in enc:
+            raise BadInput(f"artifact encoding lists {name!r} twice")
+        if len(e) < 4:  # unmasked: one part of the tensor's own dtype
+            numel = 1
+            for d in shape:
+                numel *= d
+            out[name] = take(e[2] if len(e) == 3 else "F32", numel, name).reshape(shape)
+            enc[name] = {"layout": "dense"}
+            continue
+        lay, parts = e[2], e[3]
+        if lay == "tied":
+            if not isinstance(parts, str):
+                raise BadInput(f"artifact encoding of {name!r} is malformed")
+            enc[name] = {"layout": "tied", "to": parts}
+            continue
+        if lay not in PARTS or not isinstance(parts, list) or len(parts) != len(PARTS[lay]) \
+                or not all(isinstance(p, list) and len(p) == 2 for p in parts) or parts[0][0] not in _BY_CODE:
+            raise BadInput(f"artifact encoding of {name!r} is malformed")
+        for suffix, part in zip(PARTS[lay], parts, strict=True):
+            out[f"{name}{SEP}{lay}.{suffix}"] = take(part[0], part[1], name)
+        enc[name] = {"layout": lay, "shape": shape,
+                     "dtype": str(_BY_CODE[parts[0][0]]).removeprefix("torch.")}
+    left = [c for c, off in offsets.items() if off != tensors[f"{PACK_PREFIX}{c}"].numel()]
+    if left:
+        raise BadInput(f"packed {', '.join(left)} data is longer than its encoding describes")
+    return out, enc
+
+
+def masked_part_bytes(tensors: dict[str, torch.Tensor], encoding: dict[str, Any]
+                      ) -> dict[str, tuple[str, int]]:
+    """``{name: (layout, bytes)}`` of every masked tensor of a stored file (packed or not):
+    what its kept values and index structure take."""
+    if is_packed(encoding):
+        tensors, encoding = unpack(tensors, encoding)
+    return {name: (enc["layout"], sum(t.numel() * t.element_size() for k, t in tensors.items()
+                                      if k.startswith(f"{name}{SEP}")))
+            for name, enc in encoding.items() if enc.get("layout") not in ("dense", "tied")}
+
+
 def _part(tensors: dict[str, torch.Tensor], name: str, layout: str, suffix: str) -> torch.Tensor:
     key = f"{name}{SEP}{layout}.{suffix}"
     if key not in tensors:
@@ -172,9 +311,11 @@ def _part(tensors: dict[str, torch.Tensor], name: str, layout: str, suffix: str)
 
 def decode(tensors: dict[str, torch.Tensor], encoding: dict[str, Any]
            ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Inverse of :func:`encode`: dense state dict and boolean masks."""
+    """Inverse of :func:`encode` (or of :func:`pack`): dense state dict and boolean masks."""
     if not isinstance(encoding, dict):
         raise BadInput("artifact encoding map must be a JSON object")
+    if is_packed(encoding):
+        tensors, encoding = unpack(tensors, encoding)
     state: dict[str, torch.Tensor] = {}
     masks: dict[str, torch.Tensor] = {}
     for name, enc in encoding.items():
@@ -243,7 +384,11 @@ def decode(tensors: dict[str, torch.Tensor], encoding: dict[str, Any]
 
 
 def ties_of(encoding: dict[str, Any]) -> dict[str, str]:
-    """The ties an encoding map records (alias -> name), see :func:`encode`."""
+    """The ties an encoding records (alias -> name), see :func:`encode`; packed (format 2)
+    or per-tensor."""
+    if is_packed(encoding):
+        return {e[0]: e[3] for e in encoding.get("tensors") or []
+                if isinstance(e, list) and len(e) == 4 and e[2] == "tied"}
     return {n: e["to"] for n, e in encoding.items() if isinstance(e, dict) and e.get("layout") == "tied"}
 
 

@@ -19,7 +19,7 @@ from ..masks import folded_copy
 from ..surgery import example_input, swap_module
 from .cost import estimate
 from .fusion import apply_fusions, plan_fusions
-from .modules import CHOICES, candidates, options
+from .modules import CHOICES, candidates, options, unavailable
 from .store import PLANNER_VERSION, fingerprint, stored_plan
 
 GUARD_SLACK = 1.05  # the whole model may be at most 5 % slower than its dense rebuild (noise)
@@ -70,6 +70,8 @@ def _plan(art: Artifact, batch: int, threads: int, timing: bool, overrides: dict
         forced = next((c for p, c in overrides.items() if fnmatch.fnmatchcase(name, p)), None)
         row: dict[str, Any] = {"type": type(layer).__name__,
                                "estimate_us": {c: round(1e6 * s, 2) for c, s in est.items()}}
+        if unavailable(layer):  # e.g. an LSTM the compiled recurrence does not take: say why
+            row["unavailable"] = unavailable(layer)
         if forced is not None:
             if forced not in opts:
                 raise UsageError(f"{name} cannot run as {forced!r} here (available: {', '.join(opts)})")

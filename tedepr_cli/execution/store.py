@@ -12,7 +12,7 @@ from ..artifact import Artifact
 from ..logs import log
 from ..machine import cpu_features, cpu_model
 
-PLANNER_VERSION = 2  # stored plans of another version are re-made (2: fusions)
+PLANNER_VERSION = 3  # stored plans of another version are re-made (2: fusions; 3: LSTMs planned whole)
 
 
 def fingerprint() -> dict[str, Any]:

@@ -1,5 +1,8 @@
 """Compile the shipped C kernel on first use and load it with ctypes (DESIGN §4).
 
+``kernels/lstm.c`` (the compiled LSTM recurrence) is a second, independent library, built
+and cached the same way by :func:`load_lstm`.
+
 Why compile at run time: ``-march=native`` code is 3-6x faster than a portable wheel build
 for these kernels and the source is one small file (< 2 s to build). The shared library is
 cached in a user cache directory under a key made of the source, the compiler and its
@@ -40,22 +43,25 @@ from ..logs import log
 from ..machine import cpu_features
 
 ABI = 3  # must equal TEDEPR_ABI in kernels/chain.c
+LSTM_ABI = 1  # must equal TEDEPR_LSTM_ABI in kernels/lstm.c
 DEFAULT_CFLAGS = "-O3 -march=native"
 REQUIRED_FLAGS = ("-shared", "-fPIC", "-pthread")
 SOURCE_NAME = "chain.c"
+LSTM_SOURCE = "lstm.c"  # the compiled LSTM recurrence (:mod:`.lstm`), a library of its own
 
 _lock = threading.Lock()
 _state: dict[str, Any] | None = None
 _lib: ctypes.CDLL | None = None
+_others: dict[str, tuple[ctypes.CDLL | None, dict[str, Any]]] = {}  # other sources, by name
 
 
-def source_path() -> Path:
-    """The packaged C source (top-level ``kernels/`` ships as ``tedepr_cli.csrc``); in a
-    source checkout used without installing (``PYTHONPATH``), the ``kernels/`` folder."""
+def source_path(name: str = SOURCE_NAME) -> Path:
+    """The packaged C source ``name`` (top-level ``kernels/`` ships as ``tedepr_cli.csrc``);
+    in a source checkout used without installing (``PYTHONPATH``), the ``kernels/`` folder."""
     try:
-        return Path(str(importlib.resources.files("tedepr_cli.csrc") / SOURCE_NAME))
+        return Path(str(importlib.resources.files("tedepr_cli.csrc") / name))
     except ModuleNotFoundError:
-        return Path(__file__).resolve().parents[2] / "kernels" / SOURCE_NAME
+        return Path(__file__).resolve().parents[2] / "kernels" / name
 
 
 def cache_dir() -> Path:
@@ -89,11 +95,11 @@ def _compiler_version(cc: str) -> str:
     return (out.stdout or out.stderr).strip()
 
 
-def build_key(source: bytes, cc: str, version: str, flags: list[str]) -> str:
+def build_key(source: bytes, cc: str, version: str, flags: list[str], abi: int = ABI) -> str:
     """Hash of everything the compiled library depends on."""
     h = hashlib.sha256()
     for part in (source, cc.encode(), version.encode(), " ".join(flags).encode(),
-                 cpu_features().encode(), platform.machine().encode(), str(ABI).encode()):
+                 cpu_features().encode(), platform.machine().encode(), str(abi).encode()):
         h.update(part)
         h.update(b"\0")
     return h.hexdigest()[:20]
@@ -159,7 +165,22 @@ def _setup(lib: ctypes.CDLL) -> None:
     lib.tedepr_program_forward.argtypes = [ptr, ptr, ptr, i64]
 
 
-def _load() -> tuple[ctypes.CDLL | None, dict[str, Any]]:
+def _setup_lstm(lib: ctypes.CDLL) -> None:
+    i32, i64, ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
+    lib.tedepr_lstm_abi.restype = ctypes.c_int
+    lib.tedepr_lstm_abi.argtypes = []
+    lib.tedepr_lstm_layer.restype = ctypes.c_int
+    lib.tedepr_lstm_layer.argtypes = [i64, i64, i32, i32, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr,
+                                      ptr, i64, i64, ptr, ptr]
+
+
+# source -> (library prefix, ABI symbol, expected ABI, ctypes setup)
+_SOURCES = {SOURCE_NAME: ("chain", "tedepr_abi", ABI, _setup),
+            LSTM_SOURCE: ("lstm", "tedepr_lstm_abi", LSTM_ABI, _setup_lstm)}
+
+
+def _load(name: str = SOURCE_NAME) -> tuple[ctypes.CDLL | None, dict[str, Any]]:
+    prefix, abi_symbol, abi, setup = _SOURCES[name]
     st: dict[str, Any] = {"available": False, "compiler": None, "compiler_version": None,
                           "flags": cflags(), "cache_dir": str(cache_dir()), "library": None,
                           "compiled": False, "build_seconds": None, "vector_floats": None,
@@ -177,13 +198,13 @@ def _load() -> tuple[ctypes.CDLL | None, dict[str, Any]]:
     try:
         version = _compiler_version(cc)
         st["compiler_version"] = version.splitlines()[0] if version else "?"
-        src = source_path()
-        key = build_key(src.read_bytes(), cc, version, st["flags"])
+        src = source_path(name)
+        key = build_key(src.read_bytes(), cc, version, st["flags"], abi)
         d = cache_dir()
         d.mkdir(parents=True, exist_ok=True)
-        target = d / f"chain-{key}.so"
+        target = d / f"{prefix}-{key}.so"
         if not target.exists():
-            lock = _locked(d / f"chain-{key}.lock")
+            lock = _locked(d / f"{prefix}-{key}.lock")
             try:
                 if not target.exists():  # another process may have built it meanwhile
                     t0 = time.perf_counter()
@@ -194,10 +215,12 @@ def _load() -> tuple[ctypes.CDLL | None, dict[str, Any]]:
                 _unlock(lock)
         st["library"] = str(target)
         lib = ctypes.CDLL(str(target))
-        _setup(lib)
-        if lib.tedepr_abi() != ABI:
-            raise RuntimeError(f"library ABI {lib.tedepr_abi()} != expected {ABI}")
-        st["vector_floats"] = lib.tedepr_vector_floats()
+        setup(lib)
+        got = getattr(lib, abi_symbol)()
+        if got != abi:
+            raise RuntimeError(f"library ABI {got} != expected {abi}")
+        if name == SOURCE_NAME:
+            st["vector_floats"] = lib.tedepr_vector_floats()
     except Exception as e:  # any failure means "use the torch path", never a crash
         st["reason"] = f"build failed: {type(e).__name__}: {e}"
         return None, st
@@ -222,13 +245,32 @@ def load() -> ctypes.CDLL | None:
         return _lib
 
 
+def load_lstm() -> ctypes.CDLL | None:
+    """The compiled LSTM recurrence (``kernels/lstm.c``), built on first use like
+    :func:`load`; None if it cannot be had (the reason is logged once)."""
+    got = _others.get(LSTM_SOURCE)
+    if got is not None:
+        return got[0]
+    with _lock:
+        if LSTM_SOURCE not in _others:
+            lib, st = _load(LSTM_SOURCE)
+            if not st["available"]:
+                log.warning(f"compiled LSTM kernel unavailable ({st['reason']}); using the torch path")
+            _others[LSTM_SOURCE] = (lib, st)
+        return _others[LSTM_SOURCE][0]
+
+
 def available() -> bool:
     """Whether the compiled CPU kernel can run here (builds it on first call)."""
     return load() is not None
 
 
-def status() -> dict[str, Any]:
-    """What :func:`load` found: compiler, flags, cache, library, available, reason."""
+def status(source: str = SOURCE_NAME) -> dict[str, Any]:
+    """What :func:`load` (or, for ``source="lstm.c"``, :func:`load_lstm`) found: compiler,
+    flags, cache, library, available, reason."""
+    if source != SOURCE_NAME:
+        load_lstm()
+        return dict(_others[source][1])
     load()
     assert _state is not None
     return dict(_state)
@@ -240,3 +282,4 @@ def reset() -> None:
     global _state, _lib
     with _lock:
         _state, _lib = None, None
+        _others.clear()

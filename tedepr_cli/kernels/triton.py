@@ -225,7 +225,7 @@ def triton_model(model: nn.Module, masks: dict[str, Tensor], device: str | torch
         dev = torch.device("cuda", torch.cuda.current_device())
     out = folded_copy(model).eval()  # plain weights: the masks ride in the kernels' layouts
     on = []
-    for name, layer in candidates(out, masks).items():
+    for name, layer in candidates(out, masks, recurrent=False).items():  # an LSTM's projections
         wrapped = triton_layer(name, layer, masks, dev)
         if wrapped is not None:
             out.set_submodule(name, wrapped)

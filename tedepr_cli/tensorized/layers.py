@@ -52,13 +52,25 @@ def tensorized_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 def to_dense_layer(layer: nn.Module) -> nn.Module:
     """The dense ``nn.Linear``/``nn.Conv2d`` equal to a linear-chain tensorized Linear/Conv2d
-    (its :meth:`~.base.TensorizedLayer.dense_weight` and bias): the reference a chain must
+    (its :meth:`~.base.TensorizedLayer.dense_weight` and bias), or the ``nn.LSTM`` equal to
+    a ``TensorizedLSTM`` (:meth:`~.wrappers.TensorizedLSTM.dense_weights`): the reference a chain must
     equal, and the "rebuild W once" execution path. Raises ``ValueError`` for a nonlinear
     chain (no single dense weight)."""
     import torch
 
     from .conv import ChainConv2d
 
+    if isinstance(layer, TensorizedLSTM):  # nn.LSTM with each W_ih rebuilt from its cores
+        with torch.no_grad():
+            weights = {n: w.detach() for n, w in layer.dense_weights().items()}
+        w = weights["weight_hh_l0"]
+        lstm = nn.LSTM(layer.ih[0].in_features, layer.hidden_size, layer.num_layers,
+                       bias="bias_hh_l0" in weights, batch_first=layer.batch_first,
+                       bidirectional=layer.bidirectional, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            for n, t in weights.items():
+                getattr(lstm, n).copy_(t)
+        return lstm.train(layer.training)
     with torch.no_grad():
         w = layer.dense_weight().detach()
         if isinstance(layer, ChainConv2d):

@@ -4,6 +4,16 @@ LSTM (TT-LSTM/TR-LSTM protocol, Yang et al. 2017; Pan et al. 2019): every input-
 matrix ``W_ih`` (4H × D, the four gates folded into the first output mode) becomes a
 tensorized Linear; hidden-to-hidden ``W_hh`` stays dense. The recurrence is the one of
 ``nn.LSTM`` (gates i, f, g, o), so outputs match a dense LSTM with the equivalent weights.
+Two ways run it (:attr:`TensorizedLSTM.recurrence`): ``"fused"`` rebuilds each ``W_ih``
+from its cores (differentiably, a few thousand multiply-adds) and runs torch's own fused
+LSTM (``torch.func.functional_call`` on a weightless ``nn.LSTM`` template: one ATen call
+for all layers and steps, forward and backward), so training costs what the dense LSTM
+costs; ``"loop"`` applies the chain to all steps' inputs at once and runs the recurrence
+step by step in torch ops, cheaper only when the dense ``W_ih`` would be much larger than
+``W_hh``. ``"auto"`` (default) takes ``"fused"`` when every input projection is a linear
+chain and its input size is at most 4× the hidden size (the dense projection then costs at
+most 4× the hidden-to-hidden product every LSTM pays), else ``"loop"``. Fast inference
+is :class:`tedepr_cli.kernels.lstm.KernelLSTM` (compiled recurrence, sparse ``W_hh``).
 
 MultiheadAttention keeps its packed ``in_proj_weight`` (3E × E) as one tensorized Linear
 E -> 3E and tensorizes ``out_proj``; attention itself is computed as in
@@ -18,7 +28,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
+from .base import TensorizedLayer
 from .tr import TRLinear
 from .tt import TTLinear
 
@@ -31,10 +43,18 @@ def _linear(spec: dict[str, Any]) -> nn.Module:
     return (TTLinear if spec["format"] == "tt" else TRLinear)(spec)
 
 
+FUSED_MAX_INPUT_RATIO = 4  # "auto" fuses while input size <= this x hidden size
+
+
 class TensorizedLSTM(nn.Module):
-    """``nn.LSTM`` with tensorized input projections (batch_first, layers, bidirectional)."""
+    """``nn.LSTM`` with tensorized input projections (batch_first, layers, bidirectional).
+
+    ``recurrence``: ``"auto"``, ``"fused"`` or ``"loop"`` (see the module doc); a plain
+    attribute, not part of the spec (both ways compute the same function).
+    """
 
     kind = "lstm"
+    RECURRENCES = ("auto", "fused", "loop")
 
     def __init__(self, spec: dict[str, Any]) -> None:
         super().__init__()
@@ -52,6 +72,8 @@ class TensorizedLSTM(nn.Module):
             self.register_parameter(f"weight_hh_{name}", nn.Parameter(torch.zeros(4 * h, h)))
             if spec.get("bias", True):
                 self.register_parameter(f"bias_hh_{name}", nn.Parameter(torch.zeros(4 * h)))
+        self.recurrence = "auto"
+        self._template: list[nn.LSTM] = []  # built on first use; a list keeps it out of the module tree
 
     def _suffixes(self) -> list[str]:
         dirs = ["", "_reverse"] if self.bidirectional else [""]
@@ -60,8 +82,49 @@ class TensorizedLSTM(nn.Module):
     def spec(self) -> dict[str, Any]:
         return {**self._spec, "type": self.kind, "ih": [m.spec() for m in self.ih]}
 
+    def fused(self) -> bool:
+        """Whether :meth:`forward` runs torch's fused LSTM (see :attr:`recurrence`)."""
+        if self.recurrence not in self.RECURRENCES:
+            raise ValueError(f"recurrence must be one of {self.RECURRENCES}, got {self.recurrence!r}")
+        if self.recurrence == "loop":
+            return False
+        # a projection swapped for another module (e.g. a KernelLinear) has no dense weight
+        linear = all(isinstance(m, TensorizedLayer) and m.chain == "linear" for m in self.ih)
+        if self.recurrence == "fused":
+            if not linear:
+                raise ValueError("recurrence 'fused' needs tensorized linear-chain input projections")
+            return True
+        return linear and all(m.in_features <= FUSED_MAX_INPUT_RATIO * self.hidden_size for m in self.ih)
+
+    def dense_weights(self) -> dict[str, Tensor]:
+        """The equivalent ``nn.LSTM`` parameters by name (``weight_ih_l0``, ...): ``W_ih``
+        rebuilt from the cores (differentiable in them), ``W_hh``/``b_hh`` as they are, a
+        missing ``b_ih`` as zeros. Raises ``ValueError`` for a nonlinear chain."""
+        out: dict[str, Tensor] = {}
+        bias = hasattr(self, "bias_hh_l0")
+        for idx, sfx in enumerate(self._suffixes()):
+            ih = self.ih[idx]
+            out[f"weight_ih_{sfx}"] = ih.dense_weight()
+            out[f"weight_hh_{sfx}"] = getattr(self, f"weight_hh_{sfx}")
+            if bias:
+                out[f"bias_ih_{sfx}"] = ih.bias if ih.bias is not None else \
+                    out[f"weight_hh_{sfx}"].new_zeros(4 * self.hidden_size)
+                out[f"bias_hh_{sfx}"] = getattr(self, f"bias_hh_{sfx}")
+        return out
+
+    def _lstm_template(self) -> nn.LSTM:
+        """A weightless (meta-device) ``nn.LSTM`` of this shape: the function whose
+        parameters :meth:`forward` supplies through ``functional_call``."""
+        if not self._template:
+            self._template.append(nn.LSTM(self.ih[0].in_features, self.hidden_size, self.num_layers,
+                                          bias=hasattr(self, "bias_hh_l0"), batch_first=self.batch_first,
+                                          bidirectional=self.bidirectional, device="meta"))
+        return self._template[0]
+
     def forward(self, x: Tensor, hx: tuple[Tensor, Tensor] | None = None
                 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        if x.dim() == 3 and self.fused():
+            return functional_call(self._lstm_template(), self.dense_weights(), (x, hx))
         if not self.batch_first:
             x = x.transpose(0, 1)
         b, steps = x.shape[0], x.shape[1]
