@@ -56,7 +56,7 @@ def test_refuses_to_overwrite_without_flag(tmp_path):
     target = tmp_path / "a"
     save_artifact(_art(), target)
     before = (target / "model.safetensors").read_bytes()
-    with pytest.raises(OutputError, match="--overwrite"):
+    with pytest.raises(OutputError, match="pass overwrite"):
         save_artifact(_art(), target)
     assert (target / "model.safetensors").read_bytes() == before
     art = _art()
