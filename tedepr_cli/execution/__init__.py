@@ -35,8 +35,10 @@ the machine fingerprint is :func:`tedepr_cli.machine.fingerprint`, the timer
 from .cost import flop_share
 from .fusion import find_runs, fusable, fused_module
 from .modules import CHOICES, candidates, options
-from .planner import build_model, plan_execution, plan_for
+from .planner import build_layers, build_model, plan_execution, plan_for, recheck
+from .runtimes import RUNTIMES, OrtModule, Runtimes, dense_model
 from .store import store_plan
 
-__all__ = ["CHOICES", "build_model", "candidates", "find_runs", "flop_share", "fusable", "fused_module",
-           "options", "plan_execution", "plan_for", "store_plan"]
+__all__ = ["CHOICES", "RUNTIMES", "OrtModule", "Runtimes", "build_layers", "build_model", "candidates",
+           "dense_model", "find_runs", "flop_share", "fusable", "fused_module", "options",
+           "plan_execution", "plan_for", "recheck", "store_plan"]

@@ -252,7 +252,7 @@ def plan_fusions(src: nn.Module, masks: dict[str, Tensor], build: Callable[[dict
                 mods[ch] = build({**plan, "fusions": [*plan["fusions"], {**fusion, "chunk": ch}]})
         fns.update({f"chunk{c}": (lambda m=m: m(x)) for c, m in mods.items()})
         with torch.no_grad():
-            t = timer.medians(fns, reps)
+            t = timer.medians(fns, reps, clock=timer.call_clock(threads))
         best = min((k for k in t if k != "unfused"), key=t.get)
         fusion["chunk"] = int(best[len("chunk"):])
         fusion["measured_us"] = {"fused": round(1e6 * t[best], 2), "unfused": round(1e6 * t["unfused"], 2)}
