@@ -161,8 +161,7 @@ def test_a_lower_median_that_loses_most_paired_rounds_does_not_win(lenet, monkey
         return out
 
     monkeypatch.setattr(timing, "interleaved", fake)
-    monkeypatch.setattr(planner_mod, "RUNTIME_ROUNDS", 10)
-    plan = plan_execution(lenet, 2)
+    plan = plan_execution(lenet, 2, rounds=10)
     rts = plan["runtimes"]
     assert rts["measured_us"]["layers"] < rts["measured_us"]["dense-torch"]
     assert rts["paired_ratio"] > 1.0 and plan["runtime"] == "dense-torch"

@@ -48,8 +48,8 @@ def _capture_inputs(model: nn.Module, names: list[str], x: Tensor) -> dict[str, 
 
 def plan_execution(art: Artifact, batch: int, threads: int = 1, timing: bool = True,
                    overrides: dict[str, str] | None = None, reps: int = LAYER_REPS, fuse: bool = True,
-                   seed: int = 0, runtimes: Runtimes | None = None, runtime: str | None = None
-                   ) -> dict[str, Any]:
+                   seed: int = 0, runtimes: Runtimes | None = None, runtime: str | None = None,
+                   rounds: int = RUNTIME_ROUNDS) -> dict[str, Any]:
     """Choose kernel / dense / torch for every candidate layer of ``art`` at ``batch``, fuse
     chains of Linear-like layers where that is faster (``fuse=False``: never), then the
     whole-model runtime (``plan["runtime"]``, one of :data:`.runtimes.RUNTIMES`): the fastest
@@ -58,7 +58,8 @@ def plan_execution(art: Artifact, batch: int, threads: int = 1, timing: bool = T
     ``batch`` uniform random inputs drawn with ``seed``, interleaved, medians of per-call
     CPU time (wall time with ``threads > 1``); ``timing=False`` decides layers by the cost
     model and keeps the ``layers`` runtime unmeasured; ``runtime`` forces one runtime
-    (unmeasured). ``runtimes`` shares built runtimes between calls. The caller's thread
+    (unmeasured). ``reps``/``rounds``: interleaved rounds of each layer / whole-model
+    decision. ``runtimes`` shares built runtimes between calls. The caller's thread
     count is restored afterwards. Raises ``UsageError`` for an unknown override."""
     overrides = overrides or {}
     for pat, c in overrides.items():
@@ -70,13 +71,13 @@ def plan_execution(art: Artifact, batch: int, threads: int = 1, timing: bool = T
     torch.set_num_threads(threads)
     try:
         return _plan(art, batch, threads, timing, overrides, reps, fuse, seed,
-                     runtimes or Runtimes(art, threads, seed), runtime)
+                     runtimes or Runtimes(art, threads, seed), runtime, rounds)
     finally:
         torch.set_num_threads(prev_threads)
 
 
 def _plan(art: Artifact, batch: int, threads: int, timing: bool, overrides: dict[str, str], reps: int,
-          fuse: bool, seed: int, rt: Runtimes, runtime: str | None) -> dict[str, Any]:
+          fuse: bool, seed: int, rt: Runtimes, runtime: str | None, rounds: int) -> dict[str, Any]:
     model = folded_copy(art.model).eval()  # what build_model runs: plain weights, eval mode
     cands = candidates(model, art.masks)
     x = torch.rand(batch, *art.input_shape, generator=torch.Generator().manual_seed(seed))
@@ -114,7 +115,7 @@ def _plan(art: Artifact, batch: int, threads: int, timing: bool, overrides: dict
         plan["runtimes"] = {"chosen": runtime, "reason": "override"}
         plan["runtime"] = runtime
     elif timing:
-        plan["runtimes"] = _choose_runtime(rt, plan, model, x, threads)
+        plan["runtimes"] = _choose_runtime(rt, plan, model, x, threads, rounds)
         plan["runtime"] = plan["runtimes"]["chosen"]
     else:
         plan["runtimes"] = {"chosen": "layers", "reason": "not measured (cost model only)"}
@@ -149,8 +150,8 @@ def _paired(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b, strict=True) if y > 0)
 
 
-def _choose_runtime(rt: Runtimes, plan: dict[str, Any], model: nn.Module, x: Tensor, threads: int
-                    ) -> dict[str, Any]:
+def _choose_runtime(rt: Runtimes, plan: dict[str, Any], model: nn.Module, x: Tensor, threads: int,
+                    rounds: int) -> dict[str, Any]:
     """Time every runtime of the compressed model and the dense original on torch and
     onnxruntime, interleaved; choose the fastest compressed runtime only if its median is
     below the best dense median *and* it won the majority of the paired rounds, else the
@@ -161,7 +162,7 @@ def _choose_runtime(rt: Runtimes, plan: dict[str, Any], model: nn.Module, x: Ten
     fns: dict[str, Any] = {}
     errs: dict[str, float] = {}
     for r in RUNTIMES:
-        m = rt.module(r, plan)
+        m = build_layers(rt.art, plan, threads) if r == "layers" else rt.module(r)
         if m is None:
             continue
         with torch.no_grad():
@@ -176,13 +177,13 @@ def _choose_runtime(rt: Runtimes, plan: dict[str, Any], model: nn.Module, x: Ten
         b = rt.baseline(r)
         if b is not None:
             fns[f"original:{r}"] = lambda b=b: b(x)
-    times = _time_rounds(fns, RUNTIME_ROUNDS, threads)
+    times = _time_rounds(fns, rounds, threads)
     med = {k: statistics.median(v) for k, v in times.items()}
     base = [k for k in times if k.startswith("original:")]
     comp = [k for k in times if k in COMPRESSED]
     out: dict[str, Any] = {
         "measured_us": {k.removeprefix("original:"): round(1e6 * v, 2) for k, v in med.items()},
-        "rounds": RUNTIME_ROUNDS, "clock": "thread CPU time" if threads == 1 else "wall clock",
+        "rounds": rounds, "clock": "thread CPU time" if threads == 1 else "wall clock",
         "baseline": {"model": rt.baseline_source}, "max_rel_err": errs,
         "unavailable": dict(rt.unavailable)}
     best_comp = min(comp, key=med.get) if comp else None
@@ -248,7 +249,7 @@ def build_model(art: Artifact, plan: dict[str, Any], threads: int = 1, runtime: 
     if want not in RUNTIMES:
         raise UsageError(f"unknown runtime {want!r}; choose from {', '.join(RUNTIMES)}")
     for r in dict.fromkeys([want, "dense-torch" if want in DENSE else want, "layers"]):
-        m = rt.module(r, plan)
+        m = build_layers(art, plan, threads) if r == "layers" else rt.module(r)
         if m is not None:
             if r != want:
                 log.warning(f"runtime {want} cannot run here ({rt.unavailable.get(want)}): using {r}")

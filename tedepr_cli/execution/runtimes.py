@@ -2,7 +2,7 @@
 original the planner measures them against.
 
 ``layers``       the per-layer plan (compiled kernels / dense rebuilds / torch chains, fused
-                 runs) in torch: :func:`.planner.build_layers`
+                 runs) in torch: :func:`.planner.build_layers` (built from a plan, not here)
 ``onnx``         the compressed graph (``export.to_onnx`` of a folded copy) in onnxruntime
 ``dense-torch``  the compressed model's function in the *original* dense layer types
                  (:func:`dense_model`: each chain rebuilt into ``nn.Linear``/``nn.Conv2d``,
@@ -214,15 +214,9 @@ class Runtimes:
             return self._mods["original"]
         return self._ort(f"original:{runtime}", self._mods["original"])
 
-    def module(self, runtime: str, plan: dict[str, Any] | None = None) -> nn.Module | None:
+    def module(self, runtime: str) -> nn.Module | None:
         """The compressed model running on ``runtime`` (None where it cannot run here);
-        ``layers`` needs the ``plan``."""
-        if runtime == "layers":
-            from .planner import build_layers
-
-            if plan is None:
-                raise ValueError("the layers runtime needs a plan")
-            return build_layers(self.art, plan, self.threads)
+        ``layers`` depends on a plan: :func:`.planner.build_model` builds it."""
         if runtime == "onnx":
             return self._ort("onnx", self.art.model)
         dense, left = self.dense()
