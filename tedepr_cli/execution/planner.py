@@ -139,10 +139,19 @@ def _rel_err(a: Any, b: Any) -> float:
 
 
 def _time_rounds(fns: dict[str, Any], rounds: int, threads: int) -> dict[str, list[float]]:
-    """Per-call seconds of each callable over ``rounds`` interleaved rounds (rotating order)."""
+    """Per-call seconds of each callable over ``rounds`` interleaved rounds (rotating order),
+    each timed call right after an untimed call of the same callable: the steady state of
+    back-to-back inference, whatever engine ran before it in the round."""
+    clock = timer.call_clock(threads)
+    once = timer.wall_timer(clock)
+
+    def hot(fn: Any) -> float:
+        fn()
+        return once(fn)
+
     with torch.no_grad():
-        return timer.interleaved(fns, timer.Plan(warmup=3, iters=rounds, min_iters=1),
-                                 clock=timer.call_clock(threads))
+        return timer.interleaved(fns, timer.Plan(warmup=2, iters=rounds, min_iters=1), clock=clock,
+                                 timers={k: hot for k in fns})
 
 
 def _paired(a: list[float], b: list[float]) -> float:
