@@ -87,8 +87,8 @@ class Evictor:
 
 
 def compress(family: str, sparsity: float, seed: int) -> Artifact:
-    """``tedepr prune FAMILY --init random --sparsity S`` in-process: the zoo model with
-    random weights (``seed``), one-shot decomposed and pruned with the CLI defaults."""
+    """``tedepr prune`` in-process on the zoo model with random weights (``seed``): one-shot
+    decomposed (TT-SVD at the auto rank) and pruned with the CLI defaults (no data)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = getattr(zoo, family)().eval()

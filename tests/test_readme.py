@@ -30,6 +30,8 @@ SKIP = {
     ".venv/bin/pip install": "installs tedepr, already installed where the tests run",
     ".venv/bin/python -m pytest": "the test suite itself",
     "torchrun": "two training processes; tests/test_train.py checks DDP against one process",
+    "python3 -m pip download": "fetches wheels for the GPU machine (network)",
+    "bash benchmarks/gpu_check.sh": "the GPU check; tests/test_gpu_check.py runs its CPU smoke mode",
 }
 
 #: (command prefix, regex, replacement, why): smaller settings for long examples
