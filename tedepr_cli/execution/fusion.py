@@ -275,7 +275,12 @@ def _record(plan: dict[str, Any], fusion: dict[str, Any]) -> None:
 def _rel_err(a: nn.Module, b: nn.Module, x: Tensor) -> float:
     """Largest relative difference between the two models' outputs (every output tensor)."""
     with torch.no_grad():
-        ya, yb = a(x), b(x)
+        return outputs_rel_err(a(x), b(x))
+
+
+def outputs_rel_err(ya: Any, yb: Any) -> float:
+    """Largest relative L2 difference ``|p - q| / |q|`` over the output tensors of two
+    models (any nesting of tuples/lists/dicts; inf if they differ in structure or shape)."""
     la = [t for t in torch.utils._pytree.tree_leaves(ya) if isinstance(t, Tensor)]
     lb = [t for t in torch.utils._pytree.tree_leaves(yb) if isinstance(t, Tensor)]
     if len(la) != len(lb):

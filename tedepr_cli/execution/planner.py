@@ -22,7 +22,7 @@ from ..logs import log
 from ..masks import folded_copy
 from ..surgery import swap_module
 from .cost import estimate
-from .fusion import apply_fusions, plan_fusions
+from .fusion import apply_fusions, outputs_rel_err, plan_fusions
 from .modules import CHOICES, candidates, options
 from .runtimes import COMPRESSED, DENSE, ONNX_RTOL, RUNTIMES, Runtimes
 from .store import PLANNER_VERSION, fingerprint, stored_plan
@@ -122,22 +122,6 @@ def _plan(art: Artifact, batch: int, threads: int, timing: bool, overrides: dict
     return plan
 
 
-def _rel_err(a: Any, b: Any) -> float:
-    """Relative L2 difference of two outputs (tensors or tuples of them; inf if they differ
-    in structure or shape)."""
-    la = [a] if isinstance(a, Tensor) else [t for t in a if isinstance(t, Tensor)]
-    lb = [b] if isinstance(b, Tensor) else [t for t in b if isinstance(t, Tensor)]
-    if len(la) != len(lb) or not la:
-        return float("inf")
-    err = 0.0
-    for p, q in zip(la, lb, strict=True):
-        if p.shape != q.shape:
-            return float("inf")
-        p, q = p.double(), q.double()
-        err = max(err, float((p - q).norm() / max(float(q.norm()), 1e-30)))
-    return err
-
-
 def _time_rounds(fns: dict[str, Any], rounds: int, threads: int) -> dict[str, list[float]]:
     """Per-call seconds of each callable over ``rounds`` interleaved rounds (rotating order),
     each timed call right after an untimed call of the same callable: the steady state of
@@ -175,7 +159,7 @@ def _choose_runtime(rt: Runtimes, plan: dict[str, Any], model: nn.Module, x: Ten
         if m is None:
             continue
         with torch.no_grad():
-            err = _rel_err(m(x), ref)
+            err = outputs_rel_err(m(x), ref)
         if err > ONNX_RTOL:
             rt.unavailable[r] = f"output differs from the torch model by {err:.1e} relative"
             continue
