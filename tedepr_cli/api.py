@@ -240,12 +240,18 @@ def load(path: str | Path, *, arch: str | None = None) -> nn.Module:
 
 def accelerate(model: nn.Module, *, batch: int = 1, threads: int = 1,
                example_input: Tensor | None = None) -> nn.Module:
-    """A copy of ``model`` for fast CPU inference at batch size ``batch``: each compressed
-    layer runs where it measured fastest on this machine (the compiled sparse chain kernel,
-    a dense rebuild, or the torch chain), consecutive Linear+ReLU layers fused into one C
-    call (see ``tedepr plan``). Inference only; ``model`` is not changed. The thread count
-    is restored after planning."""
-    from .execution import build_model, plan_execution
+    """``model`` for fast CPU inference at batch size ``batch``, on the runtime that measured
+    fastest on this machine (see ``tedepr plan``): the per-layer plan (each compressed layer
+    on the compiled sparse chain kernel, a dense rebuild or the torch chain, consecutive
+    Linear+ReLU layers fused into one C call), the compressed graph exported to ONNX in
+    onnxruntime (an :class:`~tedepr_cli.execution.OrtModule`, ``threads`` intra-op threads),
+    or -- when none beats the dense model on its best runtime (torch or onnxruntime) -- the
+    model rebuilt in its original dense layer types on that runtime. The dense model it is
+    measured against is that rebuild (the API knows no original checkpoint). Every runtime
+    takes and returns torch tensors and computes the same function within 1e-4 relative.
+    Inference only; ``model`` is not changed. The thread count is restored after planning;
+    the plan is the returned module's ``tedepr_plan`` attribute."""
+    from .execution import Runtimes, build_model, plan_execution
 
     shape = _input_shape(model, example_input)
     art = Artifact(model=model, arch=None)
@@ -254,8 +260,11 @@ def accelerate(model: nn.Module, *, batch: int = 1, threads: int = 1,
         _declare_input(art.model, shape)
     prev = torch.get_num_threads()
     try:
-        plan = plan_execution(art, batch, threads)
-        return build_model(art, plan, threads)
+        rt = Runtimes(art, threads)
+        plan = plan_execution(art, batch, threads, runtimes=rt)
+        fast = build_model(art, plan, threads, runtimes=rt)
+        fast.tedepr_plan = plan
+        return fast
     finally:
         torch.set_num_threads(prev)
 

@@ -145,6 +145,14 @@ def interleaved(fns: dict[str, Callable[[], Any]], plan: Plan, clock: Clock = ti
     return times
 
 
+def call_clock(threads: int) -> Clock:
+    """The clock a decision between engines should use: with one thread the calling
+    thread's CPU time (``time.thread_time``: torch and a one-thread onnxruntime session run
+    on the calling thread, and time the scheduler gives to other tenants is not counted),
+    with more threads the wall clock (CPU time would sum the threads)."""
+    return time.thread_time if threads == 1 else time.perf_counter
+
+
 def medians(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 2,
             clock: Clock = time.perf_counter) -> dict[str, float]:
     """Median seconds per call of each callable over ``reps`` interleaved rounds (after

@@ -273,3 +273,36 @@ def test_bench_data_and_eval_agree_with_computed_normalization(tmp_path):
     # compressed model's statistics
     base = run_cli("eval", LENET300, "--arch", "lenet300", "--data", MNIST, "--json")
     assert acc["baseline"] == pytest.approx(json.loads(base.stdout)["accuracy"], abs=1e-9)
+
+
+def _row(**medians_us):
+    return {e: {"median_s": 1e-6 * v, "speedup_vs_dense_torch": {"median": 1.0}}
+            for e, v in medians_us.items()}
+
+
+def test_slower_gate_judges_against_the_best_dense_runtime():
+    """--fail-if-slower compares with the dense model on its best runtime (here onnxruntime),
+    not with dense torch: 70 µs passes against dense torch's 100 µs x 1.5 but fails against
+    dense onnxruntime's 40 µs x 1.5."""
+    from tedepr_cli.bench.core import check_gates
+    from tedepr_cli.errors import SlowerGateFailed
+
+    report = {"results": {"1": _row(**{"dense-torch": 100, "dense-ort": 40, "tedepr": 70})}, "sizes": {}}
+    (f,) = check_gates(report, 1.5, None, None, None, "tedepr")
+    assert isinstance(f, SlowerGateFailed) and "dense-ort" in str(f)
+    assert check_gates(report, 2.0, None, None, None, "tedepr") == []
+    # without a dense onnxruntime figure the bar is dense torch
+    report = {"results": {"1": _row(**{"dense-torch": 100, "tedepr": 70})}, "sizes": {}}
+    assert check_gates(report, 1.5, None, None, None, "tedepr") == []
+
+
+def test_bench_reports_the_speedup_against_the_best_dense_and_the_chosen_runtime(target):
+    r = run_cli("bench", target, "--engines", "dense-torch,dense-ort,tedepr", "--json", *FAST)
+    assert r.exit_code == 0, r.stderr
+    d = json.loads(r.stdout)
+    for b, row in d["results"].items():
+        best = min(("dense-torch", "dense-ort"), key=lambda e: row[e]["median_s"])
+        assert row[best]["speedup_vs_best_dense"]["median"] == pytest.approx(1.0)
+        plan = d["execution_plans"][b]
+        assert plan["runtime"] in ("layers", "onnx", "dense-torch", "dense-ort")
+        assert plan["runtimes"]["baseline"]["best"] in ("dense-torch", "dense-ort")

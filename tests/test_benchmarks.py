@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import ROOT
 
 
@@ -71,3 +73,29 @@ def test_chain_vs_dense_noise_check_is_opt_in(tmp_path, monkeypatch, capsys):
     assert bench.main(["--iters", "2", "--out", out, "--check"]) == 1
     monkeypatch.setattr(bench, "NOISE", float("inf"))
     assert bench.main(["--iters", "2", "--out", out, "--check"]) == 0
+
+
+def test_speed_table_quick(tmp_path):
+    """benchmarks/speed_table.py --quick: every column, both regimes, the speed-up against the
+    best dense runtime computed from the figures it prints."""
+    import json
+
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "speed_table.py"), "--quick", "--families", "lenet300",
+           "--sparsities", "0.995", "--batches", "1,4", "--out", str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((tmp_path / "speed_table.json").read_text())
+    assert [row["batch"] for row in rep["rows"]] == [1, 4]
+    for row in rep["rows"]:
+        assert row["runtime"] in ("layers", "onnx", "dense-torch", "dense-ort")
+        for regime in ("hot", "cold"):
+            g = row["regimes"][regime]
+            med = g["median_us"]
+            assert set(med) == {"dense-torch", "dense-ort", "tedepr", "chain-ort", "chosen"}
+            assert g["best_dense"] == min(("dense-torch", "dense-ort"), key=med.get)
+            assert g["speedup_chosen_vs_best_dense"] == pytest.approx(med[g["best_dense"]] / med["chosen"],
+                                                                       rel=1e-2)
+            if row["runtime"] == "layers":
+                assert med["chosen"] == med["tedepr"]
+    md = (tmp_path / "speed_table.md").read_text()
+    assert md.count("| lenet300 | 99.5 % |") == 4 and "load average" in md

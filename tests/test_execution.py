@@ -328,7 +328,7 @@ def test_plan_records_fusion_and_builds_it(monkeypatch):
     monkeypatch.setattr(timing, "medians", fixed_clock())
     for model in (Net(), Net(scale=True)):
         art = artifact(model)
-        plan = plan_execution(art, 1)
+        plan = plan_execution(art, 1, runtime="layers")
         (f,) = plan["fusions"]
         assert f["layers"] == FUSION["layers"] and f["acts"] == FUSION["acts"] and f["flatten"]
         assert f["variants"][2] == "matrix" and f["reason"] == "fastest measured"
@@ -348,22 +348,17 @@ def test_plan_records_fusion_and_builds_it(monkeypatch):
 def test_plan_refuses_slower_or_inexact_fusion(monkeypatch):
     art = artifact(Net())
     monkeypatch.setattr(timing, "medians", fixed_clock(prefer_fused=False))
-    assert plan_execution(art, 1)["fusions"] == []
+    assert plan_execution(art, 1, runtime="layers")["fusions"] == []
     monkeypatch.setattr(timing, "medians", fixed_clock())
     monkeypatch.setattr(execution.fusion, "FUSION_RTOL", -1.0)  # no output is that exact
-    assert plan_execution(art, 1)["fusions"] == []
+    assert plan_execution(art, 1, runtime="layers")["fusions"] == []
     monkeypatch.setattr(execution.fusion, "FUSION_RTOL", TOL)
-    assert plan_execution(art, 1, fuse=False)["fusions"] == []
-    plan = plan_execution(art, 1, overrides={"fc2": "torch"})  # an override splits the run
+    assert plan_execution(art, 1, fuse=False, runtime="layers")["fusions"] == []
+    plan = plan_execution(art, 1, overrides={"fc2": "torch"}, runtime="layers")  # an override splits the run
     assert [f["layers"] for f in plan["fusions"]] == [["fc1"]] and "fused" not in plan["layers"]["fc2"]
     x = torch.randn(2, 3, 4, 4)
     with torch.no_grad():
         assert rel(build_model(art, plan)(x), ref64(art.model, x)) <= TOL
-    # the whole-model guard drops fusions along with the per-layer choices
-    monkeypatch.setattr(execution.planner, "GUARD_SLACK", 0.0)
-    plan = plan_execution(art, 1)
-    assert plan["guard"]["fallback"] and plan["fusions"] == []
-    assert all("fused" not in r for r in plan["layers"].values())
 
 
 @needs_kernel
@@ -378,7 +373,7 @@ def test_cost_model_fuses_without_timing():
 def test_stored_plan_is_reused_and_a_stale_fusion_is_skipped(monkeypatch, caplog):
     monkeypatch.setattr(timing, "medians", fixed_clock())
     art = artifact(Net())
-    plan = plan_execution(art, 2)
+    plan = plan_execution(art, 2, runtime="layers")
     store_plan(art, plan)
     again, fresh = plan_for(art, 2)
     assert not fresh and again["fusions"] == plan["fusions"]
@@ -406,7 +401,7 @@ def test_pruned_lenet300_plan(monkeypatch):
     art, _ = prune(load_model(LENET300, parse_arch("lenet300")),
                    PruneOptions(sparsity=0.995, criterion="magnitude"))
     for b in (1, 32):
-        plan = plan_execution(art, b)
+        plan = plan_execution(art, b, runtime="layers")
         (f,) = plan["fusions"]  # prune decomposes first: TT layers, as chains or rebuilt matrices
         assert f["layers"] == ["fc1", "fc2", "fc3"] and set(f["variants"]) <= {"chain", "dense"}
         built = build_model(art, plan)

@@ -16,7 +16,7 @@ from tedepr_cli import timing
 from tedepr_cli.arch import build, parse_arch
 from tedepr_cli.artifact import Artifact
 from tedepr_cli.decompose import DecomposeOptions, decompose
-from tedepr_cli.execution import build_model, candidates, options, plan_execution
+from tedepr_cli.execution import build_layers, candidates, options, plan_execution
 from tedepr_cli.kernels.build import load_lstm
 from tedepr_cli.kernels.lstm import KernelLSTM
 from tedepr_cli.masks import attach_masks, folded_copy
@@ -164,7 +164,7 @@ def test_planner_plans_the_lstm_as_one_layer_and_can_choose_the_kernel(monkeypat
         plan = plan_execution(art, b, fuse=False)
         row = plan["layers"]["lstm"]
         assert row["choice"] == "kernel" and set(row["measured_us"]) == {"torch", "dense", "kernel"}
-        built = build_model(art, plan)
+        built = build_layers(art, plan)  # the per-layer plan (the runtime choice is tested in test_runtimes)
         assert isinstance(built.lstm, KernelLSTM)
         x = torch.rand(b, *art.input_shape)
         with torch.no_grad():
@@ -186,7 +186,7 @@ def test_planner_can_choose_the_kernel_for_a_pruned_nn_lstm(monkeypatch):
     assert set(options("lstm", model.lstm, art.masks, 1)) == {"dense", "kernel"}
     plan = plan_execution(art, 3, fuse=False)
     assert plan["layers"]["lstm"]["choice"] == "kernel"
-    built = build_model(art, plan)
+    built = build_layers(art, plan)  # the per-layer plan (the runtime choice is tested in test_runtimes)
     assert isinstance(built.lstm, KernelLSTM)
     x = torch.rand(3, *art.input_shape)
     with torch.no_grad():

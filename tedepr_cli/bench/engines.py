@@ -4,7 +4,9 @@ batch (the timing loop and the memory probe of :mod:`.memory` share these builde
 ``dense-torch``  the dense baseline in PyTorch (the reference every speed-up divides)
 ``dense-ort``    the dense baseline exported to ONNX, in onnxruntime
 ``chain-torch``  the compressed model, reference torch chain
-``tedepr``       the compressed model with the compiled CPU kernels and the execution planner
+``tedepr``       the compressed model on the runtime its execution plan chose (the per-layer
+                 plan on the compiled CPU kernels, the compressed ONNX in onnxruntime, or,
+                 where nothing beats the dense original, the dense model on its best runtime)
 ``chain-ort``    the compressed model's ONNX in onnxruntime
 ``triton``       the compressed model with its sparse chains in the Triton kernel (CUDA; on
                  the CPU only under ``TRITON_INTERPRET=1``, Triton's interpreter: correct,
@@ -31,6 +33,7 @@ from ..errors import BadInput, opt
 ENGINES = ("dense-torch", "dense-ort", "chain-torch", "tedepr", "chain-ort", "triton")
 ORT_ENGINES = ("dense-ort", "chain-ort")
 BASELINE = "dense-torch"
+DENSE_ENGINES = ("dense-torch", "dense-ort")  # the dense original's runtimes: the best is the bar
 
 
 def input_batch(art: Artifact, batch: int, seed: int) -> torch.Tensor:
@@ -46,17 +49,11 @@ def ort_provider(device: torch.device) -> str:
 
 
 def ort_session(path: Path, threads: int, device: torch.device) -> Any:
-    """An onnxruntime session on ``device``'s execution provider, ``threads`` intra-op threads."""
-    import onnxruntime as ort
+    """An onnxruntime session on ``device``'s execution provider, ``threads`` intra-op threads
+    (:func:`tedepr_cli.execution.runtimes.ort_session`)."""
+    from ..execution.runtimes import ort_session as session
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    provider: Any = ort_provider(device)
-    if device.type == "cuda":
-        provider = (provider, {"device_id": device.index or 0})
-    return ort.InferenceSession(str(path), so, providers=[provider])
+    return session(path, threads, device)
 
 
 def _ort_call(sess: Any, x: torch.Tensor, device: torch.device) -> Callable[[], Any]:
@@ -91,6 +88,17 @@ class Engines:
         self.onnx = dict(onnx or {})
         self._models: dict[str, Any] = {}
         self.triton_layers: list[str] = []
+        self._runtimes: Any = None
+
+    @property
+    def runtimes(self) -> Any:
+        """The execution runtimes of the compressed model (built once, shared by the planner
+        and the tedepr engine)."""
+        if self._runtimes is None:
+            from ..execution import Runtimes
+
+            self._runtimes = Runtimes(self.art, self.threads)
+        return self._runtimes
 
     def _on_device(self, m: nn.Module) -> nn.Module:
         """``m`` itself on the CPU; a copy on another device (the artifact stays on the CPU)."""
@@ -127,7 +135,7 @@ class Engines:
 
             if plan is None:
                 raise ValueError("the tedepr engine needs an execution plan")
-            m: Any = build_model(self.art, plan, self.threads)
+            m: Any = build_model(self.art, plan, self.threads, runtimes=self.runtimes)
         else:
             m = self.model(name)
         xd = x.to(self.device)

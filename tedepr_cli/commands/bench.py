@@ -56,7 +56,8 @@ def bench(
         "--json-out", help="Also write every figure as JSON to this file.")] = None,
     fail_if_slower: Annotated[float | None, typer.Option(
         "--fail-if-slower", help="Gate (exit 11): fail if the tedepr engine (triton on --device cuda) is "
-        "slower than RATIO x the dense baseline (or x the same engine in --compare-to).")] = None,
+        "slower than RATIO x the dense baseline on its best runtime (dense-torch or dense-ort, whichever "
+        "measured faster), or x the same engine in --compare-to.")] = None,
     compare_to: Annotated[Path | None, typer.Option(
         "--compare-to", help="A saved bench JSON for --fail-if-slower.")] = None,
     max_size: Annotated[int | None, typer.Option(
@@ -150,20 +151,23 @@ def _print_bench(report: dict[str, Any], human_bytes) -> None:
     for b, row in report["results"].items():
         rows = []
         for e, s in row.items():
-            sp = s["speedup_vs_dense_torch"]
+            sp, bd = s["speedup_vs_dense_torch"], s["speedup_vs_best_dense"]
             rows.append([e, 1e6 * s["median_s"], 1e6 * s["iqr_s"], 1e6 * s["p90_s"], 1e6 * s["p99_s"],
                          f"{1e6 * s['mean_s']:.1f} ± {1e6 * s['std_s']:.1f}", s["throughput_per_s"],
-                         f"{sp['median']:.2f}x [{sp['q1']:.2f}-{sp['q3']:.2f}]",
+                         f"{sp['median']:.2f}x [{sp['q1']:.2f}-{sp['q3']:.2f}]", f"{bd['median']:.2f}x",
                          human_bytes(s["peak_memory_bytes"]) if s["peak_memory_bytes"] is not None else None])
         stdout.print(table(f"batch {b} (µs)", ["engine", "median", "IQR", "p90", "p99", "mean ± σ",
-                                               "samples/s", "speed-up vs dense", "peak mem"], rows))
+                                               "samples/s", "speed-up vs dense", "vs best dense", "peak mem"],
+                           rows))
     srows = [[k, v.get("params"), v.get("kept"), v["bytes"], human_bytes(v["bytes"]), v["gzip_bytes"]]
              for k, v in report["sizes"].items()]
     stdout.print(table("size", ["format", "params", "kept", "bytes", "", "gzip bytes"], srows))
     for b, plan in report.get("execution_plans", {}).items():
         f = plan["flops"]
         choices = ", ".join(f"{n}={r['choice']}" for n, r in plan["layers"].items())
-        stdout.print(f"plan at batch {b}{' (fresh)' if plan.get('fresh') else ' (stored)'}: {choices}; "
+        stdout.print(f"plan at batch {b}{' (fresh)' if plan.get('fresh') else ' (stored)'}: runtime "
+                     f"{plan.get('runtime', 'layers')} ({(plan.get('runtimes') or {}).get('reason', '-')}); "
+                     f"layers {choices}; "
                      f"{100 * f['share_on_sparse_or_factorized']:.1f} % of the compressed layers' FLOPs on "
                      f"sparse/factorized kernels")
         for fu in plan.get("fusions") or []:
@@ -192,20 +196,26 @@ def plan(
     threads: Annotated[int, typer.Option("--threads", help="Threads the plan is made for.")] = 1,
     override: Annotated[list[str] | None, typer.Option(
         "--override", help="Force a layer's engine: name=kernel|dense|torch (globs, repeatable).")] = None,
+    runtime: Annotated[str | None, typer.Option(
+        "--runtime", help="Force the whole-model runtime: layers, onnx, dense-torch or dense-ort "
+        "(default: the fastest measured, never slower than the dense original's best runtime).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random batch layers are timed on.")] = 0,
     overwrite: Overwrite = False,
     arch: ConfirmArch = None,
     json_out: JsonOut = False, verbose: Verbose = 0, quiet: Quiet = False,
 ) -> None:
-    """Choose, per layer and batch size, how the compressed model runs on this machine
-    (compiled kernel, dense rebuild or torch chain; fused runs of layers) and store the
-    plan in a copy of the artifact; `bench` and inference reuse it on the same machine."""
+    """Choose, per batch size, how the compressed model runs on this machine: per layer
+    (compiled kernel, dense rebuild or torch chain; fused runs of layers), then the whole
+    model's runtime (that per-layer plan, the compressed ONNX in onnxruntime, or the dense
+    model on torch or onnxruntime when nothing beats the dense original on its best runtime),
+    and store the plan in a copy of the artifact; `bench` and inference reuse it on the same
+    machine after a quick re-check."""
     import torch
 
     from ..artifact import load_artifact, save_artifact
     from ..console import log
     from ..errors import UsageError
-    from ..execution import plan_execution, store_plan
+    from ..execution import RUNTIMES, Runtimes, plan_execution, store_plan
     from ..fsutil import check_output
 
     try:
@@ -220,15 +230,19 @@ def plan(
         if not eq:
             raise UsageError(f"--override takes name=kernel|dense|torch, got {item!r}")
         overrides[name] = choice
+    if runtime is not None and runtime not in RUNTIMES:
+        raise UsageError(f"--runtime takes one of {', '.join(RUNTIMES)}, got {runtime!r}")
     check_output(output, overwrite)
     art = load_artifact(path, allow_import=_allow_import(arch))
     torch.set_num_threads(threads)
     plans = {}
+    rt = Runtimes(art, threads, seed)
     for b in batches:
-        p = plan_execution(art, b, threads, overrides=overrides, seed=seed)
+        p = plan_execution(art, b, threads, overrides=overrides, seed=seed, runtimes=rt, runtime=runtime)
         store_plan(art, p)
         plans[str(b)] = p
-    art.record("plan", {"batch": batches, "threads": threads, "override": overrides}, seed=seed)
+    art.record("plan", {"batch": batches, "threads": threads, "override": overrides, "runtime": runtime},
+               seed=seed)
     save_artifact(art, output, overwrite=overwrite)
     log.info(f"wrote {output}")
     if json_out:
@@ -242,7 +256,10 @@ def plan(
                            ["layer", "choice", "why", "kernel", "dense", "torch"], rows, right={3, 4, 5}))
         for fu in p.get("fusions") or []:
             stdout.print(f"  fused: {'+'.join(fu['layers'])} (one compiled call)")
-        g = p.get("guard") or {}
-        if g:
-            stdout.print(f"  whole model: planned {g['planned_us']} µs vs dense rebuild "
-                         f"{g['dense_rebuild_us']} µs{' (fell back to dense)' if g['fallback'] else ''}")
+        rts = p.get("runtimes") or {}
+        if rts.get("measured_us"):
+            base = rts["baseline"]
+            stdout.print(f"  whole model, median µs of {rts['rounds']} interleaved rounds ({rts['clock']}): "
+                         + ", ".join(f"{k} {v}" for k, v in rts["measured_us"].items())
+                         + f" (dense-*: {base['model']})")
+        stdout.print(f"  runtime: {p['runtime']} ({rts.get('reason', '-')})")

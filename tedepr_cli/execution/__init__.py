@@ -9,11 +9,19 @@ For every tensorized (or pruned dense) layer and a batch size, three ways exist:
 * ``torch`` -- the chain in torch ops (dense cores): the reference path.
 
 The cost model of DESIGN §4 (chain FLOPs vs dense FLOPs at measured throughputs, plus
-per-call overheads) ranks them; a quick interleaved timing of each candidate on the
-layer's real input decides. A final whole-model check keeps the plan only if the model is
-not slower than its dense rebuild beyond noise (DESIGN: "inference through tedepr is never
-slower than the dense model it came from"). Plans are stored in the artifact with a
-machine fingerprint and re-made when the machine differs; any layer can be overridden.
+per-call overheads) ranks them; an interleaved timing of each candidate on the layer's
+real input decides (medians of per-call CPU time).
+
+**Runtimes** (:mod:`.runtimes`). The whole model then runs on one of: that per-layer plan
+(``layers``), the compressed ONNX in onnxruntime (``onnx``), or the model rebuilt in its
+original dense layer types on torch or onnxruntime (``dense-torch``, ``dense-ort``). The
+planner times them side by side with the *original* dense model on torch and onnxruntime
+and picks a compressed runtime only if it beats the dense original's best runtime (median
+and majority of paired rounds); otherwise it says so and runs dense there (DESIGN:
+"inference through tedepr is never slower than the dense model it came from"). Plans are
+stored in the artifact with a machine fingerprint, re-made when the machine or planner
+version differs, and re-checked cheaply at load (:func:`~.planner.recheck`); any layer or
+the runtime can be overridden.
 
 **Fusion.** At small batches a sparse layer computes for about as long as one Python -> C
 call and an output tensor cost, so the planner also looks for *chains of layers*: it
@@ -26,8 +34,9 @@ unfused model's within 1e-5 relative; anything else keeps the per-layer plan. Th
 records each fusion under ``"fusions"`` (and ``"fused"`` on its layers' rows).
 
 Layout: :mod:`.modules` (what a layer can run as), :mod:`.cost` (the cost model),
-:mod:`.fusion` (fx pattern matching and graph rewriting), :mod:`.planner` (decisions, the
-whole-model guard, :func:`build_model`), :mod:`.store` (plans kept in artifacts);
+:mod:`.fusion` (fx pattern matching and graph rewriting), :mod:`.runtimes` (whole-model
+runtimes, the dense model, onnxruntime as a module), :mod:`.planner` (decisions, the
+runtime choice, :func:`build_model`, :func:`recheck`), :mod:`.store` (plans kept in artifacts);
 the machine fingerprint is :func:`tedepr_cli.machine.fingerprint`, the timer
 :func:`tedepr_cli.timing.medians`.
 """
@@ -35,8 +44,10 @@ the machine fingerprint is :func:`tedepr_cli.machine.fingerprint`, the timer
 from .cost import flop_share
 from .fusion import find_runs, fusable, fused_module
 from .modules import CHOICES, candidates, options
-from .planner import build_model, plan_execution, plan_for
+from .planner import build_layers, build_model, plan_execution, plan_for, recheck
+from .runtimes import RUNTIMES, OrtModule, Runtimes, dense_model
 from .store import store_plan
 
-__all__ = ["CHOICES", "build_model", "candidates", "find_runs", "flop_share", "fusable", "fused_module",
-           "options", "plan_execution", "plan_for", "store_plan"]
+__all__ = ["CHOICES", "RUNTIMES", "OrtModule", "Runtimes", "build_layers", "build_model", "candidates",
+           "dense_model", "find_runs", "flop_share", "fusable", "fused_module", "options",
+           "plan_execution", "plan_for", "recheck", "store_plan"]

@@ -252,7 +252,7 @@ def plan_fusions(src: nn.Module, masks: dict[str, Tensor], build: Callable[[dict
                 mods[ch] = build({**plan, "fusions": [*plan["fusions"], {**fusion, "chunk": ch}]})
         fns.update({f"chunk{c}": (lambda m=m: m(x)) for c, m in mods.items()})
         with torch.no_grad():
-            t = timer.medians(fns, reps)
+            t = timer.medians(fns, reps, clock=timer.call_clock(threads))
         best = min((k for k in t if k != "unfused"), key=t.get)
         fusion["chunk"] = int(best[len("chunk"):])
         fusion["measured_us"] = {"fused": round(1e6 * t[best], 2), "unfused": round(1e6 * t["unfused"], 2)}
@@ -275,7 +275,12 @@ def _record(plan: dict[str, Any], fusion: dict[str, Any]) -> None:
 def _rel_err(a: nn.Module, b: nn.Module, x: Tensor) -> float:
     """Largest relative difference between the two models' outputs (every output tensor)."""
     with torch.no_grad():
-        ya, yb = a(x), b(x)
+        return outputs_rel_err(a(x), b(x))
+
+
+def outputs_rel_err(ya: Any, yb: Any) -> float:
+    """Largest relative L2 difference ``|p - q| / |q|`` over the output tensors of two
+    models (any nesting of tuples/lists/dicts; inf if they differ in structure or shape)."""
     la = [t for t in torch.utils._pytree.tree_leaves(ya) if isinstance(t, Tensor)]
     lb = [t for t in torch.utils._pytree.tree_leaves(yb) if isinstance(t, Tensor)]
     if len(la) != len(lb):

@@ -1,11 +1,15 @@
 """The planner: per layer and batch size, kernel vs dense vs torch chain, ranked by the cost
-model and decided by an interleaved timing on the layer's real input; then fusions; then a
-whole-model guard. :func:`build_model` turns a plan into a runnable model."""
+model and decided by an interleaved timing on the layer's real input; then fusions; then the
+whole-model runtime (:mod:`.runtimes`: that per-layer plan, the compressed ONNX in
+onnxruntime, or the dense model on torch or onnxruntime), decided against the *original*
+dense model on its best runtime. :func:`build_model` turns a plan into a runnable model;
+:func:`plan_for` reuses a stored plan after a cheap re-check."""
 
 from __future__ import annotations
 
 import copy
 import fnmatch
+import statistics
 from typing import Any
 
 import torch
@@ -18,11 +22,15 @@ from ..logs import log
 from ..masks import folded_copy
 from ..surgery import example_input, swap_module
 from .cost import estimate
-from .fusion import apply_fusions, plan_fusions
+from .fusion import apply_fusions, outputs_rel_err, plan_fusions
 from .modules import CHOICES, candidates, options, unavailable
+from .runtimes import COMPRESSED, DENSE, ONNX_RTOL, RUNTIMES, Runtimes
 from .store import PLANNER_VERSION, fingerprint, stored_plan
 
-GUARD_SLACK = 1.05  # the whole model may be at most 5 % slower than its dense rebuild (noise)
+LAYER_REPS = 25  # interleaved rounds per layer decision (medians of per-call CPU time)
+RUNTIME_ROUNDS = 25  # interleaved rounds of the whole-model runtimes against the dense original
+RECHECK_ROUNDS = 5  # interleaved rounds of a stored plan's re-check at load
+RECHECK_SLACK = 1.25  # a stored plan "clearly slower" than dense: median above this x dense's
 
 
 def _capture_inputs(model: nn.Module, names: list[str], x: Tensor) -> dict[str, Tensor]:
@@ -39,26 +47,37 @@ def _capture_inputs(model: nn.Module, names: list[str], x: Tensor) -> dict[str, 
 
 
 def plan_execution(art: Artifact, batch: int, threads: int = 1, timing: bool = True,
-                   overrides: dict[str, str] | None = None, reps: int = 15, fuse: bool = True,
-                   seed: int = 0) -> dict[str, Any]:
-    """Choose kernel / dense / torch for every candidate layer of ``art`` at ``batch``, then
-    fuse chains of Linear-like layers where that is faster (``fuse=False``: never). The
-    timings run on ``batch`` uniform random inputs drawn with ``seed``; the caller's thread
-    count is restored afterwards."""
+                   overrides: dict[str, str] | None = None, reps: int = LAYER_REPS, fuse: bool = True,
+                   seed: int = 0, runtimes: Runtimes | None = None, runtime: str | None = None,
+                   rounds: int = RUNTIME_ROUNDS) -> dict[str, Any]:
+    """Choose kernel / dense / torch for every candidate layer of ``art`` at ``batch``, fuse
+    chains of Linear-like layers where that is faster (``fuse=False``: never), then the
+    whole-model runtime (``plan["runtime"]``, one of :data:`.runtimes.RUNTIMES`): the fastest
+    compressed runtime if it beats the original dense model on its best runtime (dense torch
+    or dense onnxruntime), else that dense runtime (the plan says so). The timings run on
+    ``batch`` uniform random inputs drawn with ``seed``, interleaved, medians of per-call
+    CPU time (wall time with ``threads > 1``); ``timing=False`` decides layers by the cost
+    model and keeps the ``layers`` runtime unmeasured; ``runtime`` forces one runtime
+    (unmeasured). ``reps``/``rounds``: interleaved rounds of each layer / whole-model
+    decision. ``runtimes`` shares built runtimes between calls. The caller's thread
+    count is restored afterwards. Raises ``UsageError`` for an unknown override."""
     overrides = overrides or {}
     for pat, c in overrides.items():
         if c not in CHOICES:
             raise UsageError(f"override {pat}={c}: choose one of {', '.join(CHOICES)}")
+    if runtime is not None and runtime not in RUNTIMES:
+        raise UsageError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _plan(art, batch, threads, timing, overrides, reps, fuse, seed)
+        return _plan(art, batch, threads, timing, overrides, reps, fuse, seed,
+                     runtimes or Runtimes(art, threads, seed), runtime, rounds)
     finally:
         torch.set_num_threads(prev_threads)
 
 
 def _plan(art: Artifact, batch: int, threads: int, timing: bool, overrides: dict[str, str], reps: int,
-          fuse: bool, seed: int) -> dict[str, Any]:
+          fuse: bool, seed: int, rt: Runtimes, runtime: str | None, rounds: int) -> dict[str, Any]:
     model = folded_copy(art.model).eval()  # what build_model runs: plain weights, eval mode
     cands = candidates(model, art.masks)
     x = example_input(model, art.input_shape, batch, "rand", torch.Generator().manual_seed(seed))
@@ -80,7 +99,8 @@ def _plan(art: Artifact, batch: int, threads: int, timing: bool, overrides: dict
             mods = {c: f() for c, f in opts.items()}
             xin = inputs[name]
             with torch.no_grad():
-                t = timer.medians({c: (lambda m=m, xin=xin: m(xin)) for c, m in mods.items()}, reps)
+                t = timer.medians({c: (lambda m=m, xin=xin: m(xin)) for c, m in mods.items()}, reps,
+                                  clock=timer.call_clock(threads))
             row["measured_us"] = {c: round(1e6 * s, 2) for c, s in t.items()}
             best = min(t, key=t.get)
             row.update(choice=best, reason="fastest measured")
@@ -89,41 +109,120 @@ def _plan(art: Artifact, batch: int, threads: int, timing: bool, overrides: dict
             row.update(choice=best, reason="cost model" if timing is False else "layer not reached")
         layers[name] = row
     plan = {"planner": PLANNER_VERSION, "batch": batch, "threads": threads, "fingerprint": fingerprint(),
-            "layers": layers, "fusions": [], "guard": None}
+            "layers": layers, "fusions": [], "runtime": "layers", "runtimes": None}
     if fuse:
-        plan_fusions(model, art.masks, lambda p: build_model(art, p, threads), plan, x, threads, timing, reps)
-    if timing and (cands or plan["fusions"]):
-        plan["guard"] = _guard(art, plan, x, threads, reps)
+        plan_fusions(model, art.masks, lambda p: build_layers(art, p, threads), plan, x, threads, timing,
+                     reps)
+    if runtime is not None:
+        plan["runtimes"] = {"chosen": runtime, "reason": "override"}
+        plan["runtime"] = runtime
+    elif timing:
+        plan["runtimes"] = _choose_runtime(rt, plan, model, x, threads, rounds)
+        plan["runtime"] = plan["runtimes"]["chosen"]
+    else:
+        plan["runtimes"] = {"chosen": "layers", "reason": "not measured (cost model only)"}
     return plan
 
 
-def _guard(art: Artifact, plan: dict[str, Any], x: Tensor, threads: int, reps: int) -> dict[str, Any]:
-    """Whole model: planned vs every layer rebuilt dense. Fall back if the plan is slower."""
-    planned = build_model(art, plan, threads)
-    dense_plan = {**plan, "fusions": [], "layers": {n: {**r, "choice": "dense" if "dense" in options(
-        n, art.model.get_submodule(n), art.masks, threads) else r["choice"]}
-        for n, r in plan["layers"].items()}}
-    dense = build_model(art, dense_plan, threads)
+def _time_rounds(fns: dict[str, Any], rounds: int, threads: int) -> dict[str, list[float]]:
+    """Per-call seconds of each callable over ``rounds`` interleaved rounds (rotating order),
+    each timed call right after an untimed call of the same callable: the steady state of
+    back-to-back inference, whatever engine ran before it in the round."""
+    clock = timer.call_clock(threads)
+    once = timer.wall_timer(clock)
+
+    def hot(fn: Any) -> float:
+        fn()
+        return once(fn)
+
     with torch.no_grad():
-        t = timer.medians({"planned": lambda: planned(x), "dense": lambda: dense(x)}, reps)
-    out = {"planned_us": round(1e6 * t["planned"], 2), "dense_rebuild_us": round(1e6 * t["dense"], 2),
-           "fallback": False}
-    if t["planned"] > GUARD_SLACK * t["dense"]:
-        log.info(f"execution plan at batch {plan['batch']} was slower than the dense rebuild: using dense")
-        for n, r in plan["layers"].items():
-            if r["reason"] != "override":
-                r["choice"] = dense_plan["layers"][n]["choice"]
-                r["reason"] = "whole-model guard: dense rebuild was faster"
-            r.pop("fused", None)
-        plan["fusions"] = []
-        out["fallback"] = True
+        return timer.interleaved(fns, timer.Plan(warmup=2, iters=rounds, min_iters=1), clock=clock,
+                                 timers={k: hot for k in fns})
+
+
+def _paired(a: list[float], b: list[float]) -> float:
+    """Median of the per-round ratios a_i / b_i (below 1: a was faster)."""
+    return statistics.median(x / y for x, y in zip(a, b, strict=True) if y > 0)
+
+
+def _choose_runtime(rt: Runtimes, plan: dict[str, Any], model: nn.Module, x: Tensor, threads: int,
+                    rounds: int) -> dict[str, Any]:
+    """Time every runtime of the compressed model and the dense original on torch and
+    onnxruntime, interleaved; choose the fastest compressed runtime only if its median is
+    below the best dense median *and* it won the majority of the paired rounds, else the
+    dense model on the dense original's best runtime. Runtimes whose output differs from
+    the torch model by more than :data:`.runtimes.ONNX_RTOL` are not considered."""
+    with torch.no_grad():
+        ref = model(x)
+    fns: dict[str, Any] = {}
+    errs: dict[str, float] = {}
+    for r in RUNTIMES:
+        m = build_layers(rt.art, plan, threads) if r == "layers" else rt.module(r)
+        if m is None:
+            continue
+        try:
+            with torch.no_grad():
+                err = outputs_rel_err(m(x), ref)
+        except Exception as e:  # e.g. onnxruntime refuses an exported op at run time
+            rt.unavailable[r] = f"fails at run time: {str(e).splitlines()[0][:200]}"
+            continue
+        if err > ONNX_RTOL:
+            rt.unavailable[r] = f"output differs from the torch model by {err:.1e} relative"
+            continue
+        errs[r] = float(f"{err:.3g}")
+        if r in COMPRESSED:
+            fns[r] = lambda m=m: m(x)
+    for r in DENSE:
+        b = rt.baseline(r)
+        if b is None:
+            continue
+        try:
+            with torch.no_grad():
+                b(x)
+        except Exception as e:  # the dense original's export does not run here
+            rt.unavailable[f"original:{r}"] = f"fails at run time: {str(e).splitlines()[0][:200]}"
+            continue
+        fns[f"original:{r}"] = lambda b=b: b(x)
+    times = _time_rounds(fns, rounds, threads)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    base = [k for k in times if k.startswith("original:")]
+    comp = [k for k in times if k in COMPRESSED]
+    out: dict[str, Any] = {
+        "measured_us": {k.removeprefix("original:"): round(1e6 * v, 2) for k, v in med.items()},
+        "rounds": rounds, "clock": "thread CPU time" if threads == 1 else "wall clock",
+        "baseline": {"model": rt.baseline_source}, "max_rel_err": errs,
+        "unavailable": dict(rt.unavailable)}
+    best_comp = min(comp, key=med.get) if comp else None
+    if not base:  # no dense original to compare with: the fastest compressed runtime
+        out.update(chosen=best_comp or "layers", reason="no dense runtime could be measured")
+        return out
+    best_dense = min(base, key=med.get)
+    dense_rt = best_dense.removeprefix("original:")
+    out["baseline"].update(best=dense_rt, median_us=round(1e6 * med[best_dense], 2))
+    if best_comp is not None:
+        ratio = _paired(times[best_comp], times[best_dense])
+        out["speedup_vs_best_dense"] = round(med[best_dense] / med[best_comp], 3)
+        out["paired_ratio"] = round(ratio, 3)
+        if med[best_comp] < med[best_dense] and ratio < 1.0:
+            out.update(chosen=best_comp, reason=f"fastest measured: {out['speedup_vs_best_dense']}x the "
+                                                f"dense original on {dense_rt}")
+            return out
+    if dense_rt in errs:
+        log.info(f"batch {plan['batch']}: no compressed runtime beats the dense original on {dense_rt} "
+                 f"({', '.join(f'{k} {v} µs' for k, v in out['measured_us'].items())}): running dense")
+        out.update(chosen=dense_rt, reason=f"nothing beats dense: the dense model runs on {dense_rt}")
+        return out
+    out.update(chosen=best_comp or "layers",
+               reason=f"nothing beats dense, but the dense model cannot run here ("
+                      f"{rt.unavailable.get(dense_rt, 'unavailable')}): the fastest compressed runtime")
     return out
 
 
-def build_model(art: Artifact, plan: dict[str, Any], threads: int = 1) -> nn.Module:
-    """A copy of ``art.model`` whose layers run as ``plan`` says (inference only): per-layer
-    choices, and each recorded fusion as one :class:`FusedSequence` (the model then is a
-    ``torch.fx.GraphModule``, or the fused module itself when the whole model is one run)."""
+def build_layers(art: Artifact, plan: dict[str, Any], threads: int = 1) -> nn.Module:
+    """The ``layers`` runtime: a copy of ``art.model`` whose layers run as ``plan`` says
+    (inference only): per-layer choices, and each recorded fusion as one
+    :class:`FusedSequence` (the model then is a ``torch.fx.GraphModule``, or the fused module
+    itself when the whole model is one run)."""
     src = folded_copy(art.model).eval()  # plain weights: no mask multiply at inference
     model = copy.deepcopy(src)
     fused = {n for f in plan.get("fusions") or [] for n in f["layers"]}
@@ -144,12 +243,68 @@ def build_model(art: Artifact, plan: dict[str, Any], threads: int = 1) -> nn.Mod
     return model
 
 
+def build_model(art: Artifact, plan: dict[str, Any], threads: int = 1, runtime: str | None = None,
+                runtimes: Runtimes | None = None) -> nn.Module:
+    """The compressed model of ``art`` running on the plan's runtime (``runtime``: another
+    one of :data:`.runtimes.RUNTIMES`), inference only, taking and returning torch tensors:
+    the per-layer plan (:func:`build_layers`), an :class:`~.runtimes.OrtModule` over the
+    compressed ONNX, or the dense model on torch or onnxruntime. A runtime that cannot be
+    built here falls back (with a warning) to the dense model in torch, then to the layers."""
+    rt = runtimes or Runtimes(art, threads)
+    want = runtime or plan.get("runtime") or "layers"
+    if want not in RUNTIMES:
+        raise UsageError(f"unknown runtime {want!r}; choose from {', '.join(RUNTIMES)}")
+    for r in dict.fromkeys([want, "dense-torch" if want in DENSE else want, "layers"]):
+        m = build_layers(art, plan, threads) if r == "layers" else rt.module(r)
+        if m is not None:
+            if r != want:
+                log.warning(f"runtime {want} cannot run here ({rt.unavailable.get(want)}): using {r}")
+            return m
+    raise AssertionError("the layers runtime always builds")  # pragma: no cover
+
+
+def recheck(art: Artifact, plan: dict[str, Any], threads: int = 1, seed: int = 0,
+            runtimes: Runtimes | None = None) -> dict[str, Any]:
+    """A cheap re-check of a stored plan at load: :data:`RECHECK_ROUNDS` interleaved rounds of
+    its runtime against the dense model on the dense original's best runtime. Returns the
+    plan with ``recheck`` filled in; if the chosen runtime is now more than
+    :data:`RECHECK_SLACK` x slower, a copy that runs dense (and says so)."""
+    chosen = plan.get("runtime") or "layers"
+    dense_rt = ((plan.get("runtimes") or {}).get("baseline") or {}).get("best") or "dense-torch"
+    if chosen in DENSE:
+        return {**plan, "recheck": {"skipped": "the plan already runs dense"}}
+    if (plan.get("runtimes") or {}).get("reason") == "override":
+        return {**plan, "recheck": {"skipped": "the runtime was forced"}}
+    rt = runtimes or Runtimes(art, threads, seed)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        dense = rt.module(dense_rt)
+        if dense is None:
+            return {**plan, "recheck": {"skipped": f"{dense_rt}: {rt.unavailable.get(dense_rt)}"}}
+        fast = build_model(art, plan, threads, runtimes=rt)
+        x = torch.rand(plan["batch"], *art.input_shape, generator=torch.Generator().manual_seed(seed))
+        t = _time_rounds({"chosen": lambda: fast(x), "dense": lambda: dense(x)}, RECHECK_ROUNDS, threads)
+    finally:
+        torch.set_num_threads(prev)
+    c, d = statistics.median(t["chosen"]), statistics.median(t["dense"])
+    check = {"rounds": RECHECK_ROUNDS, "chosen_us": round(1e6 * c, 2), f"{dense_rt}_us": round(1e6 * d, 2),
+             "fallback": c > RECHECK_SLACK * d}
+    if not check["fallback"]:
+        return {**plan, "recheck": check}
+    log.warning(f"the stored plan for batch {plan['batch']} ({chosen}) now takes {1e6 * c:.1f} µs, more than "
+                f"{RECHECK_SLACK} x the dense model on {dense_rt} ({1e6 * d:.1f} µs): running dense "
+                "(`tedepr plan` re-measures)")
+    return {**plan, "runtime": dense_rt, "recheck": check}
+
+
 def plan_for(art: Artifact, batch: int, threads: int = 1, overrides: dict[str, str] | None = None,
-             replan: bool = False, seed: int = 0) -> tuple[dict[str, Any], bool]:
-    """The stored plan for ``batch`` if it was made on this machine, else a fresh one.
-    Returns (plan, fresh)."""
+             replan: bool = False, seed: int = 0, check: bool = True, runtimes: Runtimes | None = None
+             ) -> tuple[dict[str, Any], bool]:
+    """The stored plan for ``batch`` if it was made on this machine (re-checked with
+    :func:`recheck` unless ``check=False``), else a fresh one. Returns (plan, fresh)."""
     if not replan and not overrides:
         stored = stored_plan(art, batch, threads)
         if stored is not None:
-            return stored, False
-    return plan_execution(art, batch, threads, overrides=overrides, seed=seed), True
+            return (recheck(art, stored, threads, seed, runtimes) if check else stored), False
+    return plan_execution(art, batch, threads, overrides=overrides, seed=seed, runtimes=runtimes), True

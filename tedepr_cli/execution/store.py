@@ -12,7 +12,8 @@ from ..artifact import Artifact
 from ..logs import log
 from ..machine import cpu_features, cpu_model
 
-PLANNER_VERSION = 3  # stored plans of another version are re-made (2: fusions; 3: LSTMs planned whole)
+PLANNER_VERSION = 4  # stored plans of another version are re-made (2: fusions; 3: LSTMs planned whole;
+#                      4: whole-model runtime)
 
 
 def fingerprint() -> dict[str, Any]:
@@ -43,4 +44,4 @@ def store_plan(art: Artifact, plan: dict[str, Any]) -> None:
     """Keep ``plan`` in ``art.meta["execution"]["plans"][str(batch)]`` (saved with the
     artifact), where :func:`plan_for` finds it on the next run on this machine."""
     plans = art.meta.setdefault("execution", {}).setdefault("plans", {})
-    plans[str(plan["batch"])] = {k: v for k, v in plan.items() if k not in ("fresh", "flops")}
+    plans[str(plan["batch"])] = {k: v for k, v in plan.items() if k not in ("fresh", "flops", "recheck")}

@@ -1,0 +1,231 @@
+"""Whole-model runtimes: the ways a compressed model can run end to end, and the dense
+original the planner measures them against.
+
+``layers``       the per-layer plan (compiled kernels / dense rebuilds / torch chains, fused
+                 runs) in torch: :func:`.planner.build_layers` (built from a plan, not here)
+``onnx``         the compressed graph (``export.to_onnx`` of a folded copy) in onnxruntime
+``dense-torch``  the compressed model's function in the *original* dense layer types
+                 (:func:`dense_model`: each chain rebuilt into ``nn.Linear``/``nn.Conv2d``,
+                 a tensorized LSTM into ``nn.LSTM``, attention into ``nn.MultiheadAttention``)
+                 in torch
+``dense-ort``    the same dense model exported to ONNX, in onnxruntime
+
+The baseline (what "faster than dense" means) is the *original* dense model on its best
+runtime, dense torch or dense onnxruntime: built from the artifact's architecture (random
+weights with a seed: same shapes, same speed), or, where no architecture is known (the
+Python API on a model you hold), :func:`dense_model` itself, which has the original's layer
+types. onnxruntime sessions run with ``intra_op_num_threads=threads`` (one thread: on the
+calling thread, so per-call CPU time measures them).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..artifact import Artifact
+from ..logs import log
+
+RUNTIMES = ("layers", "onnx", "dense-torch", "dense-ort")
+COMPRESSED = ("layers", "onnx")
+DENSE = ("dense-torch", "dense-ort")
+ONNX_OPSET = 18
+ONNX_RTOL = 1e-4  # an onnxruntime or dense runtime must equal the torch model within this (relative)
+
+
+def ort_session(source: Path | bytes, threads: int, device: torch.device | None = None) -> Any:
+    """An onnxruntime session over an ONNX file or its bytes on ``device``'s execution
+    provider (CPU by default), ``threads`` intra-op threads, one inter-op thread."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    cuda = device is not None and device.type == "cuda"
+    provider: Any = ("CUDAExecutionProvider", {"device_id": device.index or 0}) if cuda \
+        else "CPUExecutionProvider"
+    src = source if isinstance(source, bytes) else str(source)
+    return ort.InferenceSession(src, so, providers=[provider])
+
+
+class OrtModule(nn.Module):
+    """An ONNX model in an onnxruntime CPU session as an ``nn.Module`` (inference only):
+    takes a float32 CPU tensor ``(B, *sample)`` and returns the first output as a tensor
+    (several outputs: a tuple). ``onnx``: the serialized ``ModelProto``."""
+
+    def __init__(self, onnx: bytes, threads: int = 1) -> None:
+        super().__init__()
+        self.onnx = onnx
+        self.threads = threads
+        self.session = ort_session(onnx, threads)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:
+        xn = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        out = self.session.run(None, {self.input_name: xn})
+        if len(out) == 1:
+            return torch.from_numpy(out[0])
+        return tuple(torch.from_numpy(o) for o in out)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> OrtModule:
+        return OrtModule(self.onnx, self.threads).train(self.training)
+
+    def extra_repr(self) -> str:
+        return f"onnxruntime, {len(self.onnx):,} bytes of ONNX, {self.threads} thread(s)"
+
+
+def onnx_bytes(model: nn.Module, input_shape: tuple[int, ...]) -> bytes:
+    """``model`` (masks folded in) as ONNX with a dynamic batch axis
+    (:func:`tedepr_cli.export.to_onnx`, traced at batch 2), serialized."""
+    from ..export import to_onnx
+
+    return to_onnx(model, torch.zeros(2, *input_shape), ONNX_OPSET).SerializeToString()
+
+
+def _dense_lstm(layer: nn.Module) -> nn.LSTM:
+    lstm = nn.LSTM(layer.ih[0].in_features, layer.hidden_size, num_layers=layer.num_layers,
+                   bias=bool(layer._spec.get("bias", True)), batch_first=layer.batch_first,
+                   bidirectional=layer.bidirectional)
+    with torch.no_grad():
+        for idx, name in enumerate(layer._suffixes()):
+            ih = layer.ih[idx]
+            getattr(lstm, f"weight_ih_{name}").copy_(ih.dense_weight().detach())
+            getattr(lstm, f"weight_hh_{name}").copy_(getattr(layer, f"weight_hh_{name}").detach())
+            if lstm.bias:
+                getattr(lstm, f"bias_ih_{name}").copy_(ih.bias.detach() if ih.bias is not None else 0.0)
+                getattr(lstm, f"bias_hh_{name}").copy_(getattr(layer, f"bias_hh_{name}").detach())
+    return lstm
+
+
+def _dense_mha(layer: nn.Module) -> nn.MultiheadAttention:
+    e = layer.embed_dim
+    mha = nn.MultiheadAttention(e, layer.num_heads, bias=layer.in_proj.bias is not None,
+                                batch_first=layer.batch_first)
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(layer.in_proj.dense_weight().detach())
+        if mha.in_proj_bias is not None:
+            mha.in_proj_bias.copy_(layer.in_proj.bias.detach())
+        out = layer.out_proj
+        w = out.dense_weight() if hasattr(out, "cores") else out.weight
+        mha.out_proj.weight.copy_(w.detach())
+        if mha.out_proj.bias is not None:
+            mha.out_proj.bias.copy_(out.bias.detach() if out.bias is not None else 0.0)
+    return mha
+
+
+def dense_model(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """A copy of ``model`` (masks folded in, eval mode) computing the same function in the
+    original dense layer types: linear-chain TT/TR Linear and Conv2d become ``nn.Linear``/
+    ``nn.Conv2d`` (:func:`~tedepr_cli.tensorized.layers.to_dense_layer`), a tensorized LSTM
+    ``nn.LSTM`` and tensorized attention ``nn.MultiheadAttention``; pruned dense layers keep
+    their zeros. Returns (model, names of tensorized layers left as they are: nonlinear
+    chains, which have no single dense weight)."""
+    from ..masks import folded_copy
+    from ..surgery import swap_module
+    from ..tensorized.base import TensorizedLayer
+    from ..tensorized.layers import to_dense_layer
+    from ..tensorized.wrappers import TensorizedLSTM, TensorizedMHA
+
+    out = folded_copy(model).eval()
+    left: list[str] = []
+    done: list[str] = []
+    for name, mod in list(out.named_modules()):
+        if any(name.startswith(f"{d}.") for d in done):
+            continue
+        try:
+            if isinstance(mod, TensorizedLSTM):
+                new: nn.Module = _dense_lstm(mod)
+            elif isinstance(mod, TensorizedMHA):
+                new = _dense_mha(mod)
+            elif isinstance(mod, TensorizedLayer):
+                if mod.chain != "linear":
+                    left.append(name)
+                    continue
+                new = to_dense_layer(mod)
+            else:
+                continue
+        except ValueError:  # a nonlinear projection inside a wrapper
+            left.append(name)
+            continue
+        swap_module(out, name, new.eval())
+        done.append(name)
+    return out, left
+
+
+def original_model(art: Artifact, seed: int = 0) -> tuple[nn.Module, str]:
+    """The dense original the planner measures against, in eval mode, and what it is: the
+    artifact's architecture built with random weights drawn with ``seed`` (timing only:
+    same shapes, same speed), else (no architecture, or it cannot be built)
+    :func:`dense_model` of the compressed model."""
+    if art.arch is not None:
+        from ..arch import build
+
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return build(art.arch, allow_import=art.arch.is_import).eval(), \
+                    f"the original architecture ({art.arch.name}, random weights)"
+        except Exception as e:  # an architecture that does not build here: the rebuild stands in
+            log.info(f"the dense original cannot be built ({type(e).__name__}: {e}): measuring the "
+                     "compressed model rebuilt in dense layers instead")
+    return dense_model(art.model)[0], "the compressed model rebuilt in the original dense layer types"
+
+
+class Runtimes:
+    """Builds (once each) the whole-model runtimes of one artifact and thread count, and the
+    dense original's torch and onnxruntime versions. A runtime that cannot be built here
+    (an export failure, onnxruntime missing) is recorded in :attr:`unavailable` with the
+    reason."""
+
+    def __init__(self, art: Artifact, threads: int = 1, seed: int = 0) -> None:
+        self.art, self.threads, self.seed = art, threads, seed
+        self._mods: dict[str, nn.Module] = {}
+        self._dense: tuple[nn.Module, list[str]] | None = None
+        self.unavailable: dict[str, str] = {}
+        self.baseline_source: str | None = None
+
+    def dense(self) -> tuple[nn.Module, list[str]]:
+        if self._dense is None:
+            self._dense = dense_model(self.art.model)
+        return self._dense
+
+    def _ort(self, key: str, model: nn.Module) -> nn.Module | None:
+        if key in self.unavailable:
+            return None
+        if key not in self._mods:
+            try:
+                self._mods[key] = OrtModule(onnx_bytes(model, self.art.input_shape), self.threads).eval()
+            except Exception as e:  # export or session failure: this runtime is not available here
+                why = (str(e).splitlines() or [type(e).__name__])[0]
+                self.unavailable[key] = f"{type(e).__name__}: {why}"
+                log.info(f"runtime {key} unavailable: {self.unavailable[key]}")
+                return None
+        return self._mods[key]
+
+    def baseline(self, runtime: str) -> nn.Module | None:
+        """The dense original on ``runtime`` (``dense-torch`` or ``dense-ort``)."""
+        if "original" not in self._mods:
+            self._mods["original"], self.baseline_source = original_model(self.art, self.seed)
+        if runtime == "dense-torch":
+            return self._mods["original"]
+        return self._ort(f"original:{runtime}", self._mods["original"])
+
+    def module(self, runtime: str) -> nn.Module | None:
+        """The compressed model running on ``runtime`` (None where it cannot run here);
+        ``layers`` depends on a plan: :func:`.planner.build_model` builds it."""
+        if runtime == "onnx":
+            return self._ort("onnx", self.art.model)
+        dense, left = self.dense()
+        if left:
+            why = f"no dense equivalent of {', '.join(left)} (nonlinear chain)"
+            self.unavailable.setdefault(runtime, why)
+            return None
+        if runtime == "dense-torch":
+            return dense
+        if runtime == "dense-ort":
+            return self._ort("dense-ort", dense)
+        raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
