@@ -234,10 +234,14 @@ def fast_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int,
               batches: tuple[int, ...] = FAST_BATCHES) -> tuple[Any, dict[str, Any]]:
     """The ``onnx-fast`` graph of ``model`` (masks folded in): each layer with a sparse path
     (:func:`tedepr_cli.kernels.ort_ops.pack_layer`) as one ``TedeprChain`` node whose
-    function body is the faster, in stock onnxruntime at ``batches``, of the layer's chain
-    ops and its dense rebuild (:func:`tedepr_cli.kernels.ort_ops.choose_bodies`). Traced
-    twice (the model, and a copy with those layers rebuilt dense) at ``example``.
-    Returns the ``onnx.ModelProto`` and a report (per layer: kind, body, timings in µs)."""
+    function body is the layer's chain ops or its dense rebuild. Per layer the faster alone
+    (:func:`tedepr_cli.kernels.ort_ops.choose_bodies`); then the whole model is timed in
+    stock onnxruntime at ``batches`` with every layer on its chain ops, with the per-layer
+    choice and with every layer dense, and the fastest end to end is kept (ties: the
+    chain ops, the smallest file), so the file is never slower than the plain ``onnx``
+    export beyond timing noise. Traced twice (the model, and a copy with those layers
+    rebuilt dense) at ``example``. Returns the ``onnx.ModelProto`` and a report (per
+    layer: kind, body, timings in µs; ``choice`` and ``model_us``: the whole-model one)."""
     from .kernels import ort_ops
     from .masks import folded_copy
     from .surgery import swap_module
@@ -268,12 +272,36 @@ def fast_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int,
         for h in hooks:
             h.remove()
     timed = ort_ops.choose_bodies(proto, dense_proto, folded, {n: s for n, s in shapes.items() if s})
-    rows = ort_ops.add_sparse_path(proto, folded, dense_proto, {n: t["body"] for n, t in timed.items()})
+    # whole-model candidates: every layer on its chain ops (the plain export's speed), the
+    # per-layer choice, every layer dense where it can be; the fastest end to end is kept
+    choices = {"chain": {}, "per-layer": {n: t["body"] for n, t in timed.items()},
+               "dense": {n: "dense" for n in timed}}
+    built: dict[str, tuple[Any, list[dict[str, Any]]]] = {}
+    for label, choice in choices.items():
+        if any(choice == c for k, c in choices.items() if k in built):
+            continue  # the same graph as a candidate already built
+        p = onnx_copy(proto)
+        built[label] = (p, ort_ops.add_sparse_path(p, folded, dense_proto, choice))
+    rng = np.random.default_rng(0)
+    inputs = {b: rng.random((b, *example.shape[1:]), dtype=np.float32) for b in batches}
+    sessions = {k: ort_ops.session(p.SerializeToString(), sparse=False) for k, (p, _) in built.items()}
+    whole = ort_ops.time_sessions(sessions, inputs, reps=9, calls=4)
+    best = ort_ops.pick(whole, "chain")
+    proto, rows = built[best]
     for r in rows:
         if r["layer"] in timed:
             r["us"] = timed[r["layer"]]["us"]
     strip_metadata(proto)
-    return proto, {"layers": rows, "batches": list(batches)}
+    return proto, {"layers": rows, "batches": list(batches), "choice": best, "model_us": whole}
+
+
+def onnx_copy(proto):
+    """A deep copy of an ``onnx.ModelProto``."""
+    import onnx
+
+    p = onnx.ModelProto()
+    p.CopyFrom(proto)
+    return p
 
 
 def sparsify_initializers(proto) -> int:
@@ -461,8 +489,7 @@ def _export(art: Artifact, out: Path, opts: ExportOptions, data: Path | None, ov
                     continue
                 p = proto
                 if fmt == "onnx-sparse":
-                    p = onnx.ModelProto()
-                    p.CopyFrom(proto)
+                    p = onnx_copy(proto)
                     report["sparse_initializers"] = sparsify_initializers(p)
                 elif fmt == "onnx-fast":
                     p, report["fast"] = fast_onnx(model, example, opts.opset)

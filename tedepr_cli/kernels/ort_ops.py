@@ -471,18 +471,40 @@ def _loop(sess: Any, x: np.ndarray, calls: int) -> Callable[[], None]:
     return run
 
 
-def choose_bodies(proto: Any, dense: Any, model: nn.Module, shapes: dict[str, dict[int, tuple[int, ...]]],
-                  reps: int = 15, calls: int = 20) -> dict[str, dict[str, Any]]:
-    """Per layer, the faster standard-op body in stock onnxruntime (one thread, no custom-op
-    library): the layer's chain ops or its dense rebuild. Each candidate is the layer alone
-    (:func:`layer_model`), timed on per-call CPU time over ``reps`` interleaved rounds of
-    ``calls`` calls at every batch of ``shapes[layer]`` (batch -> the layer's input shape).
-    The dense body wins when the sum over batches of its time relative to the faster one
-    is lower. Returns ``layer -> {"body", "us": {batch: {"chain", "dense"}}}``."""
+def time_sessions(sessions: dict[str, Any], inputs: dict[int, np.ndarray], reps: int = 15,
+                  calls: int = 10) -> dict[str, dict[int, float]]:
+    """Median µs per ``session.run`` of each onnxruntime session at each batch of ``inputs``
+    (batch -> input array): per-call CPU time (``time.thread_time``, robust to a loaded
+    machine) of ``calls`` calls, ``reps`` interleaved rounds (:func:`tedepr_cli.timing.medians`)."""
     import time
 
     from ..timing import medians
 
+    out: dict[str, dict[int, float]] = {k: {} for k in sessions}
+    for b, x in sorted(inputs.items()):
+        med = medians({k: _loop(s, x, calls) for k, s in sessions.items()}, reps, clock=time.thread_time)
+        for k, v in med.items():
+            out[k][b] = round(v / calls * 1e6, 2)
+    return out
+
+
+def pick(us: dict[str, dict[int, float]], prefer: str) -> str:
+    """The candidate with the lowest sum over batches of its time relative to the fastest
+    at that batch; ``prefer`` (the smaller file) unless another beats it by more than 3 %
+    of that score."""
+    batches = next(iter(us.values())).keys()
+    score = {k: sum(v[b] / max(min(u[b] for u in us.values()), 1e-9) for b in batches) for k, v in us.items()}
+    best = min(score, key=lambda k: (score[k], k != prefer))
+    return prefer if prefer in score and score[prefer] <= score[best] * 1.03 else best
+
+
+def choose_bodies(proto: Any, dense: Any, model: nn.Module, shapes: dict[str, dict[int, tuple[int, ...]]],
+                  reps: int = 15, calls: int = 20) -> dict[str, dict[str, Any]]:
+    """Per layer, the faster standard-op body in stock onnxruntime (one thread, no custom-op
+    library): the layer's chain ops or its dense rebuild. Each candidate is the layer alone
+    (:func:`layer_model`) at every batch of ``shapes[layer]`` (batch -> the layer's input
+    shape), timed by :func:`time_sessions` and chosen by :func:`pick` (ties: the chain).
+    Returns ``layer -> {"body", "us": {"chain": {batch: µs}, "dense": ...}}``."""
     out: dict[str, dict[str, Any]] = {}
     for name, layer in model.named_modules():
         if name not in shapes:
@@ -496,15 +518,8 @@ def choose_bodies(proto: Any, dense: Any, model: nn.Module, shapes: dict[str, di
             continue  # no dense alternative: the layer keeps its chain body
         sess = {"chain": session(layer_model(proto, _function(proto, *reg, name), attrs), sparse=False),
                 "dense": session(layer_model(dense, _function(dense, *dreg, name), attrs), sparse=False)}
-        us: dict[int, dict[str, float]] = {}
-        score = {"chain": 0.0, "dense": 0.0}
-        for b, shape in sorted(shapes[name].items()):
-            xb = np.random.default_rng(0).random(shape, dtype=np.float32)
-
-            med = medians({k: _loop(s, xb, calls) for k, s in sess.items()}, reps, clock=time.thread_time)
-            us[b] = {k: round(v / calls * 1e6, 2) for k, v in med.items()}
-            best = min(med.values()) or 1e-12
-            for k in score:
-                score[k] += med[k] / best
-        out[name] = {"body": "dense" if score["dense"] < score["chain"] else "chain", "us": us}
+        rng = np.random.default_rng(0)
+        inputs = {b: rng.random(shape, dtype=np.float32) for b, shape in shapes[name].items()}
+        us = time_sessions(sess, inputs, reps, calls)
+        out[name] = {"body": pick(us, "chain"), "us": us}
     return out
