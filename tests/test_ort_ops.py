@@ -179,3 +179,21 @@ def test_export_onnx_fast_validates_both_ways_and_records_its_choices(tmp_path):
     assert dims[0].dim_param and not dims[0].dim_value
     saved = json.loads((tmp_path / "e" / "export.json").read_text())
     assert saved["fast"]["kernel"]["available"] is True
+
+
+def test_without_onnxruntime_extensions_the_file_is_still_made_and_said_so(tmp_path, monkeypatch):
+    from tedepr_cli.artifact import Artifact
+    from tedepr_cli.errors import EngineUnavailable
+
+    def missing() -> str:
+        raise EngineUnavailable("the sparse ONNX path needs onnxruntime-extensions: No module named x")
+
+    monkeypatch.setattr(ort_ops, "extensions_library", missing)
+    art = Artifact(model=_compressed("tt"), arch=None, meta={})
+    rep = export(art, tmp_path / "e", ExportOptions(formats=["onnx-fast"]))
+    assert rep["fast"]["kernel"]["available"] is False
+    assert "onnxruntime-extensions" in rep["fast"]["kernel"]["why"]
+    assert "onnx-fast+kernel" not in rep["validation"]
+    assert all(c["ok"] for c in rep["validation"]["onnx-fast"].values())
+    with pytest.raises(EngineUnavailable):
+        ort_ops.session(tmp_path / "e" / "model.fast.onnx", sparse=True)
