@@ -257,21 +257,29 @@ def fast_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int,
             swap_module(dense, n, to_dense_layer(m))
     dense_proto = to_onnx(dense, example, opset, strip=False)
     shapes: dict[str, dict[int, tuple[int, ...]]] = {n: {} for n in names}
-    hooks = []
-    for n in names:
-        def grab(_m, args, n=n):  # the layer's input shape at the batch being run
-            shapes[n][current[0]] = tuple(args[0].shape)
-        hooks.append(folded.get_submodule(n).register_forward_pre_hook(grab))
+    io: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
     current = [0]
+
+    def grab(name: str):  # each layer's input and output shapes at the batch being run
+        def hook(_m, args, out):
+            shapes[name][current[0]] = tuple(args[0].shape)
+            if current[0] == example.shape[0]:
+                io[name] = (tuple(args[0].shape), tuple(out.shape))
+        return hook
+
+    hooks = [folded.get_submodule(n).register_forward_hook(grab(n)) for n in names]
     try:
         with torch.no_grad():
-            for b in batches:
+            for b in (*batches, example.shape[0]):
                 current[0] = b
                 folded(torch.zeros(b, *example.shape[1:]))
     finally:
         for h in hooks:
             h.remove()
-    timed = ort_ops.choose_bodies(proto, dense_proto, folded, {n: s for n, s in shapes.items() if s})
+    # layers whose exported region is not the layer itself keep their standard ops
+    fits = [r["layer"] for r in ort_ops.add_sparse_path(onnx_copy(proto), folded, io_shapes=io) if r["ok"]]
+    shapes = {n: s for n, s in shapes.items() if s and n in fits}
+    timed = ort_ops.choose_bodies(proto, dense_proto, folded, shapes)
     # whole-model candidates: every layer on its chain ops (the plain export's speed), the
     # per-layer choice, every layer dense where it can be; the fastest end to end is kept
     choices = {"chain": {}, "per-layer": {n: t["body"] for n, t in timed.items()},
@@ -281,7 +289,7 @@ def fast_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int,
         if any(choice == c for k, c in choices.items() if k in built):
             continue  # the same graph as a candidate already built
         p = onnx_copy(proto)
-        built[label] = (p, ort_ops.add_sparse_path(p, folded, dense_proto, choice))
+        built[label] = (p, ort_ops.add_sparse_path(p, folded, dense_proto, choice, io_shapes=io))
     rng = np.random.default_rng(0)
     inputs = {b: rng.random((b, *example.shape[1:]), dtype=np.float32) for b in batches}
     sessions = {k: ort_ops.session(p.SerializeToString(), sparse=False) for k, (p, _) in built.items()}

@@ -162,6 +162,42 @@ def pack_layer(layer: nn.Module) -> dict[str, str] | None:
     return {"key": hashlib.sha256(chain.encode("ascii")).hexdigest()[:32], "kind": kind, "chain": chain}
 
 
+def _flatten_from(shape: tuple, n_in: int) -> int:
+    """The axis from which ``shape``'s trailing dims multiply to ``n_in`` (a linear layer's
+    input whose flatten the exporter folded into the layer's first reshape). Raises
+    ValueError when there is none."""
+    for k in range(len(shape) - 1, 0, -1):
+        if isinstance(shape[k], int) and all(isinstance(d, int) for d in shape[k:]) \
+                and math.prod(shape[k:]) == n_in:
+            return k
+    raise ValueError(f"expected {n_in} input features, got shape {list(shape)}")
+
+
+def _matches(declared: tuple | None, actual: tuple[int, ...]) -> bool:
+    """Whether a declared ONNX shape (ints, or symbols for dynamic axes) fits ``actual``."""
+    return declared is not None and len(declared) == len(actual) and all(
+        isinstance(d, str) or d == a for d, a in zip(declared, actual, strict=True))
+
+
+def region_fits(kind: str, x_decl: tuple | None, y_decl: tuple | None, x_shape: tuple[int, ...],
+                y_shape: tuple[int, ...]) -> bool:
+    """Whether a layer's exported region takes and gives what the layer itself does
+    (``x_shape``/``y_shape``, seen at the trace), so the kernel can stand in for it: the
+    output exactly; the input exactly, or (a linear layer) with its last axis unflattened
+    (the exporter may fold the caller's flatten into the layer's first reshape)."""
+    if not _matches(y_decl, y_shape):
+        return False
+    if _matches(x_decl, x_shape):
+        return True
+    if kind != "linear" or x_decl is None:
+        return False
+    try:
+        k = _flatten_from(x_decl, x_shape[-1])
+    except ValueError:
+        return False
+    return _matches(x_decl[:k], x_shape[:-1])
+
+
 def build_kernel(kind: str, chain: str) -> Callable[[np.ndarray], np.ndarray]:
     """The numpy -> numpy function one ``TedeprChain`` node computes (the compiled kernel
     when it can be built, else the kernels' torch path: same packed data). Raises
@@ -177,8 +213,8 @@ def build_kernel(kind: str, chain: str) -> Callable[[np.ndarray], np.ndarray]:
 
         def linear(x: np.ndarray) -> np.ndarray:
             t = torch.from_numpy(np.ascontiguousarray(x, np.float32))
-            if t.shape[-1] != n_in and t.dim() > 2 and math.prod(t.shape[1:]) == n_in:
-                t = t.flatten(1)  # the exporter folded the caller's flatten into the layer's reshape
+            if t.shape[-1] != n_in:  # the exporter folded the caller's flatten into the layer
+                t = t.flatten(_flatten_from(tuple(t.shape), n_in))
             with torch.no_grad():
                 return k(t).numpy()
 
@@ -374,7 +410,9 @@ def _function(proto: Any, idx: list[int], x: str, y: str, name: str) -> Any:
 
 
 def add_sparse_path(proto: Any, model: nn.Module, dense: Any = None, choice: dict[str, str] | None = None,
-                    layers: list[str] | None = None) -> list[dict[str, Any]]:
+                    layers: list[str] | None = None,
+                    io_shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] | None = None
+                    ) -> list[dict[str, Any]]:
     """Rewrite ``proto`` (an ``onnx.ModelProto`` straight from ``torch.onnx.export``, with
     its ``pkg.torch.onnx.name_scopes`` metadata still on the nodes) in place: every layer of
     ``model`` (masks folded in) that :func:`pack_layer` takes - or only those named in
@@ -385,7 +423,9 @@ def add_sparse_path(proto: Any, model: nn.Module, dense: Any = None, choice: dic
     ``dense`` (the trace of the model with that layer rebuilt dense,
     :func:`tedepr_cli.tensorized.layers.to_dense_layer`). A layer whose nodes do not form a
     one-input one-output region (e.g. a module called functionally, whose ops carry no
-    scope) keeps its standard ops.
+    scope) keeps its standard ops; so does one whose region does not take and give the
+    layer's own input and output shapes (``io_shapes[name]``, seen at the trace: see
+    :func:`region_fits`), when given.
 
     Returns one row per candidate layer: ``layer``, ``kind``, ``body``, ``nodes``
     replaced, ``ok`` and, when not replaced, ``why``."""
@@ -409,6 +449,10 @@ def add_sparse_path(proto: Any, model: nn.Module, dense: Any = None, choice: dic
             row["why"] = reg
             continue
         idx, x, y = reg
+        if io_shapes is not None and not (name in io_shapes and region_fits(
+                attrs["kind"], _value_shape(graph, x), _value_shape(graph, y), *io_shapes[name])):
+            row["why"] = "the exporter merged a reshape across the layer's boundary"
+            continue
         if body == "dense":
             if dense is None:
                 raise ValueError(f"{name}: a dense body needs the dense trace")
