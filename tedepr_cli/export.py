@@ -262,7 +262,8 @@ def fast_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int,
 
     def grab(name: str):  # each layer's input and output shapes at the batch being run
         def hook(_m, args, out):
-            shapes[name][current[0]] = tuple(args[0].shape)
+            if current[0] in batches:
+                shapes[name][current[0]] = tuple(args[0].shape)
             if current[0] == example.shape[0]:
                 io[name] = (tuple(args[0].shape), tuple(out.shape))
         return hook

@@ -168,7 +168,10 @@ def test_export_onnx_fast_validates_both_ways_and_records_its_choices(tmp_path):
     layers = rep["fast"]["layers"]
     assert {r["layer"] for r in layers} == {"fc1", "fc2", "fc3"}
     assert all(r["ok"] and r["body"] in ("chain", "dense") for r in layers)
-    assert all(set(r["us"]) == {"chain", "dense"} and set(r["us"]["chain"]) == {1, 32} for r in layers)
+    timed = [r for r in layers if "us" in r]  # those with a dense alternative of the same signature
+    assert timed
+    assert all(set(r["us"]) == {"chain", "dense"} and set(r["us"]["chain"]) == {1, 32} for r in timed)
+    assert all(r["body"] == "chain" for r in layers if "us" not in r)
     fast = rep["fast"]
     assert fast["choice"] in fast["model_us"] and "chain" in fast["model_us"]  # the plain graph competed
     m = onnx.load(str(tmp_path / "e" / "model.fast.onnx"))
@@ -197,3 +200,15 @@ def test_without_onnxruntime_extensions_the_file_is_still_made_and_said_so(tmp_p
     assert all(c["ok"] for c in rep["validation"]["onnx-fast"].values())
     with pytest.raises(EngineUnavailable):
         ort_ops.session(tmp_path / "e" / "model.fast.onnx", sparse=True)
+
+
+def test_region_fits_only_the_layers_own_shapes():
+    fits = ort_ops.region_fits
+    assert fits("linear", ("batch", 64), ("batch", 36), (2, 64), (2, 36))
+    # the caller's flatten folded into the layer: (B, 1, 8, 8) in, still (B, 36) out
+    assert fits("linear", ("batch", 1, 8, 8), ("batch", 36), (2, 64), (2, 36))
+    # ViT's qkv: the caller's reshape of the output folded in -> the kernel's output would be wrong
+    assert not fits("linear", ("batch", 5, 32), ("batch", 5, 3, 4, 8), (2, 5, 32), (2, 5, 96))
+    assert not fits("linear", ("batch", 7, 7), ("batch", 36), (2, 64), (2, 36))  # 49 != 64
+    assert not fits("conv", ("batch", 8, 10, 10), ("batch", 12, 4, 4), (2, 8, 10, 10), (2, 12, 5, 5))
+    assert not fits("linear", None, ("batch", 36), (2, 64), (2, 36))  # unknown: never guessed

@@ -119,7 +119,7 @@ def _layout_from(h: dict[str, Any], p: str, arrays: dict[str, np.ndarray]) -> Ch
     return ChainLayout(int(h["n_in"]), int(h["n_out"]), steps, arrays.get(f"{p}.bias"), h["kind"])
 
 
-def pack_layer(layer: nn.Module) -> dict[str, str] | None:
+def pack_layer(layer: nn.Module, in_rank: int | None = None) -> dict[str, str] | None:
     """The custom op's attributes for ``layer`` (``key``, ``kind``, ``chain``), or None
     when it has no sparse path. Takes the model with its masks folded in
     (:func:`tedepr_cli.masks.folded_copy`): the exact zeros are the pruned entries.
@@ -127,7 +127,9 @@ def pack_layer(layer: nn.Module) -> dict[str, str] | None:
     ``kind`` ``linear``: ``(..., N) -> (..., M)`` (a TT/TR Linear, or an ``nn.Linear``
     with at least :data:`MIN_ZEROS` of its weight zero, as a 1-core chain); ``conv``:
     ``(B, C, H, W) -> (B, M, H', W')`` (a conv chain: input chain, rank-space conv
-    weight and its geometry, output chain)."""
+    weight and its geometry, output chain). ``in_rank``: the number of axes the layer's
+    input has; a linear op given more flattens the extra trailing ones first (the exporter
+    may fold the caller's flatten into the layer's first reshape)."""
     from ..tensorized.conv import ChainConv2d
     from ..tensorized.tr import TRLinear
     from ..tensorized.tt import TTLinear
@@ -158,19 +160,10 @@ def pack_layer(layer: nn.Module) -> dict[str, str] | None:
         else:
             return None
     header["format"] = FORMAT
+    if in_rank is not None and kind == "linear":
+        header["in_rank"] = int(in_rank)
     chain = _encode(header, arrays)
     return {"key": hashlib.sha256(chain.encode("ascii")).hexdigest()[:32], "kind": kind, "chain": chain}
-
-
-def _flatten_from(shape: tuple, n_in: int) -> int:
-    """The axis from which ``shape``'s trailing dims multiply to ``n_in`` (a linear layer's
-    input whose flatten the exporter folded into the layer's first reshape). Raises
-    ValueError when there is none."""
-    for k in range(len(shape) - 1, 0, -1):
-        if isinstance(shape[k], int) and all(isinstance(d, int) for d in shape[k:]) \
-                and math.prod(shape[k:]) == n_in:
-            return k
-    raise ValueError(f"expected {n_in} input features, got shape {list(shape)}")
 
 
 def _matches(declared: tuple | None, actual: tuple[int, ...]) -> bool:
@@ -189,13 +182,12 @@ def region_fits(kind: str, x_decl: tuple | None, y_decl: tuple | None, x_shape: 
         return False
     if _matches(x_decl, x_shape):
         return True
-    if kind != "linear" or x_decl is None:
+    k = len(x_shape) - 1  # the layer's own leading axes; the rest must multiply to its features
+    if kind != "linear" or x_decl is None or len(x_decl) <= len(x_shape):
         return False
-    try:
-        k = _flatten_from(x_decl, x_shape[-1])
-    except ValueError:
-        return False
-    return _matches(x_decl[:k], x_shape[:-1])
+    tail = x_decl[k:]
+    return all(isinstance(d, int) for d in tail) and math.prod(tail) == x_shape[-1] \
+        and _matches(x_decl[:k], x_shape[:k])
 
 
 def build_kernel(kind: str, chain: str) -> Callable[[np.ndarray], np.ndarray]:
@@ -209,12 +201,12 @@ def build_kernel(kind: str, chain: str) -> Callable[[np.ndarray], np.ndarray]:
         raise ValueError(f"payload format {header.get('format')} is not {FORMAT}")
     if kind == "linear":
         k = SparseChainKernel(_layout_from(header["chain"], "c", arrays))
-        n_in = k.n_in
+        in_rank = header.get("in_rank")
 
         def linear(x: np.ndarray) -> np.ndarray:
             t = torch.from_numpy(np.ascontiguousarray(x, np.float32))
-            if t.shape[-1] != n_in:  # the exporter folded the caller's flatten into the layer
-                t = t.flatten(_flatten_from(tuple(t.shape), n_in))
+            if in_rank is not None and t.dim() > in_rank:  # the caller's flatten, folded in
+                t = t.flatten(in_rank - 1)
             with torch.no_grad():
                 return k(t).numpy()
 
@@ -437,7 +429,8 @@ def add_sparse_path(proto: Any, model: nn.Module, dense: Any = None, choice: dic
     for name, layer in model.named_modules():
         if not name or (layers is not None and name not in layers):
             continue
-        attrs = pack_layer(layer)
+        seen = (io_shapes or {}).get(name)
+        attrs = pack_layer(layer, len(seen[0]) if seen else None)
         if attrs is None:
             continue
         body = choice.get(name, "chain")
