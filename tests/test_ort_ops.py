@@ -212,3 +212,26 @@ def test_region_fits_only_the_layers_own_shapes():
     assert not fits("linear", ("batch", 7, 7), ("batch", 36), (2, 64), (2, 36))  # 49 != 64
     assert not fits("conv", ("batch", 8, 10, 10), ("batch", 12, 4, 4), (2, 8, 10, 10), (2, 12, 5, 5))
     assert not fits("linear", None, ("batch", 36), (2, 64), (2, 36))  # unknown: never guessed
+
+
+def test_a_flatten_folded_into_the_layer_runs_on_the_kernel(tmp_path):
+    """conv -> flatten -> TT Linear: the exporter folds the flatten into the layer's first
+    reshape, so its node gets the 4-d activation; the op flattens it by the recorded rank."""
+    from tedepr_cli.artifact import Artifact
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 20))
+    model = tedepr.tensorize(net, rank=4, init="random", example_input=torch.rand(1, 1, 8, 8),
+                             include=["3"])
+    tedepr.prune(model, sparsity=0.6, criterion="magnitude")
+    ort_ops._cache.clear()
+    rep = export(Artifact(model=model.eval(), arch=None, meta={}), tmp_path / "e",
+                 ExportOptions(formats=["onnx-fast"]))
+    (row,) = rep["fast"]["layers"]
+    assert row["layer"] == "3" and row["ok"], row
+    assert all(c["ok"] for c in rep["validation"]["onnx-fast+kernel"].values())
+    m = onnx.load(str(tmp_path / "e" / "model.fast.onnx"))
+    (node,) = [n for n in m.graph.node if n.op_type == ort_ops.OP_TYPE]
+    header, _ = ort_ops._decode(next(a.s.decode() for a in node.attribute if a.name == "chain"))
+    assert header["in_rank"] == 2
+    assert next(a.s.decode() for a in node.attribute if a.name == "key") in ort_ops._cache
