@@ -14,9 +14,10 @@ only after every format passed validation, so a failed export leaves nothing beh
   loads the model: this saves disk, not memory or time.
 * ``onnx-fast`` -- every compressed layer as one ``ai.onnx.contrib::TedeprChain`` node
   (:mod:`tedepr_cli.kernels.ort_ops`) with a model-local function of standard ops behind
-  it: the layer's chain ops or its dense rebuild, whichever ran faster alone in
-  onnxruntime at batches 1 and 32 (measured at export; the choice and the timings are in
-  ``export.json``, so two exports may differ where a layer was a near tie). Any runtime
+  it: the layer's chain ops or its dense rebuild, as the fastest of three whole-model
+  candidates in onnxruntime at batches 1 and 32 (all chain ops, the per-layer choice,
+  all dense; :func:`fast_onnx`; measured at export, the choice and the timings are in
+  ``export.json``, so two exports may differ where candidates were a near tie). Any runtime
   runs the function; onnxruntime with the custom-op library registered
   (:func:`tedepr_cli.kernels.ort_ops.session`) runs the compiled chain kernel instead.
   Validated both ways.
