@@ -12,6 +12,15 @@ only after every format passed validation, so a failed export leaves nothing beh
   weights, and the exporter's folded views of them) stored as a ``sparse_initializer``
   with INT64 indices (what ``onnx.checker`` requires). onnxruntime densifies them when it
   loads the model: this saves disk, not memory or time.
+* ``onnx-fast`` -- every compressed layer as one ``ai.onnx.contrib::TedeprChain`` node
+  (:mod:`tedepr_cli.kernels.ort_ops`) with a model-local function of standard ops behind
+  it: the layer's chain ops or its dense rebuild, as the fastest of three whole-model
+  candidates in onnxruntime at batches 1 and 32 (all chain ops, the per-layer choice,
+  all dense; :func:`fast_onnx`; measured at export, the choice and the timings are in
+  ``export.json``, so two exports may differ where candidates were a near tie). Any runtime
+  runs the function; onnxruntime with the custom-op library registered
+  (:func:`tedepr_cli.kernels.ort_ops.session`) runs the compiled chain kernel instead.
+  Validated both ways.
 
 Every ONNX export is traced at an example batch of at least 2 that is *not* one of the
 validated batch sizes (:func:`trace_batch`; torch.export specialises a batch of 1 into a
@@ -54,8 +63,10 @@ from .fsutil import atomic_output
 from .storage import byte_sizes
 from .surgery import eval_mode, example_input, is_token_model
 
-FORMATS = ("safetensors", "onnx", "onnx-sparse")
-FILES = {"safetensors": "model.safetensors", "onnx": "model.onnx", "onnx-sparse": "model.sparse.onnx"}
+FORMATS = ("safetensors", "onnx", "onnx-sparse", "onnx-fast")
+FILES = {"safetensors": "model.safetensors", "onnx": "model.onnx", "onnx-sparse": "model.sparse.onnx",
+         "onnx-fast": "model.fast.onnx"}
+FAST_BATCHES = (1, 32)  # the batches onnx-fast's per-layer choice is timed at
 MIN_OPSET, MAX_OPSET = 17, 23
 SPARSE_MIN_ZEROS = 0.5  # initializers at least this sparse become sparse_initializers
 
@@ -179,7 +190,14 @@ def fixed_batch_axes(proto) -> list[str]:
     return fixed
 
 
-def to_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int):
+def strip_metadata(proto) -> None:
+    """Drop the exporter's per-node metadata (stack traces and FX dumps: a third of the
+    file, and local paths)."""
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+
+
+def to_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int, strip: bool = True):
     """An ``onnx.ModelProto`` of ``model`` traced at ``example`` (batch >= 2, see
     :func:`trace_batch`) with a dynamic batch axis (input ``x``, output ``logits``). Masks are
     folded into the weights first (a copy), so the graph holds the pruned tensors themselves,
@@ -187,7 +205,8 @@ def to_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int):
 
     Raises :class:`EngineUnavailable` without onnx/onnxscript, and :class:`ValidationError`
     when the exporter fails (one line: the innermost reason) or leaves the batch axis of an
-    input or output fixed."""
+    input or output fixed. ``strip=False`` keeps the exporter's node metadata (the module
+    scopes :func:`fast_onnx` needs)."""
     import torch.onnx
 
     from .masks import folded_copy
@@ -208,9 +227,92 @@ def to_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int):
         raise ValidationError(f"the exported ONNX has a fixed batch axis ({'; '.join(fixed)}) although it "
                               f"was traced at batch {example.shape[0]} with a dynamic batch: the model "
                               f"specialises on its batch size")
-    for node in proto.graph.node:  # stack traces and FX dumps: a third of the file, and local paths
-        del node.metadata_props[:]
+    if strip:
+        strip_metadata(proto)
     return proto
+
+
+def fast_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int,
+              batches: tuple[int, ...] = FAST_BATCHES) -> tuple[Any, dict[str, Any]]:
+    """The ``onnx-fast`` graph of ``model`` (masks folded in): each layer with a sparse path
+    (:func:`tedepr_cli.kernels.ort_ops.pack_layer`) as one ``TedeprChain`` node whose
+    function body is the layer's chain ops or its dense rebuild. Per layer the faster alone
+    (:func:`tedepr_cli.kernels.ort_ops.choose_bodies`); then the whole model is timed in
+    stock onnxruntime at ``batches`` with every layer on its chain ops, with the per-layer
+    choice and with every layer dense, and the fastest end to end is kept (ties: the
+    chain ops, the smallest file), so the file is never slower than the plain ``onnx``
+    export beyond timing noise. Traced twice (the model, and a copy with those layers
+    rebuilt dense) at ``example``. Returns the ``onnx.ModelProto`` and a report (per
+    layer: kind, body, timings in µs; ``choice`` and ``model_us``: the whole-model one)."""
+    from .kernels import ort_ops
+    from .masks import folded_copy
+    from .surgery import swap_module
+    from .tensorized.layers import is_tensorized, to_dense_layer
+
+    folded = folded_copy(model).eval()
+    names = [n for n, m in folded.named_modules() if n and ort_ops.pack_layer(m) is not None]
+    proto = to_onnx(folded, example, opset, strip=False)
+    dense = copy.deepcopy(folded)
+    for n in names:
+        m = folded.get_submodule(n)
+        if is_tensorized(m):
+            swap_module(dense, n, to_dense_layer(m))
+    dense_proto = to_onnx(dense, example, opset, strip=False)
+    shapes: dict[str, dict[int, tuple[int, ...]]] = {n: {} for n in names}
+    io: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    current = [0]
+
+    def grab(name: str):  # each layer's input and output shapes at the batch being run
+        def hook(_m, args, out):
+            if current[0] in batches:
+                shapes[name][current[0]] = tuple(args[0].shape)
+            if current[0] == example.shape[0]:
+                io[name] = (tuple(args[0].shape), tuple(out.shape))
+        return hook
+
+    hooks = [folded.get_submodule(n).register_forward_hook(grab(n)) for n in names]
+    try:
+        with torch.no_grad():
+            for b in (*batches, example.shape[0]):
+                current[0] = b
+                folded(torch.zeros(b, *example.shape[1:]))
+    finally:
+        for h in hooks:
+            h.remove()
+    # layers whose exported region is not the layer itself keep their standard ops
+    fits = [r["layer"] for r in ort_ops.add_sparse_path(onnx_copy(proto), folded, io_shapes=io) if r["ok"]]
+    shapes = {n: s for n, s in shapes.items() if s and n in fits}
+    timed = ort_ops.choose_bodies(proto, dense_proto, folded, shapes)
+    # whole-model candidates: every layer on its chain ops (the plain export's speed), the
+    # per-layer choice, every layer dense where it can be; the fastest end to end is kept
+    choices = {"chain": {}, "per-layer": {n: t["body"] for n, t in timed.items()},
+               "dense": {n: "dense" for n in timed}}
+    built: dict[str, tuple[Any, list[dict[str, Any]]]] = {}
+    for label, choice in choices.items():
+        if any(choice == c for k, c in choices.items() if k in built):
+            continue  # the same graph as a candidate already built
+        p = onnx_copy(proto)
+        built[label] = (p, ort_ops.add_sparse_path(p, folded, dense_proto, choice, io_shapes=io))
+    rng = np.random.default_rng(0)
+    inputs = {b: rng.random((b, *example.shape[1:]), dtype=np.float32) for b in batches}
+    sessions = {k: ort_ops.session(p.SerializeToString(), sparse=False) for k, (p, _) in built.items()}
+    whole = ort_ops.time_sessions(sessions, inputs, reps=9, calls=4)
+    best = ort_ops.pick(whole, "chain")
+    proto, rows = built[best]
+    for r in rows:
+        if r["layer"] in timed:
+            r["us"] = timed[r["layer"]]["us"]
+    strip_metadata(proto)
+    return proto, {"layers": rows, "batches": list(batches), "choice": best, "model_us": whole}
+
+
+def onnx_copy(proto):
+    """A deep copy of an ``onnx.ModelProto``."""
+    import onnx
+
+    p = onnx.ModelProto()
+    p.CopyFrom(proto)
+    return p
 
 
 def sparsify_initializers(proto) -> int:
@@ -248,14 +350,22 @@ def ort_providers(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def run_onnx(path: Path, x: np.ndarray, device: str = "cpu") -> np.ndarray:
+def run_onnx(path: Path, x: np.ndarray, device: str = "cpu", kernel: bool = False) -> np.ndarray:
+    """Run the ONNX file ``path`` on ``x`` in onnxruntime, one thread; ``kernel``: with
+    tedepr's custom-op library registered (its ``TedeprChain`` nodes run the compiled
+    kernel instead of their standard-op bodies)."""
     try:
         import onnxruntime as ort
     except ImportError as e:
         raise EngineUnavailable(f"onnxruntime is not installed: {e}") from None
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.log_severity_level = 3
+    if kernel:
+        from .kernels.ort_ops import session_options
+
+        opts = session_options(1, sparse=True)
+    else:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        opts.log_severity_level = 3
     try:
         sess = ort.InferenceSession(str(path), opts, providers=ort_providers(device))
     except Exception as e:  # empty, truncated or not ONNX at all
@@ -382,17 +492,20 @@ def _export(art: Artifact, out: Path, opts: ExportOptions, data: Path | None, ov
                 raise ValidationError("the compact safetensors file does not reload to the same outputs")
             report["formats"]["safetensors"] = _row(path, counts)
             report["compact"] = compact_report(art, path)
-        if "onnx" in opts.formats or "onnx-sparse" in opts.formats:
-            proto = to_onnx(model, torch.from_numpy(x_all[:traced]), opts.opset)
+        if any(f.startswith("onnx") for f in opts.formats):
+            example = torch.from_numpy(x_all[:traced])
             report["traced_batch"] = traced
-            for fmt in ("onnx", "onnx-sparse"):
+            plain = {"onnx", "onnx-sparse"} & set(opts.formats)
+            proto = to_onnx(model, example, opts.opset) if plain else None
+            for fmt in ("onnx", "onnx-sparse", "onnx-fast"):
                 if fmt not in opts.formats:
                     continue
                 p = proto
                 if fmt == "onnx-sparse":
-                    p = onnx.ModelProto()
-                    p.CopyFrom(proto)
+                    p = onnx_copy(proto)
                     report["sparse_initializers"] = sparsify_initializers(p)
+                elif fmt == "onnx-fast":
+                    p, report["fast"] = fast_onnx(model, example, opts.opset)
                 path = tmp / FILES[fmt]
                 onnx.save(p, str(path))
                 try:
@@ -400,15 +513,26 @@ def _export(art: Artifact, out: Path, opts: ExportOptions, data: Path | None, ov
                 except onnx.checker.ValidationError as e:
                     why = str(e).splitlines()[0]
                     raise ValidationError(f"{path.name} fails onnx.checker: {why}") from None
-                checks = {b: compare(run_onnx(path, x_all[:b], opts.device), refs[b], opts.atol, opts.rtol)
-                          for b in opts.batch_sizes}
                 report["onnxruntime_providers"] = ort_providers(opts.device)
-                report["validation"][fmt] = {str(b): c for b, c in checks.items()}
-                bad = [b for b, c in checks.items() if not c["ok"]]
-                if bad:
-                    c = checks[bad[0]]
-                    raise ValidationError(f"{path.name} differs from PyTorch at batch {bad[0]}: "
-                                          f"{_miss(c)} (atol {opts.atol} x scale + rtol {opts.rtol} x |ref|)")
+                runs = [(fmt, False)]
+                if fmt == "onnx-fast":
+                    from .kernels.ort_ops import available
+
+                    ok, why = available()
+                    report["fast"]["kernel"] = {"available": ok, "why": why}
+                    if ok:
+                        runs.append(("onnx-fast+kernel", True))
+                for label, kernel in runs:
+                    checks = {b: compare(run_onnx(path, x_all[:b], opts.device, kernel), refs[b],
+                                         opts.atol, opts.rtol) for b in opts.batch_sizes}
+                    report["validation"][label] = {str(b): c for b, c in checks.items()}
+                    bad = [b for b, c in checks.items() if not c["ok"]]
+                    if bad:
+                        c = checks[bad[0]]
+                        how = " with the custom-op kernel" if kernel else ""
+                        raise ValidationError(f"{path.name}{how} differs from PyTorch at batch {bad[0]}: "
+                                              f"{_miss(c)} (atol {opts.atol} x scale + rtol {opts.rtol} "
+                                              f"x |ref|)")
                 report["formats"][fmt] = _row(path, counts)
         (tmp / "export.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     return report

@@ -101,7 +101,8 @@ def test_perturbed_onnx_fails_revalidation(tmp_path):
 def test_validation_miss_writes_nothing(tmp_path, monkeypatch):
     import tedepr_cli.export as E
 
-    monkeypatch.setattr(E, "run_onnx", lambda path, x, device="cpu": np.zeros((len(x), 10), np.float32))
+    monkeypatch.setattr(E, "run_onnx",
+                        lambda path, x, device="cpu", kernel=False: np.zeros((len(x), 10), np.float32))
     with pytest.raises(ValidationError, match="differs from PyTorch"):
         export(_pruned("lenet300"), tmp_path / "e", ExportOptions(formats=["safetensors", "onnx"]))
     assert list(tmp_path.iterdir()) == []

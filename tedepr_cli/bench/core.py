@@ -115,12 +115,15 @@ def load_target(path: Path, allow_import: str | None = None) -> Target:
     return Target(load_artifact(path, allow_import=allow_import), None, path)
 
 
-def _onnx_of(model: nn.Module, input_shape: tuple[int, ...], path: Path) -> Path:
+def _onnx_of(model: nn.Module, input_shape: tuple[int, ...], path: Path, fast: bool = False) -> Path:
+    """``model`` as ONNX at ``path``; ``fast``: the ``onnx-fast`` graph (each compressed
+    layer on the faster of its chain ops and its dense rebuild, measured)."""
     import onnx
 
-    from ..export import to_onnx
+    from ..export import fast_onnx, to_onnx
 
-    onnx.save(to_onnx(model, example_input(model, input_shape, 2), 18), str(path))
+    example = example_input(model, input_shape, 2)
+    onnx.save(fast_onnx(model, example, 18)[0] if fast else to_onnx(model, example, 18), str(path))
     return path
 
 
@@ -243,7 +246,8 @@ def _run(target: Target, opts: BenchOptions, device: torch.device, baseline_path
     if "dense-ort" in wanted and "dense-ort" not in skipped:
         onnx["dense-ort"] = _onnx_of(base, art.input_shape, tmp / "dense.onnx")
     if "chain-ort" in wanted and "chain-ort" not in skipped:
-        onnx["chain-ort"] = target.onnx or _onnx_of(art.model, art.input_shape, tmp / "compressed.onnx")
+        onnx["chain-ort"] = target.onnx or _onnx_of(art.model, art.input_shape, tmp / "compressed.onnx",
+                                                     fast=True)
     eng = Engines(art, base, device, opts.threads, onnx)
     if "triton" in wanted and "triton" not in skipped:
         try:

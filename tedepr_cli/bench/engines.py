@@ -7,7 +7,10 @@ batch (the timing loop and the memory probe of :mod:`.memory` share these builde
 ``tedepr``       the compressed model on the runtime its execution plan chose (the per-layer
                  plan on the compiled CPU kernels, the compressed ONNX in onnxruntime, or,
                  where nothing beats the dense original, the dense model on its best runtime)
-``chain-ort``    the compressed model's ONNX in onnxruntime
+``chain-ort``    the compressed model's ONNX in onnxruntime: the ``onnx-fast`` graph (each
+                 compressed layer on its faster standard-op body), in stock onnxruntime; with
+                 ``Engines(ort_kernel=True)`` its ``TedeprChain`` nodes run the compiled kernel
+                 through the custom-op library instead (measured slower: see the README)
 ``triton``       the compressed model with its sparse chains in the Triton kernel (CUDA; on
                  the CPU only under ``TRITON_INTERPRET=1``, Triton's interpreter: correct,
                  and far slower than anything else)
@@ -48,9 +51,15 @@ def ort_provider(device: torch.device) -> str:
     return "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
 
 
-def ort_session(path: Path, threads: int, device: torch.device) -> Any:
+def ort_session(path: Path, threads: int, device: torch.device, kernel: bool = False) -> Any:
     """An onnxruntime session on ``device``'s execution provider, ``threads`` intra-op threads
-    (:func:`tedepr_cli.execution.runtimes.ort_session`)."""
+    (:func:`tedepr_cli.execution.runtimes.ort_session`); ``kernel``: on the CPU with tedepr's
+    custom-op library registered (``TedeprChain`` nodes run the compiled kernel,
+    :func:`tedepr_cli.kernels.ort_ops.session`)."""
+    if kernel:
+        from ..kernels.ort_ops import session as kernel_session
+
+        return kernel_session(path, threads, sparse=True)
     from ..execution.runtimes import ort_session as session
 
     return session(path, threads, device)
@@ -80,11 +89,13 @@ class Engines:
     """Builds each engine's model (once) and its one-batch call.
 
     ``art``: the compressed artifact; ``base``: the dense baseline (None: ``dense-torch``
-    unavailable); ``onnx``: the ONNX file of each onnxruntime engine to build."""
+    unavailable); ``onnx``: the ONNX file of each onnxruntime engine to build;
+    ``ort_kernel``: ``chain-ort`` registers the custom-op library (CPU only)."""
 
     def __init__(self, art: Artifact, base: nn.Module | None, device: torch.device, threads: int,
-                 onnx: dict[str, Path] | None = None) -> None:
+                 onnx: dict[str, Path] | None = None, ort_kernel: bool = False) -> None:
         self.art, self.base, self.device, self.threads = art, base, device, threads
+        self.ort_kernel = ort_kernel
         self.onnx = dict(onnx or {})
         self._models: dict[str, Any] = {}
         self.triton_layers: list[str] = []
@@ -119,7 +130,8 @@ class Engines:
 
             m, self.triton_layers = triton_model(self.art.model, self.art.masks, self.device)
         elif name in ORT_ENGINES:
-            m = ort_session(self.onnx[name], self.threads, self.device)
+            kernel = name == "chain-ort" and self.ort_kernel and self.device.type == "cpu"
+            m = ort_session(self.onnx[name], self.threads, self.device, kernel)
         else:
             raise ValueError(f"engine {name} has no single model (the tedepr engine is built per plan)")
         self._models[name] = m

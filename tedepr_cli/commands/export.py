@@ -40,7 +40,10 @@ def export(
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write the exported "
                                          "files into.", show_default=False)],
     to: Annotated[str, typer.Option("--to", help="Comma list of safetensors, onnx, onnx-sparse "
-                                    "(cores/weights as ONNX sparse_initializers).")] = "safetensors,onnx",
+                                    "(cores/weights as ONNX sparse_initializers), onnx-fast (one "
+                                    "custom op per compressed layer over its fastest standard ops; "
+                                    "the compiled kernel where the library is registered).")
+                  ] = "safetensors,onnx",
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset (17..23).")] = 18,
     atol: AtolOpt = 1e-5,
     rtol: RtolOpt = 1e-4,

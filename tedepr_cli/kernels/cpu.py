@@ -281,17 +281,35 @@ class ConvChainKernel:
         cores = list(layer.cores)
         ms = core_masks(cores, masks)
         d = layer.n_in
-        make = chain or (lambda layout: SparseChainKernel(layout, threads))
-        self.inputs = make(ring_in_layout(cores[:d], ms[:d]))
-        self.outputs = make(ring_out_layout(cores[d + 1:], ms[d + 1:], layer.bias))
         kernel = layer.kernel_core.detach().float()
         if ms[d] is not None:
             kernel = kernel * ms[d].to(kernel.device, torch.bool)
         r_in, _, r_out = kernel.shape
-        self.weight = kernel.permute(2, 0, 1).reshape(r_out, r_in, *layer.kernel_size).contiguous()
-        self.r0 = cores[0].shape[0]
-        self.kernel_size, self.stride = layer.kernel_size, layer.stride
-        self.padding, self.dilation = layer.padding, layer.dilation
+        self._setup(ring_in_layout(cores[:d], ms[:d]), ring_out_layout(cores[d + 1:], ms[d + 1:], layer.bias),
+                    kernel.permute(2, 0, 1).reshape(r_out, r_in, *layer.kernel_size).contiguous(),
+                    cores[0].shape[0], layer.kernel_size, layer.stride, layer.padding, layer.dilation,
+                    chain or (lambda layout: SparseChainKernel(layout, threads)))
+
+    def _setup(self, in_layout: ChainLayout, out_layout: ChainLayout, weight: Tensor, r0: int,
+               kernel_size: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+               dilation: tuple[int, int], make: Callable[[ChainLayout], Any]) -> None:
+        self.inputs, self.outputs = make(in_layout), make(out_layout)
+        self.weight, self.r0 = weight, int(r0)
+        self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
+        self.padding, self.dilation = tuple(padding), tuple(dilation)
+
+    @classmethod
+    def from_parts(cls, in_layout: ChainLayout, out_layout: ChainLayout, weight: Tensor, r0: int,
+                   kernel_size: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+                   dilation: tuple[int, int], threads: int = 1) -> ConvChainKernel:
+        """The same kernel from its packed parts (what :meth:`__init__` builds from a layer):
+        the input and output chains, the rank-space conv weight ``(r_out, r_in, kh, kw)``
+        and ``r0``, the ring rank the input chain carries per pixel (the ONNX custom op
+        rebuilds a conv chain from these)."""
+        self = cls.__new__(cls)
+        self._setup(in_layout, out_layout, weight, r0, kernel_size, stride, padding, dilation,
+                    lambda layout: SparseChainKernel(layout, threads))
+        return self
 
     def flops(self, batch: int, hw: tuple[int, int]) -> int:
         """FLOPs of one forward at ``batch`` images of size ``hw`` (kept entries only)."""
