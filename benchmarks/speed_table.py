@@ -2,6 +2,7 @@
 
     python benchmarks/speed_table.py            # writes benchmarks/results/speed_table.{md,json}
     python benchmarks/speed_table.py --quick --families lenet300 --out /tmp/st   # a smoke run
+    python benchmarks/speed_table.py --families lstm --update "why"   # re-measure one family
 
 For each zoo family (lenet300, lenet5, lstm, resnet20, vgg11, vit_tiny; the zoo's default
 shapes, random init with a seed: speed does not depend on training), compressed one-shot
@@ -179,11 +180,33 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {r['family']} | {100 * r['sparsity']:g} % | {r['batch']} | {regime} | "
                          + " | ".join(cells) + f" | {r['runtime']} | {fmt_us(med['chosen'])} | "
                          f"{g['speedup_chosen_vs_best_dense']:.2f}x |")
+    for u in report.get("updates", []):
+        lines += ["", f"Rows of {', '.join(u['families'])} re-measured in a later run "
+                  f"({u['reason']}; load average {u['loadavg_before'][0]:.2f} before, "
+                  f"{u['loadavg_after'][0]:.2f} after)."]
     lines += ["", "Planner's reasons:", ""]
     for r in report["rows"]:
         lines.append(f"- {r['family']} {100 * r['sparsity']:g} % batch {r['batch']}: {r['runtime']} "
                      f"({r['reason']})")
     return "\n".join(lines) + "\n"
+
+
+def merge(old: dict[str, Any], new: dict[str, Any], reason: str) -> dict[str, Any]:
+    """``old`` with the rows of ``new``'s families replaced by ``new``'s, the later run's
+    machine load recorded under ``updates`` (rows of one report stay comparable only
+    within a run: the update says which rows came later)."""
+    fams = set(new["options"]["families"])
+    if new["machine"]["cpu"] != old["machine"]["cpu"]:
+        raise SystemExit(f"cannot update: measured on {new['machine']['cpu']}, "
+                         f"the table on {old['machine']['cpu']}")
+    rows = [r for r in old["rows"] if r["family"] not in fams] + new["rows"]
+    order = {f: i for i, f in enumerate(FAMILIES)}
+    rows.sort(key=lambda r: (order.get(r["family"], len(order)), r["sparsity"], r["batch"]))
+    upd = [u for u in old.get("updates", []) if not fams.issuperset(u["families"])]
+    upd.append({"families": sorted(fams), "reason": reason,
+                "loadavg_before": new["machine"]["loadavg_before"],
+                "loadavg_after": new["machine"]["loadavg_after"]})
+    return {**old, "rows": rows, "updates": upd}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="tiny iterations: a smoke run, not a measurement")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--update", metavar="REASON",
+                    help="replace only these families' rows in the table already in --out "
+                         "(REASON: why they were re-measured, printed under the table)")
     args = ap.parse_args(argv)
     if args.quick:
         args.rounds, args.warmup, args.plan_reps, args.plan_rounds = 3, 1, 3, 3
@@ -235,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"({time.time() - t0:.0f} s)", flush=True)
     report["machine"]["loadavg_after"] = list(os.getloadavg())
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.update:
+        report = merge(json.loads((args.out / "speed_table.json").read_text()), report, args.update)
     (args.out / "speed_table.json").write_text(json.dumps(report, indent=2) + "\n")
     md = markdown(report)
     (args.out / "speed_table.md").write_text(md)

@@ -99,3 +99,33 @@ def test_speed_table_quick(tmp_path):
                 assert med["chosen"] == med["tedepr"]
     md = (tmp_path / "speed_table.md").read_text()
     assert md.count("| lenet300 | 99.5 % |") == 4 and "load average" in md
+
+
+def test_speed_table_update_replaces_only_the_remeasured_families():
+    """--update: the stored table keeps the other families' rows, in zoo order, and says which
+    rows came from a later run; a run on another CPU is refused."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import speed_table as st
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def report(cpu, rows, fams, load):
+        return {"machine": {"cpu": cpu, "loadavg_before": [load], "loadavg_after": [load + 1]},
+                "options": {"families": fams}, "rows": rows}
+
+    def row(f, s, b, t):
+        return {"family": f, "sparsity": s, "batch": b, "t": t}
+
+    old = report("X", [row(f, 0.99, b, "old") for f in ("lenet300", "lstm", "vgg11") for b in (1, 32)],
+                 ["lenet300", "lstm", "vgg11"], 1.0)
+    new = report("X", [row("lstm", 0.99, b, "new") for b in (32, 1)], ["lstm"], 5.0)
+    merged = st.merge(old, new, "kernel merged")
+    assert [(r["family"], r["batch"], r["t"]) for r in merged["rows"]] == [
+        ("lenet300", 1, "old"), ("lenet300", 32, "old"), ("lstm", 1, "new"), ("lstm", 32, "new"),
+        ("vgg11", 1, "old"), ("vgg11", 32, "old")]
+    assert merged["updates"] == [{"families": ["lstm"], "reason": "kernel merged",
+                                  "loadavg_before": [5.0], "loadavg_after": [6.0]}]
+    assert old["rows"][2]["t"] == "old"  # the stored report itself is not modified
+    with pytest.raises(SystemExit, match="measured on Y"):
+        st.merge(old, report("Y", [], ["lstm"], 1.0), "r")
