@@ -36,7 +36,7 @@ from torch import nn
 from .arch import ArchSpec, build
 from .errors import BadInput, InputNotFound, UnsafeInput, opt
 from .fsutil import atomic_output
-from .masks import attach_masks, get_masks, plain_state_dict, tied_parameters
+from .masks import attach_masks, get_masks, plain_state_dict, tied_parameters, with_tied_names
 from .storage import decode, encode, pack, ties_of
 from .tensorized.layers import tensorized_specs
 from .version import __version__
@@ -400,12 +400,7 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], where: str, str
     under any one of its names (checkpoints often store it once). With ``strict=False``
     unexpected keys are ignored and missing ones keep the model's current values; mis-shaped
     keys are refused either way. Returns ``{"missing": [...], "unexpected": [...]}``."""
-    state = dict(state)
-    for alias, canonical in tied_parameters(model).items():
-        if alias not in state and canonical in state:
-            state[alias] = state[canonical]
-        elif canonical not in state and alias in state:
-            state[canonical] = state[alias]
+    state = with_tied_names(model, state)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -89,12 +90,7 @@ def attach_masks(model: nn.Module, masks: dict[str, Tensor]) -> None:
     Raises ``KeyError`` for a name that is not a parameter of ``model`` and ``ValueError``
     for a mask of the wrong shape.
     """
-    masks = dict(masks)
-    for alias, canonical in tied_parameters(model).items():
-        if canonical in masks and alias not in masks:
-            masks[alias] = masks[canonical]
-        elif alias in masks and canonical not in masks:
-            masks[canonical] = masks[alias]
+    masks = with_tied_names(model, masks)
     for name, mask in masks.items():
         module, attr = _owner(model, name)
         existing = _mask_of(module, attr)
@@ -199,6 +195,19 @@ def tied_parameters(model: nn.Module) -> dict[str, str]:
         canonical = first.setdefault(id(p), plain)
         if canonical != plain:
             out[plain] = canonical
+    return out
+
+
+def with_tied_names(model: nn.Module, by_name: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``by_name`` (plain parameter name -> value, e.g. a mask or a state entry)
+    where each tied weight given under one of its names (:func:`tied_parameters`) is also
+    given under the other: checkpoints and callers often name a tied tensor once."""
+    out = dict(by_name)
+    for alias, canonical in tied_parameters(model).items():
+        if canonical in out and alias not in out:
+            out[alias] = out[canonical]
+        elif alias in out and canonical not in out:
+            out[canonical] = out[alias]
     return out
 
 
