@@ -227,4 +227,4 @@ def test_cli_pipeline_on_a_token_model(tmp_path):
     assert report["validation"]["onnx"]["1"]["ok"] and report["validation"]["onnx"]["7"]["ok"]
     assert report["inputs"]["source"] == "random token ids"
     _ok(run_cli("bench", tmp_path / "e", *arch, "--iters", "2", "--warmup", "1", "--batch", "1",
-                "--no-memory", "--engines", "dense-torch,chain-torch,dense-ort"), "bench")
+                "--no-memory", "--engines", "dense-torch,chain-torch,tedepr,chain-ort"), "bench")
