@@ -167,6 +167,24 @@ def test_pruned_tt_embedding_keeps_masked_entries_zero_after_training():
     assert not torch.equal(plain_named_parameters(model)[cores[0]], torch.zeros(()))
 
 
+def test_synflow_scores_every_slice_of_a_tt_embedding():
+    """SynFlow's all-ones input is one token id for a token model; a TT-embedding's probe
+    looks up ids covering every slice of every core, so no row of the table is scored 0
+    (with the one-id probe only that id's slices were, and pruning kept one row of 97)."""
+    import tedepr_cli as tedepr
+    from tedepr_cli.pruning.criteria import CRITERIA, CriterionOptions, ScoreContext
+
+    torch.manual_seed(0)
+    model = tedepr.tensorize(bag(), rank=4)
+    names = [f"embed.cores.{i}" for i in range(len(model.embed.cores))]
+    ctx = ScoreContext(model=model, targets=names, batches=None, input_shape=(SEQ,),
+                       generator=torch.Generator().manual_seed(0), options=CriterionOptions(rounds=1), kept=100)
+    scores = CRITERIA.get("synflow").fn(ctx)
+    for n in names:  # every vocab slice G_k[:, v] of every core has some positive score
+        per_slice = scores[n].sum(dim=(0, 2, 3))
+        assert bool((per_slice > 0).all()), (n, per_slice)
+
+
 def test_reachability_follows_the_tt_embedding():
     """Cut every path of the TT-embedding to the features and the network is cut; keep one
     path of one real id and it is connected."""
@@ -227,4 +245,9 @@ def test_cli_pipeline_on_a_token_model(tmp_path):
     assert report["validation"]["onnx"]["1"]["ok"] and report["validation"]["onnx"]["7"]["ok"]
     assert report["inputs"]["source"] == "random token ids"
     _ok(run_cli("bench", tmp_path / "e", *arch, "--iters", "2", "--warmup", "1", "--batch", "1",
-                "--no-memory", "--engines", "dense-torch,chain-torch,tedepr,chain-ort"), "bench")
+                "--no-memory", "--engines", "dense-torch,chain-torch,dense-ort"), "bench")
+    # a stored execution plan is re-checked and the artifact's onnx-fast graph is built on
+    # token ids, not float noise
+    _ok(run_cli("plan", tmp_path / "p", *arch, "--batch", "1", "-o", tmp_path / "pl"), "plan")
+    _ok(run_cli("bench", tmp_path / "pl", *arch, "--iters", "2", "--warmup", "1", "--batch", "1",
+                "--no-memory", "--engines", "tedepr,chain-ort"), "bench planned")
