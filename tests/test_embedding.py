@@ -98,6 +98,14 @@ def test_full_rank_tt_svd_reproduces_the_table_and_padding_row():
         tt(torch.tensor([-1]))
 
 
+def test_random_init_has_the_variance_of_nn_embedding():
+    """``--init random``: the table's entries have variance 1, as ``nn.Embedding``'s N(0, 1)."""
+    tt = _tt(1000, [10, 10, 10], [4, 4, 4], 8)
+    init_module(tt, None, "random", "he", torch.Generator().manual_seed(0))
+    var = float(tt.weight.detach().var())
+    assert 0.6 < var < 1.6, var
+
+
 def test_vocab_modes_pad_little():
     assert vocab_modes(30522, 3) == [30, 32, 32]  # 30720 rows: 0.6 % padding
     assert vocab_modes(100, 2) == [10, 10]
