@@ -186,7 +186,8 @@ def test_synflow_scores_every_slice_of_a_tt_embedding():
     model = tedepr.tensorize(bag(), rank=4)
     names = [f"embed.cores.{i}" for i in range(len(model.embed.cores))]
     ctx = ScoreContext(model=model, targets=names, batches=None, input_shape=(SEQ,),
-                       generator=torch.Generator().manual_seed(0), options=CriterionOptions(rounds=1), kept=100)
+                       generator=torch.Generator().manual_seed(0), options=CriterionOptions(rounds=1),
+                       kept=100)
     scores = CRITERIA.get("synflow").fn(ctx)
     for n in names:  # every vocab slice G_k[:, v] of every core has some positive score
         per_slice = scores[n].sum(dim=(0, 2, 3))
