@@ -150,6 +150,16 @@ def test_plan_counts_what_the_spec_says_and_keeps_ties_and_padding_rows():
     assert rows["embed"].spec is None and "TT only" in rows["embed"].note
 
 
+def test_explicit_modes_may_pad_the_vocab_but_must_cover_it():
+    from tedepr_cli.errors import BadInput
+
+    opts = PlanOptions(rank=4, mode_overrides={"embed": ([4, 5, 5], [2, 3, 4])})
+    rows = {p.name: p for p in plan_model(bag(), (SEQ,), opts)}
+    assert rows["embed"].spec["in_modes"] == [4, 5, 5] and rows["embed"].spec["num_embeddings"] == VOCAB
+    with pytest.raises(BadInput, match="does not factor"):
+        plan_model(bag(), (SEQ,), PlanOptions(rank=4, mode_overrides={"embed": ([8, 12], [4, 6])}))
+
+
 # ---------------------------------------------------------------------------- fine grain
 def test_pruned_tt_embedding_keeps_masked_entries_zero_after_training():
     import tedepr_cli as tedepr
