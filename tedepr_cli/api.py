@@ -71,9 +71,10 @@ def tensorize(model: nn.Module, *, example_input: Tensor | None = None, format: 
               compression: float | None = None, modes: int | str = "auto", chain: str = "linear",
               init: str = "pretrained", init_variance: str = "he", include: Iterable[str] = (),
               exclude: Iterable[str] = (), seed: int = 0, inplace: bool = False) -> nn.Module:
-    """Coarse grain: replace ``model``'s Linear, Conv2d (groups=1), LSTM and
-    MultiheadAttention layers by tensor-train (``format="tt"``; TT-matrix, Novikov et al.
-    2015) or tensor-ring (``"tr"``; TR-Nets, Wang et al. 2018) chains.
+    """Coarse grain: replace ``model``'s Linear, Conv2d (groups=1), LSTM,
+    MultiheadAttention and Embedding layers by tensor-train (``format="tt"``; TT-matrix,
+    Novikov et al. 2015; TT-embedding, Khrulkov et al. 2019) or tensor-ring (``"tr"``;
+    TR-Nets, Wang et al. 2018; embeddings stay dense) chains.
 
     Args:
         model: any ``nn.Module``; a copy is tensorized unless ``inplace``.

@@ -275,7 +275,7 @@ def fast_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int,
         with torch.no_grad():
             for b in (*batches, example.shape[0]):
                 current[0] = b
-                folded(torch.zeros(b, *example.shape[1:]))
+                folded(torch.zeros((b, *example.shape[1:]), dtype=example.dtype))  # id 0 for tokens
     finally:
         for h in hooks:
             h.remove()
@@ -294,7 +294,8 @@ def fast_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int,
         p = onnx_copy(proto)
         built[label] = (p, ort_ops.add_sparse_path(p, folded, dense_proto, choice, io_shapes=io))
     rng = np.random.default_rng(0)
-    inputs = {b: rng.random((b, *example.shape[1:]), dtype=np.float32) for b in batches}
+    inputs = {b: rng.random((b, *example.shape[1:]), dtype=np.float32) if example.is_floating_point()
+              else np.zeros((b, *example.shape[1:]), dtype=np.int64) for b in batches}  # token ids: id 0
     sessions = {k: ort_ops.session(p.SerializeToString(), sparse=False) for k, (p, _) in built.items()}
     whole = ort_ops.time_sessions(sessions, inputs, reps=9, calls=4)
     best = ort_ops.pick(whole, "chain")

@@ -11,6 +11,9 @@ import torch
 from torch import Tensor, nn
 
 from .errors import BadInput, opt
+from .tensorized.embedding import TTEmbedding
+
+EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag, TTEmbedding)  # layers that take token ids
 
 
 def swap_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
@@ -40,8 +43,11 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 # ---------------------------------------------------------------------------- probe inputs
 def first_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
     """The first leaf module holding parameters, in registration order (the layer the
-    input meets first in a model written in the usual order), or None."""
+    input meets first in a model written in the usual order), or None. An embedding counts
+    as a leaf (a TT-embedding holds its cores in a child ``ParameterList``)."""
     for name, mod in model.named_modules():
+        if isinstance(mod, EMBEDDINGS):
+            return name, mod
         if not any(True for _ in mod.children()) and any(True for _ in mod.parameters(recurse=False)):
             return name, mod
     return None
@@ -52,13 +58,13 @@ def example_input(model: nn.Module, input_shape: tuple[int, ...], batch: int = 1
     """A probe input of ``(batch, *input_shape)`` in the dtype and range ``model`` expects.
 
     A model whose first layer (:func:`first_layer`) is an ``nn.Embedding``/``EmbeddingBag``
-    takes token ids: ``int64`` in ``[0, num_embeddings)`` (``fill``: ``zeros`` -> id 0,
+    or a TT-embedding takes token ids: ``int64`` in ``[0, num_embeddings)`` (``fill``: ``zeros`` -> id 0,
     ``ones`` -> id 1, ``rand`` -> uniform ids). Any other model takes ``dtype`` floats:
     zeros, ones, or uniform [0, 1) (``rand``). ``generator`` seeds ``rand``.
     """
     shape = (batch, *input_shape)
     first = first_layer(model)
-    if first is not None and isinstance(first[1], nn.Embedding | nn.EmbeddingBag):
+    if first is not None and isinstance(first[1], EMBEDDINGS):
         vocab = int(first[1].num_embeddings)
         if fill == "rand":
             return torch.randint(0, vocab, shape, generator=generator, dtype=torch.int64)
@@ -71,7 +77,7 @@ def example_input(model: nn.Module, input_shape: tuple[int, ...], batch: int = 1
 def is_token_model(model: nn.Module) -> bool:
     """Whether ``model`` takes integer token ids (its first layer is an embedding)."""
     first = first_layer(model)
-    return first is not None and isinstance(first[1], nn.Embedding | nn.EmbeddingBag)
+    return first is not None and isinstance(first[1], EMBEDDINGS)
 
 
 def dry_forward(model: nn.Module, input_shape: tuple[int, ...]) -> Tensor:

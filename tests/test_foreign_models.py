@@ -143,7 +143,7 @@ def test_untensorized_layers_get_a_plan_row_and_are_pruned_dense(tmp_path):
     res = run_cli("decompose", ckpt, "--arch", f"{MOD}:text", "-o", tmp_path / "d", "--json")
     _ok(res, "decompose")
     rows = {r["name"]: r for r in json.loads(res.stdout)["layers"]}
-    assert not rows["embed"]["tensorized"] and "embedding" in rows["embed"]["note"]
+    assert rows["embed"]["tensorized"] and rows["embed"]["type"] == "embedding"  # a TT-embedding (item 6)
     assert not rows["conv"]["tensorized"] and "Conv1d" in rows["conv"]["note"]
     gru = _checkpoint(tmp_path, "gru")
     res = run_cli("decompose", gru, "--arch", f"{MOD}:gru", "-o", tmp_path / "g", "--json")

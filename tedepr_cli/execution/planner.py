@@ -283,7 +283,8 @@ def recheck(art: Artifact, plan: dict[str, Any], threads: int = 1, seed: int = 0
         if dense is None:
             return {**plan, "recheck": {"skipped": f"{dense_rt}: {rt.unavailable.get(dense_rt)}"}}
         fast = build_model(art, plan, threads, runtimes=rt)
-        x = torch.rand(plan["batch"], *art.input_shape, generator=torch.Generator().manual_seed(seed))
+        x = example_input(art.model, art.input_shape, plan["batch"], "rand",  # token ids for embeddings
+                          torch.Generator().manual_seed(seed))
         t = _time_rounds({"chosen": lambda: fast(x), "dense": lambda: dense(x)}, RECHECK_ROUNDS, threads)
     finally:
         torch.set_num_threads(prev)

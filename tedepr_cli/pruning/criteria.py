@@ -32,7 +32,8 @@ from torch.func import functional_call
 from ..errors import BadInput, opt
 from ..logs import log
 from ..registry import Registry
-from ..surgery import example_input
+from ..surgery import example_input, first_layer
+from ..tensorized.embedding import TTEmbedding
 
 
 @dataclass
@@ -177,6 +178,11 @@ def synflow(ctx: ScoreContext) -> dict[str, Tensor]:
                 t.abs_()
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     ones = example_input(model, ctx.input_shape, 1, "ones", dtype=torch.float64)  # ids for embeddings
+    first = first_layer(model)
+    if first is not None and isinstance(first[1], TTEmbedding):  # every core slice, not one id's
+        ids, per = first[1].covering_ids(), max(1, ones[0].numel())
+        n = -(-len(ids) // per) * per  # whole sequences of the input shape, ids wrapped around
+        ones = ids.repeat(-(-n // len(ids)))[:n].reshape(-1, *ctx.input_shape)
     total = sum(base[n].numel() for n in ctx.targets)
     rounds = max(1, ctx.options.rounds)
     masks: dict[str, Tensor] | None = None

@@ -23,6 +23,7 @@ from ..decompose import DecomposeOptions, decompose
 from ..errors import BadInput, UsageError, opt
 from ..logs import log
 from ..masks import attach_masks, get_masks
+from ..tensorized.embedding import TTEmbedding
 from ..tensorized.tt import TTLinear
 from .criteria import CRITERIA, CriterionOptions, ScoreContext, differentiable_attention
 from .masking import budget, check_collapse, rank_paths, select
@@ -344,7 +345,7 @@ def _report(model, groups, masks, dense: int, opts: PruneOptions, criterion: str
                "tensors": {n: [int(masks[n].sum()), masks[n].numel()] for n in g.params}}
         if g.kind == "cores":
             row["rank_paths"] = rank_paths([masks[n] for n in g.params])
-            separate = not isinstance(g.module, TTLinear)  # rank-one term per path
+            separate = not isinstance(g.module, TTLinear | TTEmbedding)  # rank-one term per path
             floor = 3  # rank <= 2: the layer passes (almost) nothing on
             if separate and row["rank_paths"] < floor:
                 thin.append((g.name, int(row["rank_paths"]), max(g.module.ranks)))

@@ -49,9 +49,11 @@ from torch.func import functional_call
 
 from ..errors import CollapseError, opt
 from ..masks import plain_named_parameters
+from ..surgery import example_input, is_token_model
 from ..tensorized.base import TensorizedLayer
-from ..tensorized.chain import ring_dense, ring_input, ring_output, tt_matrix_forward
+from ..tensorized.chain import ring_dense, ring_input, ring_output, tt_matrix_dense, tt_matrix_forward
 from ..tensorized.conv import ChainConv2d
+from ..tensorized.embedding import TTEmbedding
 from ..tensorized.tr import TRLinear
 from ..tensorized.tt import TTLinear
 from ..tensorized.wrappers import TensorizedLSTM, TensorizedMHA
@@ -433,6 +435,20 @@ def _chain(mod: TensorizedLayer, q: str, x: Tensor, pats: _Patterns) -> Tensor:
     return y.reshape(*x.shape[:-1], -1)
 
 
+def _embedding(mod: TTEmbedding, q: str, x: Tensor, pats: _Patterns) -> Tensor:
+    """Marks through a TT-embedding, followed like the ``nn.Embedding`` it replaces: a
+    token position passes its marks on to feature ``j`` when some id that can be looked up
+    (``[0, num_embeddings)`` without ``padding_idx``; never the padded vocab) has a kept
+    path through the cores to ``j``."""
+    table = tt_matrix_dense([pats[f"{q}.cores.{i}"] for i in range(len(mod.cores))])
+    rows = table[:, : mod.num_embeddings]
+    if mod.padding_idx is not None:
+        keep = torch.ones(mod.num_embeddings, dtype=rows.dtype)
+        keep[mod.padding_idx] = 0
+        rows = rows * keep
+    return x[..., None] * rows.sum(1)
+
+
 def _dense(mod: nn.Module, q: str, x: Tensor, pats: _Patterns) -> Tensor:
     """Marks through a Linear/Conv/ConvTranspose: its own forward on the kept pattern
     (groups, stride, padding modes and all), without bias."""
@@ -542,6 +558,8 @@ def _module_marks(mod: nn.Module, q: str, targs: tuple, tkw: dict, args: tuple, 
                   out: Any, pats: _Patterns, hard: bool) -> Any:
     """Marks of a leaf module's output from the marks of its inputs."""
     x = targs[0] if targs else None
+    if isinstance(mod, TTEmbedding):
+        return _embedding(mod, q, x, pats)
     if isinstance(mod, TensorizedLayer | nn.Linear | nn.modules.conv._ConvNd) and \
             not isinstance(mod, nn.modules.conv._ConvTransposeNd):
         return _project(mod, q, x, pats)
@@ -1027,9 +1045,13 @@ def _program(model: nn.Module, input_shape: tuple[int, ...], inputs: Tensor | No
     p = next(iter(model.parameters()), None)
     dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(prog.input_shape, generator=gen, dtype=dtype)
-    prog.inputs = inputs if inputs is not None and len(inputs) > 1 else \
-        torch.randn((_SAMPLES, *prog.input_shape[1:]), generator=gen, dtype=dtype)
+    if is_token_model(model):  # token ids in [0, vocab), as the model's embedding expects
+        x = example_input(model, prog.input_shape[1:], 1, "rand", gen)
+        sample = example_input(model, prog.input_shape[1:], _SAMPLES, "rand", gen)
+    else:
+        x = torch.randn(prog.input_shape, generator=gen, dtype=dtype)
+        sample = torch.randn((_SAMPLES, *prog.input_shape[1:]), generator=gen, dtype=dtype)
+    prog.inputs = inputs if inputs is not None and len(inputs) > 1 else sample
     try:
         tracer = _Tracer()
         graph = tracer.trace(model)

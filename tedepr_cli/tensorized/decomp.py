@@ -8,7 +8,9 @@ product, so the layer keeps its planned shape.
 
 Random: i.i.d. ``N(0, σ²)`` cores give ``Var W = σ^{2L} ∏_bonds r`` (L cores, one term
 per path through the ranks); σ is chosen so ``Var W`` equals He (``2/fan_in``) or LeCun
-(``1/fan_in``) of the dense layer.
+(``1/fan_in``) of the dense layer. A TT-embedding's table targets ``Var W = 1``, the
+``N(0, 1)`` of ``nn.Embedding``; from a pretrained table it is the TT-SVD of the table as
+a ``(dim, vocab)`` matrix with zero rows for the padded vocab.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import Tensor, nn
 
 from .base import TensorizedLayer
 from .conv import ChainConv2d
+from .embedding import TTEmbedding
 from .tt import TTLinear
 from .wrappers import TensorizedLSTM, TensorizedMHA
 
@@ -40,7 +43,7 @@ def _chain_tensor(layer: TensorizedLayer, w: Tensor) -> np.ndarray:
     s = layer._spec
     ins, outs = list(s["in_modes"]), list(s["out_modes"])
     w = w.detach().to(torch.float64).cpu()
-    if isinstance(layer, TTLinear):  # modes paired (n_k, m_k) per core
+    if isinstance(layer, TTLinear | TTEmbedding):  # modes paired (n_k, m_k) per core
         d = len(ins)
         t = w.reshape(*outs, *ins)
         order = [x for k in range(d) for x in (d + k, k)]
@@ -142,6 +145,15 @@ def init_module(new: nn.Module, old: nn.Module | None, init: str, target: str,
     """Initialize a tensorized replacement of ``old``; returns the relative errors of its
     decomposed matrices (pretrained) or an empty list (random)."""
     errors: list[float] = []
+    if isinstance(new, TTEmbedding):
+        if init == "pretrained":
+            table = old.weight.detach()
+            padded = table.new_zeros(new.in_features, new.embedding_dim)
+            padded[: table.shape[0]] = table
+            errors.append(decompose_into(new, padded.T))
+        else:
+            init_random(new, "lecun", generator, fan_in=1)
+        return errors
     if isinstance(new, TensorizedLSTM):
         for idx, name in enumerate(new._suffixes()):
             lin = new.ih[idx]

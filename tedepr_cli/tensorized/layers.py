@@ -7,14 +7,15 @@ from typing import Any
 from torch import nn
 
 from ..errors import BadInput
+from .embedding import TTEmbedding
 from .tr import TRConv2d, TRLinear
 from .tt import TTConv2d, TTLinear
 from .wrappers import TensorizedLSTM, TensorizedMHA
 
 FORMATS = ("tt", "tr")
 _CLASSES = {("linear", "tt"): TTLinear, ("linear", "tr"): TRLinear,
-            ("conv2d", "tt"): TTConv2d, ("conv2d", "tr"): TRConv2d}
-TENSORIZED = (TTLinear, TRLinear, TTConv2d, TRConv2d, TensorizedLSTM, TensorizedMHA)
+            ("conv2d", "tt"): TTConv2d, ("conv2d", "tr"): TRConv2d, ("embedding", "tt"): TTEmbedding}
+TENSORIZED = (TTLinear, TRLinear, TTConv2d, TRConv2d, TTEmbedding, TensorizedLSTM, TensorizedMHA)
 
 
 def build_layer(spec: dict[str, Any]) -> nn.Module:
@@ -52,7 +53,8 @@ def tensorized_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 def to_dense_layer(layer: nn.Module) -> nn.Module:
     """The dense ``nn.Linear``/``nn.Conv2d`` equal to a linear-chain tensorized Linear/Conv2d
-    (its :meth:`~.base.TensorizedLayer.dense_weight` and bias), or the ``nn.LSTM`` equal to
+    (its :meth:`~.base.TensorizedLayer.dense_weight` and bias), the ``nn.Embedding`` equal to
+    a :class:`~.embedding.TTEmbedding` (its table, padding row zero), or the ``nn.LSTM`` equal to
     a ``TensorizedLSTM`` (:meth:`~.wrappers.TensorizedLSTM.dense_weights`): the reference a chain must
     equal, and the "rebuild W once" execution path. Raises ``ValueError`` for a nonlinear
     chain (no single dense weight)."""
@@ -71,6 +73,14 @@ def to_dense_layer(layer: nn.Module) -> nn.Module:
             for n, t in weights.items():
                 getattr(lstm, n).copy_(t)
         return lstm.train(layer.training)
+    if isinstance(layer, TTEmbedding):
+        with torch.no_grad():
+            table = layer.weight.detach()
+        emb = nn.Embedding(layer.num_embeddings, layer.embedding_dim, layer.padding_idx,
+                           device=table.device, dtype=table.dtype)
+        with torch.no_grad():
+            emb.weight.copy_(table)
+        return emb.train(layer.training)
     with torch.no_grad():
         w = layer.dense_weight().detach()
         if isinstance(layer, ChainConv2d):

@@ -7,9 +7,11 @@ parameter budget, choosing by the chain-FLOP model; a fixed ``--modes N`` is hon
 asked. Ranks come from ``--rank`` (with per-layer ``name=R`` overrides) or from
 ``--compression X`` (the largest uniform rank whose cores are ``X`` times smaller than the
 dense layer). Default layer selection follows the literature (Novikov 2015; Garipov
-2016; TR-Nets 2018): every Linear, Conv2d (groups=1), LSTM input projection and
-MultiheadAttention projection, except a conv with fewer than 4 input channels (the stem on
-raw pixels) and any layer whose factorized form would not be smaller than it is.
+2016; TR-Nets 2018; Khrulkov et al. 2019): every Linear, Conv2d (groups=1), LSTM input
+projection, MultiheadAttention projection and Embedding (as a TT-embedding: vocab modes
+in, dim modes out; the vocab padded up to a product of near-balanced modes), except a
+conv with fewer than 4 input channels (the stem on raw pixels) and any layer whose
+factorized form would not be smaller than it is.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from torch import nn
 
 from ..errors import BadInput, UsageError, opt
 from ..surgery import dry_forward, swap_module
+from .embedding import vocab_modes
 from .layers import FORMATS, build_layer, to_dense_layer
 
-SUPPORTED = (nn.Linear, nn.Conv2d, nn.LSTM, nn.MultiheadAttention)
+SUPPORTED = (nn.Linear, nn.Conv2d, nn.LSTM, nn.MultiheadAttention, nn.Embedding)
 MAX_AUTO_MODES = 4
 MIN_STEM_CHANNELS = 4
 # Each chain step costs a fixed overhead besides its FLOPs (a call, a permute): about 2 µs
@@ -133,7 +136,7 @@ def _gate_modes(n: int, d: int, fold: int) -> list[int]:
 def chain_dims(spec: dict[str, Any]) -> list[int]:
     """The mode size of every core in chain order (TT-matrix: ``n_k · m_k``)."""
     ins, outs = spec["in_modes"], spec["out_modes"]
-    if spec["type"] == "linear" and spec["format"] == "tt":
+    if spec["type"] in ("linear", "embedding") and spec["format"] == "tt":
         return [n * m for n, m in zip(ins, outs, strict=True)]
     if spec["type"] == "conv2d":
         return list(ins) + [math.prod(spec["kernel_size"])] + list(outs)
@@ -177,6 +180,12 @@ def _spec_for(kind: str, mod: nn.Module, fmt: str, d: int, r: int, chain: str,
               hw: tuple[int, int] | None) -> dict[str, Any]:
     if kind == "linear":
         return _linear_spec(fmt, mod.in_features, mod.out_features, d, r, chain, mod.bias is not None)
+    if kind == "embedding":  # a TT-matrix with vocab modes in, dim modes out (TT only)
+        spec = {"type": "embedding", "format": "tt", "in_modes": vocab_modes(mod.num_embeddings, d),
+                "out_modes": list(factorize(mod.embedding_dim, d)), "chain": "linear", "bias": False,
+                "num_embeddings": mod.num_embeddings, "padding_idx": mod.padding_idx}
+        spec["ranks"] = ranks_for(chain_dims(spec), r, ring=False)
+        return spec
     if kind == "conv2d":
         spec = {"type": "conv2d", "format": fmt, "in_modes": list(factorize(mod.in_channels, d)),
                 "out_modes": list(factorize(mod.out_channels, d)), "chain": chain,
@@ -243,6 +252,8 @@ def _kind(mod: nn.Module) -> str | None:
         return "conv2d"
     if isinstance(mod, nn.Linear):
         return "linear"
+    if isinstance(mod, nn.Embedding):
+        return "embedding"
     return None
 
 
@@ -254,6 +265,11 @@ def _why_unsupported(mod: nn.Module) -> str | None:
         return "LSTM with projections"
     if isinstance(mod, nn.MultiheadAttention) and not mod._qkv_same_embed_dim:
         return "MultiheadAttention with separate q/k/v dimensions"
+    if isinstance(mod, nn.Embedding):
+        if mod.max_norm is not None or mod.sparse or mod.scale_grad_by_freq:
+            return "embedding with max_norm, sparse or scale_grad_by_freq"
+        if mod.padding_idx is not None and bool(mod.weight[mod.padding_idx].detach().ne(0).any()):
+            return "embedding whose padding_idx row is not zero (a TT-embedding outputs zeros there)"
     return None
 
 
@@ -274,7 +290,7 @@ def _untensorized_row(name: str, mod: nn.Module, why: str | None = None) -> Laye
     count = sum(p.numel() for p in weights.values())
     if why is None:
         kind = type(mod).__name__
-        why = {nn.Embedding: "embedding (tedepr tensorizes Linear, Conv2d, LSTM and MHA)",
+        why = {nn.EmbeddingBag: "EmbeddingBag (not tensorized; its weight can be pruned dense)",
                nn.GRU: "GRU (not tensorized yet; its weights can be pruned dense)",
                nn.RNN: "RNN (not tensorized yet; its weights can be pruned dense)",
                nn.Conv1d: "Conv1d (not tensorized yet; its weight can be pruned dense)"}.get(
@@ -364,8 +380,10 @@ def plan_model(model: nn.Module, input_shape: tuple[int, ...], opts: PlanOptions
             continue
         if kind is None:
             raise BadInput(f"{opt('include')} matched {name} ({type(mod).__name__}): tedepr tensorizes "
-                           "Linear, Conv2d, LSTM and MultiheadAttention layers")
+                           "Linear, Conv2d, LSTM, MultiheadAttention and Embedding layers")
         why = _why_unsupported(mod) or tied.get(name)
+        if not why and kind == "embedding" and opts.format != "tt":
+            why = f"embedding ({opt('format')} {opts.format}: a TT-embedding is TT only)"
         if why:
             if explicit:
                 raise BadInput(f"{name} is a {why}, which tedepr cannot tensorize")
@@ -373,7 +391,7 @@ def plan_model(model: nn.Module, input_shape: tuple[int, ...], opts: PlanOptions
             continue
         dense = _dense_weight_params(kind, mod)
         shape = [int(s) for s in getattr(mod, "weight", getattr(mod, "in_proj_weight", None)).shape] \
-            if kind in ("linear", "conv2d", "mha") else [4 * mod.hidden_size, mod.input_size]
+            if kind in ("linear", "conv2d", "mha", "embedding") else [4 * mod.hidden_size, mod.input_size]
         if kind == "conv2d" and mod.in_channels < MIN_STEM_CHANNELS and not explicit:
             plans.append(LayerPlan(name, kind, shape, None, dense, dense, None,
                                    "kept dense: stem conv on raw channels"))
@@ -440,19 +458,22 @@ def _plan_layer(name: str, kind: str, mod: nn.Module, shape: list[int], dense: i
 
 def _modes_for(name: str, kind: str, mod: nn.Module, opts: PlanOptions
                ) -> tuple[list[int], list[int]] | None:
-    """Explicit ``--modes name=IN:OUT`` for a Linear/Conv2d, checked against its dims."""
+    """Explicit ``--modes name=IN:OUT`` for a Linear/Conv2d/Embedding, checked against its dims
+    (an embedding's vocab modes may cover more than its vocab: the rest is padding)."""
     for pat, (ins, outs) in opts.mode_overrides.items():
         if not fnmatch.fnmatchcase(name, pat):
             continue
-        if kind not in ("linear", "conv2d"):
-            raise BadInput(f"{opt('modes')} {pat}=...: explicit modes are for Linear/Conv2d, {name} is "
-                           f"{kind}")
-        n, m = (mod.in_features, mod.out_features) if kind == "linear" else (mod.in_channels,
-                                                                             mod.out_channels)
-        if math.prod(ins) != n or math.prod(outs) != m:
+        if kind not in ("linear", "conv2d", "embedding"):
+            raise BadInput(f"{opt('modes')} {pat}=...: explicit modes are for Linear/Conv2d/Embedding, "
+                           f"{name} is {kind}")
+        n, m = {"linear": lambda: (mod.in_features, mod.out_features),
+                "conv2d": lambda: (mod.in_channels, mod.out_channels),
+                "embedding": lambda: (mod.num_embeddings, mod.embedding_dim)}[kind]()
+        vocab_ok = math.prod(ins) >= n if kind == "embedding" else math.prod(ins) == n
+        if not vocab_ok or math.prod(outs) != m:
             raise BadInput(f"{opt('modes')} for {name}: {'x'.join(map(str, ins))} does not factor its "
                            f"{n} inputs or {'x'.join(map(str, outs))} its {m} outputs")
-        if kind == "linear" and opts.format == "tt" and len(ins) != len(outs):
+        if kind in ("linear", "embedding") and opts.format == "tt" and len(ins) != len(outs):
             raise BadInput(f"{opt('modes')} for {name}: a TT-matrix needs as many input as output modes")
         if any(x < 1 for x in (*ins, *outs)):
             raise BadInput(f"{opt('modes')} for {name}: modes must be positive")
