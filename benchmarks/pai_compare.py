@@ -96,6 +96,7 @@ class Bench:
     epochs: dict[str, int]  # per model, the same for every method
     protocol: list[str] = field(default_factory=list)  # the report's lines on the data
     subset_models: tuple[str, ...] = ()  # models trained on the fixed SUBSET_SIZE pool by default
+    notes: Path | None = None  # hand-written notes (machine, load, what was not run) the report ends with
 
 
 BENCHES = {
@@ -113,7 +114,7 @@ BENCHES = {
          "10,000 test images. Models marked *20k* train on a fixed 20,000-image subset of the",
          "training images (2,000 per class, seed 0; the same subset for every method and seed),",
          "with the same 10 % hold-out (18,000 train + 2,000 validation)."],
-        ("resnet20", "vit_tiny")),
+        ("resnet20", "vit_tiny"), ROOT / "benchmarks" / "results" / "fashion_mnist" / "notes.md"),
 }
 
 
@@ -438,6 +439,8 @@ def report(out_dir: Path, doc: Path, bench: Bench = BENCHES["mnist-sample"]) -> 
                   "and the plot leaves it out.", ""]
     summary = _claims(groups, goals=bench.name == "fashion-mnist")
     lines += ["## The claim, checked", "", *summary, ""]
+    if bench.notes is not None and bench.notes.is_file() and doc.resolve() == bench.doc.resolve():
+        lines += [bench.notes.read_text().rstrip(), ""]
     text = "\n".join(lines)
     doc.parent.mkdir(parents=True, exist_ok=True)
     tmp = doc.with_name(doc.name + ".tmp")
