@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -129,3 +130,80 @@ def test_speed_table_update_replaces_only_the_remeasured_families():
     assert old["rows"][2]["t"] == "old"  # the stored report itself is not modified
     with pytest.raises(SystemExit, match="measured on Y"):
         st.merge(old, report("Y", [], ["lstm"], 1.0), "r")
+
+
+# ---------------------------------------------------------------------------- Fashion-MNIST
+def _fashion(tmp_path, *extra):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "pai_compare.py"), "--dataset", "fashion-mnist", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+def test_fashion_mnist_quick_on_synthetic_idx(tmp_path):
+    """The Fashion-MNIST protocol end to end on tiny IDX files in its file layout (gzipped, the
+    Debian package's names): the report gives both counts and the validation-based selection,
+    and a second call trains nothing (per-run cache)."""
+    import json
+
+    from .test_datasets import make_mnist_idx
+
+    data = make_mnist_idx(tmp_path / "fmnist", n_train=300, n_test=100, gz=True)
+    out = tmp_path / "out"
+    args = ["--data-dir", str(data), "--quick", "--epochs", "2", "--out", str(out)]
+    r = _fashion(tmp_path, *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = (out / "report.md").read_text()
+    assert "on Fashion-MNIST" in report and "best-by-validation" in report
+    assert "| stored entries (kept) | effective non-zero weights |" in report
+    assert "| val acc % (selection) | best epoch | lr |" in report
+    for method in ("dense", "tt-tedepr", "snip"):
+        assert f"| {method} |" in report
+    rows = {p.name.split("__")[1]: json.loads(p.read_text()) for p in (out / "runs").glob("*.json")}
+    assert sorted(rows) == ["dense", "snip", "tt-tedepr"]
+    for row in rows.values():
+        assert row["dataset"] == "fashion-mnist" and row["epochs"] == 2 and row["wall_seconds"] > 0
+        # the selection: the reported epoch is the best validation epoch of the run that was kept
+        lines = (Path(row["artifact"]).parent / "metrics.jsonl").read_text().splitlines()
+        vals = [json.loads(line)["val_accuracy"] for line in lines]
+        assert row["best_val_accuracy"] == max(vals) and row["best_epoch"] == 1 + vals.index(max(vals))
+        assert row["best_val_accuracy"] == max(row["val_by_lr"].values())
+    dense, tt, snip = rows["dense"], rows["tt-tedepr"], rows["snip"]
+    assert dense["kept"] == dense["effective_nonzero"] == dense["dense_prunable"] == 266_200
+    assert snip["effective_nonzero"] == snip["kept"] <= round(0.005 * 266_200)
+    # a product of masked cores is far denser than the cores: the effective count says so
+    assert tt["kept"] <= round(0.005 * 266_200) < tt["effective_nonzero"]
+    r = _fashion(tmp_path, *args)
+    assert r.returncode == 0 and "runs to do" not in r.stdout
+
+
+def test_fashion_mnist_missing_data_is_one_line(tmp_path):
+    """Without the IDX files: one line saying how to install them, exit 3, no traceback, no output."""
+    from .test_datasets import make_mnist_idx
+
+    partial = make_mnist_idx(tmp_path / "partial", gz=True)
+    (partial / "t10k-labels-idx1-ubyte.gz").unlink()
+    for where in (tmp_path / "nothing-here", partial):
+        out = tmp_path / "out"
+        r = _fashion(tmp_path, "--data-dir", str(where), "--quick", "--out", str(out))
+        assert r.returncode == 3, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+        assert r.stderr.startswith("tedepr: input not found: ") and str(where) in r.stderr
+        assert "apt-get install dataset-fashion-mnist" in r.stderr and "--data-dir" in r.stderr
+        assert not out.exists()
+    assert "t10k-labels" in r.stderr
+
+
+def test_fashion_mnist_fixed_subset_is_stratified_and_fixed(monkeypatch):
+    """The 20,000-image pool of the expensive families: 2,000 per class, the same rows every time."""
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("pai_compare", ROOT / "benchmarks" / "pai_compare.py")
+    pai = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "pai_compare", pai)  # its dataclasses look their module up
+    spec.loader.exec_module(pai)
+    labels = np.random.default_rng(3).permutation(np.repeat(np.arange(10), 6000))
+    rows = pai.fixed_subset(labels, pai.SUBSET_SIZE)
+    assert len(rows) == 20_000 and (np.bincount(labels[rows]) == 2000).all()
+    assert (np.diff(rows) > 0).all() and np.array_equal(rows, pai.fixed_subset(labels, 20_000))
+    assert np.array_equal(pai.fixed_subset(labels[:50], 20_000), np.arange(50))
