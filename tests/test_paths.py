@@ -184,7 +184,8 @@ def test_cli_prune_with_path_options(tmp_path):
     assert {x["name"]: x.get("rank_paths") for x in rep["layers"]}["conv2"] >= 4
 
 
-@pytest.mark.parametrize("args", [["--grain", "row"], ["--path-pool", "0.5"], ["--min-paths", "-1"]])
+@pytest.mark.parametrize("args", [["--grain", "row"], ["--path-pool", "0.5"], ["--min-paths", "-1"],
+                                  ["--grain", "path", "--min-density", "0.01"]])
 def test_cli_bad_path_options(tmp_path, args):
     r = run_cli("prune", "lenet5", "--init", "random", "--sparsity", "0.99", "-o", tmp_path / "o", *args)
     assert r.exit_code == 2 and r.stderr.startswith("tedepr: ") and len(r.stderr.strip().splitlines()) == 1

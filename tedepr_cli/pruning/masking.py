@@ -7,6 +7,10 @@ weight, and for every tensorized layer the entries of its best-scoring path thro
 cores (greedy over rank indices, one entry per core), so no layer can end with its chain
 cut. Selection uses a stable descending sort, so ties
 resolve by position and the same scores always give the same mask.
+
+Two options work on rank paths (:mod:`tedepr_cli.pruning.paths`): the path floor
+(``min_paths``) reserves every tensorized layer's best paths before the top-K, and the
+structured grain (``grain="path"``) selects whole paths instead of single entries.
 """
 
 from __future__ import annotations

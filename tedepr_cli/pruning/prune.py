@@ -77,6 +77,9 @@ class PruneOptions:
             raise UsageError(f"{opt('grain')} must be one of {', '.join(GRAINS)}, got {self.grain!r}")
         if not self.path_pool >= 1:
             raise UsageError(f"{opt('path-pool')} must be >= 1, got {self.path_pool}")
+        if self.grain == "path" and self.path_pool <= 1 and self.min_density > 0:
+            raise UsageError(f"{opt('min-density')} is a floor of single entries: with {opt('grain')} "
+                             f"path it needs {opt('path-pool')} > 1 (entries chosen within the paths)")
         if self.score_mode not in SCORE_MODES:
             raise UsageError(f"{opt('score-mode')} must be one of {', '.join(SCORE_MODES)}, got "
                              f"{self.score_mode!r}")
