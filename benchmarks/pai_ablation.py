@@ -38,9 +38,11 @@ VARIANTS = {
     # issue 19: the per-layer path floor and the structured (whole rank path) grain
     "min paths 4": {"min_paths": 4},
     "grain path": {"grain": "path", "path_pool": 2.0},
-    "grain path, whole paths only": {"grain": "path", "path_pool": 1.0},
+    "grain path (whole paths only)": {"grain": "path", "path_pool": 1.0},
     "min paths 4 + grain path": {"min_paths": 4, "grain": "path", "path_pool": 2.0},
     "min paths 64": {"min_paths": 64},  # a conv chain's rank 3 (81 paths) rather than 2 (16)
+    "min paths 256": {"min_paths": 256},  # rank 4 (256 paths)
+    "coarse ratio 8 + scope normalized": {"coarse_ratio": 8.0, "scope": "normalized"},
 }
 
 
