@@ -14,6 +14,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -34,10 +35,18 @@ VARIANTS = {
     "criterion synflow": {"criterion": "synflow"},
     "60 epochs": {"epochs": 60},
     "tr format": {"format": "tr"},
+    # issue 19: the per-layer path floor and the structured (whole rank path) grain
+    "min paths 4": {"min_paths": 4},
+    "grain path": {"grain": "path", "path_pool": 2.0},
+    "grain path (whole paths only)": {"grain": "path", "path_pool": 1.0},
+    "min paths 4 + grain path": {"min_paths": 4, "grain": "path", "path_pool": 2.0},
+    "min paths 64": {"min_paths": 64},  # a conv chain's rank 3 (81 paths) rather than 2 (16)
+    "min paths 256": {"min_paths": 256},  # rank 4 (256 paths)
+    "coarse ratio 8 + scope normalized": {"coarse_ratio": 8.0, "scope": "normalized"},
 }
 
 
-def run(model: str, sparsity: float, seed: int, knobs: dict, out: Path) -> dict:
+def run(model: str, sparsity: float, seed: int, knobs: dict, out: Path, epochs: int = 30) -> dict:
     from tedepr_cli.arch import build, parse_arch
     from tedepr_cli.artifact import Artifact
     from tedepr_cli.decompose import DecomposeOptions
@@ -55,16 +64,22 @@ def run(model: str, sparsity: float, seed: int, knobs: dict, out: Path) -> dict:
     dopts = DecomposeOptions(format=knobs.get("format", "tt"), rank=None, modes=knobs.get("modes", "auto"),
                              chain=knobs.get("chain", "linear"), init=knobs.get("init", "random"), seed=seed)
     popts = PruneOptions(sparsity=sparsity, criterion=knobs.get("criterion", "tedepr"), seed=seed,
-                         coarse_ratio=knobs.get("coarse_ratio", 4.0), scope=knobs.get("scope", "global"))
+                         coarse_ratio=knobs.get("coarse_ratio", 4.0), scope=knobs.get("scope", "global"),
+                         min_paths=knobs.get("min_paths", 0), grain=knobs.get("grain", "entry"),
+                         path_pool=knobs.get("path_pool", 1.0))
+    t0 = time.perf_counter()
     art, rep = prune(art, popts, DATA, dopts)
     best = None
     for lr in (1e-3, 1e-2):
         _, s = finetune(art, DATA, out / f"s{seed}-lr{lr:g}",
-                        TrainOptions(epochs=knobs.get("epochs", 30), lr=lr, seed=seed), overwrite=True)
+                        TrainOptions(epochs=knobs.get("epochs", epochs), lr=lr, seed=seed), overwrite=True)
         if best is None or s["best_score"] > best[1]["best_score"]:
             best = (lr, s)
-    return {"test": best[1]["test_accuracy"], "lr": best[0], "rank": (rep.get("rank_auto") or {}).get("rank"),
-            "kept": rep["kept"]}
+    auto = rep.get("rank_auto") or {}
+    return {"test": best[1]["test_accuracy"], "lr": best[0], "rank": auto.get("rank"),
+            "raised": auto.get("raised_for_paths") or {}, "kept": rep["kept"],
+            "paths": {r["name"]: r["rank_paths"] for r in rep["layers"] if "rank_paths" in r},
+            "epochs": knobs.get("epochs", epochs), "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def main() -> int:
@@ -72,11 +87,13 @@ def main() -> int:
     ap.add_argument("--model", default="lenet300")
     ap.add_argument("--sparsity", type=float, default=0.995)
     ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--epochs", type=int, default=30, help="epochs of every variant (one knob raises it)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ablation"))
     ap.add_argument("--doc", default=str(ROOT / "docs" / "pai_ablation.md"))
     args = ap.parse_args()
-    cache = Path(args.out) / f"{args.model}-{args.sparsity:g}.json"
+    suffix = "" if args.epochs == 30 else f"-{args.epochs}ep"
+    cache = Path(args.out) / f"{args.model}-{args.sparsity:g}{suffix}.json"
     cache.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(cache.read_text()) if cache.exists() else {}
     for name in args.variants.split(","):
@@ -84,24 +101,26 @@ def main() -> int:
             key = f"{name}|{seed}"
             if key in results:
                 continue
-            where = Path(args.out) / "runs" / name
-            results[key] = run(args.model, args.sparsity, seed, VARIANTS[name], where)
+            where = Path(args.out) / "runs" / f"{args.model}-{args.sparsity:g}{suffix}" / name
+            results[key] = run(args.model, args.sparsity, seed, VARIANTS[name], where, args.epochs)
             cache.write_text(json.dumps(results, indent=1))
             print(name, seed, results[key], flush=True)
     title = f"# TEDEPR ablation: {args.model} at {100 * args.sparsity:g} % (`benchmarks/pai_ablation.py`)"
     lines = [title, "",
              "One knob changed per row from the default recipe; test accuracy %, mean ± std over seeds "
              "(lr picked on validation from {1e-3, 1e-2}).", "",
-             "| variant | test acc % | rank (auto) | lr picked |", "|---|---|---|---|"]
+             "| variant | test acc % | rank (auto) | lr picked | s/run |", "|---|---|---|---|---|"]
     for name in VARIANTS:
         rows = [v for k, v in results.items() if k.split("|")[0] == name]
         if not rows:
             continue
         accs = [100 * r["test"] for r in rows]
         sd = f" ± {statistics.stdev(accs):.1f}" if len(accs) > 1 else ""
-        ranks = ", ".join(str(r["rank"]) for r in rows)
+        ranks = ", ".join(str(r["rank"]) + "".join(f" ({n} {v})" for n, v in (r.get("raised") or {}).items())
+                          for r in rows)
         lrs = ", ".join(format(r["lr"], "g") for r in rows)
-        lines.append(f"| {name} | {statistics.mean(accs):.1f}{sd} | {ranks} | {lrs} |")
+        secs = ", ".join(str(r["seconds"]) for r in rows if "seconds" in r) or "-"
+        lines.append(f"| {name} | {statistics.mean(accs):.1f}{sd} | {ranks} | {lrs} | {secs} |")
     Path(args.doc).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -158,6 +158,7 @@ def _take_batches(batches: Iterable[Any], n: int) -> list[tuple[Tensor, Tensor]]
 def prune(model: nn.Module, *, sparsity: float, batches: Iterable[Any] | None = None,
           criterion: str | None = None, example_input: Tensor | None = None, scope: str = "global",
           min_density: float = 0.0, connectivity: bool = True, score_mode: str = "eval",
+          min_paths: int = 0, grain: str = "entry", path_pool: float = 1.0,
           seed: int = 0, **criterion_options: Any) -> dict[str, Any]:
     """Fine grain: prune ``model`` in place at initialization and attach the masks to it.
 
@@ -174,6 +175,12 @@ def prune(model: nn.Module, *, sparsity: float, batches: Iterable[Any] | None = 
             ``"snip"``, ``"grasp"``, ``"synflow"``, ``"force"``, ``"magnitude"``, ``"random"``.
         example_input: a batch, needed unless the model declares ``input_shape``.
         scope: ``"global"``, ``"normalized"`` or ``"layer"``; ``min_density``: a floor per tensor.
+        min_paths: the path floor, every tensorized layer keeps at least this many rank paths
+            through its cores (as many as its ranks hold; 0 or 1: only the collapse guard's one).
+        grain: ``"entry"`` (single core entries) or ``"path"`` (whole rank paths, chosen by
+            saliency per kept entry; :mod:`tedepr_cli.pruning.paths`). ``path_pool``: 1 keeps
+            whole paths only (at most the budget), ``F > 1`` pools paths up to ``F ×`` the
+            budget and keeps exactly the budget's best entries within them.
         criterion_options: ``steps``, ``inner_lr``, ``rounds``, ``iterations``,
             ``temperature`` (see ``tedepr prune --help``).
 
@@ -188,7 +195,7 @@ def prune(model: nn.Module, *, sparsity: float, batches: Iterable[Any] | None = 
         raise UsageError(f"unknown criterion option: {e}") from None
     opts = PruneOptions(sparsity=sparsity, criterion=criterion, scope=scope, min_density=min_density,
                         connectivity=connectivity, score_mode=score_mode, seed=seed, decompose=False,
-                        criterion_options=copts)
+                        min_paths=min_paths, grain=grain, path_pool=path_pool, criterion_options=copts)
     opts.validate()
     scored = None
     if batches is not None:

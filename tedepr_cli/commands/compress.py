@@ -249,6 +249,17 @@ def prune(
     connectivity: Annotated[bool, typer.Option(
         "--connectivity/--no-connectivity", help="Spend the budget only on core entries that lie "
         "on complete paths through their layer's chain (effective sparsity).")] = True,
+    min_paths: Annotated[int, typer.Option(
+        "--min-paths", help="Path floor: every tensorized layer keeps at least this many rank paths "
+        "through its cores (as many as its ranks hold); with --rank auto, conv and tensor-ring layers "
+        "whose ranks hold fewer get the smallest rank that holds them. 0: off.")] = 0,
+    grain: Annotated[str, typer.Option(
+        "--grain", help="entry (single core entries) or path (whole rank paths through the cores, "
+        "scored by their entries' saliency per kept entry).")] = "entry",
+    path_pool: Annotated[float, typer.Option(
+        "--path-pool", help="With --grain path: 1 keeps whole paths only (at most the budget); F > 1 "
+        "pools whole paths up to F x the budget, then keeps exactly the budget's best entries within "
+        "them.")] = 1.0,
     repair_paths: Annotated[bool, typer.Option(
         "--repair-paths/--no-repair-paths", help="If no input unit would reach the output any more "
         "(whole-network collapse, otherwise refused with exit 7), add the fewest best-scored entries "
@@ -290,7 +301,7 @@ def prune(
     opts = PruneOptions(sparsity=s, criterion=criterion, scope=scope, min_density=min_density,
                         path_guard=path_guard, connectivity=connectivity, batch_size=batch_size, seed=seed,
                         decompose=decompose_first, coarse_ratio=coarse_ratio, score_mode=score_mode,
-                        repair_paths=repair_paths,
+                        repair_paths=repair_paths, min_paths=min_paths, grain=grain, path_pool=path_pool,
                         criterion_options=CriterionOptions(steps=steps, inner_lr=inner_lr,
                                                            rounds=rounds, iterations=iterations))
     opts.validate()

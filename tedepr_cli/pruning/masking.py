@@ -7,6 +7,10 @@ weight, and for every tensorized layer the entries of its best-scoring path thro
 cores (greedy over rank indices, one entry per core), so no layer can end with its chain
 cut. Selection uses a stable descending sort, so ties
 resolve by position and the same scores always give the same mask.
+
+Two options work on rank paths (:mod:`tedepr_cli.pruning.paths`): the path floor
+(``min_paths``) reserves every tensorized layer's best paths before the top-K, and the
+structured grain (``grain="path"``) selects whole paths instead of single entries.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import torch
 from torch import Tensor
 
 from ..errors import BadInput, CollapseError, opt
+from ..logs import log
+from .paths import best_paths, path_pool
 from .targets import Group
 
 
@@ -69,16 +75,24 @@ def _unravel(flat: int, shape: tuple[int, int, int]) -> tuple[int, int, int]:
 
 
 def select(scores: dict[str, Tensor], groups: list[Group], kept: int, scope: str = "global",
-           min_density: float = 0.0, path_guard: bool = True, connect: bool = True) -> dict[str, Tensor]:
+           min_density: float = 0.0, path_guard: bool = True, connect: bool = True,
+           min_paths: int = 0, grain: str = "entry", pool: float = 1.0) -> dict[str, Tensor]:
     """Boolean masks keeping ``kept`` entries (the highest scores, after the guards; with
-    ``connect``, only entries on complete paths through each chain's cores)."""
+    ``connect``, only entries on complete paths through each chain's cores).
+
+    ``min_paths``: the path floor, every tensorized layer keeps at least this many rank
+    paths (as many as its ranks hold; lowered uniformly, with a warning, when the budget
+    cannot hold it). ``grain="path"``: whole rank paths are kept (:func:`paths.path_pool`);
+    with ``pool`` 1 the masks are those whole paths (kept <= ``kept``), with ``pool`` > 1
+    paths are pooled up to ``pool × kept`` entries and the entry-level selection keeps
+    exactly ``kept`` of the pooled entries."""
     if scope == "layer":
         total_dense = sum(g.dense_count for g in groups)
         out: dict[str, Tensor] = {}
         shares = _apportion([g.dense_count for g in groups], kept, total_dense)
         for g, k in zip(groups, shares, strict=True):
             out.update(select({n: scores[n] for n in g.params}, [g], k, "global", min_density,
-                              path_guard, connect))
+                              path_guard, connect, min_paths, grain, pool))
         return out
     if scope == "normalized":
         # every layer's scores relative to its own mean: layers compete on *relative*
@@ -96,8 +110,30 @@ def select(scores: dict[str, Tensor], groups: list[Group], kept: int, scope: str
     total = sum(sizes)
     offsets = dict(zip(names, [sum(sizes[:i]) for i in range(len(sizes))], strict=True))
     flat = torch.cat([_clean(scores[n]) for n in names]) if names else torch.zeros(0, dtype=torch.float64)
-    keep = torch.zeros(total, dtype=torch.bool)
     kept = min(kept, total)
+    if grain == "path":
+        cores = [[(offsets[n], scores[n].shape) for n in g.params] for g in groups if g.kind == "cores"]
+        dense = [(offsets[n], scores[n].numel()) for g in groups if g.kind == "dense" for n in g.params]
+        # whole paths only: dense tensors' entries compete with the paths for the budget; with
+        # a pool, the paths are pooled and dense tensors stay entry-level in the final selection
+        whole = path_pool(flat, cores, dense if pool <= 1 else [], math.ceil(pool * kept), max(1, min_paths),
+                          exact_room=pool <= 1)
+        if pool <= 1:
+            if int(whole.sum()) > kept:
+                raise CollapseError(f"the budget keeps {kept:,} entries but one whole rank path per "
+                                    f"tensorized layer already needs {int(whole.sum()):,}: raise "
+                                    f"{opt('path-pool')} (whole paths, then single entries within them) "
+                                    "or use a lower sparsity")
+            return {n: whole[offsets[n]: offsets[n] + s].reshape(scores[n].shape).clone()
+                    for n, s in zip(names, sizes, strict=True)}
+        for o, n in dense:
+            whole[o:o + n] = True
+        flat = torch.where(whole, flat, -math.inf)  # entry-level selection within the kept paths
+    elif grain != "entry":
+        raise BadInput(f"grain must be entry or path, got {grain!r}")
+    views = {n: flat[offsets[n]: offsets[n] + s].reshape(scores[n].shape)
+             for n, s in zip(names, sizes, strict=True)}
+    keep = torch.zeros(total, dtype=torch.bool)
     # guards: per-tensor floor, and one unbroken path per tensorized layer
     kinds = {n: g.kind for g in groups for n in g.params}
     for n, size in zip(names, sizes, strict=True):
@@ -111,11 +147,14 @@ def select(scores: dict[str, Tensor], groups: list[Group], kept: int, scope: str
     if path_guard:
         for g in groups:
             if g.kind == "cores":
-                for n, idx in zip(g.params, _best_path([scores[p] for p in g.params]), strict=True):
+                for n, idx in zip(g.params, _best_path([views[p] for p in g.params]), strict=True):
                     keep[offsets[n] + idx] = True
     reserved = int(keep.sum())
     if reserved > kept:
         raise CollapseError(_guard_message(reserved, kept, min_density, path_guard, kinds))
+    if min_paths > 1:
+        keep = _path_floor(keep, views, offsets, groups, kept, min_paths)
+        reserved = int(keep.sum())
     _take_best(keep, flat, ~keep, kept - reserved)
     if connect:
         shapes = {n: scores[n].shape for n in names}
@@ -124,6 +163,28 @@ def select(scores: dict[str, Tensor], groups: list[Group], kept: int, scope: str
         _connect(keep, flat, chains, kept)
     return {n: keep[offsets[n]: offsets[n] + s].reshape(scores[n].shape).clone()
             for n, s in zip(names, sizes, strict=True)}
+
+
+def _path_floor(keep: Tensor, views: dict[str, Tensor], offsets: dict[str, int], groups: list[Group],
+                kept: int, min_paths: int) -> Tensor:
+    """Reserve, on top of ``keep``, the best ``k`` rank paths of every tensorized layer (one entry
+    per slice: the fewest entries that make a path survive), for the largest ``k <= min_paths``
+    whose reservations fit the budget (a layer holding fewer paths keeps all it holds)."""
+    chains = [g for g in groups if g.kind == "cores"]
+    best = {g.name: best_paths([views[n] for n in g.params], min_paths) for g in chains}
+    for k in range(min_paths, 1, -1):
+        trial = keep.clone()
+        for g in chains:
+            for path in best[g.name][:k]:
+                for n, idx in zip(g.params, path, strict=True):
+                    trial[offsets[n] + idx] = True
+        if int(trial.sum()) <= kept:
+            if k < min_paths:
+                log.warning(f"the budget of {kept:,} entries holds a floor of {k} rank paths per "
+                            f"tensorized layer, not {min_paths}")
+            return trial
+    log.warning(f"the budget of {kept:,} entries holds no path floor above the collapse guard's one path")
+    return keep
 
 
 def _guard_message(reserved: int, kept: int, min_density: float, path_guard: bool,

@@ -9,6 +9,7 @@ entries are exact zeros in the stored weights.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,6 +34,7 @@ from .targets import prunable_groups
 DEFAULT_CRITERION = "tedepr"
 SCOPES = ("global", "normalized", "layer")
 SCORE_MODES = ("eval", "train")
+GRAINS = ("entry", "path")
 DATA_FREE_FALLBACK = "synflow"
 
 
@@ -50,6 +52,9 @@ class PruneOptions:
     coarse_ratio: float = 4.0  # one-shot path, rank "auto": cores hold about this x the budget
     score_mode: str = "eval"  # normalization layers while scoring: eval (running stats) or train (batch)
     repair_paths: bool = False  # a cut network: add the cheapest entries that reconnect it (else refuse)
+    min_paths: int = 0  # path floor: every tensorized layer keeps >= this many rank paths (0/1: off)
+    grain: str = "entry"  # entry: single core entries; path: whole rank paths (paths.py)
+    path_pool: float = 1.0  # grain path: pool whole paths up to this x the budget, then single entries
     criterion_options: CriterionOptions = field(default_factory=CriterionOptions)
 
     def validate(self) -> None:
@@ -67,6 +72,15 @@ class PruneOptions:
         if o.steps < 0 or o.rounds < 1 or o.iterations < 1 or o.inner_lr <= 0:
             raise UsageError(f"{opt('steps')} >= 0, {opt('rounds')} >= 1, {opt('iterations')} >= 1, "
                              f"{opt('inner-lr')} > 0 required")
+        if self.min_paths < 0:
+            raise UsageError(f"{opt('min-paths')} must be >= 0, got {self.min_paths}")
+        if self.grain not in GRAINS:
+            raise UsageError(f"{opt('grain')} must be one of {', '.join(GRAINS)}, got {self.grain!r}")
+        if not self.path_pool >= 1:
+            raise UsageError(f"{opt('path-pool')} must be >= 1, got {self.path_pool}")
+        if self.grain == "path" and self.path_pool <= 1 and self.min_density > 0:
+            raise UsageError(f"{opt('min-density')} is a floor of single entries: with {opt('grain')} "
+                             f"path it needs {opt('path-pool')} > 1 (entries chosen within the paths)")
         if self.score_mode not in SCORE_MODES:
             raise UsageError(f"{opt('score-mode')} must be one of {', '.join(SCORE_MODES)}, got "
                              f"{self.score_mode!r}")
@@ -163,6 +177,44 @@ def auto_rank(model: torch.nn.Module, input_shape: tuple[int, ...], dopts: Decom
     return best
 
 
+def paths_are_rank_one(spec_or_layer: dict[str, Any] | torch.nn.Module) -> bool:
+    """Whether each rank path of this chain is one rank-one term of the layer's channel mixing
+    (separate input and output cores: tensor-ring Linear, the conv chains), so that a layer
+    left with one or two paths passes (almost) nothing on. A TT-matrix Linear's (or
+    TT-embedding's) path is a Kronecker product of its cores' slices, of high rank by itself."""
+    if isinstance(spec_or_layer, torch.nn.Module):
+        return not isinstance(spec_or_layer, TTLinear | TTEmbedding)
+    return not (spec_or_layer["type"] in ("linear", "embedding") and spec_or_layer["format"] == "tt")
+
+
+def path_ranks(model: torch.nn.Module, input_shape: tuple[int, ...], dopts: DecomposeOptions,
+               min_paths: int, max_rank: int = 64) -> dict[str, int]:
+    """Per-layer ranks for the path floor on the one-shot path: every layer whose paths are
+    rank-one terms (:func:`paths_are_rank_one`) and whose planned ranks hold fewer than
+    ``min_paths`` rank paths (the product of its bond ranks) gets the smallest rank that holds
+    them (``{layer name: rank}``; layers already holding them are left out). A uniform auto rank
+    of 1 leaves a conv chain one path: a rank-one channel mixing whatever the fine grain keeps."""
+    from ..tensorized.plan import plan_model, sub_specs
+
+    def short(plans) -> dict[str, bool]:
+        return {p.name: any(paths_are_rank_one(s) and math.prod(s["ranks"][:-1]) < min_paths
+                            for s in sub_specs(p.spec)) for p in plans if p.spec is not None}
+
+    out: dict[str, int] = {}
+    base = dopts.rank or 1
+    for name in [n for n, bad in short(plan_model(model, input_shape, dopts)).items() if bad]:
+        for r in range(base + 1, max_rank + 1):
+            trial = replace(dopts, rank_overrides={**dopts.rank_overrides, name: r})
+            try:
+                still = short(plan_model(model, input_shape, trial)).get(name, False)
+            except BadInput:  # above the layer's full rank
+                break
+            if not still:
+                out[name] = r
+                break
+    return out
+
+
 def prune(art: Artifact, opts: PruneOptions, data: Path | None = None,
           decompose_opts: DecomposeOptions | None = None) -> tuple[Artifact, dict[str, Any]]:
     """The ``tedepr prune`` stage: a new artifact whose least useful prunable entries are
@@ -184,6 +236,13 @@ def prune(art: Artifact, opts: PruneOptions, data: Path | None = None,
         if dopts.rank is None and dopts.compression is None:
             dopts = replace(dopts, rank=auto_rank(art.model, art.input_shape, dopts, opts))
             rank_note = {"rank": dopts.rank, "coarse_ratio": opts.coarse_ratio}
+            if opts.min_paths > 1:  # the path floor needs layers that can hold the paths
+                raised = path_ranks(art.model, art.input_shape, dopts, opts.min_paths)
+                dopts = replace(dopts, rank_overrides={**raised, **dopts.rank_overrides})
+                rank_note["raised_for_paths"] = raised
+                if raised:
+                    log.info(f"ranks raised to hold {opts.min_paths} rank paths ({opt('min-paths')}): "
+                             + ", ".join(f"{n} {r}" for n, r in raised.items()))
         art, _ = decompose(art, dopts)
         how = f" (auto: cores about {opts.coarse_ratio:g}x the budget)" if rank_note else ""
         log.info(f"decomposed with {dopts.format.upper()} rank {dopts.rank}{how} before pruning "
@@ -241,7 +300,8 @@ def prune_model(model: torch.nn.Module, opts: PruneOptions,
         batches = None
 
     def selector(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
-        return select(scores, groups, k, opts.scope, opts.min_density, opts.path_guard, opts.connectivity)
+        return select(scores, groups, k, opts.scope, opts.min_density, opts.path_guard, opts.connectivity,
+                      opts.min_paths, opts.grain, opts.path_pool)
 
     t0 = time.perf_counter()
     scores = None
@@ -345,7 +405,7 @@ def _report(model, groups, masks, dense: int, opts: PruneOptions, criterion: str
                "tensors": {n: [int(masks[n].sum()), masks[n].numel()] for n in g.params}}
         if g.kind == "cores":
             row["rank_paths"] = rank_paths([masks[n] for n in g.params])
-            separate = not isinstance(g.module, TTLinear | TTEmbedding)  # rank-one term per path
+            separate = paths_are_rank_one(g.module)  # rank-one term per path
             floor = 3  # rank <= 2: the layer passes (almost) nothing on
             if separate and row["rank_paths"] < floor:
                 thin.append((g.name, int(row["rank_paths"]), max(g.module.ranks)))
@@ -359,6 +419,9 @@ def _report(model, groups, masks, dense: int, opts: PruneOptions, criterion: str
         "data": data,
         "sparsity_target": opts.sparsity,
         "scope": opts.scope,
+        "min_paths": opts.min_paths,
+        "grain": opts.grain,
+        "path_pool": opts.path_pool,
         "seed": opts.seed,
         "kept": kept,
         "budget": budget(opts.sparsity, dense),

@@ -222,6 +222,11 @@ def _sub_specs(spec: dict[str, Any]) -> list[dict[str, Any]]:
     return [spec]
 
 
+def sub_specs(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The chains a layer spec consists of (an LSTM's input matrices, attention's projections)."""
+    return _sub_specs(spec)
+
+
 def _dense_weight_params(kind: str, mod: nn.Module) -> int:
     """Entries of the matrices the plan replaces (what the cores stand in for)."""
     if kind == "lstm":
