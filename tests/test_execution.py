@@ -344,6 +344,30 @@ def test_plan_records_fusion_and_builds_it(monkeypatch):
         assert share["kernel_flops"] > 0 and share["torch_chain_flops"] == 0
 
 
+class TwoRuns(Net):
+    """Two fusable runs split by a scale: [fc1 -> relu -> fc2 -> relu] * 0.5 [fc3 -> relu]."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))) * 0.5
+        return F.relu(self.fc3(x))
+
+
+@needs_kernel
+def test_a_plan_with_two_fusions_builds_both(monkeypatch):
+    """Each recorded run becomes its own fused call (the second one used to be built from the
+    first run's input node instead of the model: an internal error in `tedepr plan`)."""
+    monkeypatch.setattr(timing, "medians", fixed_clock())
+    model = TwoRuns()
+    art = artifact(model)
+    plan = plan_execution(art, 1, runtime="layers")
+    assert [f["layers"] for f in plan["fusions"]] == [["fc1", "fc2"], ["fc3"]]
+    built = build_model(art, plan)
+    assert sum(isinstance(m, FusedSequence) for m in built.modules()) == 2
+    x = torch.randn(3, 3, 4, 4)
+    with torch.no_grad():
+        assert rel(built(x), ref64(model, x)) <= TOL
+
+
 @needs_kernel
 def test_plan_refuses_slower_or_inexact_fusion(monkeypatch):
     art = artifact(Net())

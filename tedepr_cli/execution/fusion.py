@@ -188,17 +188,17 @@ def apply_fusions(src: nn.Module, masks: dict[str, Tensor], model: nn.Module, pl
         first, last = nodes[0], nodes[-1]
         if f["acts"][-1] is not None:
             last = next(iter(last.users))
-        src = first.args[0]
+        inp = first.args[0]  # the run's input node (not ``src``: the model is needed again)
         doomed = []
         if f["flatten"]:
-            doomed.append(src)
-            src = src.args[0]
+            doomed.append(inp)
+            inp = inp.args[0]
         for n in nodes[:-1]:  # each layer, and the ReLU after it
             user = next(iter(n.users))
             doomed += [n] if user in nodes else [n, user]
         doomed += [nodes[-1]] if last is nodes[-1] else [nodes[-1], last]
         with graph.inserting_before(doomed[0]):
-            new = graph.call_module(name, (src,))
+            new = graph.call_module(name, (inp,))
         last.replace_all_uses_with(new)
         for n in reversed(doomed):
             graph.erase_node(n)
