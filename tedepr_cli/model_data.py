@@ -18,8 +18,10 @@ import torch
 from torch import nn
 
 from .datasets import Dataset, Preprocess, Split, check_classes, make_split, open_dataset, resolve_preprocess
+from .errors import BadInput, opt
 from .evaluate import num_outputs
 from .logs import log
+from .surgery import is_token_model
 
 
 class ModelLike(Protocol):
@@ -48,6 +50,10 @@ def open_for_model(data: str | Path | Dataset, art: ModelLike, *, normalize: str
     that its labels fit the model's outputs and resolves the preprocessing
     (``normalize="auto"``: the recorded statistics, else the data family's default; see
     :func:`tedepr_cli.datasets.resolve_preprocess`). Raises ``InputNotFound``/``BadInput``."""
+    if is_token_model(art.model):  # samples are presented as float32 (images, features, frames)
+        raise BadInput(f"a model that takes token ids cannot read {opt('data')} yet (samples are "
+                       "presented as float32); prune it data-free, or pass integer batches through "
+                       "the Python API (tedepr_cli.prune)")
     ds = data if isinstance(data, Dataset) else open_dataset(data)
     check_classes(ds, num_outputs(art.model, art.input_shape))
     pre = resolve_preprocess(ds, art.input_shape, art.input_kind, normalize=normalize, augment=augment,
