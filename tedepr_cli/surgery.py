@@ -27,12 +27,18 @@ def swap_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
 
 
 @contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` in eval mode for the ``with`` block; afterwards every submodule gets back its
-    own train/eval flag (``model.train(was)`` would flatten a mix, e.g. frozen BatchNorm in a
+def eval_mode(model: nn.Module, batch_stats: bool = False) -> Iterator[nn.Module]:
+    """``model`` in eval mode for the ``with`` block (``batch_stats``: BatchNorm layers in
+    train mode, normalizing with batch statistics and updating their running buffers: the
+    caller saves those if it needs them); afterwards every submodule gets back its own
+    train/eval flag (``model.train(was)`` would flatten a mix, e.g. frozen BatchNorm in a
     training model)."""
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
+    if batch_stats:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train()
     try:
         yield model
     finally:

@@ -24,6 +24,7 @@ from ..decompose import DecomposeOptions, decompose
 from ..errors import BadInput, UsageError, opt
 from ..logs import log
 from ..masks import attach_masks, get_masks
+from ..surgery import eval_mode
 from ..tensorized.embedding import TTEmbedding
 from ..tensorized.tt import TTLinear
 from .criteria import CRITERIA, CriterionOptions, ScoreContext, differentiable_attention
@@ -99,17 +100,11 @@ def _score_mode(model: torch.nn.Module, mode: str) -> Iterator[None]:
     first training steps the criteria try to foresee.
     """
     saved = {n: b.clone() for n, b in model.named_buffers()}
-    flags = {m: m.training for m in model.modules()}
-    model.eval()  # dropout stays off either way: scores must not depend on dropout draws
-    if mode == "train":
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.train()
+    # dropout stays off either way: scores must not depend on dropout draws
     try:
-        yield
+        with eval_mode(model, batch_stats=mode == "train"):
+            yield
     finally:
-        for m, was in flags.items():
-            m.training = was
         with torch.no_grad():
             for n, b in model.named_buffers():
                 if n in saved:

@@ -38,7 +38,6 @@ import functools
 import math
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +48,7 @@ from torch.func import functional_call
 
 from ..errors import CollapseError, opt
 from ..masks import plain_named_parameters
-from ..surgery import example_input, is_token_model
+from ..surgery import eval_mode, example_input, is_token_model
 from ..tensorized.base import TensorizedLayer
 from ..tensorized.chain import ring_dense, ring_input, ring_output, tt_matrix_dense, tt_matrix_forward
 from ..tensorized.conv import ChainConv2d
@@ -654,7 +653,7 @@ class _Program:
         for n, b in self.model.named_buffers():
             if f"gm.{n}" in own:
                 state[f"gm.{n}"] = b.detach().clone()  # running statistics stay untouched
-        with torch.no_grad(), _batch_statistics(self.model):
+        with torch.no_grad(), eval_mode(self.model, batch_stats=True):
             env = functional_call(runner, state, (self.inputs,))
         out = {}
         for node in self.relus:
@@ -985,34 +984,6 @@ def _function_marks(op: str, node: fx.Node, r: Any, args_r: Any, kwargs_r: Any, 
 
 
 # ---------------------------------------------------------------------------- building
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the real pass; every module's own flag is restored afterwards."""
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, f in flags.items():
-            m.training = f
-
-
-@contextmanager
-def _batch_statistics(model: nn.Module) -> Iterator[None]:
-    """BatchNorm on batch statistics (as in training), everything else in eval mode; every
-    module's own flag is restored afterwards (buffers are the caller's copies)."""
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.train()
-    try:
-        yield
-    finally:
-        for m, f in flags.items():
-            m.training = f
-
-
 class _EnvRunner(nn.Module):
     """Runs a GraphModule and returns every node's value (for ``functional_call``)."""
 
@@ -1057,7 +1028,7 @@ def _program(model: nn.Module, input_shape: tuple[int, ...], inputs: Tensor | No
         graph = tracer.trace(model)
         gm = fx.GraphModule(tracer.root, graph)
         interp = fx.Interpreter(gm, garbage_collect_values=False)
-        with torch.no_grad(), _eval_mode(model):
+        with torch.no_grad(), eval_mode(model):
             interp.run(x)
         prog.gm, prog.real, prog.traced = gm, dict(interp.env), True
         prog.relus = {n for n in gm.graph.nodes if _is_relu(n, gm)}
@@ -1088,7 +1059,7 @@ def _record_calls(prog: _Program, model: nn.Module, x: Tensor) -> None:
             handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(m.register_forward_hook(post, with_kwargs=True))
     try:
-        with torch.no_grad(), _eval_mode(model):
+        with torch.no_grad(), eval_mode(model):
             out = model(x)
         prog.output = next(iter(_leaves(_tmap(lambda t: t, out))))
     except Exception as e:  # noqa: BLE001 -- cannot run: say so, do not block
