@@ -161,10 +161,19 @@ def summarize(work: Path) -> dict[str, Any]:
                              "triton_layers": len(tri.get("layers", []))}
         for b, row in rep["results"].items():
             t = row.get("triton")
+            # the compressed model on its fastest GPU engine against the dense model on its fastest
+            best = min((e for e in ("triton", "triton-graph") if e in row), default=None,
+                       key=lambda e: row[e]["median_s"])
             rows.append({"family": fam, "batch": int(b), "dense_torch_us": _us(row, "dense-torch"),
-                         "chain_torch_us": _us(row, "chain-torch"), "triton_us": _us(row, "triton"),
+                         "dense_graph_us": _us(row, "dense-torch-graph"),
+                         "chain_torch_us": _us(row, "chain-torch"),
+                         "chain_graph_us": _us(row, "chain-torch-graph"),
+                         "triton_us": _us(row, "triton"), "triton_graph_us": _us(row, "triton-graph"),
                          "dense_ort_us": _us(row, "dense-ort"), "chain_ort_us": _us(row, "chain-ort"),
                          "speedup_triton_vs_dense": None if t is None else t["speedup_vs_dense_torch"],
+                         "best_triton": best,
+                         "speedup_best_vs_best_dense": None if best is None
+                         else row[best]["speedup_vs_best_dense"],
                          "triton_max_rel_error": tri.get("max_rel_error", {}).get(b),
                          "peak_memory_dense": row["dense-torch"]["peak_memory_bytes"],
                          "peak_memory_triton": None if t is None else t["peak_memory_bytes"]})
@@ -201,18 +210,27 @@ def markdown(s: dict[str, Any]) -> str:
         lines.append(f"- problem: {p}")
     if s["problems"]:
         lines.append("")
-    lines += ["Median µs per call (interleaved rounds; on a GPU timed with CUDA events); speed-up = "
-              "median of the paired per-round ratios dense / Triton [quartiles]; error = max |Triton − "
-              "reference| / max |reference|, reference the compressed model in float64 on the CPU.", "",
-              "| model | batch | dense torch | torch chain | tedepr/Triton | speed-up | dense ORT "
-              "| chain ORT | Triton max rel. error |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["Median µs per call (interleaved rounds; on a GPU timed with CUDA events); *graph*: the "
+              "same engine captured once in a CUDA graph and replayed; speed-up = median of the paired "
+              "per-round ratios dense / Triton [quartiles], eager against eager, and the faster Triton "
+              "engine against the dense model's fastest engine (eager, graph or onnxruntime); error = "
+              "max |Triton − reference| / max |reference|, reference the compressed model in float64 "
+              "on the CPU.", "",
+              "| model | batch | dense torch | dense graph | torch chain | chain graph | Triton "
+              "| Triton graph | speed-up (eager) | best vs best dense | dense ORT | chain ORT | Triton max "
+              "rel. error |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def ratio(sp: dict[str, Any] | None) -> str:
+        return "-" if sp is None else f"{sp['median']:.2f}× [{sp['q1']:.2f}–{sp['q3']:.2f}]"
+
     for r in s["rows"]:
-        sp = r["speedup_triton_vs_dense"]
-        spt = "-" if sp is None else f"{sp['median']:.2f}× [{sp['q1']:.2f}–{sp['q3']:.2f}]"
         lines.append(f"| {r['family']} | {r['batch']} | {_f(r['dense_torch_us'])} | "
-                     f"{_f(r['chain_torch_us'])} | {_f(r['triton_us'])} | {spt} | {_f(r['dense_ort_us'])} | "
-                     f"{_f(r['chain_ort_us'])} | "
-                     f"{_f(r['triton_max_rel_error'], '.2e')} |")
+                     f"{_f(r.get('dense_graph_us'))} | {_f(r['chain_torch_us'])} | "
+                     f"{_f(r.get('chain_graph_us'))} | {_f(r['triton_us'])} | "
+                     f"{_f(r.get('triton_graph_us'))} | {ratio(r['speedup_triton_vs_dense'])} | "
+                     f"{ratio(r.get('speedup_best_vs_best_dense'))} | {_f(r['dense_ort_us'])} | "
+                     f"{_f(r['chain_ort_us'])} | {_f(r['triton_max_rel_error'], '.2e')} |")
     ft = s.get("finetune")
     lines.append("")
     if ft:

@@ -114,6 +114,25 @@ def test_engine_availability_and_bad_input(target, tmp_path):
     assert run_cli("bench", tmp_path / "missing", *FAST).exit_code == 3
 
 
+def test_cuda_graph_engines_are_gpu_only(target):
+    """On the CPU the CUDA-graph engines are not in the default set, a named one is skipped
+    saying why (exit 10 with --strict-engines), and the capture helper refuses a CPU device."""
+    from tedepr_cli.bench.engines import cuda_graph_call
+
+    r = run_cli("bench", target, "--json", *FAST)
+    assert r.exit_code == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert not any(e.endswith("-graph") for e in d["skipped_engines"])
+    assert not any(e.endswith("-graph") for row in d["results"].values() for e in row)
+    r = run_cli("bench", target, "--engines", "dense-torch,dense-torch-graph", "--json", *FAST)
+    assert r.exit_code == 0, r.stderr
+    assert "CUDA graph" in json.loads(r.stdout)["skipped_engines"]["dense-torch-graph"]
+    r = run_cli("bench", target, "--engines", "dense-torch,triton-graph", "--strict-engines", *FAST)
+    assert r.exit_code == 10 and r.stderr.count("\n") == 1
+    with pytest.raises(RuntimeError, match="CUDA"):
+        cuda_graph_call(lambda: None, torch.device("cpu"))
+
+
 def test_plan_is_stored_and_reused_and_overridable(target, tmp_path):
     out = tmp_path / "planned"
     r = run_cli("plan", target, "-o", out, "--batch", "1", "--override", "fc3=dense", "--json")

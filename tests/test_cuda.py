@@ -75,10 +75,33 @@ def test_bench_on_cuda_times_the_gpu_engines(pruned):
         for e in ("dense-torch", "chain-torch", "triton"):
             assert row[e]["median_s"] > 0 and row[e]["n"] == 5
             assert row[e]["peak_memory_bytes"] > 0
+        for e in ("dense-torch-graph", "chain-torch-graph", "triton-graph"):  # on a GPU by default
+            assert row[e]["median_s"] > 0 and row[e]["n"] == 5
         for e in ("dense-ort", "chain-ort"):  # timed on the CUDA provider, or skipped saying why
             assert e in row or "CUDAExecutionProvider" in d["skipped_engines"][e]
         assert d["triton"]["max_rel_error"][b] <= 1e-4
     assert d["triton"]["interpreted"] is False and d["gates"]["engine"] == "triton"
+
+
+@gpu
+def test_a_cuda_graph_replays_the_engine_exactly(pruned):
+    """Each graph engine returns what its eager engine returns, and a replay really
+    recomputes: its output buffer, wiped, is filled again."""
+    from tedepr_cli.artifact import load_artifact
+    from tedepr_cli.bench.engines import GRAPH_ENGINES, Engines, input_batch, load_baseline
+
+    art = load_artifact(pruned)
+    base, _ = load_baseline(art, None)
+    eng = Engines(art, base, torch.device("cuda"), threads=1)
+    x = input_batch(art, 8, seed=0)
+    with torch.no_grad():
+        for graphed, eager in GRAPH_ENGINES.items():
+            want = eng.runner(eager, x)().clone()
+            replay = eng.runner(graphed, x)
+            out = replay()
+            assert torch.equal(out, want), graphed
+            out.zero_()
+            assert torch.equal(replay(), want), graphed
 
 
 @gpu

@@ -47,6 +47,7 @@ from .engines import (
     BASELINE,
     DENSE_ENGINES,
     ENGINES,
+    GRAPH_ENGINES,
     ORT_ENGINES,
     Engines,
     input_batch,
@@ -169,6 +170,10 @@ def unavailable(engine: str, device: torch.device) -> str | None:
         if provider not in onnxruntime.get_available_providers():
             return (f"onnxruntime {onnxruntime.__version__} has no {provider} here"
                     + (" (it comes with the onnxruntime-gpu package)" if device.type == "cuda" else ""))
+    if engine in GRAPH_ENGINES and device.type != "cuda":
+        return f"needs {opt('device')} cuda (it replays a CUDA graph)"
+    if engine == "triton-graph":
+        return unavailable("triton", device)
     if engine == "tedepr" and device.type == "cuda":
         return (f"the compiled kernels run on the CPU (on {opt('device')} cuda the triton engine runs the "
                 "chains)")
@@ -230,7 +235,8 @@ def _run(target: Target, opts: BenchOptions, device: torch.device, baseline_path
 
     art = target.art
     base, real_base = load_baseline(art, baseline_path, opts.seed)
-    wanted = list(opts.engines or ENGINES)
+    # by default every engine that can run on the device (the CUDA-graph ones only on a GPU)
+    wanted = list(opts.engines or [e for e in ENGINES if device.type == "cuda" or e not in GRAPH_ENGINES])
     skipped: dict[str, str] = {}
     warnings: list[str] = []
     report: dict[str, Any] = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION,
@@ -249,15 +255,17 @@ def _run(target: Target, opts: BenchOptions, device: torch.device, baseline_path
         onnx["chain-ort"] = target.onnx or _onnx_of(art.model, art.input_shape, tmp / "compressed.onnx",
                                                      fast=True)
     eng = Engines(art, base, device, opts.threads, onnx)
-    if "triton" in wanted and "triton" not in skipped:
+    tri = [e for e in ("triton", "triton-graph") if e in wanted and e not in skipped]
+    if tri:
+        why = None
         try:
             eng.model("triton")
         except Exception as exc:  # a layer the packer refuses: report it, time the others
-            skipped["triton"] = f"the Triton model cannot be built: {type(exc).__name__}: {_first_line(exc)}"
-        if "triton" in skipped:
-            pass
-        elif not eng.triton_layers:
-            skipped["triton"] = "no layer of this model runs on the Triton kernel"
+            why = f"the Triton model cannot be built: {type(exc).__name__}: {_first_line(exc)}"
+        if why is None and not eng.triton_layers:
+            why = "no layer of this model runs on the Triton kernel"
+        if why is not None:
+            skipped.update(dict.fromkeys(tri, why))
         else:
             from ..kernels import triton as ktriton
 
@@ -316,7 +324,7 @@ def _run(target: Target, opts: BenchOptions, device: torch.device, baseline_path
 
             times = interleaved(fns, Plan(opts.warmup, opts.iters, opts.seconds),
                                 timers={e: t for e, t in timers.items() if e in fns}, on_round=on_round)
-            if "triton" in fns:
+            if "triton" in fns or "triton-graph" in fns:
                 report["triton"]["max_rel_error"][str(b)] = triton_error(eng.model("triton"), art, x, device)
             mem: dict[str, int | None] = {e: None for e in fns}
             if memory_on:
@@ -379,8 +387,8 @@ def _peak(engine: str, fn: Callable[[], Any], batch: int, device: torch.device, 
           ) -> int | None:
     """One figure of :mod:`.memory`: in-process on CUDA (None for onnxruntime, which
     allocates outside torch), in a fresh process on the CPU."""
-    if device.type == "cuda":
-        return None if engine in ORT_ENGINES else cuda_peak(fn, device)
+    if device.type == "cuda":  # a graph's buffers live in its private pool, held since capture
+        return None if engine in ORT_ENGINES or engine in GRAPH_ENGINES else cuda_peak(fn, device)
     spec = {"engine": engine, "batch": batch, "artifact": str(compact), "seed": opts.seed,
             "baseline": str(baseline) if baseline else None, "threads": opts.threads,
             "onnx": str(onnx[engine]) if engine in onnx else None,

@@ -14,6 +14,11 @@ batch (the timing loop and the memory probe of :mod:`.memory` share these builde
 ``triton``       the compressed model with its sparse chains in the Triton kernel (CUDA; on
                  the CPU only under ``TRITON_INTERPRET=1``, Triton's interpreter: correct,
                  and far slower than anything else)
+``dense-torch-graph``, ``chain-torch-graph``, ``triton-graph``
+                 the same three torch engines captured once in a CUDA graph
+                 (``torch.cuda.CUDAGraph``) and replayed: one launch per call instead of one
+                 per kernel, which is what small models at small batches pay for on a GPU
+                 (CUDA only; the dense graph is one of the dense original's runtimes)
 
 On ``--device cuda`` the torch and Triton engines run on the GPU and the onnxruntime ones
 on its CUDA execution provider (inputs and outputs bound on the device); ``tedepr`` is a
@@ -33,10 +38,14 @@ from torch import nn
 from ..artifact import Artifact
 from ..errors import BadInput, opt
 
-ENGINES = ("dense-torch", "dense-ort", "chain-torch", "tedepr", "chain-ort", "triton")
+ENGINES = ("dense-torch", "dense-ort", "chain-torch", "tedepr", "chain-ort", "triton",
+           "dense-torch-graph", "chain-torch-graph", "triton-graph")
 ORT_ENGINES = ("dense-ort", "chain-ort")
+GRAPH_ENGINES = {"dense-torch-graph": "dense-torch", "chain-torch-graph": "chain-torch",
+                 "triton-graph": "triton"}  # CUDA-graph engine -> the engine it replays
 BASELINE = "dense-torch"
-DENSE_ENGINES = ("dense-torch", "dense-ort")  # the dense original's runtimes: the best is the bar
+# the dense original's runtimes: the best is the bar
+DENSE_ENGINES = ("dense-torch", "dense-ort", "dense-torch-graph")
 
 
 def input_batch(art: Artifact, batch: int, seed: int) -> torch.Tensor:
@@ -142,6 +151,8 @@ class Engines:
         device here, outside the call); ``plan``: the tedepr engine's execution plan."""
         if name in ORT_ENGINES:
             return _ort_call(self.model(name), x, self.device)
+        if name in GRAPH_ENGINES:
+            return cuda_graph_call(self.runner(GRAPH_ENGINES[name], x), self.device)
         if name == "tedepr":
             from ..execution import build_model
 
@@ -152,6 +163,36 @@ class Engines:
             m = self.model(name)
         xd = x.to(self.device)
         return lambda: m(xd)
+
+
+def cuda_graph_call(fn: Callable[[], Any], device: torch.device, warmup: int = 3) -> Callable[[], Any]:
+    """``fn`` (a zero-argument call on ``device``'s tensors, run under ``torch.no_grad()``)
+    captured once in a CUDA graph; returns the replay (same output buffers every call).
+
+    Warm-up runs on a side stream first (lazy initialisation, Triton's compilation, cuBLAS
+    workspaces), as capture requires. Raises RuntimeError when ``device`` is not CUDA or
+    ``fn`` cannot be captured (it synchronises with the host, or allocates pinned memory).
+    """
+    if device.type != "cuda":
+        raise RuntimeError("CUDA graphs need a CUDA device")
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+
+    def replay() -> Any:
+        graph.replay()
+        return out
+
+    # the graph reads and writes fixed addresses: whatever ``fn`` holds (its input on the
+    # device, the model) must live as long as the replay, or the allocator hands it out again
+    replay.keep_alive = fn  # type: ignore[attr-defined]
+    return replay
 
 
 def load_baseline(art: Artifact, baseline: Path | None, seed: int = 0) -> tuple[nn.Module, bool]:

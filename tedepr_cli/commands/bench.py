@@ -40,7 +40,8 @@ def bench(
     seconds: Annotated[float | None, typer.Option("--time", help="Time budget in seconds instead of "
                                                   "--iters.")] = None,
     engines: Annotated[str | None, typer.Option(
-        "--engines", help="Comma list of dense-torch, dense-ort, chain-torch, tedepr, chain-ort, triton "
+        "--engines", help="Comma list of dense-torch, dense-ort, chain-torch, tedepr, chain-ort, triton, "
+        "and on a GPU dense-torch-graph, chain-torch-graph, triton-graph (CUDA-graph replays) "
         "(default: all that can run here).")] = None,
     strict: Annotated[bool, typer.Option("--strict-engines", help="Fail (exit 10) instead of skipping "
                                          "an unavailable engine named in --engines.")] = False,
