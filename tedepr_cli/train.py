@@ -59,6 +59,7 @@ from .fsutil import atomic_output, check_output
 from .logs import log
 from .masks import load_plain_state, plain_state_dict
 from .model_data import open_for_model
+from .tensorized.train_path import PATHS as TRAIN_PATHS
 
 OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULES = ("cosine", "step", "constant")
@@ -92,6 +93,7 @@ class TrainOptions:
     teacher: str | None = None  # distill from this model (see distill.py)
     distill_alpha: float = 0.5  # weight of the soft (teacher) term
     distill_temperature: float = 4.0
+    train_path: str = "chain"  # chain | dense | auto: how tensorized layers train (tensorized/train_path.py)
 
     def validate(self) -> None:
         checks = [
@@ -114,12 +116,48 @@ class TrainOptions:
             (self.distill_temperature > 0 and math.isfinite(self.distill_temperature),
              f"{opt('distill-temperature')} must be > 0"),
             (self.workers >= 0, f"{opt('workers')} must be >= 0"),
+            (self.train_path in TRAIN_PATHS, f"{opt('train-path')} must be one of {', '.join(TRAIN_PATHS)}"),
             (self.normalize in NORMALIZE_CHOICES,
              f"{opt('normalize')} must be one of {', '.join(NORMALIZE_CHOICES)}"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise UsageError(msg)
+
+
+def _train_paths(model: nn.Module, art: Artifact, opts: TrainOptions, saved: dict[str, Any] | None,
+                 dist: Any, device: torch.device) -> tuple[dict[str, str], dict[str, Any]]:
+    """Set how each tensorized layer of the training copy ``model`` trains (chain or
+    rebuilt dense weight, :mod:`tedepr_cli.tensorized.train_path`); returns the choice and,
+    for ``auto``, its timings. A resumed run keeps the choice it started with; under DDP
+    rank 0 measures and every rank takes its choice, so the replicas compute alike."""
+    from .surgery import example_input
+    from .tensorized.train_path import measure, set_train_paths, uniform
+
+    timings: dict[str, Any] = {}
+    if saved is not None and "train_paths" in saved:
+        paths = dict(saved["train_paths"])
+    elif opts.train_path != "auto":
+        paths = uniform(model, opts.train_path)
+    else:
+        if dist.main:
+            per_rank = max(1, opts.batch_size // dist.world)
+            gen = torch.Generator().manual_seed(opts.seed)
+            x = example_input(model, art.input_shape, per_rank, "rand", gen)
+            timings = measure(model, x.to(device))
+        if dist.world > 1:
+            import torch.distributed as tdist
+
+            box = [timings]
+            tdist.broadcast_object_list(box, src=0)
+            timings = box[0]
+        paths = {n: str(t["path"]) for n, t in timings.items()}
+        if dist.main and timings:
+            rebuilt = [n for n, p in paths.items() if p == "dense"]
+            log.info(f"{opt('train-path')} auto: {len(rebuilt)} of {len(paths)} tensorized layers train on "
+                     f"their rebuilt dense weight ({', '.join(rebuilt) or 'none'})")
+    set_train_paths(model, paths)
+    return paths, timings
 
 
 def resolve_lr(art: Artifact) -> float:
@@ -321,6 +359,7 @@ def finetune(art: Artifact, data: Path, out: Path, opts: TrainOptions, resume: b
             out.mkdir(parents=True, exist_ok=False)
         except OSError as e:
             raise OutputError(f"cannot create {out}: {e.strerror}") from None
+    paths, path_times = _train_paths(model, art, opts, saved, dist, device)
     train_model: nn.Module = model
     if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -398,7 +437,7 @@ def finetune(art: Artifact, data: Path, out: Path, opts: TrainOptions, resume: b
             _write_metrics(out, history)
             state = {"model": {k: v.detach().cpu() for k, v in plain_state_dict(model).items()},
                      "optimizer": _cpu(optimizer.state_dict()), "epoch": epoch + 1, "best": best,
-                     "stale": stale,
+                     "stale": stale, "train_paths": paths,
                      "history": [json.dumps(_stored(h)) for h in history], "options": recipe}
             _save_state(out, state)
             last_good = state
@@ -412,7 +451,8 @@ def finetune(art: Artifact, data: Path, out: Path, opts: TrainOptions, resume: b
 
         tdist.barrier()
     best_art = _final(out, art) if dist.main else art
-    summary = {"epochs_run": len(history), "best_score": best, "history": history}
+    summary = {"epochs_run": len(history), "best_score": best, "history": history,
+               "train_paths": path_times or paths}
     if dist.main:
         best_model = best_art.model.to(device)
         t = evaluate_split(best_model, splits.test, device=device, workers=opts.workers)

@@ -102,6 +102,29 @@ def test_speed_table_quick(tmp_path):
     assert md.count("| lenet300 | 99.5 % |") == 4 and "load average" in md
 
 
+def test_train_speed_quick(tmp_path):
+    """benchmarks/train_speed.py --quick: the four engines per family, ratios from the medians
+    it reports, and auto's choice on the layers measured; an unknown family is one line."""
+    import json
+
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "train_speed.py"), "--quick", "--families",
+           "lenet300,resnet20", "--json-out", str(tmp_path / "t.json"), "--md-out", str(tmp_path / "t.md")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((tmp_path / "t.json").read_text())
+    assert [f["family"] for f in rep["families"]] == ["lenet300", "resnet20"]
+    for f in rep["families"]:
+        ms = f["ms_per_step"]
+        assert set(ms) == {"dense", "chain", "rebuild", "auto"} and all(v > 0 for v in ms.values())
+        for e, q in f["ratio_to_dense"].items():
+            assert q == pytest.approx(ms[e] / ms["dense"], rel=0.02)
+        assert f["layers"] == len(f["auto"]) > 0 and set(f["auto"].values()) <= {"chain", "dense"}
+    assert (tmp_path / "t.md").read_text().count("| resnet20 |") == 1
+    r = subprocess.run(cmd[:2] + ["--families", "alexnet"], capture_output=True, text=True, timeout=600,
+                       cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+
+
 def test_speed_table_update_replaces_only_the_remeasured_families():
     """--update: the stored table keeps the other families' rows, in zoo order, and says which
     rows came from a later run; a run on another CPU is refused."""

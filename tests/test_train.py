@@ -38,8 +38,9 @@ def _weights(art):
     return {k: v.clone() for k, v in art.model.state_dict().items()}
 
 
-@pytest.mark.parametrize("optimizer,wd", [("adamw", 0.01), ("sgd", 5e-4), ("adam", 0.0)])
-def test_pruned_entries_stay_exactly_zero(pruned, tmp_path, optimizer, wd, monkeypatch):
+@pytest.mark.parametrize("optimizer,wd,path", [("adamw", 0.01, "chain"), ("sgd", 5e-4, "chain"),
+                                               ("adam", 0.0, "chain"), ("adamw", 0.01, "dense")])
+def test_pruned_entries_stay_exactly_zero(pruned, tmp_path, optimizer, wd, path, monkeypatch):
     import tedepr_cli.train as train_mod
 
     live = []  # the model being trained, checked in memory at every epoch end (before any save,
@@ -54,7 +55,8 @@ def test_pruned_entries_stay_exactly_zero(pruned, tmp_path, optimizer, wd, monke
 
     monkeypatch.setattr(train_mod, "_artifact", spy)
     best, summary = finetune(pruned, MNIST, tmp_path / "run", _quick(optimizer=optimizer, weight_decay=wd,
-                                                                    lr=0.05 if optimizer == "sgd" else 3e-3))
+                                                                    lr=0.05 if optimizer == "sgd" else 3e-3,
+                                                                    train_path=path))
     assert live and all(live)
     params = plain_named_parameters(best.model)
     for n, m in pruned.masks.items():

@@ -84,6 +84,11 @@ def finetune(
         "get 1 - alpha).")] = 0.5,
     distill_temperature: Annotated[float, typer.Option(
         "--distill-temperature", help="With --teacher: softmax temperature of the soft targets.")] = 4.0,
+    train_path: Annotated[str, typer.Option(
+        "--train-path", help="How tensorized layers train: chain (their cores' contractions), "
+        "dense (the dense weight rebuilt from the cores each step, one GEMM/conv; same function, "
+        "gradients reach the cores), or auto (per layer the faster, measured on the batch shape "
+        "at the start: fastest, but timing-dependent, so runs may differ in float rounding).")] = "chain",
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output exactly "
                                          "where it stopped (after its last completed epoch).")] = False,
     seed: Seed = 0,
@@ -107,7 +112,8 @@ def finetune(
                         device=device, threads=threads, augment=augment, normalize=normalize,
                         workers=workers, strict_data=strict_data,
                         teacher=str(teacher) if teacher is not None else None,
-                        distill_alpha=distill_alpha, distill_temperature=distill_temperature)
+                        distill_alpha=distill_alpha, distill_temperature=distill_temperature,
+                        train_path=train_path)
     opts.validate()
     if resume and overwrite:
         raise UsageError("--resume continues a run; --overwrite would discard it: choose one")

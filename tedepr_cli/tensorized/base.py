@@ -29,6 +29,8 @@ class TensorizedLayer(nn.Module):
 
     kind = "layer"
     format = "?"
+    # "dense": while autograd records, run on the rebuilt dense weight (train_path.py)
+    train_path = "chain"
 
     def __init__(self, spec: dict[str, Any], core_shapes: list[tuple[int, ...]], bias: bool) -> None:
         super().__init__()
@@ -99,6 +101,10 @@ class TensorizedLayer(nn.Module):
         if self.chain != "linear":
             raise AttributeError("a nonlinear chain has no dense equivalent weight")
         return self.dense_weight()
+
+    def training_on_rebuild(self) -> bool:
+        """Whether this call runs on the rebuilt dense weight (:mod:`.train_path`)."""
+        return self.train_path == "dense" and self.chain == "linear" and torch.is_grad_enabled()
 
     def _require_linear_chain(self) -> None:
         if self.chain != "linear":

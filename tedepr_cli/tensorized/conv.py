@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch.nn.functional as F
 from torch import Tensor
 
 from .base import TensorizedLayer, bn_relu
@@ -61,6 +62,8 @@ class ChainConv2d(TensorizedLayer):
         return list(self.cores)[self.n_in + 1:]
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.training_on_rebuild():
+            return F.conv2d(x, self.dense_weight(), self.bias, self.stride, self.padding, self.dilation)
         b, c, h, w = x.shape
         s = ring_input(x.permute(0, 2, 3, 1).reshape(b * h * w, c), self.in_cores,
                        self._spec["in_modes"])

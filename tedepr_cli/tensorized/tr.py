@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch.nn.functional as F
 from torch import Tensor
 
 from .base import TensorizedLayer, bn_relu
@@ -36,6 +37,8 @@ class TRLinear(TensorizedLayer):
             self.act = bn_relu(r[0] * r[self.n_in], 1)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.training_on_rebuild():
+            return F.linear(x, self.dense_weight(), self.bias)
         lead = x.shape[:-1]
         s = ring_input(x.reshape(-1, x.shape[-1]), list(self.cores)[: self.n_in],
                        self._spec["in_modes"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch.nn.functional as F
 from torch import Tensor
 
 from .base import TensorizedLayer, bn_relu
@@ -36,6 +37,8 @@ class TTLinear(TensorizedLayer):
             self.act = bn_relu(r[self.mid_after + 1], 1)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.training_on_rebuild():
+            return F.linear(x, self.dense_weight(), self.bias)
         lead = x.shape[:-1]
         y = tt_matrix_forward(x.reshape(-1, x.shape[-1]), list(self.cores), self._spec["in_modes"],
                               self.act if self.chain == "nonlinear" else None, self.mid_after)

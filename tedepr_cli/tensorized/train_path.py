@@ -1,0 +1,155 @@
+"""How each tensorized layer runs while training: its chain, or its dense weight rebuilt.
+
+A linear chain computes ``x -> x W^T`` without forming ``W``. At inference the execution
+planner picks per layer between the chain, the compiled kernel and the dense rebuild
+(:mod:`tedepr_cli.execution`); training has the same choice. The chain's FLOPs are a small
+fraction of the dense layer's, but on a CPU its steps are small, memory-bound
+contractions over every row (every pixel of every image for a conv), and its backward
+repeats them; rebuilding ``W`` from the cores (a few thousand multiply-adds,
+differentiable) and running one dense GEMM/convolution is often faster, and the gradient
+reaches the cores through the rebuild. Both paths compute the same function (to float
+rounding), and the masks ride on the cores either way (:mod:`tedepr_cli.masks`), so pruned
+entries stay exactly zero.
+
+Measured (one thread, batch 128, forward + backward, 99.5 %): the chain is faster on
+LeNet-300-100's first layer (2.3 vs 4.8 ms) and ResNet-20's 16x16 and 8x8 stages (7.6 vs
+17 ms), the rebuild on ResNet-20's 32x32 stage (21-42 vs 49-58 ms) and most of ViT-tiny's
+projections (1.1 vs 2.2 ms). No FLOP rule predicts this, so ``"auto"`` measures each
+layer on the run's batch shape, like the execution planner and ``cudnn.benchmark``.
+
+Paths: ``"chain"`` (the default: deterministic, the method's own computation), ``"dense"``
+(rebuild every linear chain), ``"auto"`` (per layer, the faster by measurement; the choice
+depends on timing, so two runs may differ in float rounding: record it and pass it back
+for a bit-identical rerun). Nonlinear chains and TT-embeddings always run their chain
+(no single dense weight; an embedding's rebuild would be the whole table).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .base import TensorizedLayer
+
+PATHS = ("chain", "dense", "auto")
+MARGIN = 0.9  # "auto" takes the rebuild only when it is at least 10 % faster: the chain wins ties
+
+
+def rebuildable(model: nn.Module) -> dict[str, TensorizedLayer]:
+    """The layers of ``model`` that can train on their rebuilt dense weight (linear-chain
+    tensorized Linear and Conv2d layers), by module name."""
+    from .embedding import TTEmbedding
+
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, TensorizedLayer) and not isinstance(m, TTEmbedding) and m.chain == "linear"}
+
+
+@contextmanager
+def train_paths(model: nn.Module, choice: dict[str, str]) -> Iterator[None]:
+    """Inside the block, the layers named in ``choice`` with ``"dense"`` run on their rebuilt
+    weight whenever autograd records (``torch.is_grad_enabled()``); inference under
+    ``torch.no_grad()`` keeps the chain. Restores every layer's previous path on exit.
+    Raises KeyError for a name that is not a rebuildable layer of ``model``."""
+    layers = rebuildable(model)
+    before = {n: layers[n].train_path for n in choice}
+    try:
+        set_train_paths(model, choice)
+        yield
+    finally:
+        for n, path in before.items():
+            layers[n].train_path = path
+
+
+def set_train_paths(model: nn.Module, choice: dict[str, str]) -> None:
+    """Set each named layer's path for good (a model the caller owns, e.g. the training
+    copy); :func:`train_paths` sets them for a block. Raises KeyError for an unknown name,
+    ValueError for a path other than ``"chain"``/``"dense"``."""
+    layers = rebuildable(model)
+    for n, path in choice.items():
+        if path not in ("chain", "dense"):
+            raise ValueError(f"layer {n}: train path must be chain or dense, got {path!r}")
+        layers[n].train_path = path
+
+
+def uniform(model: nn.Module, path: str) -> dict[str, str]:
+    """``path`` (``"chain"`` or ``"dense"``) for every rebuildable layer of ``model``."""
+    return dict.fromkeys(rebuildable(model), path)
+
+
+def measure(model: nn.Module, x: Tensor | tuple[Tensor, ...], reps: int = 5, margin: float = MARGIN
+            ) -> dict[str, dict[str, float | str]]:
+    """Time one forward + backward of each rebuildable layer both ways, on the inputs that
+    layer sees when ``model`` runs on ``x`` (a training batch: its batch size is the one
+    that matters), interleaved, ``reps`` rounds after one warm-up; per layer the path to
+    train with and the medians in ms: ``{name: {"path", "chain_ms", "dense_ms"}}``.
+
+    CPU: per-call thread CPU time; CUDA: wall clock with the device synchronised. The
+    model's parameters, their gradients, its train/eval mode and every layer's path are
+    left as they were (the layer inputs are captured in eval mode under ``no_grad``)."""
+    from ..surgery import eval_mode
+
+    layers = rebuildable(model)
+    if not layers:
+        return {}
+    inputs: dict[str, Tensor] = {}
+
+    def keep(name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:  # None: output kept
+            inputs.setdefault(name, args[0].detach())
+        return hook
+
+    hooks = [m.register_forward_hook(keep(n)) for n, m in layers.items()]
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(*x) if isinstance(x, tuple) else model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    out: dict[str, dict[str, float | str]] = {}
+    for name, layer in layers.items():
+        if name not in inputs:  # not on this input's path
+            continue
+        params = list(layer.parameters())
+        grads = [p.grad for p in params]
+        for p in params:  # the measurement's gradients must not add to the caller's
+            p.grad = None
+        times: dict[str, list[float]] = {"chain": [], "dense": []}
+        try:
+            for r in range(reps + 1):
+                for path in (("chain", "dense") if r % 2 == 0 else ("dense", "chain")):
+                    t = _step(layer, inputs[name], path)
+                    if r:  # round 0 warms up
+                        times[path].append(t)
+        finally:
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g
+        ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+        path = "dense" if ms["dense"] < margin * ms["chain"] else "chain"
+        out[name] = {"path": path, "chain_ms": round(ms["chain"], 3), "dense_ms": round(ms["dense"], 3)}
+    return out
+
+
+def _step(layer: TensorizedLayer, x: Tensor, path: str) -> float:
+    """Seconds of one forward + backward of ``layer`` on ``x`` along ``path``."""
+    xr = x.clone().requires_grad_(x.is_floating_point())
+    cuda = x.is_cuda
+    if cuda:
+        torch.cuda.synchronize(x.device)
+    t0 = time.perf_counter() if cuda else time.thread_time()
+    before = layer.train_path
+    layer.train_path = path
+    try:
+        with torch.enable_grad():
+            y = layer(xr)
+            y.backward(torch.ones_like(y))
+    finally:
+        layer.train_path = before
+    if cuda:
+        torch.cuda.synchronize(x.device)
+    return (time.perf_counter() if cuda else time.thread_time()) - t0

@@ -1,0 +1,148 @@
+"""Training on the rebuilt dense weight (tensorized/train_path.py): the same function and
+core gradients as the chain, inference untouched, the per-layer measured choice, and
+finetune recording and resuming it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tedepr_cli.arch import parse_arch
+from tedepr_cli.loading import load_model
+from tedepr_cli.masks import plain_named_parameters
+from tedepr_cli.pruning.prune import PruneOptions, prune
+from tedepr_cli.tensorized.plan import build_layer
+from tedepr_cli.tensorized.train_path import measure, rebuildable, train_paths, uniform
+from tedepr_cli.train import TrainOptions, finetune
+
+from .conftest import LENET300, MNIST, run_cli
+
+SPECS = {
+    "tt-linear": {"type": "linear", "format": "tt", "in_modes": [4, 6], "out_modes": [5, 3],
+                  "ranks": [1, 3, 1]},
+    "tr-linear": {"type": "linear", "format": "tr", "in_modes": [4, 6], "out_modes": [5, 3],
+                  "ranks": [2, 3, 2, 2, 2]},
+    "tt-conv": {"type": "conv2d", "format": "tt", "in_modes": [2, 3], "out_modes": [2, 4],
+                "ranks": [1, 2, 3, 3, 2, 1], "kernel_size": [3, 3], "stride": [2, 1], "padding": [1, 0]},
+}
+
+
+def _input(layer, batch=5):
+    if layer.kind == "conv2d":
+        return torch.randn(batch, layer.in_features, 9, 8)
+    return torch.randn(batch, 7, layer.in_features)  # extra leading dims, like tokens
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_the_rebuild_computes_the_chain_and_its_core_gradients(name):
+    torch.manual_seed(0)
+    layer = build_layer(SPECS[name])
+    with torch.no_grad():
+        for c in layer.cores:
+            c.normal_()
+        if layer.bias is not None:
+            layer.bias.normal_()
+    x = _input(layer)
+    grads, outs = {}, {}
+    for path in ("chain", "dense"):
+        layer.zero_grad(set_to_none=True)
+        xr = x.clone().requires_grad_(True)
+        with train_paths(layer, {"": path}):
+            y = layer(xr)
+            (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        outs[path] = y.detach()
+        grads[path] = [c.grad.clone() for c in layer.cores] + [xr.grad.clone()]
+    torch.testing.assert_close(outs["dense"], outs["chain"], rtol=1e-4, atol=1e-4)
+    for a, b in zip(grads["dense"], grads["chain"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    assert layer.train_path == "chain"  # restored
+
+
+def test_inference_keeps_the_chain_and_training_really_rebuilds(monkeypatch):
+    layer = build_layer(SPECS["tt-linear"])
+    calls = []
+    real = type(layer).dense_weight
+    monkeypatch.setattr(type(layer), "dense_weight", lambda self: calls.append(1) or real(self))
+    x = _input(layer)
+    with train_paths(layer, {"": "dense"}):
+        with torch.no_grad():
+            layer(x)
+        assert not calls  # exports, kernels and eval run the chain
+        layer(x)
+        assert calls
+    calls.clear()
+    layer(x)  # outside the block: the chain again
+    assert not calls
+
+
+def test_measure_chooses_per_layer_and_leaves_the_model_as_it_was(monkeypatch):
+    art = load_model(LENET300, parse_arch("lenet300"))
+    art, _ = prune(art, PruneOptions(sparsity=0.99, criterion="synflow"))
+    model = art.model.train()
+    params = plain_named_parameters(model)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    x = torch.rand(16, *art.input_shape)
+    got = measure(model, x, reps=2)
+    assert set(got) == set(rebuildable(model)) == {"fc1", "fc2", "fc3"}
+    for t in got.values():
+        assert t["path"] in ("chain", "dense") and t["chain_ms"] > 0 and t["dense_ms"] > 0
+        assert (t["path"] == "dense") == (t["dense_ms"] < 0.9 * t["chain_ms"])
+    assert model.training and all(m.train_path == "chain" for m in rebuildable(model).values())
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[n], p.detach()) for n, p in params.items())
+    # the choice follows the timings: a rebuild made slow is never chosen
+    import tedepr_cli.tensorized.train_path as tp
+
+    times = iter([1.0, 5.0] * 100)  # chain 1 s, dense 5 s, whichever runs first
+    monkeypatch.setattr(tp, "_step", lambda layer, x, path: next(times) if path == "chain" else 5.0)
+    assert {t["path"] for t in measure(model, x, reps=2).values()} == {"chain"}
+    monkeypatch.setattr(tp, "_step", lambda layer, x, path: 1.0 if path == "dense" else 5.0)
+    assert {t["path"] for t in measure(model, x, reps=2).values()} == {"dense"}
+
+
+@pytest.fixture(scope="module")
+def pruned():
+    art = load_model(LENET300, parse_arch("lenet300"))
+    out, _ = prune(art, PruneOptions(sparsity=0.995, criterion="snip"), MNIST)
+    return out
+
+
+def test_finetune_auto_records_its_choice_and_a_resume_keeps_it(pruned, tmp_path, monkeypatch):
+    import tedepr_cli.tensorized.train_path as tp
+
+    monkeypatch.setattr(tp, "measure", lambda model, x, **kw: {
+        n: {"path": "dense" if n == "fc2" else "chain", "chain_ms": 1.0,
+            "dense_ms": 0.5 if n == "fc2" else 2.0} for n in rebuildable(model)})
+    opts = TrainOptions(epochs=2, batch_size=64, limit_train=256, lr=3e-3, seed=1, train_path="auto")
+    stop = {"after": 1}
+
+    class Stop(Exception):
+        pass
+
+    def on_epoch(epoch, metrics):
+        if epoch == stop["after"]:
+            raise Stop
+
+    with pytest.raises(Stop):
+        finetune(pruned, MNIST, tmp_path / "run", opts, on_epoch=on_epoch)
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
+    assert state["train_paths"] == {"fc1": "chain", "fc2": "dense", "fc3": "chain"}
+
+    def no_measure(*a, **kw):
+        raise AssertionError("a resumed run must keep its recorded choice")
+
+    monkeypatch.setattr(tp, "measure", no_measure)
+    stop["after"] = 0
+    _, summary = finetune(pruned, MNIST, tmp_path / "run", opts, resume=True, on_epoch=on_epoch)
+    assert summary["train_paths"] == {"fc1": "chain", "fc2": "dense", "fc3": "chain"}
+
+
+def test_uniform_paths_and_the_option(pruned, tmp_path):
+    assert uniform(pruned.model, "dense") == {"fc1": "dense", "fc2": "dense", "fc3": "dense"}
+    _, summary = finetune(pruned, MNIST, tmp_path / "d", TrainOptions(
+        epochs=1, batch_size=64, limit_train=128, lr=3e-3, train_path="dense"))
+    assert summary["train_paths"] == {"fc1": "dense", "fc2": "dense", "fc3": "dense"}
+    r = run_cli("finetune", LENET300, "--arch", "lenet300", "--data", MNIST, "--train-path", "fast",
+                "-o", tmp_path / "x")
+    assert r.exit_code == 2 and "--train-path" in r.stderr and r.stderr.count("\n") == 1
+    assert not (tmp_path / "x").exists()
