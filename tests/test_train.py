@@ -168,10 +168,12 @@ from tedepr_cli.artifact import load_artifact
 from tedepr_cli.train import TrainOptions, finetune
 art = load_artifact(sys.argv[1])
 opts = TrainOptions(epochs=2, batch_size=64, limit_train=256, lr=3e-3, seed=2, val_fraction=0.1,
-                    optimizer="sgd")
+                    optimizer="sgd", train_path=sys.argv[4] if len(sys.argv) > 4 else "chain")
 progress = []  # what the progress bar shows: (epoch, batch, loss)
-finetune(art, sys.argv[2], Path(sys.argv[3]), opts,
-         on_batch=lambda e, b, n, loss: progress.append([e, b, loss]))
+_, summary = finetune(art, sys.argv[2], Path(sys.argv[3]), opts,
+                      on_batch=lambda e, b, n, loss: progress.append([e, b, loss]))
+rank = __import__("os").environ.get("RANK", "0")
+Path(sys.argv[3] + f".paths{rank}.json").write_text(json.dumps(summary["train_paths"]))
 if progress:  # only the main rank reports progress
     Path(sys.argv[3] + ".progress.json").write_text(json.dumps(progress))
 """
@@ -212,6 +214,28 @@ def test_ddp_two_processes_match_single_process(pruned, tmp_path):
     assert len(p1) == len(p2) == 2 * 4  # --limit-train 256 (after the validation share) / batch 64
     for (e1, b1, l1), (e2, b2, l2) in zip(p1, p2, strict=True):
         assert (e1, b1) == (e2, b2) and l2 == pytest.approx(l1, rel=1e-5), (e1, b1, l1, l2)
+
+
+def test_ddp_with_a_measured_train_path_shares_rank_0s_choice(pruned, tmp_path):
+    """--train-path auto under DDP: rank 0 measures, every rank receives its choice (a
+    broadcast every rank must join: a rank that measured on its own or skipped it would
+    hang or fail the run), and the run records it."""
+    from tedepr_cli.artifact import save_artifact
+
+    art = save_artifact(pruned, tmp_path / "p")
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_addr", "127.0.0.1", "--master_port", str(30500 + os.getpid() % 1000)]
+    multi = subprocess.run([*torchrun, str(script), str(art), str(MNIST), str(tmp_path / "two"), "auto"],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    state = torch.load(tmp_path / "two" / "state.pt", weights_only=True)
+    assert set(state["train_paths"]) == {"fc1", "fc2", "fc3"}
+    assert set(state["train_paths"].values()) <= {"chain", "dense"}
+    seen = [json.loads((tmp_path / f"two.paths{r}.json").read_text()) for r in (0, 1)]
+    assert seen[0] == seen[1] and {n: t["path"] for n, t in seen[0].items()} == state["train_paths"]
 
 
 # ---------------------------------------------------------------------------- distillation
