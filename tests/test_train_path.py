@@ -146,3 +146,91 @@ def test_uniform_paths_and_the_option(pruned, tmp_path):
                 "-o", tmp_path / "x")
     assert r.exit_code == 2 and "--train-path" in r.stderr and r.stderr.count("\n") == 1
     assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------------------- scoring memory
+def _encoder_like():
+    """Token-like rows through a wide TT pair (many rows, rank 8: the chain's intermediates
+    outweigh the dense layer's input and output), then a small head."""
+    import tedepr_cli as tedepr
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(384, 1536), torch.nn.GELU(), torch.nn.Linear(1536, 10))
+    return tedepr.tensorize(m, example_input=torch.rand(2, 16, 384), rank=8)
+
+
+def test_lighter_picks_the_path_that_keeps_fewer_bytes():
+    from tedepr_cli.tensorized.train_path import lighter
+
+    wide = _encoder_like()
+    x = torch.rand(32, 16, 384)
+    got = lighter(wide, lambda: wide(x))
+    assert got["0"]["path"] == "dense" and got["0"]["chain_bytes"] > 3 * got["0"]["dense_bytes"]
+    m = torch.nn.Sequential(torch.nn.Linear(784, 300), torch.nn.ReLU(), torch.nn.Linear(300, 10))
+    import tedepr_cli as tedepr
+
+    narrow = tedepr.tensorize(m, example_input=torch.rand(2, 784), rank=4)
+    got = lighter(narrow, lambda: narrow(torch.rand(4, 784)))  # 4 rows: the dense weight dominates
+    assert {t["path"] for t in got.values()} == {"chain"}
+    for t in got.values():
+        assert (t["path"] == "dense") == (t["dense_bytes"] < t["chain_bytes"])
+
+
+def test_data_driven_scoring_runs_on_the_lighter_path(monkeypatch):
+    """prune with data scores the wide layer on its rebuilt weight (its dense_weight is built
+    while the criterion differentiates) and reports it; the masks are what the chain gives."""
+    from tedepr_cli.pruning.prune import PruneOptions, prune_model
+    from tedepr_cli.tensorized.tt import TTLinear
+
+    model = _encoder_like()
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.rand(16, 16, 384, generator=g), torch.randint(0, 10, (16,), generator=g))
+               for _ in range(4)]
+
+    def pooled(m):  # a classifier over the mean of the rows
+        class Pool(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.body = m
+
+            def forward(self, x):
+                return self.body(x).mean(dim=1)
+        return Pool()
+
+    rebuilt = []  # per forward of a TT layer while the criterion scores: on the rebuild?
+    scoring = []
+    real = TTLinear.forward
+
+    def spy(self, x):
+        if scoring:
+            rebuilt.append(self.training_on_rebuild())
+        return real(self, x)
+
+    monkeypatch.setattr(TTLinear, "forward", spy)
+    import dataclasses
+
+    import tedepr_cli.pruning.prune as pm
+
+    snip = pm.CRITERIA.get("snip")
+
+    def scored(ctx):
+        scoring.append(1)
+        try:
+            return snip.fn(ctx)
+        finally:
+            scoring.clear()
+
+    monkeypatch.setattr(pm.CRITERIA, "get", lambda name: dataclasses.replace(snip, fn=scored))
+    a = pooled(model)
+    rep = prune_model(a, PruneOptions(sparsity=0.995, criterion="snip"), batches, (16, 384))
+    assert rep["scored_on_rebuild"] == ["body.0", "body.2"] and rebuilt and all(rebuilt)
+
+    monkeypatch.setattr(pm, "lighter", lambda model, run: {})  # the chain everywhere
+    b = pooled(_encoder_like())
+    rep_b = prune_model(b, PruneOptions(sparsity=0.995, criterion="snip"), batches, (16, 384))
+    assert rep_b["scored_on_rebuild"] == []
+    from tedepr_cli.masks import get_masks
+
+    ma, mb = get_masks(a), get_masks(b)
+    agree = sum(int((ma[n] == mb[n]).sum()) for n in ma) / sum(m.numel() for m in ma.values())
+    assert agree > 0.99  # the same scores up to float rounding

@@ -26,6 +26,7 @@ from ..logs import log
 from ..masks import attach_masks, get_masks
 from ..surgery import eval_mode
 from ..tensorized.embedding import TTEmbedding
+from ..tensorized.train_path import lighter, train_paths
 from ..tensorized.tt import TTLinear
 from .criteria import CRITERIA, CriterionOptions, ScoreContext, differentiable_attention
 from .masking import budget, check_collapse, rank_paths, select
@@ -300,6 +301,7 @@ def prune_model(model: torch.nn.Module, opts: PruneOptions,
 
     t0 = time.perf_counter()
     scores = None
+    paths: dict[str, str] = {}
     if kept >= entries:
         log.warning(f"the budget keeps {kept:,} entries but the model has only {entries:,} prunable "
                     f"entries: nothing pruned (sparsity vs dense already {1 - entries / dense:.4f})")
@@ -307,7 +309,12 @@ def prune_model(model: torch.nn.Module, opts: PruneOptions,
     else:
         ctx = ScoreContext(model=model, targets=names, batches=batches, input_shape=tuple(input_shape),
                            generator=gen, options=copts, kept=kept, select=selector)
-        with _score_mode(model, opts.score_mode), differentiable_attention():
+        # through data, score each linear chain on its rebuilt weight where autograd then keeps
+        # less (a chain's rank intermediates can outweigh the dense layer's input and output
+        # many times): same scores up to rounding, a fraction of the memory
+        paths = {n: str(t["path"]) for n, t in lighter(model, lambda: model(batches[0][0])).items()} \
+            if batches else {}
+        with _score_mode(model, opts.score_mode), differentiable_attention(), train_paths(model, paths):
             scores = CRITERIA.get(criterion).fn(ctx)
         masks = selector(scores, kept)
     score_s = time.perf_counter() - t0
@@ -322,6 +329,7 @@ def prune_model(model: torch.nn.Module, opts: PruneOptions,
     attach_masks(model, masks)
     report = _report(model, groups, masks, dense, opts, criterion, fallback, data_note, score_s)
     report["reachability"] = reach.as_dict()
+    report["scored_on_rebuild"] = sorted(n for n, p in paths.items() if p == "dense")
     report["repair"] = {"added": sum(added.values()), "tensors": added}
     if added:
         log.info(f"path repair: added {sum(added.values()):,} entries beyond the budget of "

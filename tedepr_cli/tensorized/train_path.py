@@ -17,6 +17,12 @@ LeNet-300-100's first layer (2.3 vs 4.8 ms) and ResNet-20's 16x16 and 8x8 stages
 projections (1.1 vs 2.2 ms). No FLOP rule predicts this, so ``"auto"`` measures each
 layer on the run's batch shape, like the execution planner and ``cudnn.benchmark``.
 
+The pruning criteria use the same switch for memory (:func:`lighter`): scoring through
+data differentiates the model (twice, for the ``tedepr`` criterion), and autograd keeps a
+chain's rank intermediates for every row, which on a wide Transformer layer are several
+times the dense layer's input and output; each layer scores on the path that keeps fewer
+bytes (a size, not a timing: deterministic).
+
 Paths: ``"chain"`` (the default: deterministic, the method's own computation), ``"dense"``
 (rebuild every linear chain), ``"auto"`` (per layer, the faster by measurement; the choice
 depends on timing, so two runs may differ in float rounding: record it and pass it back
@@ -28,7 +34,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -82,6 +88,65 @@ def uniform(model: nn.Module, path: str) -> dict[str, str]:
     return dict.fromkeys(rebuildable(model), path)
 
 
+def layer_inputs(model: nn.Module, run: Callable[[], Any]) -> dict[str, Tensor]:
+    """The input each rebuildable layer of ``model`` sees when ``run()`` calls it (eval mode,
+    no autograd; the model's train/eval mode is restored)."""
+    from ..surgery import eval_mode
+
+    inputs: dict[str, Tensor] = {}
+
+    def keep(name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:  # None: output kept
+            inputs.setdefault(name, args[0].detach())
+        return hook
+
+    hooks = [m.register_forward_hook(keep(n)) for n, m in rebuildable(model).items()]
+    try:
+        with torch.no_grad(), eval_mode(model):
+            run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return inputs
+
+
+def saved_bytes(layer: TensorizedLayer, x: Tensor, path: str) -> int:
+    """Bytes autograd keeps for the backward of one forward of ``layer`` on ``x`` along
+    ``path`` (every tensor saved for backward, counted through
+    ``torch.autograd.graph.saved_tensors_hooks``): what a gradient through this layer
+    holds in memory until its backward runs."""
+    total = 0
+
+    def pack(t: Tensor) -> Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    before = layer.train_path
+    layer.train_path = path
+    try:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            layer(x.detach().requires_grad_(x.is_floating_point()))
+    finally:
+        layer.train_path = before
+    return total
+
+
+def lighter(model: nn.Module, run: Callable[[], Any]) -> dict[str, dict[str, int | str]]:
+    """Per rebuildable layer on ``run()``'s path, the path whose autograd keeps fewer bytes
+    (:func:`saved_bytes` on the layer's real input), with both counts:
+    ``{name: {"path", "chain_bytes", "dense_bytes"}}``. Deterministic (sizes, not timings):
+    the pruning criteria score on it, since a chain's intermediates (every row times the
+    rank) can be many times the dense layer's input and output."""
+    out: dict[str, dict[str, int | str]] = {}
+    layers = rebuildable(model)
+    for name, x in layer_inputs(model, run).items():
+        chain, dense = (saved_bytes(layers[name], x, p) for p in ("chain", "dense"))
+        out[name] = {"path": "dense" if dense < chain else "chain", "chain_bytes": chain,
+                     "dense_bytes": dense}
+    return out
+
+
 def measure(model: nn.Module, x: Tensor | tuple[Tensor, ...], reps: int = 5, margin: float = MARGIN
             ) -> dict[str, dict[str, float | str]]:
     """Time one forward + backward of each rebuildable layer both ways, on the inputs that
@@ -92,25 +157,10 @@ def measure(model: nn.Module, x: Tensor | tuple[Tensor, ...], reps: int = 5, mar
     CPU: per-call thread CPU time; CUDA: wall clock with the device synchronised. The
     model's parameters, their gradients, its train/eval mode and every layer's path are
     left as they were (the layer inputs are captured in eval mode under ``no_grad``)."""
-    from ..surgery import eval_mode
-
     layers = rebuildable(model)
     if not layers:
         return {}
-    inputs: dict[str, Tensor] = {}
-
-    def keep(name: str) -> Any:
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:  # None: output kept
-            inputs.setdefault(name, args[0].detach())
-        return hook
-
-    hooks = [m.register_forward_hook(keep(n)) for n, m in layers.items()]
-    try:
-        with torch.no_grad(), eval_mode(model):
-            model(*x) if isinstance(x, tuple) else model(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    inputs = layer_inputs(model, lambda: model(*x) if isinstance(x, tuple) else model(x))
     out: dict[str, dict[str, float | str]] = {}
     for name, layer in layers.items():
         if name not in inputs:  # not on this input's path
