@@ -32,7 +32,7 @@ from torch.func import functional_call
 from ..errors import BadInput, opt
 from ..logs import log
 from ..registry import Registry
-from ..surgery import example_input, first_layer
+from ..surgery import call_args, example_input, first_layer
 from ..tensorized.embedding import TTEmbedding
 
 
@@ -90,7 +90,10 @@ def _params(ctx: ScoreContext) -> dict[str, Tensor]:
 def _loss(model: nn.Module, params: dict[str, Tensor], batch: tuple[Tensor, Tensor],
           temperature: float = 1.0) -> Tensor:
     x, y = batch
-    return F.cross_entropy(functional_call(model, params, (x,)) / temperature, y)
+    args, kwargs = call_args(model, x)  # token arrays by name
+    out = functional_call(model, params, args, kwargs)
+    out = out[0] if isinstance(out, tuple | list) else out
+    return F.cross_entropy(out / temperature, y)
 
 
 @contextlib.contextmanager
