@@ -262,3 +262,41 @@ def test_teacher_with_other_outputs_is_refused(tmp_path):
     assert isinstance(load_teacher(tmp_path / "same", student, classes=False), nn.Module)
     with pytest.raises(BadInput, match=r"outputs \(16,\) per sample, the student \(32,\)"):
         load_teacher(tmp_path / "other", student, classes=False)
+
+
+# ---------------------------------------------------------------------------- item 7: degenerate probes
+def test_degenerate_scores_are_named():
+    from tedepr_cli.pruning.criteria import degenerate_scores
+
+    g = torch.Generator().manual_seed(0)
+    ok = torch.rand(12, 6, generator=g) + 0.1
+    block = ok.clone()
+    block[0:8] = 0  # the query and key rows of a stacked [q; k; v] projection
+    scattered = ok.clone()
+    scattered[[1, 4, 7, 10]] = 0  # dead ReLU units: informative zeros
+    found = degenerate_scores({"ok": ok, "zeros": torch.zeros(5, 5), "alike": ok[:1].repeat(12, 1),
+                               "block": block, "scattered": scattered, "one": torch.ones(1)})
+    assert set(found) == {"zeros", "alike", "block"}
+    assert "rows 0..7 (8 of 12)" in found["block"] and "all 25 scores" in found["zeros"]
+
+
+def test_synflow_on_a_token_model_with_attention_warns_once(tmp_path):
+    """Without --data the default criterion falls back to SynFlow, whose all-ones probe is
+    one token repeated: attention's query/key rows get no signal. One warning says so;
+    a plain MLP gets none."""
+    from tedepr_cli.pruning.prune import PruneOptions, prune_model
+
+    torch.manual_seed(0)
+    report = prune_model(tm.encoder(), PruneOptions(sparsity=0.5), None, (L,))
+    degenerate = [w for w in report["warnings"] if "probe is degenerate" in w]
+    assert len(degenerate) == 1, report["warnings"]
+    assert "encoder.layers.0.self_attn" in degenerate[0] and "in_proj_weight" in degenerate[0]
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 10))
+    report = prune_model(mlp, PruneOptions(sparsity=0.5), None, (16,))
+    assert not [w for w in report["warnings"] if "probe is degenerate" in w], report["warnings"]
+    # through the CLI: one line on stderr, in the manifest's pruning report too
+    teacher = _teacher(tmp_path)
+    res = _ok(run_cli("prune", teacher, *ARCH, "--no-decompose", "--sparsity", "0.5", "-o", tmp_path / "p"),
+              "prune")
+    assert sum("probe is degenerate" in line for line in res.stderr.splitlines()) == 1

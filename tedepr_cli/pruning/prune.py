@@ -322,6 +322,7 @@ def prune_model(model: torch.nn.Module, opts: PruneOptions,
 
     t0 = time.perf_counter()
     scores = None
+    score_warnings: list[str] = []
     if kept >= entries:
         log.warning(f"the budget keeps {kept:,} entries but the model has only {entries:,} prunable "
                     f"entries: nothing pruned (sparsity vs dense already {1 - entries / dense:.4f})")
@@ -332,6 +333,7 @@ def prune_model(model: torch.nn.Module, opts: PruneOptions,
         with _score_mode(model, opts.score_mode), differentiable_attention():
             scores = CRITERIA.get(criterion).fn(ctx)
         masks = selector(scores, kept)
+        score_warnings = ctx.warnings
     score_s = time.perf_counter() - t0
     check_collapse(groups, masks)
     added: dict[str, int] = {}
@@ -350,7 +352,7 @@ def prune_model(model: torch.nn.Module, opts: PruneOptions,
         log.info(f"path repair: added {sum(added.values()):,} entries beyond the budget of "
                  f"{report['budget']:,} to reconnect the input to every output "
                  f"({', '.join(f'{n} {k}' for n, k in added.items())})")
-    report["warnings"] += _reach_warnings(reach)
+    report["warnings"] += score_warnings + _reach_warnings(reach)
     for w in report["warnings"]:
         log.warning(w)
     return report
