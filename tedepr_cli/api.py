@@ -40,7 +40,7 @@ from .errors import BadInput, UsageError
 from .masks import get_masks, remove_masks
 from .pruning.criteria import CriterionOptions
 from .pruning.prune import PruneOptions, auto_rank, prune_model
-from .surgery import eval_mode
+from .surgery import eval_mode, input_kind
 
 __all__ = ["tensorize", "from_linear", "from_conv2d", "prune", "get_masks", "remove_masks", "save", "load",
            "accelerate", "export_onnx"]
@@ -62,8 +62,7 @@ def _declare_input(model: nn.Module, shape: tuple[int, ...]) -> None:
     """Record the input a tensorized model takes (``input_shape``/``input_kind``, as the zoo
     models declare them), so later stages and artifacts know it."""
     model.input_shape = shape
-    if getattr(model, "input_kind", None) not in ("flat", "image", "sequence"):
-        model.input_kind = {1: "flat", 2: "sequence"}.get(len(shape), "image")
+    model.input_kind = input_kind(model, shape)
 
 
 def tensorize(model: nn.Module, *, example_input: Tensor | None = None, format: str = "tt",

@@ -21,6 +21,7 @@ from typing import Any
 from torch import nn
 
 from .errors import BadInput, UnsafeInput, UsageError, opt
+from .surgery import input_kind
 from .zoo import MODELS
 
 _IMPORT_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -132,9 +133,7 @@ def build(spec: ArchSpec, allow_import: bool = False) -> nn.Module:
         raise BadInput(f"{spec.name} declares no input shape (neither the model nor its module has "
                        f"an input_shape attribute): pass {opt('input-shape')} (e.g. 3,32,32)")
     model.input_shape = tuple(int(s) for s in model.input_shape)
-    if getattr(model, "input_kind", None) not in ("flat", "image", "sequence"):
-        n = len(model.input_shape)
-        model.input_kind = {1: "flat", 2: "sequence"}.get(n, "image")
+    model.input_kind = input_kind(model, model.input_shape)
     return model
 
 

@@ -10,6 +10,14 @@ stratified 80/20 split with seed 0 is derived, so "test" always means the same s
 :func:`present` turns raw samples into the model's ``input_shape`` for its
 ``input_kind``: flat vectors, images (centred zero-padding up to the model's size, e.g.
 MNIST 28×28 -> 32×32 for CIFAR-style nets) or sequences (image rows as time steps).
+
+A *token* ``.npz`` (for models whose first layer is an embedding) holds integer arrays
+instead: ``input_ids`` ``[N, L]``, optionally ``attention_mask`` ``[N, L]`` (0/1),
+``token_type_ids`` ``[N, L]``, ``labels`` ``[N]`` (without them the data is unlabeled:
+distillation and cosine-to-reference metrics, no accuracy) and ``split``. The arrays are
+stacked into one int64 array ``[N, k, L]`` in :data:`~tedepr_cli.surgery.TOKEN_ARRAYS` order
+(``input_ids`` alone stays ``[N, L]``); :func:`tedepr_cli.surgery.call_args` hands them to
+the model's forward by name.
 """
 
 from __future__ import annotations
@@ -23,8 +31,10 @@ import numpy as np
 import torch
 
 from .errors import BadInput, InputNotFound, opt
+from .surgery import TOKEN_ARRAYS
 
 SPLITS = ("train", "test", "all")
+NO_LABEL = -1  # the label of every sample of an unlabeled (token) data set
 
 
 @dataclass
@@ -35,6 +45,8 @@ class ArrayData:
     y: np.ndarray
     split: np.ndarray
     path: str
+    input_names: tuple[str, ...] = ()  # token data: the arrays stacked in x (TOKEN_ARRAYS order)
+    labeled: bool = True
 
     def __len__(self) -> int:
         return len(self.y)
@@ -47,7 +59,8 @@ class ArrayData:
         keep = self.split == (1 if which == "test" else 0)
         if not keep.any():
             raise BadInput(f"{self.path} has no samples in the {which!r} split")
-        return ArrayData(self.x[keep], self.y[keep], self.split[keep], self.path)
+        return ArrayData(self.x[keep], self.y[keep], self.split[keep], self.path, self.input_names,
+                         self.labeled)
 
     @property
     def num_classes(self) -> int:
@@ -75,6 +88,8 @@ def load_npz(path: str | Path) -> ArrayData:
     try:
         with np.load(p, allow_pickle=False) as f:
             keys = set(f.files)
+            if "x" not in keys and "input_ids" in keys:
+                return _token_npz(p, {k: f[k] for k in keys})
             if not {"x", "y"} <= keys:
                 raise BadInput(f"{p} must hold arrays 'x' and 'y' (found: {sorted(keys)})")
             x, y = f["x"], f["y"]
@@ -101,6 +116,63 @@ def load_npz(path: str | Path) -> ArrayData:
     return ArrayData(x, y.astype(np.int64), split.astype(np.uint8), str(p))
 
 
+def _token_npz(p: Path, arrays: dict[str, np.ndarray]) -> ArrayData:
+    """A token data set from the arrays of ``p`` (see the module docstring)."""
+    unknown = sorted(set(arrays) - {*TOKEN_ARRAYS, "labels", "split"})
+    if unknown:
+        raise BadInput(f"{p}: a token .npz holds {', '.join(TOKEN_ARRAYS)}, labels and split; found "
+                       f"also {unknown}")
+    ids = arrays["input_ids"]
+    if ids.ndim != 2 or not len(ids) or not ids.shape[1]:
+        raise BadInput(f"{p}: input_ids must be [samples, tokens] with at least one of each, got shape "
+                       f"{ids.shape}")
+    stack = []
+    for name in TOKEN_ARRAYS:
+        a = arrays.get(name)
+        if a is None:
+            if name == "attention_mask" and "token_type_ids" in arrays:
+                a = np.ones_like(ids)  # stacked in order: the mask is all ones
+            else:
+                continue
+        if a.shape != ids.shape or not np.issubdtype(a.dtype, np.integer):
+            raise BadInput(f"{p}: {name} must be an integer array of the shape of input_ids {ids.shape}, got "
+                           f"{a.dtype} {a.shape}")
+        if a.min() < 0:
+            raise BadInput(f"{p}: {name} must be >= 0, found {int(a.min())}")
+        if name == "attention_mask" and a.max() > 1:
+            raise BadInput(f"{p}: attention_mask must hold 0/1, found {int(a.max())}")
+        stack.append((name, a.astype(np.int64)))
+    names = tuple(n for n, _ in stack)
+    x = stack[0][1] if len(stack) == 1 else np.stack([a for _, a in stack], axis=1)
+    y = arrays.get("labels")
+    labeled = y is not None
+    if y is None:
+        y = np.full(len(ids), NO_LABEL, dtype=np.int64)
+    elif (y.ndim != 1 or len(y) != len(ids) or not np.issubdtype(y.dtype, np.integer)
+          or y.min() < 0):
+        raise BadInput(f"{p}: labels must be one integer >= 0 per sample ({len(ids)} samples), got "
+                       f"{y.dtype} {y.shape}")
+    split = arrays.get("split")
+    if split is None:
+        split = stratified_split(y)
+    elif split.shape != y.shape or not np.isin(split, (0, 1)).all():
+        raise BadInput(f"{p}: 'split' must hold one 0 (train) or 1 (test) per sample")
+    return ArrayData(x, y.astype(np.int64), split.astype(np.uint8), str(p), names, labeled)
+
+
+def present_tokens(x: np.ndarray, input_shape: tuple[int, ...]) -> torch.Tensor:
+    """Token arrays ``x`` (``[N, L]`` ids or ``[N, k, L]`` stacked) as int64 model inputs:
+    no scaling, no normalization; the length ``L`` must be the model's."""
+    if not np.issubdtype(x.dtype, np.integer):
+        raise BadInput(f"a model that takes token ids needs integer samples (a token .npz: input_ids"
+                       f"[, attention_mask, token_type_ids, labels]), got {x.dtype} samples")
+    s, want = tuple(x.shape[1:]), tuple(input_shape)
+    if s[-1:] != want[-1:] or len(s) not in (len(want), len(want) + 1):
+        raise BadInput(f"token samples of shape {s} do not match the model's input of {want} token ids "
+                       f"(pass the {opt('input-shape')} the data has)")
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.int64))
+
+
 def _as_float(x: np.ndarray) -> torch.Tensor:
     t = torch.from_numpy(np.ascontiguousarray(x))
     if x.dtype == np.uint8:
@@ -109,7 +181,10 @@ def _as_float(x: np.ndarray) -> torch.Tensor:
 
 
 def present(x: np.ndarray, input_shape: tuple[int, ...], kind: str) -> torch.Tensor:
-    """Raw samples ``x`` (N, ...) as float32 model inputs of shape (N, *input_shape)."""
+    """Raw samples ``x`` (N, ...) as float32 model inputs of shape (N, *input_shape)
+    (``tokens``: int64 ids, :func:`present_tokens`)."""
+    if kind == "tokens":
+        return present_tokens(x, input_shape)
     t = _as_float(x)
     n, s = t.shape[0], tuple(t.shape[1:])
     want = tuple(input_shape)

@@ -61,7 +61,7 @@ from .device import resolve as resolve_device
 from .errors import BadInput, EngineUnavailable, UsageError, ValidationError, opt
 from .fsutil import atomic_output
 from .storage import byte_sizes
-from .surgery import eval_mode, example_input, is_token_model
+from .surgery import eval_mode, example_input, is_token_model, token_ids
 
 FORMATS = ("safetensors", "onnx", "onnx-sparse", "onnx-fast")
 FILES = {"safetensors": "model.safetensors", "onnx": "model.onnx", "onnx-sparse": "model.sparse.onnx",
@@ -405,7 +405,10 @@ def sample_inputs(art: Artifact, n: int, data: Path | None, seed: int) -> tuple[
     """``n`` inputs of the model's shape and where they came from: the first readable
     test samples of ``data`` (any ``--data`` layout, ``[reader:]PATH``), presented and
     normalized as ``tedepr eval`` does (the statistics recorded in the artifact's manifest,
-    else the data family's), or uniform random in [0, 1) from ``seed``.
+    else the data family's), or uniform random in [0, 1) from ``seed`` (random ids in the
+    vocabulary for a token model).
+    Token data gives its ``input_ids`` only: the exported graph takes the ids as its one
+    input (a forward with ``attention_mask=None``: every token attends).
 
     Raises :class:`InputNotFound`/:class:`BadInput` for unreadable data or fewer than
     ``n`` readable test samples."""
@@ -429,7 +432,10 @@ def sample_inputs(art: Artifact, n: int, data: Path | None, seed: int) -> tuple[
         raise BadInput(f"{data} has only {got} readable test samples; the export needs {n}")
     info = {"source": "data", "reader": ds.reader, "split": "test", "normalize": pre.normalize,
             "mean": pre.mean, "std": pre.std}
-    return torch.cat(xs).numpy(), info
+    if ds.input_names:  # the graph's one input is the ids (no attention mask: every token attends)
+        info["token_arrays"] = list(ds.input_names)
+        info["graph_inputs"] = "input_ids"
+    return token_ids(torch.cat(xs)).numpy(), info
 
 
 def kept_counts(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, int]:

@@ -35,6 +35,7 @@ from torch import nn
 from .arch import ArchSpec, build, cwd_importable, is_arch_name
 from .artifact import Artifact, is_artifact, load_artifact, load_state, read_safetensors
 from .errors import BadInput, InputNotFound, UnsafeInput, opt
+from .surgery import input_kind
 
 log = logging.getLogger("tedepr")
 
@@ -265,8 +266,7 @@ def _from_module(p: Path, module: nn.Module, arch: ArchSpec | None, kind: str, s
         return _from_state(p, module.state_dict(), arch, source_kind=kind, strict=strict)
     if getattr(module, "input_shape", None) is None:
         raise BadInput(f"{p}: the module declares no input_shape; pass {opt('arch')} to rebuild it")
-    if getattr(module, "input_kind", None) is None:
-        module.input_kind = {1: "flat", 2: "sequence"}.get(len(module.input_shape), "image")
+    module.input_kind = input_kind(module, tuple(module.input_shape))
     module.eval()
     art = Artifact(model=module, arch=None, source=str(p))
     art.meta["origin"] = {"path": str(p), "kind": kind, "arch_hint": hint if kind == "pickled module" else (

@@ -18,10 +18,11 @@ import torch
 from torch import nn
 
 from .datasets import Dataset, Preprocess, Split, check_classes, make_split, open_dataset, resolve_preprocess
+from .datasets.base import ArraySource, ConcatSource
 from .errors import BadInput, opt
 from .evaluate import num_outputs
 from .logs import log
-from .surgery import is_token_model
+from .surgery import TOKEN_ARRAYS, first_embedding
 
 
 class ModelLike(Protocol):
@@ -50,15 +51,40 @@ def open_for_model(data: str | Path | Dataset, art: ModelLike, *, normalize: str
     that its labels fit the model's outputs and resolves the preprocessing
     (``normalize="auto"``: the recorded statistics, else the data family's default; see
     :func:`tedepr_cli.datasets.resolve_preprocess`). Raises ``InputNotFound``/``BadInput``."""
-    if is_token_model(art.model):  # samples are presented as float32 (images, features, frames)
-        raise BadInput(f"a model that takes token ids cannot read {opt('data')} yet (samples are "
-                       "presented as float32); prune it data-free, or pass integer batches through "
-                       "the Python API (tedepr_cli.prune)")
     ds = data if isinstance(data, Dataset) else open_dataset(data)
-    check_classes(ds, num_outputs(art.model, art.input_shape))
+    if art.input_kind == "tokens" or ds.input_names:
+        check_tokens(ds, art)
+    if ds.labeled:
+        check_classes(ds, num_outputs(art.model, art.input_shape))
     pre = resolve_preprocess(ds, art.input_shape, art.input_kind, normalize=normalize, augment=augment,
                              seed=seed, recorded=recorded_preprocess(art), strict=strict)
     return ds, pre
+
+
+def check_tokens(ds: Dataset, art: ModelLike) -> None:
+    """Token data for a model whose first layer is an embedding (a token ``.npz``, or an
+    ``.npz`` whose ``x`` holds integer ids ``[N, L]``), every id inside its vocabulary (an id
+    past it would index out of the table): :class:`BadInput` otherwise."""
+    emb = first_embedding(art.model)
+    if emb is None or art.input_kind != "tokens":
+        raise BadInput(f"{ds.path} holds token ids ({', '.join(ds.input_names)}), but the model's first "
+                       "layer is not an embedding: it takes float inputs")
+    vocab = int(emb.num_embeddings)
+    for which, src in ds.splits.items():
+        if not len(src):
+            continue
+        arrays = isinstance(src, ArraySource | ConcatSource)
+        if not arrays or (not ds.input_names and (len(src.sample_shape) != 1
+                                                  or not np.issubdtype(src.dtype, np.integer))):
+            raise BadInput(f"{ds.path}: the model takes token ids (its first layer is an embedding); pass "
+                           f"a token .npz ({', '.join(TOKEN_ARRAYS)}[, labels, split]) or an .npz whose x "
+                           f"holds integer ids [samples, tokens] as {opt('data')}")
+        x = np.asarray(src.take(np.arange(len(src))))
+        ids = x if x.ndim == 2 else x[:, 0]
+        top = int(ids.max())
+        if top >= vocab:
+            raise BadInput(f"{ds.path} ({which}): token id {top} is out of range for the model's embedding "
+                           f"of {vocab} ids (0..{vocab - 1})")
 
 
 def split_for(art: ModelLike, data: str | Path | Dataset, which: str = "test", *, normalize: str = "auto",

@@ -4,8 +4,10 @@ model in eval mode without changing the caller's train/eval flags."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -84,6 +86,76 @@ def is_token_model(model: nn.Module) -> bool:
     """Whether ``model`` takes integer token ids (its first layer is an embedding)."""
     first = first_layer(model)
     return first is not None and isinstance(first[1], EMBEDDINGS)
+
+
+INPUT_KINDS = ("flat", "image", "sequence", "tokens")
+
+
+def input_kind(model: nn.Module, input_shape: tuple[int, ...]) -> str:
+    """How samples are presented to ``model`` (the one place the kind is derived):
+    ``tokens`` for a model whose first layer is an embedding (int64 ids, no preprocessing),
+    else by the per-sample rank: 1 -> ``flat`` features, 2 -> ``sequence`` (time steps x
+    features), 3 -> ``image`` (C x H x W). A kind the model declares itself
+    (``model.input_kind``, as the zoo models do) wins."""
+    declared = getattr(model, "input_kind", None)
+    if declared in INPUT_KINDS:
+        return declared
+    if is_token_model(model):
+        return "tokens"
+    return {1: "flat", 2: "sequence"}.get(len(input_shape), "image")
+
+
+# ---------------------------------------------------------------------------- token inputs
+#: the arrays a token dataset may hold, in the order they are stacked into one int64
+#: tensor ``[N, k, L]`` (``input_ids`` alone stays ``[N, L]``)
+TOKEN_ARRAYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def token_ids(x: Tensor) -> Tensor:
+    """The ``input_ids`` of a token batch: ``x`` itself (``[N, L]``) or its first stacked
+    array (``[N, k, L]`` with ``attention_mask``/``token_type_ids``, :data:`TOKEN_ARRAYS`)."""
+    return x[:, 0] if x.dim() == 3 and not x.is_floating_point() else x
+
+
+def call_args(model: nn.Module, x: Tensor) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
+    """``(args, kwargs)`` to call ``model`` on the batch ``x``.
+
+    A float batch, or token ids ``[N, L]``, is the one positional argument. Stacked token
+    arrays ``[N, k, L]`` (int64; :data:`TOKEN_ARRAYS` order) are passed by the names of the
+    forward's parameters, as a Hugging Face-style ``forward(input_ids, attention_mask=None,
+    token_type_ids=None)`` takes them: ``input_ids`` to the parameter of that name (else
+    the first positional one), the others to parameters of their names (or ``**kwargs``);
+    an array the forward has no parameter for is not passed (a single-input token model
+    gets only ``input_ids``).
+    """
+    if x.dim() != 3 or x.is_floating_point():
+        return (x,), {}
+    fn = getattr(model, "module", model)  # DistributedDataParallel: the wrapped model's signature
+    try:
+        params = inspect.signature(fn.forward).parameters
+    except (TypeError, ValueError):
+        return (x[:, 0],), {}
+    var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    named = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    kwargs: dict[str, Tensor] = {}
+    for i, name in enumerate(TOKEN_ARRAYS[1:x.shape[1]], start=1):
+        if name in named or var_kw:
+            kwargs[name] = x[:, i]
+    if "input_ids" in named:
+        return (), {"input_ids": x[:, 0], **kwargs}
+    return (x[:, 0],), kwargs
+
+
+def feed(model: nn.Module, x: Tensor) -> Any:
+    """``model``'s output on the batch ``x`` (:func:`call_args`: token arrays by name)."""
+    args, kwargs = call_args(model, x)
+    return model(*args, **kwargs)
+
+
+def first_embedding(model: nn.Module) -> nn.Module | None:
+    """The embedding that token ids meet first (:func:`first_layer`), or None."""
+    first = first_layer(model)
+    return first[1] if first is not None and isinstance(first[1], EMBEDDINGS) else None
 
 
 def dry_forward(model: nn.Module, input_shape: tuple[int, ...]) -> Tensor:

@@ -52,9 +52,9 @@ from .datasets import (
     make_split,
 )
 from .device import resolve as resolve_device
-from .distill import distill_loss, load_teacher
+from .distill import DISTILL_LOSSES, distill_loss, feature_loss, load_teacher, resolve_distill_loss
 from .errors import BadInput, OutputError, TrainingDiverged, UsageError, opt
-from .evaluate import evaluate_split
+from .evaluate import cosine_split, evaluate_split, output
 from .fsutil import atomic_output, check_output
 from .logs import log
 from .masks import load_plain_state, plain_state_dict
@@ -94,6 +94,7 @@ class TrainOptions:
     distill_alpha: float = 0.5  # weight of the soft (teacher) term
     distill_temperature: float = 4.0
     train_path: str = "chain"  # chain | dense | auto: how tensorized layers train (tensorized/train_path.py)
+    distill_loss: str = "auto"  # kl (logits) | cosine | mse (outputs); auto: kl with labels, else cosine
 
     def validate(self) -> None:
         checks = [
@@ -117,6 +118,8 @@ class TrainOptions:
              f"{opt('distill-temperature')} must be > 0"),
             (self.workers >= 0, f"{opt('workers')} must be >= 0"),
             (self.train_path in TRAIN_PATHS, f"{opt('train-path')} must be one of {', '.join(TRAIN_PATHS)}"),
+            (self.distill_loss in DISTILL_LOSSES,
+             f"{opt('distill-loss')} must be one of {', '.join(DISTILL_LOSSES)}"),
             (self.normalize in NORMALIZE_CHOICES,
              f"{opt('normalize')} must be one of {', '.join(NORMALIZE_CHOICES)}"),
         ]
@@ -178,6 +181,7 @@ class Splits:
     val: Split | None
     test: Split
     data: dict[str, Any]  # the manifest's ``data`` section: reader, classes, preprocessing
+    labeled: bool = True  # False: token data without labels (distillation only)
 
 
 def data_section(ds: Dataset, pre: Preprocess) -> dict[str, Any]:
@@ -211,7 +215,7 @@ def load_splits(data: Path, art: Artifact, opts: TrainOptions) -> Splits:
         keep = np.random.default_rng(opts.seed).permutation(len(train))[: opts.limit_train]
         train = train.subset(np.sort(keep))
     test = make_split(ds, "test", shape, kind, pre, train=False, strict=opts.strict_data)
-    return Splits(train, val, test, data_section(ds, pre))
+    return Splits(train, val, test, data_section(ds, pre), ds.labeled)
 
 
 # ---------------------------------------------------------------------------- distributed
@@ -337,8 +341,16 @@ def finetune(art: Artifact, data: Path, out: Path, opts: TrainOptions, resume: b
     splits = load_splits(data, art, opts)
     # the masks ride on the model (tedepr_cli.masks): pruned entries stay exactly zero
     # through any optimizer step, with no bookkeeping here
+    labeled = splits.labeled
+    kind = resolve_distill_loss(opts.distill_loss, labeled)
+    if not labeled and not opts.teacher:
+        raise BadInput(f"{data} has no labels: pass {opt('teacher')} (e.g. the dense original) to train the "
+                       "model to match its outputs")
+    if kind == "kl" and not labeled:
+        raise UsageError(f"{opt('distill-loss')} kl matches class probabilities next to labels; {data} has "
+                         "none: use cosine or mse")
     model = copy.deepcopy(art.model).to(device)
-    teacher = load_teacher(opts.teacher, art).to(device) if opts.teacher else None
+    teacher = load_teacher(opts.teacher, art, classes=kind == "kl").to(device) if opts.teacher else None
     optimizer = _optimizer(model, opts)
     n_train = len(splits.train)
     steps_per_epoch = math.ceil(n_train / opts.batch_size)
@@ -386,19 +398,24 @@ def finetune(art: Artifact, data: Path, out: Path, opts: TrainOptions, resume: b
             for g in optimizer.param_groups:
                 g["lr"] = opts.lr * lr_factor(epoch * steps_per_epoch + b, steps_per_epoch, opts)
             optimizer.zero_grad(set_to_none=True)
-            out_ = train_model(x)
+            out_ = output(train_model, x)
             # sum over my share / global batch, times world: DDP's average is the global mean
-            total = F.cross_entropy(out_, y, reduction="sum", label_smoothing=opts.label_smoothing)
+            total = (F.cross_entropy(out_, y, reduction="sum", label_smoothing=opts.label_smoothing)
+                     if labeled else out_.new_zeros(()))
             if teacher is not None:
                 with torch.no_grad():
-                    soft = teacher(x)
-                a = opts.distill_alpha
-                total = (1 - a) * total + a * distill_loss(out_, soft, opts.distill_temperature).sum()
+                    soft = output(teacher, x)
+                if kind == "kl":
+                    soft_sum = distill_loss(out_, soft, opts.distill_temperature).sum()
+                else:
+                    soft_sum = feature_loss(out_, soft, kind).sum()
+                a = opts.distill_alpha if labeled else 1.0
+                total = (1 - a) * total + a * soft_sum
             loss = total * dist.world / global_len
             # this global batch's loss sum, correct predictions and samples over every rank: the
             # metrics are the global batch's, and a NaN on any rank stops every rank at once
-            step_loss, step_correct, step_seen = _global_sums(
-                [total.item(), int((out_.argmax(1) == y).sum()), len(y)], dist, device)
+            hits = int((out_.argmax(1) == y).sum()) if labeled else 0
+            step_loss, step_correct, step_seen = _global_sums([total.item(), hits, len(y)], dist, device)
             if not math.isfinite(step_loss):
                 _diverged(out, last_good, epoch, b, dist)
             loss.backward()
@@ -412,16 +429,19 @@ def finetune(art: Artifact, data: Path, out: Path, opts: TrainOptions, resume: b
             log.warning(f"epoch {epoch + 1}: skipped {skipped} unreadable sample(s), e.g. {skip_note} "
                         f"({opt('strict-data')} makes this an error)")
         metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
-                   "train_accuracy": correct / max(seen, 1),
+                   **({"train_accuracy": correct / max(seen, 1)} if labeled else {}),
                    "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 3),
                    "examples_per_s": round(n_train / max(time.perf_counter() - t0, 1e-9), 1)}
         if not math.isfinite(metrics["train_loss"]):
             _diverged(out, last_good, epoch, steps_per_epoch, dist)
         model.eval()
-        if splits.val is not None:
+        if splits.val is not None and labeled:
             v = evaluate_split(model, splits.val, device=device, workers=opts.workers)
             metrics.update(val_loss=v["loss"], val_accuracy=v["accuracy"])
-        score = metrics.get("val_accuracy", -metrics["train_loss"])
+        elif splits.val is not None and teacher is not None:
+            v = cosine_split(model, teacher, splits.val, device=device, workers=opts.workers)
+            metrics.update(val_cosine=v["cosine_mean"])
+        score = metrics.get("val_accuracy", metrics.get("val_cosine", -metrics["train_loss"]))
         improved = score > best
         if improved:
             best, stale = score, 0
@@ -455,13 +475,21 @@ def finetune(art: Artifact, data: Path, out: Path, opts: TrainOptions, resume: b
                "train_paths": path_times or paths}
     if dist.main:
         best_model = best_art.model.to(device)
-        t = evaluate_split(best_model, splits.test, device=device, workers=opts.workers)
+        if labeled:
+            t = evaluate_split(best_model, splits.test, device=device, workers=opts.workers)
+            summary["test_accuracy"] = t["accuracy"]
+            summary["test_loss"] = t["loss"]
+            found = {"test_accuracy": t["accuracy"], "test_loss": t["loss"],
+                     "best_val_accuracy": best if splits.val is not None else None}
+        else:  # the teacher is the reference: how close the student came on held-out inputs
+            assert teacher is not None
+            t = cosine_split(best_model, teacher, splits.test, device=device, workers=opts.workers)
+            summary["test_cosine"] = t["cosine_mean"]
+            found = {"test_cosine": t["cosine_mean"], "test_cosine_min": t["cosine_min"],
+                     "best_val_cosine": best if splits.val is not None else None, "distill_loss": kind}
         best_model.cpu()
-        summary["test_accuracy"] = t["accuracy"]
-        summary["test_loss"] = t["loss"]
-        best_art.meta.setdefault("metrics", {})["finetune"] = {
-            "test_accuracy": t["accuracy"], "test_loss": t["loss"], "best_val_accuracy": best
-            if splits.val is not None else None, "epochs_run": len(history), "data": str(data)}
+        best_art.meta.setdefault("metrics", {})["finetune"] = {**found, "epochs_run": len(history),
+                                                               "data": str(data)}
         save_artifact(best_art, out / "best", overwrite=True)
     return best_art, summary
 
@@ -508,5 +536,8 @@ def _diverged(out: Path, last_good: dict[str, Any] | None, epoch: int, batch: in
 
 def epoch_line(epoch: int, total: int, m: dict[str, Any]) -> str:
     val = f" val_acc {100 * m['val_accuracy']:.2f} %" if "val_accuracy" in m else ""
-    return (f"epoch {epoch}/{total}: loss {m['train_loss']:.4f} train_acc "
-            f"{100 * m['train_accuracy']:.2f} %{val} lr {m['lr']:.2e} ({m['seconds']:.1f} s)")
+    if "val_cosine" in m:
+        val = f" val_cosine {m['val_cosine']:.4f}"
+    acc = f" train_acc {100 * m['train_accuracy']:.2f} %" if "train_accuracy" in m else ""
+    return (f"epoch {epoch}/{total}: loss {m['train_loss']:.4f}{acc}{val} lr {m['lr']:.2e} "
+            f"({m['seconds']:.1f} s)")

@@ -192,15 +192,13 @@ def test_token_models_get_token_ids_in_dry_runs(tmp_path):
     assert json.loads((tmp_path / "e" / "export.json").read_text())["inputs"]["source"] == "random token ids"
     _ok(run_cli("bench", tmp_path / "e", *arch, "--iters", "2", "--warmup", "1", "--batch", "1",
                 "--no-memory", "--engines", "dense-torch,chain-torch"), "bench")
-    # token-id data through --data is not supported yet: one line, exit 4, nothing written
+    # integer ids as --data feed prune's scoring and eval (tests/test_tokens.py: token .npz files)
     rng = np.random.default_rng(0)
     data = tmp_path / "tokens.npz"
     np.savez(data, x=rng.integers(0, 50, (32, 12)), y=rng.integers(0, 10, 32))
-    for cmd in (["prune", tmp_path / "d", "--sparsity", "0.8", "--data", data, "-o", tmp_path / "p2"],
-                ["eval", tmp_path / "p", "--data", data]):
-        res = run_cli(*cmd, *arch)
-        assert res.exit_code == 4 and "token ids" in res.stderr and len(res.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "p2").exists()
+    _ok(run_cli("prune", tmp_path / "d", "--sparsity", "0.8", "--data", data, "-o", tmp_path / "p2", *arch),
+        "prune --data")
+    _ok(run_cli("eval", tmp_path / "p2", "--data", data, *arch), "eval")
 
 
 # ---------------------------------------------------------------------------- item 4: ties

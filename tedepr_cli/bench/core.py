@@ -400,8 +400,11 @@ def _accuracy(art: Artifact, base: nn.Module, real_base: bool, data: Path, plans
               opts: BenchOptions) -> dict[str, Any]:
     from ..evaluate import evaluate
     from ..execution import build_model
-    from ..model_data import tensors_for
+    from ..model_data import split_for, tensors_for
 
+    split = split_for(art, data, "test")
+    if not bool((split.labels >= 0).any()):  # unlabeled (token) data
+        return _cosine(art, base, real_base, data, split, plans, opts)
     # each model sees the data as it was trained to: the compressed one with the preprocessing
     # its manifest records (as `tedepr eval`), the baseline checkpoint with the family default
     x, y = tensors_for(art, data, "test")
@@ -417,6 +420,26 @@ def _accuracy(art: Artifact, base: nn.Module, real_base: bool, data: Path, plans
         out["baseline"] = None
     if not real_base:
         out["note"] = f"no {opt('baseline')} checkpoint: baseline accuracy unknown"
+    return out
+
+
+def _cosine(art: Artifact, base: nn.Module, real_base: bool, data: Path, split: Any, plans: dict[str, Any],
+            opts: BenchOptions) -> dict[str, Any]:
+    """For data without labels (an encoder's token data): the mean cosine of the compressed
+    model's outputs (and the tedepr engine's) to the ``--baseline`` checkpoint's, its reference."""
+    from ..evaluate import cosine_split
+    from ..execution import build_model
+
+    out: dict[str, Any] = {"data": str(data), "split": "test", "samples": len(split), "metric": "cosine"}
+    if not real_base:
+        out["note"] = (f"the data has no labels and no {opt('baseline')} checkpoint was given: the cosine to "
+                       "the original is unknown")
+        return out
+    out["cosine_to_baseline"] = cosine_split(art.model, base, split)["cosine_mean"]
+    if plans:
+        plan = plans[max(plans, key=int)]
+        out["cosine_to_baseline_tedepr_engine"] = cosine_split(build_model(art, plan, opts.threads), base,
+                                                               split)["cosine_mean"]
     return out
 
 

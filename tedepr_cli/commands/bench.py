@@ -174,7 +174,11 @@ def _print_bench(report: dict[str, Any], human_bytes) -> None:
         for fu in plan.get("fusions") or []:
             stdout.print(f"  fused: {'+'.join(fu['layers'])} (one compiled call)")
     acc = report.get("accuracy")
-    if acc:
+    if acc and acc.get("metric") == "cosine":
+        got = acc.get("cosine_to_baseline")
+        stdout.print(f"mean cosine to the baseline on {acc['data']} (test, no labels): "
+                     + (f"{got:.4f}" if got is not None else "unknown (no --baseline)"))
+    elif acc:
         base = "unknown (no --baseline)" if acc["baseline"] is None else f"{100 * acc['baseline']:.2f} %"
         stdout.print(f"accuracy on {acc['data']} (test): baseline {base}, compressed "
                      f"{100 * acc['compressed']:.2f} %")

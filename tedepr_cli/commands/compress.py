@@ -78,11 +78,14 @@ def _split_globs(values: list[str]) -> list[str]:
     return [p.strip() for v in values for p in v.split(",") if p.strip()]
 
 
-def _accuracy(art, data: Path, split: str = "test") -> float:
+def _accuracy(art, data: Path, split: str = "test") -> float | None:
+    """Test accuracy on ``data``; None for data without labels."""
     from ..evaluate import evaluate
     from ..model_data import tensors_for
 
     x, y = tensors_for(art, data, split)
+    if not bool((y >= 0).any()):
+        return None
     return evaluate(art.model, x, y)["accuracy"]
 
 
@@ -147,7 +150,15 @@ def decompose(
     acc_before = _accuracy(art, data) if data else None
     out, report = run_decompose(art, opts)
     summary = totals(report, before, sum(p.numel() for p in out.model.parameters()))
-    if data:
+    if data and acc_before is None:  # no labels: how close the decomposed outputs stay to the original's
+        from ..evaluate import cosine_split
+        from ..model_data import split_for
+
+        cos = cosine_split(out.model, art.model, split_for(out, data, "test"))["cosine_mean"]
+        summary["cosine_to_original"] = cos
+        out.meta.setdefault("metrics", {})["decompose"] = {"data": str(data), "split": "test",
+                                                           "cosine_to_original": cos}
+    elif data:
         summary["accuracy_before"] = acc_before
         summary["accuracy_after"] = _accuracy(out, data)
         out.meta.setdefault("metrics", {})["decompose"] = {
@@ -175,6 +186,8 @@ def _print_plan(report: list[dict[str, Any]], summary: dict[str, Any]) -> None:
                        rows, right={5, 6, 7, 8}))
     line = (f"params {summary['params_before']:,} -> {summary['params_after']:,} "
             f"({summary['compression']:.1f}x); {summary['layers_tensorized']} layers tensorized")
+    if "cosine_to_original" in summary:
+        line += f"; mean cosine of the outputs to the original {summary['cosine_to_original']:.4f} (test)"
     if "accuracy_after" in summary:
         line += (f"; test accuracy {100 * summary['accuracy_before']:.2f} % -> "
                  f"{100 * summary['accuracy_after']:.2f} % (before fine-tuning)")

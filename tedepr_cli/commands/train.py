@@ -30,10 +30,11 @@ from .common import (
 @command
 def finetune(
     path: ModelPath,
-    data: Annotated[Path, typer.Option("--data", help="Labelled data, [reader:]PATH: .npz, CIFAR, MNIST "
-                                       "IDX, image folders, sequence clips (README 'Datasets'). The train "
+    data: Annotated[Path, typer.Option("--data", help="Data, [reader:]PATH: .npz, CIFAR, MNIST IDX, image "
+                                       "folders, sequence clips, token ids (README 'Datasets'). The train "
                                        "split trains, a seeded --val-fraction of it validates, the test "
-                                       "split reports.", show_default=False)],
+                                       "split reports. Token data without labels needs --teacher.",
+                                       show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Run directory: best/ and last/ "
                                          "artifacts, metrics.jsonl, state.pt.", show_default=False)],
     epochs: Annotated[int, typer.Option("--epochs", help="Passes over the training split.")] = 10,
@@ -89,6 +90,9 @@ def finetune(
         "dense (the dense weight rebuilt from the cores each step, one GEMM/conv; same function, "
         "gradients reach the cores), or auto (per layer the faster, measured on the batch shape "
         "at the start: fastest, but timing-dependent, so runs may differ in float rounding).")] = "chain",
+    distill_loss: Annotated[str, typer.Option(
+        "--distill-loss", help="With --teacher: kl (soft class probabilities), cosine or mse (match the "
+        "outputs: embeddings, features); auto: kl with labels, cosine without.")] = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output exactly "
                                          "where it stopped (after its last completed epoch).")] = False,
     seed: Seed = 0,
@@ -113,7 +117,7 @@ def finetune(
                         workers=workers, strict_data=strict_data,
                         teacher=str(teacher) if teacher is not None else None,
                         distill_alpha=distill_alpha, distill_temperature=distill_temperature,
-                        train_path=train_path)
+                        train_path=train_path, distill_loss=distill_loss)
     opts.validate()
     if resume and overwrite:
         raise UsageError("--resume continues a run; --overwrite would discard it: choose one")
@@ -155,10 +159,16 @@ def finetune(
     if json_out:
         print_json(out)
         return
-    picked = (f"val accuracy {100 * summary['best_score']:.2f} %" if opts.val_fraction > 0
-              else f"training loss {-summary['best_score']:.4f}")
+    cosine = "test_cosine" in summary  # unlabeled data: agreement with the teacher
+    if opts.val_fraction <= 0:
+        picked = f"training loss {-summary['best_score']:.4f}"
+    else:
+        picked = (f"val cosine {summary['best_score']:.4f}" if cosine
+                  else f"val accuracy {100 * summary['best_score']:.2f} %")
+    result = (f"test cosine to the teacher {summary['test_cosine']:.4f}" if cosine
+              else f"test accuracy {100 * summary['test_accuracy']:.2f} %")
     stdout.print(f"{output}: {summary['epochs_run']} epochs; best checkpoint {output / 'best'} "
-                 f"({picked}), test accuracy {100 * summary['test_accuracy']:.2f} %")
+                 f"({picked}), {result}")
 
 
 def _progress(epochs: int):
@@ -180,7 +190,13 @@ def _progress(epochs: int):
 def eval_(
     path: ModelPath,
     data: Annotated[Path, typer.Option("--data", help="Labelled data, [reader:]PATH (README "
-                                       "'Datasets').", show_default=False)],
+                                       "'Datasets'); token data without labels needs --reference.",
+                                       show_default=False)],
+    reference: Annotated[Path | None, typer.Option(
+        "--reference", help="Report the mean cosine of the model's outputs to this model's (usually "
+        "the dense original: an artifact, .pt2, or a state_dict read into the model's architecture) "
+        "instead of accuracy: for encoders and other models that are not classifiers.",
+        show_default=False)] = None,
     split: Annotated[str, typer.Option("--split", help="test, train or all.")] = "test",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per evaluation batch.")] = 256,
     threads: Annotated[int, typer.Option("--threads", help="CPU threads.")] = 1,
@@ -210,9 +226,26 @@ def eval_(
         raise UsageError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     torch.set_num_threads(threads)
     art = _load(path, arch, arch_kwargs, input_shape, trust_pickle, non_strict)
-    classes = num_outputs(art.model, art.input_shape)
     ds, pre = open_for_model(data, art, normalize=normalize, strict=strict_data)
     s = make_split(ds, split, art.input_shape, art.input_kind, pre, strict=strict_data)
+    if reference is not None or not ds.labeled:
+        from ..distill import load_teacher
+        from ..evaluate import cosine_split
+
+        if reference is None:
+            raise UsageError(f"{data} has no labels: pass --reference (e.g. the dense original) to "
+                             "report the cosine of the outputs to it")
+        ref = load_teacher(reference, art, classes=False, option="reference")
+        m = cosine_split(art.model, ref, s, batch_size=batch_size, workers=workers)
+        m.update(path=str(path), data=str(data), split=split, reference=str(reference), reader=ds.reader)
+        if json_out:
+            print_json(m)
+            return
+        stdout.print(f"{path} on {data} ({split}, {m['samples']:,} samples): mean cosine to {reference} "
+                     f"{m['cosine_mean']:.4f} (min {m['cosine_min']:.4f}), {m['examples_per_s']:,.0f} "
+                     f"examples/s of both models ({threads} thread{'s' if threads > 1 else ''})")
+        return
+    classes = num_outputs(art.model, art.input_shape)
     m = evaluate_split(art.model, s, batch_size=batch_size, num_classes=classes, workers=workers)
     m.update(path=str(path), data=str(data), split=split, reader=ds.reader, normalize=pre.normalize)
     if json_out:

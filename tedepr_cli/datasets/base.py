@@ -140,7 +140,7 @@ class ConcatSource:
 Source = ArraySource | ItemSource | ConcatSource
 
 #: families decide the standard preprocessing (see :mod:`.transforms`)
-FAMILIES = ("cifar10", "cifar100", "imagenet", "mnist", "generic", "sequence")
+FAMILIES = ("cifar10", "cifar100", "imagenet", "mnist", "generic", "sequence", "tokens")
 
 
 @dataclass
@@ -157,9 +157,13 @@ class Dataset:
     derived_split: bool = False
     notes: list[str] = field(default_factory=list)
     describe_sample: Callable[[], dict[str, Any]] | None = None
+    input_names: tuple[str, ...] = ()  # token data: the int arrays stacked per sample
+    labeled: bool = True  # False: every label is -1 (token data without labels)
 
     @property
     def num_classes(self) -> int:
+        if not self.labeled:
+            return 0
         if self.classes is not None:
             return len(self.classes)
         return int(max(int(s.labels.max()) for s in self.splits.values() if len(s)) + 1)

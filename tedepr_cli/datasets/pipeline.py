@@ -224,6 +224,14 @@ def resolve_preprocess(ds: Dataset, input_shape: tuple[int, ...], kind: str, *, 
         raise UsageError(f"{opt('normalize')} must be one of {', '.join(NORMALIZE_CHOICES)}, got "
                          f"{normalize!r}")
     fam = ds.family
+    if kind == "tokens":  # ids index an embedding: nothing to scale, crop or flip
+        if augment:
+            raise UsageError(f"{opt('augment')}: no augmentation is defined for token ids (use "
+                             f"{opt('no-augment')})")
+        if normalize in ("standard", "computed"):
+            raise UsageError(f"{opt('normalize')} {normalize}: token ids are not normalized (use auto or "
+                             "none)")
+        return Preprocess(family=fam, normalize="none", seed=seed)
     train_src = ds.splits["train"]
     items = isinstance(train_src, ItemSource) and train_src.kind == "image"
     pre = Preprocess(family=fam, normalize="none", seed=seed,

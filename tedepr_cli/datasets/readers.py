@@ -44,6 +44,10 @@ def read_npz(path: Path) -> Dataset:
     tr, te = rows[d.split == 0], rows[d.split == 1]
     splits = {"train": ArraySource(d.x, d.y[tr], "split == 0", tr),
               "test": ArraySource(d.x, d.y[te], "split == 1", te)}
+    if d.input_names:
+        notes = [] if d.labeled else ["no labels: distillation and cosine to a reference, no accuracy"]
+        return Dataset("npz", "tokens", str(path), splits, input_names=d.input_names, labeled=d.labeled,
+                       notes=notes)
     return Dataset("npz", "generic", str(path), splits)
 
 

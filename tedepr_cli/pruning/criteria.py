@@ -32,7 +32,7 @@ from torch.func import functional_call
 from ..errors import BadInput, opt
 from ..logs import log
 from ..registry import Registry
-from ..surgery import example_input, first_layer
+from ..surgery import call_args, example_input, first_layer
 from ..tensorized.embedding import TTEmbedding
 
 
@@ -57,6 +57,7 @@ class ScoreContext:
     options: CriterionOptions
     kept: int  # final budget (iterative criteria schedule towards it)
     select: Callable[[dict[str, Tensor], int], dict[str, Tensor]] = field(repr=False, default=None)
+    warnings: list[str] = field(default_factory=list)  # what a criterion found wrong with its scores
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,10 @@ def _params(ctx: ScoreContext) -> dict[str, Tensor]:
 def _loss(model: nn.Module, params: dict[str, Tensor], batch: tuple[Tensor, Tensor],
           temperature: float = 1.0) -> Tensor:
     x, y = batch
-    return F.cross_entropy(functional_call(model, params, (x,)) / temperature, y)
+    args, kwargs = call_args(model, x)  # token arrays by name
+    out = functional_call(model, params, args, kwargs)
+    out = out[0] if isinstance(out, tuple | list) else out
+    return F.cross_entropy(out / temperature, y)
 
 
 @contextlib.contextmanager
@@ -169,6 +173,44 @@ def grasp(ctx: ScoreContext) -> dict[str, Tensor]:
     return {n: p[n] * hg[n] for n in ctx.targets}
 
 
+def degenerate_scores(scores: dict[str, Tensor]) -> dict[str, str]:
+    """The score tensors that cannot rank their entries, by name, with why: every score
+    equal (e.g. all 0: no gradient reached the layer), every row (output unit) of a weight
+    matrix scored alike, or a contiguous block of at least a third of its rows scoring 0
+    (e.g. the query and key rows of a stacked attention projection when every token is
+    the same). Scattered zero rows (dead ReLUs) do not count."""
+    out: dict[str, str] = {}
+    for n, v in scores.items():
+        s = v.detach().double()
+        if s.numel() < 2:
+            continue
+        top = float(s.abs().max())
+        if float(s.max()) == float(s.min()):
+            out[n] = f"all {s.numel():,} scores are {float(s.max()):.3g}"
+            continue
+        if s.dim() != 2 or s.shape[0] < 3:
+            continue
+        rows = s.shape[0]
+        if bool((s == s[:1]).all()):
+            out[n] = f"all {rows} rows score alike"
+            continue
+        zero = (s.abs().amax(1) <= 1e-9 * top).tolist()
+        run = best = start = best_start = 0
+        for i, z in enumerate(zero):
+            run, start = (run + 1, start) if z else (0, i + 1)
+            if run > best:
+                best, best_start = run, start
+        if best >= max(2, rows // 3):
+            out[n] = f"rows {best_start}..{best_start + best - 1} ({best} of {rows}) all score 0"
+    return out
+
+
+def _attention_modules(model: nn.Module) -> list[str]:
+    from ..tensorized.wrappers import TensorizedMHA
+
+    return [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention | TensorizedMHA)]
+
+
 @_register("synflow", needs_data=False)
 def synflow(ctx: ScoreContext) -> dict[str, Tensor]:
     model = copy.deepcopy(ctx.model).double().eval()
@@ -196,9 +238,35 @@ def synflow(ctx: ScoreContext) -> dict[str, Tensor]:
         gs = torch.autograd.grad(r, [leaves[n] for n in ctx.targets], allow_unused=True)
         scores = {n: ((g if g is not None else torch.zeros_like(leaves[n])) * leaves[n]).detach().abs()
                   for n, g in zip(ctx.targets, gs, strict=True)}
+        if k == 1:
+            _warn_degenerate(ctx, scores, ones)
         if k < rounds:
             masks = ctx.select(scores, exponential_keep(total, ctx.kept, k, rounds))
     return scores
+
+
+def _warn_degenerate(ctx: ScoreContext, scores: dict[str, Tensor], probe: Tensor) -> None:
+    """SynFlow's all-ones probe carries no information for some layers (Tanaka et al. 2020
+    define it for image classifiers): one warning naming them, from the first round's
+    scores (before any pruning zeroes entries), and for a token model with attention
+    whose probe repeats one token at every position."""
+    found = degenerate_scores(scores)
+    same_token = (not probe.is_floating_point() and probe.dim() >= 2 and probe.shape[-1] > 1
+                  and bool((probe == probe[..., :1]).all()))
+    attention = _attention_modules(ctx.model) if same_token else []
+    if not found and not attention:
+        return
+    parts = []
+    if found:
+        shown = "; ".join(f"{n}: {why}" for n, why in list(found.items())[:4])
+        more = f"; and {len(found) - 4} more" if len(found) > 4 else ""
+        parts.append(f"its scores cannot rank the entries of {len(found)} tensor(s) ({shown}{more})")
+    if attention:
+        parts.append(f"its probe repeats one token at every position, so the attention in "
+                     f"{', '.join(attention[:3])}{' ...' if len(attention) > 3 else ''} sees identical "
+                     "tokens and its query/key projections get no signal")
+    ctx.warnings.append(f"synflow (data-free) probe is degenerate for this model: {'; '.join(parts)}. Pass "
+                        f"{opt('data')} for a data-driven criterion")
 
 
 @_register("force", needs_data=True)

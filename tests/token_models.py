@@ -1,0 +1,34 @@
+"""A tiny sentence encoder written the way Hugging Face encoders are called: token ids and
+an attention mask in, one pooled embedding per sentence out (not class logits). Used by
+tests/test_tokens.py through ``--arch tests.token_models:encoder``; nothing here knows tedepr.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+input_shape = (12,)  # 12 token ids per sentence
+
+
+class TinyEncoder(nn.Module):
+    """nn.Embedding + nn.TransformerEncoder + masked mean pooling, ``forward(input_ids,
+    attention_mask=None)`` like a Hugging Face model."""
+
+    def __init__(self, vocab: int = 64, dim: int = 32, heads: int = 4, layers: int = 1) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=64, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.encoder(self.embed(input_ids))
+        if attention_mask is None:
+            return self.proj(h.mean(dim=1))
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        return self.proj((h * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0))
+
+
+def encoder(**kw) -> nn.Module:
+    return TinyEncoder(**kw)
