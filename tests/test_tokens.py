@@ -300,3 +300,22 @@ def test_synflow_on_a_token_model_with_attention_warns_once(tmp_path):
     res = _ok(run_cli("prune", teacher, *ARCH, "--no-decompose", "--sparsity", "0.5", "-o", tmp_path / "p"),
               "prune")
     assert sum("probe is degenerate" in line for line in res.stderr.splitlines()) == 1
+
+
+def test_an_encoder_with_a_padding_mask_and_nested_tensors_decomposes_and_prunes(tmp_path):
+    """torch's TransformerEncoder with its defaults (nested tensors on) and a padding mask:
+    in eval mode its fast path packs the batch into a NestedTensor, which a tensorized
+    layer cannot reshape (was an internal error); tensorizing its attention turns the
+    nested path off, so decompose --data, prune --data and eval --reference run."""
+    arch = ["--arch", "tests.token_models:padded_encoder"]
+    torch.manual_seed(0)
+    teacher = tmp_path / "teacher.pt"
+    torch.save(tm.padded_encoder().state_dict(), teacher)
+    data = _tokens(tmp_path / "tokens.npz", n=64)
+    dec, pr = tmp_path / "dec", tmp_path / "pr"
+    res = _ok(run_cli("decompose", teacher, *arch, "--rank", "4", "--data", data, "-o", dec, "--json"),
+              "decompose")
+    assert 0 < json.loads(res.stdout)["summary"]["cosine_to_original"] <= 1
+    _ok(run_cli("prune", dec, *arch, "--sparsity", "0.85", "--data", data, "--batch-size", "16", "-o", pr),
+        "prune")
+    _ok(run_cli("eval", pr, *arch, "--data", data, "--reference", teacher), "eval")

@@ -32,3 +32,26 @@ class TinyEncoder(nn.Module):
 
 def encoder(**kw) -> nn.Module:
     return TinyEncoder(**kw)
+
+
+class PaddedEncoder(TinyEncoder):
+    """The encoder as most users write it: torch's defaults (nested tensors enabled) and the
+    padding mask passed to the encoder, whose eval-mode fast path then packs the batch into
+    a NestedTensor."""
+
+    def __init__(self, vocab: int = 64, dim: int = 32, heads: int = 4, layers: int = 1) -> None:
+        super().__init__(vocab, dim, heads, layers)
+        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=64, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        pad = None if attention_mask is None else attention_mask == 0
+        h = self.encoder(self.embed(input_ids), src_key_padding_mask=pad)
+        if attention_mask is None:
+            return self.proj(h.mean(dim=1))
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        return self.proj((h * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0))
+
+
+def padded_encoder(**kw) -> nn.Module:
+    return PaddedEncoder(**kw)

@@ -504,6 +504,13 @@ def apply_plan(model: nn.Module, specs: dict[str, dict[str, Any]]) -> dict[str, 
             raise BadInput(f"tensorization plan says {name} is {spec.get('type')!r}, the model "
                            f"has {type(names[name]).__name__}")
         old[name] = swap_module(model, name, build_layer(spec))
+    if any(s.get("type") == "mha" for s in specs.values()):
+        for m in model.modules():
+            # with a padding mask, the encoder's nested-tensor fast path would hand the
+            # tensorized layers a NestedTensor, which their chains cannot reshape
+            if isinstance(m, nn.TransformerEncoder):
+                m.enable_nested_tensor = False
+                m.use_nested_tensor = False
     return old
 
 
