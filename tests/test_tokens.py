@@ -319,3 +319,16 @@ def test_an_encoder_with_a_padding_mask_and_nested_tensors_decomposes_and_prunes
     _ok(run_cli("prune", dec, *arch, "--sparsity", "0.85", "--data", data, "--batch-size", "16", "-o", pr),
         "prune")
     _ok(run_cli("eval", pr, *arch, "--data", data, "--reference", teacher), "eval")
+
+
+def test_info_describes_unlabeled_token_data(tmp_path):
+    """info --data on token data without labels (was an internal error: np.bincount of the
+    -1 placeholders): no class counts, said so, in the table and in JSON."""
+    data = _tokens(tmp_path / "tokens.npz", n=40)
+    res = _ok(run_cli("info", "--data", data, "--json"), "info --json")
+    d = json.loads(res.stdout)
+    d = d.get("data", d)
+    assert all(s["class_counts"] is None for s in d["splits"].values())
+    assert sum(s["count"] for s in d["splits"].values()) == 40
+    res = _ok(run_cli("info", "--data", data), "info")
+    assert "no labels" in res.stdout

@@ -106,12 +106,15 @@ def _fits(ds, art) -> dict[str, Any]:
 def _print_data(d: dict[str, Any]) -> None:
     names = d.get("class_names")
     shown = f": {', '.join(map(str, names[:10]))}{', ...' if len(names) > 10 else ''}" if names else ""
-    stdout.print(f"[bold]{d['path']}[/bold]: {d['reader']} reader ({d['family']}), {d['classes']} classes"
-                 f"{shown}", markup=True, highlight=False)
+    labeled = all(s["class_counts"] is not None for s in d["splits"].values())
+    what = f"{d['classes']} classes{shown}" if labeled else "no labels"
+    stdout.print(f"[bold]{d['path']}[/bold]: {d['reader']} reader ({d['family']}), {what}", markup=True,
+                 highlight=False)
     rows = []
     for name, s in d["splits"].items():
-        counts = [c for c in s["class_counts"] if c] or [0]
-        rows.append([name, s["count"], f"{min(counts)}-{max(counts)}", s["from"]])
+        counts = [c for c in s["class_counts"] or [] if c] or [0]
+        per_class = f"{min(counts)}-{max(counts)}" if s["class_counts"] else "-"
+        rows.append([name, s["count"], per_class, s["from"]])
     stdout.print(table(None, ["split", "samples", "per class", "from"], rows, right={1, 2}))
     shape = tuple(d["sample_shape"]) if d.get("sample_shape") else "?"
     extra = " (sizes vary)" if d.get("sizes_vary") else ""

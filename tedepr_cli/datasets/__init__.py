@@ -169,7 +169,8 @@ def describe_dataset(ds: Dataset) -> dict[str, Any]:
     k = ds.num_classes
     splits = {}
     for name, src in ds.splits.items():
-        counts = np.bincount(src.labels, minlength=k).tolist() if len(src) else [0] * k
+        labeled = len(src) > 0 and bool((np.asarray(src.labels) >= 0).all())  # -1: no label
+        counts = np.bincount(src.labels, minlength=k).tolist() if labeled else None
         splits[name] = {"count": len(src), "from": src.origin, "class_counts": counts}
     return {"path": ds.path, "reader": ds.reader, "family": ds.family, "classes": k,
             "class_names": ds.class_names or ds.classes, "splits": splits, **_sample(ds),
