@@ -155,11 +155,13 @@ def _train_paths(model: nn.Module, art: Artifact, opts: TrainOptions, saved: dic
             tdist.broadcast_object_list(box, src=0)
             timings = box[0]
         paths = {n: str(t["path"]) for n, t in timings.items()}
-        if dist.main and timings:
-            rebuilt = [n for n, p in paths.items() if p == "dense"]
-            log.info(f"{opt('train-path')} auto: {len(rebuilt)} of {len(paths)} tensorized layers train on "
-                     f"their rebuilt dense weight ({', '.join(rebuilt) or 'none'})")
+
     set_train_paths(model, paths)
+    if dist.main and paths:
+        rebuilt = [n for n, p in paths.items() if p == "dense"]
+        how = "kept from the run" if saved is not None and "train_paths" in saved else opts.train_path
+        log.info(f"{opt('train-path')} {how}: {len(rebuilt)} of {len(paths)} tensorized layers train on "
+                 f"their rebuilt dense weight ({', '.join(rebuilt) or 'none'}), the others on their chain")
     return paths, timings
 
 
@@ -471,8 +473,9 @@ def finetune(art: Artifact, data: Path, out: Path, opts: TrainOptions, resume: b
 
         tdist.barrier()
     best_art = _final(out, art) if dist.main else art
+    # one shape whatever --train-path: {layer: {"path", and for auto its "chain_ms"/"dense_ms"}}
     summary = {"epochs_run": len(history), "best_score": best, "history": history,
-               "train_paths": path_times or paths}
+               "train_paths": {n: {**path_times.get(n, {}), "path": p} for n, p in paths.items()}}
     if dist.main:
         best_model = best_art.model.to(device)
         if labeled:

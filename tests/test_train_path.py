@@ -134,14 +134,15 @@ def test_finetune_auto_records_its_choice_and_a_resume_keeps_it(pruned, tmp_path
     monkeypatch.setattr(tp, "measure", no_measure)
     stop["after"] = 0
     _, summary = finetune(pruned, MNIST, tmp_path / "run", opts, resume=True, on_epoch=on_epoch)
-    assert summary["train_paths"] == {"fc1": "chain", "fc2": "dense", "fc3": "chain"}
+    assert {n: t["path"] for n, t in summary["train_paths"].items()} == {"fc1": "chain", "fc2": "dense",
+                                                                         "fc3": "chain"}
 
 
 def test_uniform_paths_and_the_option(pruned, tmp_path):
     assert uniform(pruned.model, "dense") == {"fc1": "dense", "fc2": "dense", "fc3": "dense"}
     _, summary = finetune(pruned, MNIST, tmp_path / "d", TrainOptions(
         epochs=1, batch_size=64, limit_train=128, lr=3e-3, train_path="dense"))
-    assert summary["train_paths"] == {"fc1": "dense", "fc2": "dense", "fc3": "dense"}
+    assert summary["train_paths"] == {n: {"path": "dense"} for n in ("fc1", "fc2", "fc3")}
     r = run_cli("finetune", LENET300, "--arch", "lenet300", "--data", MNIST, "--train-path", "fast",
                 "-o", tmp_path / "x")
     assert r.exit_code == 2 and "--train-path" in r.stderr and r.stderr.count("\n") == 1
