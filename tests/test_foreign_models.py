@@ -355,3 +355,18 @@ def test_pickled_module_and_program_decompose_or_say_why(tmp_path):
     assert res.exit_code == 4 and "static batch size of 1" in res.stderr
     _ok(run_cli("decompose", tmp_path / "prog.pt2", "--arch", f"{MOD}:resnet18", "-o", tmp_path / "d4"),
         "decompose .pt2 --arch")
+
+
+def test_bench_memory_probes_take_the_confirmed_import_path(tmp_path):
+    """bench --arch pkg.module:callable measures peak memory in fresh processes, which
+    reload the artifact: they take the trust the user gave (was: every probe refused the
+    import path, 'not measured')."""
+    ckpt = _checkpoint(tmp_path, "untied")
+    arch = ["--arch", f"{MOD}:untied"]
+    _ok(run_cli("prune", ckpt, "--sparsity", "0.9", *arch, "-o", tmp_path / "pr"), "prune")
+    res = run_cli("bench", tmp_path / "pr", "--iters", "2", "--warmup", "1", "--batch", "1", "--engines",
+                  "dense-torch,chain-torch", "--json", *arch)
+    _ok(res, "bench")
+    d = json.loads(res.stdout)
+    assert not [w for w in d["warnings"] if "not measured" in w], d["warnings"]
+    assert all(r["peak_memory_bytes"] is not None for r in d["results"]["1"].values())

@@ -287,6 +287,9 @@ def _run(target: Target, opts: BenchOptions, device: torch.device, baseline_path
     # the compressed artifact as a file: its size, and what the memory probes load
     compact = save_artifact(copy.copy(art), tmp / "compact.safetensors")
     memory_on = opts.memory
+    # the probes reload the artifact in fresh processes: an import-path architecture the
+    # user already confirmed here (--arch) is confirmed there too
+    trusted = art.arch.name if art.arch is not None and art.arch.is_import else None
     report["memory"] = {"method": (CUDA_METHOD if device.type == "cuda" else CPU_METHOD) if memory_on
                         else f"not measured ({opt('no-memory')})"}
     timers: dict[str, Timer] = {}
@@ -333,7 +336,7 @@ def _run(target: Target, opts: BenchOptions, device: torch.device, baseline_path
                         progress(f"batch {b}: peak memory of {e}", i, len(fns))
                     try:
                         mem[e] = _peak(e, fns[e], b, device, opts, compact, baseline_path, onnx,
-                                       plans.get(str(b)))
+                                       plans.get(str(b)), trusted)
                     except (OSError, RuntimeError) as exc:
                         warnings.append(f"peak memory of {e} at batch {b} not measured: {_first_line(exc)}")
         row = {}
@@ -383,8 +386,8 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _peak(engine: str, fn: Callable[[], Any], batch: int, device: torch.device, opts: BenchOptions,
-          compact: Path, baseline: Path | None, onnx: dict[str, Path], plan: dict[str, Any] | None
-          ) -> int | None:
+          compact: Path, baseline: Path | None, onnx: dict[str, Path], plan: dict[str, Any] | None,
+          trusted: str | None = None) -> int | None:
     """One figure of :mod:`.memory`: in-process on CUDA (None for onnxruntime, which
     allocates outside torch), in a fresh process on the CPU."""
     if device.type == "cuda":  # a graph's buffers live in its private pool, held since capture
@@ -392,7 +395,7 @@ def _peak(engine: str, fn: Callable[[], Any], batch: int, device: torch.device, 
     spec = {"engine": engine, "batch": batch, "artifact": str(compact), "seed": opts.seed,
             "baseline": str(baseline) if baseline else None, "threads": opts.threads,
             "onnx": str(onnx[engine]) if engine in onnx else None,
-            "plan": plan if engine == "tedepr" else None}
+            "plan": plan if engine == "tedepr" else None, "allow_import": trusted}
     return measure_in_subprocess(spec)
 
 

@@ -92,7 +92,8 @@ def measure_in_subprocess(spec: dict[str, Any], timeout: float = SUBPROCESS_TIME
     """Run :func:`main` on ``spec`` in a fresh interpreter; the peak in bytes. ``spec``:
     engine, batch, artifact (path of the compressed artifact), baseline (checkpoint path or
     None), seed, threads, onnx (the engine's ONNX path or None), plan (the tedepr engine's
-    execution plan or None). Raises RuntimeError with one line on failure."""
+    execution plan or None), allow_import (the import-path architecture the caller already
+    trusts, or None). Raises RuntimeError with one line on failure."""
     try:
         r = subprocess.run([sys.executable, "-m", "tedepr_cli.bench.memory"], input=json.dumps(spec),
                            capture_output=True, text=True, timeout=timeout, env={**os.environ})
@@ -112,7 +113,7 @@ def _measure(spec: dict[str, Any]) -> int:
     from .engines import Engines, input_batch, load_baseline
 
     torch.set_num_threads(int(spec["threads"]))
-    art = load_artifact(Path(spec["artifact"]))
+    art = load_artifact(Path(spec["artifact"]), allow_import=spec.get("allow_import"))
     base = None
     if spec["engine"] in ("dense-torch",):
         base, _ = load_baseline(art, Path(spec["baseline"]) if spec.get("baseline") else None,
