@@ -332,3 +332,25 @@ def test_info_describes_unlabeled_token_data(tmp_path):
     assert sum(s["count"] for s in d["splits"].values()) == 40
     res = _ok(run_cli("info", "--data", data), "info")
     assert "no labels" in res.stdout
+
+
+def test_the_planner_runs_a_token_model_in_onnxruntime():
+    """The planner's onnxruntime runtimes trace and feed a token model with int64 ids (they
+    fed float zeros: both were 'unavailable', so the plan never considered onnxruntime)."""
+    from tedepr_cli.arch import build, parse_arch
+    from tedepr_cli.artifact import Artifact
+    from tedepr_cli.execution.runtimes import Runtimes
+    from tedepr_cli.pruning.prune import PruneOptions, prune
+
+    torch.manual_seed(0)
+    arch = parse_arch("tests.token_models:encoder")
+    art, _ = prune(Artifact(model=build(arch, allow_import=True), arch=arch, meta={"input_shape": [L]}),
+                   PruneOptions(sparsity=0.9))
+    rt = Runtimes(art, 1)
+    ids = torch.randint(0, 64, (3, L), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = art.model.eval()(ids)
+        for runtime in ("onnx", "dense-ort"):
+            mod = rt.module(runtime)
+            assert mod is not None, rt.unavailable.get(runtime)
+            torch.testing.assert_close(mod(ids), want, rtol=1e-4, atol=1e-5)

@@ -54,8 +54,9 @@ def ort_session(source: Path | bytes, threads: int, device: torch.device | None 
 
 class OrtModule(nn.Module):
     """An ONNX model in an onnxruntime CPU session as an ``nn.Module`` (inference only):
-    takes a float32 CPU tensor ``(B, *sample)`` and returns the first output as a tensor
-    (several outputs: a tuple). ``onnx``: the serialized ``ModelProto``."""
+    takes a CPU tensor ``(B, *sample)`` (floats as float32, token ids as they are) and
+    returns the first output as a tensor (several outputs: a tuple). ``onnx``: the
+    serialized ``ModelProto``."""
 
     def __init__(self, onnx: bytes, threads: int = 1) -> None:
         super().__init__()
@@ -65,7 +66,8 @@ class OrtModule(nn.Module):
         self.input_name = self.session.get_inputs()[0].name
 
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:
-        xn = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        x = x.detach().to("cpu")
+        xn = (x.to(torch.float32) if x.is_floating_point() else x).contiguous().numpy()  # ids stay int64
         out = self.session.run(None, {self.input_name: xn})
         if len(out) == 1:
             return torch.from_numpy(out[0])
@@ -82,8 +84,10 @@ def onnx_bytes(model: nn.Module, input_shape: tuple[int, ...]) -> bytes:
     """``model`` (masks folded in) as ONNX with a dynamic batch axis
     (:func:`tedepr_cli.export.to_onnx`, traced at batch 2), serialized."""
     from ..export import to_onnx
+    from ..surgery import example_input
 
-    return to_onnx(model, torch.zeros(2, *input_shape), ONNX_OPSET).SerializeToString()
+    # token ids (int64) for a model that starts with an embedding, floats otherwise
+    return to_onnx(model, example_input(model, input_shape, 2, "zeros"), ONNX_OPSET).SerializeToString()
 
 
 def _dense_lstm(layer: nn.Module) -> nn.LSTM:
