@@ -341,9 +341,7 @@ def finetune(art: Artifact, data: Path, out: Path, opts: TrainOptions, resume: b
     device = torch.device(f"cuda:{dist.local_rank}" if opts.device == "cuda" else "cpu")
     _init_dist(dist, opts.device)
     splits = load_splits(data, art, opts)
-    # the masks ride on the model (tedepr_cli.masks): pruned entries stay exactly zero
-    # through any optimizer step, with no bookkeeping here
-    labeled = splits.labeled
+    labeled = splits.labeled  # False: token data without labels, the teacher's outputs are the targets
     kind = resolve_distill_loss(opts.distill_loss, labeled)
     if not labeled and not opts.teacher:
         raise BadInput(f"{data} has no labels: pass {opt('teacher')} (e.g. the dense original) to train the "
@@ -351,6 +349,8 @@ def finetune(art: Artifact, data: Path, out: Path, opts: TrainOptions, resume: b
     if kind == "kl" and not labeled:
         raise UsageError(f"{opt('distill-loss')} kl matches class probabilities next to labels; {data} has "
                          "none: use cosine or mse")
+    # the masks ride on the model (tedepr_cli.masks): pruned entries stay exactly zero
+    # through any optimizer step, with no bookkeeping here
     model = copy.deepcopy(art.model).to(device)
     teacher = load_teacher(opts.teacher, art, classes=kind == "kl").to(device) if opts.teacher else None
     optimizer = _optimizer(model, opts)
