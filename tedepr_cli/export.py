@@ -60,6 +60,7 @@ from .device import exact_fp32
 from .device import resolve as resolve_device
 from .errors import BadInput, EngineUnavailable, UsageError, ValidationError, opt
 from .fsutil import atomic_output
+from .logs import log
 from .storage import byte_sizes
 from .surgery import eval_mode, example_input, is_token_model, token_ids
 
@@ -197,6 +198,12 @@ def strip_metadata(proto) -> None:
         del node.metadata_props[:]
 
 
+def graph_input(example: torch.Tensor) -> str:
+    """The ONNX graph's input name: ``input_ids`` for token ids (as a Hugging Face export
+    names them), ``x`` for float samples."""
+    return "x" if example.is_floating_point() else "input_ids"
+
+
 def to_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int, strip: bool = True):
     """An ``onnx.ModelProto`` of ``model`` traced at ``example`` (batch >= 2, see
     :func:`trace_batch`) with a dynamic batch axis (input ``x``, output ``logits``). Masks are
@@ -215,7 +222,8 @@ def to_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int, strip: bo
     try:
         with _quiet_export():
             prog = torch.onnx.export(model, (example,), dynamo=True, external_data=False,
-                                     opset_version=opset, input_names=["x"], output_names=["logits"],
+                                     opset_version=opset, input_names=[graph_input(example)],
+                                     output_names=["logits"],
                                      dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
     except ImportError as e:
         raise EngineUnavailable(f"ONNX export needs onnx/onnxscript: {e}") from None
@@ -432,10 +440,17 @@ def sample_inputs(art: Artifact, n: int, data: Path | None, seed: int) -> tuple[
         raise BadInput(f"{data} has only {got} readable test samples; the export needs {n}")
     info = {"source": "data", "reader": ds.reader, "split": "test", "normalize": pre.normalize,
             "mean": pre.mean, "std": pre.std}
+    x = torch.cat(xs)
     if ds.input_names:  # the graph's one input is the ids (no attention mask: every token attends)
         info["token_arrays"] = list(ds.input_names)
         info["graph_inputs"] = "input_ids"
-    return token_ids(torch.cat(xs)).numpy(), info
+        if "attention_mask" in ds.input_names and x.dim() == 3 and \
+                bool((x[:, ds.input_names.index("attention_mask")] == 0).any()):
+            info["attention_mask"] = "padded samples; not a graph input"
+            log.warning(f"{data} has padded samples (attention_mask 0), but the ONNX graph takes the ids "
+                        "only and every token attends: on padded inputs it computes what the model computes "
+                        "without its mask (validation here compares like with like)")
+    return token_ids(x).numpy(), info
 
 
 def kept_counts(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, int]:

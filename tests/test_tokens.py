@@ -170,6 +170,10 @@ def test_encoder_pipeline_with_unlabeled_tokens_and_distillation(tmp_path):
     _ok(run_cli("export", ft, *ARCH, "--data", data, "-o", ex), "export")
     exp = json.loads((ex / "export.json").read_text())
     assert exp["inputs"]["source"] == "data" and exp["inputs"]["graph_inputs"] == "input_ids"
+    import onnx
+
+    assert [i.name for i in onnx.load(str(ex / "model.onnx")).graph.input] == ["input_ids"]
+    assert exp["inputs"]["attention_mask"].startswith("padded")  # said, and warned on stderr
     xs = np.load(ex / "sample_inputs.npy")
     raw = np.load(data)["input_ids"]
     assert xs.dtype == np.int64 and xs.shape[1:] == (L,) and any((raw == row).all(1).any() for row in xs)
