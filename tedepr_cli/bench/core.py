@@ -280,7 +280,7 @@ def _run(target: Target, opts: BenchOptions, device: torch.device, baseline_path
     if opts.strict and opts.engines:
         for e in opts.engines:
             if e in skipped:
-                raise EngineUnavailable(f"engine {e} unavailable: {skipped[e]}")
+                raise EngineUnavailable(f"{e}: {skipped[e]}")
     engines = [e for e in wanted if e not in skipped]
     if BASELINE not in engines:
         engines.insert(0, BASELINE)
