@@ -299,6 +299,15 @@ def _save_state(out: Path, state: dict[str, Any]) -> None:
         torch.save(state, tmp)
 
 
+def saved_recipe(out: Path) -> dict[str, Any] | None:
+    """The training options a resumable run in ``out`` was started with (what ``--resume``
+    trains with), or None when ``out`` holds no readable state."""
+    try:
+        return dict(_load_state(out)["options"])
+    except (BadInput, KeyError, TypeError):
+        return None
+
+
 def _load_state(out: Path) -> dict[str, Any]:
     p = out / STATE_FILE
     if not p.is_file():
@@ -330,7 +339,8 @@ def finetune(art: Artifact, data: Path, out: Path, opts: TrainOptions, resume: b
     if saved is not None:
         opts = TrainOptions(**{f.name: saved["options"][f.name] for f in fields(TrainOptions)
                                if f.name in saved["options"]})
-        log.info(f"resuming {out} after epoch {saved['epoch']} with its saved recipe")
+        log.info(f"resuming {out} after epoch {saved['epoch']} of {opts.epochs} with its saved recipe "
+                 "(options given now are not applied)")
     opts.validate()
     resolve_device(opts.device)  # --device cuda without a GPU: EngineUnavailable, before any output
     if opts.lr is None:

@@ -289,3 +289,26 @@ def test_teacher_bad_input(pruned, tmp_path):
     r = run_cli(*base, "-o", tmp_path / "o4", "--teacher", seven)
     assert r.exit_code == 4 and "predicts 7 classes, the student 10" in r.stderr
     assert not (tmp_path / "o4").exists()
+
+
+def test_a_resumed_run_shows_its_own_epoch_total(pruned, tmp_path):
+    """--resume goes on with the saved recipe: the epoch lines count to the run's epochs,
+    not the CLI default (they showed '/10' on a 3-epoch run), and it says so."""
+    from tedepr_cli.artifact import save_artifact
+
+    art = save_artifact(pruned, tmp_path / "p")
+
+    class Stop(Exception):
+        pass
+
+    def stop(epoch, metrics):
+        raise Stop
+
+    with pytest.raises(Stop):
+        finetune(load_artifact(art), MNIST, tmp_path / "run", _quick(epochs=3, limit_train=128),
+                 on_epoch=stop)
+    r = run_cli("finetune", art, "--data", MNIST, "-o", tmp_path / "run", "--resume")
+    assert r.exit_code == 0, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("tedepr: epoch ") or ln.startswith("epoch ")]
+    assert any("2/3" in ln for ln in lines) and not any("/10" in ln for ln in lines), r.stderr
+    assert "of 3 with its saved recipe" in r.stderr

@@ -105,7 +105,7 @@ def finetune(
     exactly zero. Runs under torchrun for DistributedDataParallel (only rank 0 writes)."""
     from ..console import log
     from ..errors import UsageError
-    from ..train import TrainOptions, dist_from_env, epoch_line
+    from ..train import TrainOptions, dist_from_env, epoch_line, saved_recipe
     from ..train import finetune as run_finetune
 
     opts = TrainOptions(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
@@ -124,6 +124,8 @@ def finetune(
     torch_seed(seed)
     art = _load(path, arch, arch_kwargs, input_shape, trust_pickle, non_strict)
     main_rank = dist_from_env().main
+    if resume:  # the run goes on with its saved recipe: its epochs are the total shown
+        epochs = int((saved_recipe(output) or {}).get("epochs", epochs))
     progress = _progress(epochs) if (main_rank and not quiet and not json_out) else None
 
     def on_epoch(epoch: int, m: dict[str, Any]) -> None:
