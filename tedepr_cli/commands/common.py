@@ -196,8 +196,9 @@ Output = Annotated[Path, typer.Option("--output", "-o", help="Artifact to write 
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed (same seed => same result).")]
 DataOpt = Annotated[Path | None, typer.Option(
-    "--data", help="Labelled data: .npz (x, y[, split]) or [reader:]PATH for CIFAR, MNIST IDX, image "
-    "folders, sequence features (README: Datasets).")]
+    "--data", help="Data: .npz (x, y[, split]), a token .npz (input_ids[, attention_mask, labels]; "
+    "labels optional) or [reader:]PATH for CIFAR, MNIST IDX, image folders, sequence features "
+    "(README: Datasets).")]
 
 
 def torch_seed(seed: int) -> None:

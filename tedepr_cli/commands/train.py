@@ -169,7 +169,8 @@ def finetune(
                   else f"val accuracy {100 * summary['best_score']:.2f} %")
     result = (f"test cosine to the teacher {summary['test_cosine']:.4f}" if cosine
               else f"test accuracy {100 * summary['test_accuracy']:.2f} %")
-    stdout.print(f"{output}: {summary['epochs_run']} epochs; best checkpoint {output / 'best'} "
+    n = summary["epochs_run"]
+    stdout.print(f"{output}: {n} epoch{'' if n == 1 else 's'}; best checkpoint {output / 'best'} "
                  f"({picked}), {result}")
 
 
