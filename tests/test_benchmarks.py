@@ -207,3 +207,36 @@ def test_fashion_mnist_fixed_subset_is_stratified_and_fixed(monkeypatch):
     assert len(rows) == 20_000 and (np.bincount(labels[rows]) == 2000).all()
     assert (np.diff(rows) > 0).all() and np.array_equal(rows, pai.fixed_subset(labels, 20_000))
     assert np.array_equal(pai.fixed_subset(labels[:50], 20_000), np.arange(50))
+
+
+def test_fashion_mnist_lstm_sweep_is_the_bench_s_and_the_header_says_what_ran(tmp_path, monkeypatch):
+    """The LSTM on Fashion-MNIST trains with the bench's one-lr sweep (1e-2), the MNIST sample's
+    LSTM keeps the two-lr sweep, and a table's header names the learning rates its rows ran."""
+    import importlib.util
+    import json
+
+    from .test_datasets import make_mnist_idx
+
+    spec = importlib.util.spec_from_file_location("pai_compare", ROOT / "benchmarks" / "pai_compare.py")
+    pai = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "pai_compare", pai)
+    spec.loader.exec_module(pai)
+    assert pai.BENCHES["fashion-mnist"].sweep("lstm") == (1e-2,)
+    assert pai.BENCHES["mnist-sample"].sweep("lstm") == pai.LRS == (1e-3, 1e-2)
+    assert pai.BENCHES["fashion-mnist"].sweep("resnet20") == pai.LRS_BY_MODEL["resnet20"]
+
+    data = make_mnist_idx(tmp_path / "fmnist", n_train=200, n_test=50, gz=True)
+    out = tmp_path / "out"
+    r = _fashion(tmp_path, "--data-dir", str(data), "--models", "lstm", "--methods", "dense", "--seeds", "0",
+                 "--epochs", "1", "--out", str(out), "--doc", str(tmp_path / "r.md"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    (row,) = [json.loads(p.read_text()) for p in (out / "runs").glob("*.json")]
+    assert list(row["val_by_lr"]) == ["0.01"] and row["lr"] == 0.01
+    assert "## lstm (1 epochs, lr 0.01)" in (tmp_path / "r.md").read_text()
+    # rows cached under another sweep: the header gives the sweep they ran, not today's default
+    row["val_by_lr"] = {"0.001": 0.1, "0.01": 0.2}
+    (out / "runs" / "lstm__dense__na__s1.json").write_text(json.dumps({**row, "seed": 1}))
+    r = _fashion(tmp_path, "--report-only", "--models", "lstm", "--out", str(out),
+                 "--doc", str(tmp_path / "r.md"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "## lstm (1 epochs, lr 0.001/0.01)" in (tmp_path / "r.md").read_text()
