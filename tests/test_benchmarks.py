@@ -240,3 +240,28 @@ def test_fashion_mnist_lstm_sweep_is_the_bench_s_and_the_header_says_what_ran(tm
                  "--doc", str(tmp_path / "r.md"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "## lstm (1 epochs, lr 0.001/0.01)" in (tmp_path / "r.md").read_text()
+
+
+def test_fashion_mnist_fixed_rank_knob(tmp_path):
+    """PAI_TT_RANK=R (experiment knob) decomposes the tensorized methods at rank R, not "auto",
+    and the run's note says so."""
+    import json
+    import os
+
+    from tedepr_cli.artifact import load_artifact
+
+    from .test_datasets import make_mnist_idx
+
+    data = make_mnist_idx(tmp_path / "fmnist", n_train=200, n_test=50, gz=True)
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "pai_compare.py"), "--dataset", "fashion-mnist",
+           "--data-dir", str(data), "--models", "lenet300", "--methods", "tt-tedepr", "--sparsities", "0.99",
+           "--seeds", "0", "--epochs", "1", "--out", str(out), "--doc", str(tmp_path / "r.md")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                       env={**os.environ, "PAI_TT_RANK": "2"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    (row,) = [json.loads(p.read_text()) for p in (out / "runs").glob("*.json")]
+    assert row["note"] == "rank 2 (PAI_TT_RANK)"
+    art = load_artifact(row["artifact"])
+    ranks = {tuple(m.ranks) for m in art.model.modules() if hasattr(m, "cores") and hasattr(m, "ranks")}
+    assert ranks and all(max(rk) == 2 for rk in ranks), ranks
