@@ -523,10 +523,17 @@ def plot(out_dir: Path, path: Path) -> Path:
     return path
 
 
+#: issue 19's goals on Fashion-MNIST: at 99.5 %, TEDEPR-TT >= 3 points over the best dense-weight
+#: PaI baseline (not asked of ResNet-20); at 99 %, at most this many points below dense
+GOAL_OVER_BASELINE = (0.995, 0.03, ("lenet300", "lenet5", "lstm", "vit_tiny"))
+GOAL_NEAR_DENSE = (0.99, {"lenet300": 0.02, "lenet5": 0.02, "lstm": 0.04, "vit_tiny": 0.04, "resnet20": 0.04})
+
+
 def _claims(groups, goals: bool = False) -> list[str]:
     """One line per model and sparsity: TEDEPR-TT vs dense and vs the best dense-weight PaI
-    baseline; with ``goals``, issue 19's (>= 3 points over the baseline at 99.5 %, within 2
-    points of dense at 99 % for the LeNets) marked met or missed."""
+    baseline, each a mean over its seeds (the line ends with how many each has); with
+    ``goals``, issue 19's (:data:`GOAL_OVER_BASELINE`, :data:`GOAL_NEAR_DENSE`) marked met or
+    missed where the issue sets one for that model and sparsity."""
     out = []
     for model in MODELS:
         dense = groups.get((model, "dense", None))
@@ -535,22 +542,24 @@ def _claims(groups, goals: bool = False) -> list[str]:
         d = statistics.mean(r["test_accuracy"] for r in dense)
         for s in SPARSITIES:
             t = groups.get((model, "tt-tedepr", s))
-            base = [(m, statistics.mean(r["test_accuracy"] for r in groups[(model, m, s)]))
-                    for m in DENSE_PAI if (model, m, s) in groups]
+            base = [(m, statistics.mean(r["test_accuracy"] for r in groups[(model, m, s)]),
+                     len(groups[(model, m, s)])) for m in DENSE_PAI if (model, m, s) in groups]
             if not t or not base:
                 continue
             tv = statistics.mean(r["test_accuracy"] for r in t)
-            bm, bv = max(base, key=lambda x: x[1])
+            bm, bv, bn = max(base, key=lambda x: x[1])
             line = (f"- {model} at {100 * s:g} %: TEDEPR-TT {100 * tv:.1f} % vs dense {100 * d:.1f} % "
                     f"(gap {100 * (d - tv):+.1f} points), best dense-weight PaI {bm} {100 * bv:.1f} % "
                     f"(TEDEPR {100 * (tv - bv):+.1f} points)")
-            if goals and s == 0.995:
-                line += f"; goal >= +3 points over the baseline: {'met' if tv - bv >= 0.03 else 'MISSED'}"
-            if goals and s == 0.99:
-                near = 0.02 if model in ("lenet300", "lenet5") else 0.04
-                line += (f"; goal within {100 * near:.0f} points of dense: "
-                         f"{'met' if d - tv <= near else 'MISSED'}")
-            out.append(line)
+            at, margin, models = GOAL_OVER_BASELINE
+            if goals and s == at and model in models:
+                line += (f"; goal >= +{100 * margin:g} points over the baseline: "
+                         f"{'met' if tv - bv >= margin else 'MISSED'}")
+            at, near = GOAL_NEAR_DENSE
+            if goals and s == at and model in near:
+                line += (f"; goal within {100 * near[model]:g} points of dense: "
+                         f"{'met' if d - tv <= near[model] else 'MISSED'}")
+            out.append(f"{line} (seeds: dense {len(dense)}, TEDEPR {len(t)}, {bm} {bn})")
     return out
 
 

@@ -265,3 +265,38 @@ def test_fashion_mnist_fixed_rank_knob(tmp_path):
     art = load_artifact(row["artifact"])
     ranks = {tuple(m.ranks) for m in art.model.modules() if hasattr(m, "cores") and hasattr(m, "ranks")}
     assert ranks and all(max(rk) == 2 for rk in ranks), ranks
+
+
+def test_fashion_mnist_claims_mark_issue_19_goals_per_model(monkeypatch):
+    """The claim check marks issue 19's goals where the issue sets them (>= 3 points over the best
+    dense-weight baseline at 99.5 %, not asked of ResNet-20; within 2 points of dense at 99 % for
+    the LeNets, 4 for the deep families) and says how many seeds each mean has."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pai_compare", ROOT / "benchmarks" / "pai_compare.py")
+    pai = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "pai_compare", pai)
+    spec.loader.exec_module(pai)
+
+    def rows(*accs):
+        return [{"test_accuracy": a} for a in accs]
+
+    groups = {}
+    for model in ("lenet5", "lstm", "resnet20"):
+        groups[(model, "dense", None)] = rows(0.90, 0.90)
+        groups[(model, "tt-tedepr", 0.99)] = rows(0.87)  # 3 points below dense
+        groups[(model, "synflow", 0.99)] = rows(0.80, 0.80)
+        groups[(model, "tt-tedepr", 0.995)] = rows(0.85, 0.85)
+        groups[(model, "snip", 0.995)] = rows(0.83, 0.81)
+        groups[(model, "synflow", 0.995)] = rows(0.84)  # the best baseline: 1 point under TEDEPR
+    lines = {(ln.split()[1], ln.split()[3]): ln for ln in pai._claims(groups, goals=True)}
+    assert lines[("lenet5", "99")].endswith(
+        "goal within 2 points of dense: MISSED (seeds: dense 2, TEDEPR 1, synflow 2)")
+    assert lines[("lstm", "99")].endswith(
+        "goal within 4 points of dense: met (seeds: dense 2, TEDEPR 1, synflow 2)")
+    assert "goal within 4 points of dense: met" in lines[("resnet20", "99")]
+    assert "best dense-weight PaI synflow 84.0 %" in lines[("lstm", "99.5")]
+    assert "goal >= +3 points over the baseline: MISSED (seeds: dense 2, TEDEPR 2, synflow 1)" in lines[
+        ("lstm", "99.5")]
+    assert "goal" not in lines[("resnet20", "99.5")]  # issue 19 sets no 99.5 % goal for ResNet-20
+    assert all("goal" not in ln for ln in pai._claims(groups))  # the MNIST sample: no goals
