@@ -37,9 +37,10 @@ kept weights are (1 - sparsity) x the dense model's prunable weights):
 
 The training recipe is the same for every method of a model (AdamW, batch 128, cosine
 schedule, epochs per model below) and so is the tuning: every run trains once per learning
-rate in LRS (LRS_BY_MODEL for ResNet-20) and keeps the one with the best validation
-accuracy. PAI_SCORE_MODE=train scores with BatchNorm in train mode (an experiment knob: use
-another --out). Cached results live in
+rate in LRS (LRS_BY_MODEL for ResNet-20; on Fashion-MNIST the bench's `lrs`: 1e-2 only for
+the LSTM) and keeps the one with the best validation accuracy. PAI_SCORE_MODE=train scores
+with BatchNorm in train mode and PAI_TT_RANK=R gives the tensorized methods a fixed rank R
+instead of "auto" (experiment knobs: use another --out). Cached results live in
 benchmarks/results/<pai|fashion_mnist>/runs/*.json (one per run: delete one to redo it).
 """
 
@@ -75,6 +76,7 @@ METHODS = ["dense", *TENSORIZED, *DENSE_PAI]
 SPARSITIES = [0.99, 0.995, 0.999]
 COARSE_RATIO = 4.0
 SCORE_MODE = os.environ.get("PAI_SCORE_MODE", "eval")  # experiment knob: BatchNorm mode while scoring
+TT_RANK = int(os.environ.get("PAI_TT_RANK") or 0) or None  # experiment knob: a fixed TT rank (else auto)
 LRS = (1e-3, 1e-2)
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")  # where `dataset-fashion-mnist` installs
@@ -97,6 +99,11 @@ class Bench:
     protocol: list[str] = field(default_factory=list)  # the report's lines on the data
     subset_models: tuple[str, ...] = ()  # models trained on the fixed SUBSET_SIZE pool by default
     notes: Path | None = None  # hand-written notes (machine, load, what was not run) the report ends with
+    lrs: dict[str, tuple[float, ...]] = field(default_factory=dict)  # per model, else LRS_BY_MODEL / LRS
+
+    def sweep(self, model: str) -> tuple[float, ...]:
+        """The learning rates every method of ``model`` trains with on this data set."""
+        return self.lrs.get(model, LRS_BY_MODEL.get(model, LRS))
 
 
 BENCHES = {
@@ -114,7 +121,10 @@ BENCHES = {
          "10,000 test images. Models marked *20k* train on a fixed 20,000-image subset of the",
          "training images (2,000 per class, seed 0; the same subset for every method and seed),",
          "with the same 10 % hold-out (18,000 train + 2,000 validation)."],
-        ("resnet20", "vit_tiny"), ROOT / "benchmarks" / "results" / "fashion_mnist" / "notes.md"),
+        ("resnet20", "vit_tiny"), ROOT / "benchmarks" / "results" / "fashion_mnist" / "notes.md",
+        # the LSTM trains with 1e-2 only: every LSTM run that learned picked it on the MNIST sample
+        # and on LeNet here, and one lr halves its cost on the 54,000 images (CPU budget)
+        {"lstm": (1e-2,)}),
 }
 
 
@@ -224,11 +234,13 @@ def budget_tt(art, sparsity: float, seed: int):
 
 
 def one_run(model: str, method: str, sparsity: float | None, seed: int, epochs: int, out_dir: str,
-            data: tuple[str, str | None, int] = ("mnist-sample", None, 0)) -> dict:
+            data: tuple[str, str | None, int] = ("mnist-sample", None, 0),
+            lrs: tuple[float, ...] | None = None) -> dict:
     """Build, (decompose,) prune and train one configuration; returns its result row.
 
     ``data``: (bench name, data directory, training pool size; 0 = the whole train split),
-    opened in the worker by :func:`open_data`."""
+    opened in the worker by :func:`open_data`; ``lrs``: the learning-rate sweep (default:
+    the bench's, :meth:`Bench.sweep`)."""
     import torch
 
     torch.set_num_threads(1)
@@ -259,18 +271,19 @@ def one_run(model: str, method: str, sparsity: float | None, seed: int, epochs: 
         note = f"{modes} modes, rank {rank}"
     else:
         fmt, crit = method.split("-")
-        dopts = DecomposeOptions(format=fmt, rank=None, init="random", seed=seed)
+        dopts = DecomposeOptions(format=fmt, rank=TT_RANK, init="random", seed=seed)
         popts = PruneOptions(sparsity=sparsity, criterion=crit, seed=seed, coarse_ratio=COARSE_RATIO,
                              score_mode=SCORE_MODE)
         art, rep = prune(art, popts, source, dopts)
-        note = f"rank {rep['rank_auto']['rank']}" if rep.get("rank_auto") else ""
+        note = (f"rank {rep['rank_auto']['rank']}" if rep.get("rank_auto")
+                else f"rank {TT_RANK} (PAI_TT_RANK)" if TT_RANK else "")
     prune_s = time.perf_counter() - t0
     params = prunable_params(art.model)
     kept = sum(int(art.masks[n].sum()) if n in art.masks else p.numel() for n, p in params.items())
     run_dir = Path(out_dir) / "runs" / run_key(model, method, sparsity, seed)
     t1 = time.perf_counter()
     tried, trained = {}, {}
-    lrs = LRS_BY_MODEL.get(model, LRS)
+    lrs = lrs or BENCHES[data[0]].sweep(model)
     for lr in lrs:  # the same small sweep for every method; keep the best on validation
         opts = TrainOptions(epochs=epochs, batch_size=128, optimizer="adamw", lr=lr, seed=seed)
         trained[lr], tried[lr] = finetune(art, source, run_dir.with_name(f"{run_dir.name}__lr{lr:g}"), opts,
@@ -420,7 +433,9 @@ def report(out_dir: Path, doc: Path, bench: Bench = BENCHES["mnist-sample"]) -> 
         pools = sorted({r.get("train_pool") or 0 for k in mrows for r in groups[k]})
         pool = "".join(f", {n // 1000}k" if n else "" for n in pools)
         head = "| method | sparsity | " + " | ".join(h for h, _ in columns) + " | seeds |"
-        lrs = "/".join(f"{x:g}" for x in LRS_BY_MODEL.get(model, LRS))
+        # the sweep the rows ran (a bench's sweep can change between runs: say what was run)
+        ran = {float(x) for k in mrows for r in groups[k] for x in r.get("val_by_lr", {})}
+        lrs = "/".join(f"{x:g}" for x in sorted(ran or bench.sweep(model)))
         lines += [f"## {model} ({epochs} epochs, lr {lrs}{pool})", "", head,
                   "|---" * (len(columns) + 3) + "|"]
         for method in METHODS:
@@ -508,10 +523,17 @@ def plot(out_dir: Path, path: Path) -> Path:
     return path
 
 
+#: issue 19's goals on Fashion-MNIST: at 99.5 %, TEDEPR-TT >= 3 points over the best dense-weight
+#: PaI baseline (not asked of ResNet-20); at 99 %, at most this many points below dense
+GOAL_OVER_BASELINE = (0.995, 0.03, ("lenet300", "lenet5", "lstm", "vit_tiny"))
+GOAL_NEAR_DENSE = (0.99, {"lenet300": 0.02, "lenet5": 0.02, "lstm": 0.04, "vit_tiny": 0.04, "resnet20": 0.04})
+
+
 def _claims(groups, goals: bool = False) -> list[str]:
     """One line per model and sparsity: TEDEPR-TT vs dense and vs the best dense-weight PaI
-    baseline; with ``goals``, issue 19's (>= 3 points over the baseline at 99.5 %, within 2
-    points of dense at 99 % for the LeNets) marked met or missed."""
+    baseline, each a mean over its seeds (the line ends with how many each has); with
+    ``goals``, issue 19's (:data:`GOAL_OVER_BASELINE`, :data:`GOAL_NEAR_DENSE`) marked met or
+    missed where the issue sets one for that model and sparsity."""
     out = []
     for model in MODELS:
         dense = groups.get((model, "dense", None))
@@ -520,22 +542,24 @@ def _claims(groups, goals: bool = False) -> list[str]:
         d = statistics.mean(r["test_accuracy"] for r in dense)
         for s in SPARSITIES:
             t = groups.get((model, "tt-tedepr", s))
-            base = [(m, statistics.mean(r["test_accuracy"] for r in groups[(model, m, s)]))
-                    for m in DENSE_PAI if (model, m, s) in groups]
+            base = [(m, statistics.mean(r["test_accuracy"] for r in groups[(model, m, s)]),
+                     len(groups[(model, m, s)])) for m in DENSE_PAI if (model, m, s) in groups]
             if not t or not base:
                 continue
             tv = statistics.mean(r["test_accuracy"] for r in t)
-            bm, bv = max(base, key=lambda x: x[1])
+            bm, bv, bn = max(base, key=lambda x: x[1])
             line = (f"- {model} at {100 * s:g} %: TEDEPR-TT {100 * tv:.1f} % vs dense {100 * d:.1f} % "
                     f"(gap {100 * (d - tv):+.1f} points), best dense-weight PaI {bm} {100 * bv:.1f} % "
                     f"(TEDEPR {100 * (tv - bv):+.1f} points)")
-            if goals and s == 0.995:
-                line += f"; goal >= +3 points over the baseline: {'met' if tv - bv >= 0.03 else 'MISSED'}"
-            if goals and s == 0.99:
-                near = 0.02 if model in ("lenet300", "lenet5") else 0.04
-                line += (f"; goal within {100 * near:.0f} points of dense: "
-                         f"{'met' if d - tv <= near else 'MISSED'}")
-            out.append(line)
+            at, margin, models = GOAL_OVER_BASELINE
+            if goals and s == at and model in models:
+                line += (f"; goal >= +{100 * margin:g} points over the baseline: "
+                         f"{'met' if tv - bv >= margin else 'MISSED'}")
+            at, near = GOAL_NEAR_DENSE
+            if goals and s == at and model in near:
+                line += (f"; goal within {100 * near[model]:g} points of dense: "
+                         f"{'met' if d - tv <= near[model] else 'MISSED'}")
+            out.append(f"{line} (seeds: dense {len(dense)}, TEDEPR {len(t)}, {bm} {bn})")
     return out
 
 
@@ -619,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
             return bench.name, str(Path(args.data_dir)), pool
 
         with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            futs = {pool.submit(one_run, *t, str(out), data(t[0])): t for t in todo}
+            futs = {pool.submit(one_run, *t, str(out), data(t[0]), bench.sweep(t[0])): t for t in todo}
             for f in as_completed(futs):
                 t = futs[f]
                 key = run_key(*t[:4])

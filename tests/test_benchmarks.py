@@ -276,3 +276,94 @@ def test_minilm_smoke(tmp_path):
     r = m.main(["--sentences", "64", "--heldout", "16", "--pairs", "8", "--epochs", "1", "--emb-rank", "8",
                 "--work", str(tmp_path / "w"), "--out", str(tmp_path / "minilm")])
     assert r["rows"][0]["cosine_to_original"] == pytest.approx(1.0) and r["rows"][1]["ratio"] < 0.25
+def test_fashion_mnist_lstm_sweep_is_the_bench_s_and_the_header_says_what_ran(tmp_path, monkeypatch):
+    """The LSTM on Fashion-MNIST trains with the bench's one-lr sweep (1e-2), the MNIST sample's
+    LSTM keeps the two-lr sweep, and a table's header names the learning rates its rows ran."""
+    import importlib.util
+    import json
+
+    from .test_datasets import make_mnist_idx
+
+    spec = importlib.util.spec_from_file_location("pai_compare", ROOT / "benchmarks" / "pai_compare.py")
+    pai = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "pai_compare", pai)
+    spec.loader.exec_module(pai)
+    assert pai.BENCHES["fashion-mnist"].sweep("lstm") == (1e-2,)
+    assert pai.BENCHES["mnist-sample"].sweep("lstm") == pai.LRS == (1e-3, 1e-2)
+    assert pai.BENCHES["fashion-mnist"].sweep("resnet20") == pai.LRS_BY_MODEL["resnet20"]
+
+    data = make_mnist_idx(tmp_path / "fmnist", n_train=200, n_test=50, gz=True)
+    out = tmp_path / "out"
+    r = _fashion(tmp_path, "--data-dir", str(data), "--models", "lstm", "--methods", "dense", "--seeds", "0",
+                 "--epochs", "1", "--out", str(out), "--doc", str(tmp_path / "r.md"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    (row,) = [json.loads(p.read_text()) for p in (out / "runs").glob("*.json")]
+    assert list(row["val_by_lr"]) == ["0.01"] and row["lr"] == 0.01
+    assert "## lstm (1 epochs, lr 0.01)" in (tmp_path / "r.md").read_text()
+    # rows cached under another sweep: the header gives the sweep they ran, not today's default
+    row["val_by_lr"] = {"0.001": 0.1, "0.01": 0.2}
+    (out / "runs" / "lstm__dense__na__s1.json").write_text(json.dumps({**row, "seed": 1}))
+    r = _fashion(tmp_path, "--report-only", "--models", "lstm", "--out", str(out),
+                 "--doc", str(tmp_path / "r.md"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "## lstm (1 epochs, lr 0.001/0.01)" in (tmp_path / "r.md").read_text()
+
+
+def test_fashion_mnist_fixed_rank_knob(tmp_path):
+    """PAI_TT_RANK=R (experiment knob) decomposes the tensorized methods at rank R, not "auto",
+    and the run's note says so."""
+    import json
+    import os
+
+    from tedepr_cli.artifact import load_artifact
+
+    from .test_datasets import make_mnist_idx
+
+    data = make_mnist_idx(tmp_path / "fmnist", n_train=200, n_test=50, gz=True)
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "pai_compare.py"), "--dataset", "fashion-mnist",
+           "--data-dir", str(data), "--models", "lenet300", "--methods", "tt-tedepr", "--sparsities", "0.99",
+           "--seeds", "0", "--epochs", "1", "--out", str(out), "--doc", str(tmp_path / "r.md")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                       env={**os.environ, "PAI_TT_RANK": "2"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    (row,) = [json.loads(p.read_text()) for p in (out / "runs").glob("*.json")]
+    assert row["note"] == "rank 2 (PAI_TT_RANK)"
+    art = load_artifact(row["artifact"])
+    ranks = {tuple(m.ranks) for m in art.model.modules() if hasattr(m, "cores") and hasattr(m, "ranks")}
+    assert ranks and all(max(rk) == 2 for rk in ranks), ranks
+
+
+def test_fashion_mnist_claims_mark_issue_19_goals_per_model(monkeypatch):
+    """The claim check marks issue 19's goals where the issue sets them (>= 3 points over the best
+    dense-weight baseline at 99.5 %, not asked of ResNet-20; within 2 points of dense at 99 % for
+    the LeNets, 4 for the deep families) and says how many seeds each mean has."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pai_compare", ROOT / "benchmarks" / "pai_compare.py")
+    pai = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "pai_compare", pai)
+    spec.loader.exec_module(pai)
+
+    def rows(*accs):
+        return [{"test_accuracy": a} for a in accs]
+
+    groups = {}
+    for model in ("lenet5", "lstm", "resnet20"):
+        groups[(model, "dense", None)] = rows(0.90, 0.90)
+        groups[(model, "tt-tedepr", 0.99)] = rows(0.87)  # 3 points below dense
+        groups[(model, "synflow", 0.99)] = rows(0.80, 0.80)
+        groups[(model, "tt-tedepr", 0.995)] = rows(0.85, 0.85)
+        groups[(model, "snip", 0.995)] = rows(0.83, 0.81)
+        groups[(model, "synflow", 0.995)] = rows(0.84)  # the best baseline: 1 point under TEDEPR
+    lines = {(ln.split()[1], ln.split()[3]): ln for ln in pai._claims(groups, goals=True)}
+    assert lines[("lenet5", "99")].endswith(
+        "goal within 2 points of dense: MISSED (seeds: dense 2, TEDEPR 1, synflow 2)")
+    assert lines[("lstm", "99")].endswith(
+        "goal within 4 points of dense: met (seeds: dense 2, TEDEPR 1, synflow 2)")
+    assert "goal within 4 points of dense: met" in lines[("resnet20", "99")]
+    assert "best dense-weight PaI synflow 84.0 %" in lines[("lstm", "99.5")]
+    assert "goal >= +3 points over the baseline: MISSED (seeds: dense 2, TEDEPR 2, synflow 1)" in lines[
+        ("lstm", "99.5")]
+    assert "goal" not in lines[("resnet20", "99.5")]  # issue 19 sets no 99.5 % goal for ResNet-20
+    assert all("goal" not in ln for ln in pai._claims(groups))  # the MNIST sample: no goals
