@@ -28,6 +28,10 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tedepr_cli.fsutil import atomic_output  # noqa: E402
+
 MODULE = "large_model_encoder"
 ENCODER = '''
 import torch
@@ -134,9 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     for path, text in ((args.json_out, json.dumps(report, indent=2) + "\n"), (args.md_out, md)):
         if path is not None:
-            tmp_path = path.with_name(path.name + ".tmp")
-            tmp_path.write_text(text)
-            tmp_path.replace(path)
+            with atomic_output(path, overwrite=True) as tmp_file:
+                tmp_file.write_text(text)
     return 0
 
 

@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from speed_table import FAMILIES, compress  # noqa: E402
 
 from tedepr_cli import zoo  # noqa: E402
+from tedepr_cli.fsutil import atomic_output  # noqa: E402
 from tedepr_cli.machine import cpu_model  # noqa: E402
 from tedepr_cli.surgery import example_input  # noqa: E402
 from tedepr_cli.tensorized.train_path import measure, set_train_paths, uniform  # noqa: E402
@@ -156,9 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     for path, text in ((args.json_out, json.dumps(report, indent=2) + "\n"), (args.md_out, md)):
         if path is not None:
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(text)
-            tmp.replace(path)
+            with atomic_output(path, overwrite=True) as tmp_file:
+                tmp_file.write_text(text)
     return 0
 
 

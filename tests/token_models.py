@@ -23,7 +23,10 @@ class TinyEncoder(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.encoder(self.embed(input_ids))
+        return self.pool(self.encoder(self.embed(input_ids)), attention_mask)
+
+    def pool(self, h: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Mean over the tokens the mask keeps (all without one), then the projection."""
         if attention_mask is None:
             return self.proj(h.mean(dim=1))
         m = attention_mask.unsqueeze(-1).to(h.dtype)
@@ -46,11 +49,7 @@ class PaddedEncoder(TinyEncoder):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         pad = None if attention_mask is None else attention_mask == 0
-        h = self.encoder(self.embed(input_ids), src_key_padding_mask=pad)
-        if attention_mask is None:
-            return self.proj(h.mean(dim=1))
-        m = attention_mask.unsqueeze(-1).to(h.dtype)
-        return self.proj((h * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0))
+        return self.pool(self.encoder(self.embed(input_ids), src_key_padding_mask=pad), attention_mask)
 
 
 def padded_encoder(**kw) -> nn.Module:
