@@ -139,6 +139,16 @@ TRAIN_TEMPLATES = [
     "there is a {adj} {obj} in {place}.",
     "the {role} is afraid of the {animal}.",
     "{name} wrote a letter about {topic} {time}.",
+    "do you think the {role} will visit {place} {time}?",
+    "{name} never eats {food} at {place}.",
+    "the {adj} {obj} belongs to the {role}.",
+    "{name2} is reading a book about {topic}.",
+    "we saw a {animal} and a {adj} {obj} near {place}.",
+    "{time} {name} fixed the {obj} for the {role}.",
+    "nobody knows where the {animal} hid the {obj}.",
+    "the {role} and {name} argued about {topic} {time}.",
+    "{name} wants to become a {role} in {place}.",
+    "it was raining when {name2} arrived at {place}.",
 ]
 # held out: other sentence shapes, as paraphrase pairs (same meaning, other words/order)
 PARAPHRASES = [
@@ -170,22 +180,51 @@ def _fillers(rng: random.Random) -> dict[str, str]:
 
 
 def sentences(n_train: int, n_heldout: int, n_pairs: int, seed: int = 0
-              ) -> tuple[list[str], list[str], list[tuple[str, str]], list[tuple[str, str]]]:
-    """Training sentences (train templates), held-out sentences and paraphrase/unrelated
-    pairs (held-out templates only), all seeded; training and held-out share no template."""
+              ) -> tuple[list[str], list[str], list[tuple[str, str]], list[tuple[str, str]],
+                         list[tuple[str, str]]]:
+    """Training sentences (train templates), held-out sentences and paraphrase / unrelated /
+    hard unrelated pairs (held-out templates only), all seeded; training and held-out share
+    no template. An unrelated pair joins two different held-out shapes with their own
+    fillers (easy: other words, other structure); a *hard* unrelated pair is one shape
+    filled twice (same structure and function words, other people, things and places), so
+    only the content words tell the two apart."""
     rng = random.Random(seed)
     train = sorted({_fill(rng.choice(TRAIN_TEMPLATES), rng) for _ in range(3 * n_train)})
     rng.shuffle(train)
     train = train[:n_train]
     held = [_fill(rng.choice([t for p in PARAPHRASES for t in p]), rng) for _ in range(n_heldout)]
-    para, unrel = [], []
+    para, unrel, hard = [], [], []
     for _ in range(n_pairs):
         a, b = rng.choice(PARAPHRASES)
         v = _fillers(rng)
         para.append((a.format(**v), b.format(**v)))
         (a1, _), (_, b2) = rng.sample(PARAPHRASES, 2)
         unrel.append((a1.format(**_fillers(rng)), b2.format(**_fillers(rng))))
-    return train, held, para, unrel
+        t = rng.choice([t for p in PARAPHRASES for t in p])
+        v1 = _fillers(rng)
+        used = set(v1.values())
+        v2 = {k: rng.choice([w for w in SLOTS[k] if w not in used]) for k in v1}
+        if v2["name2"] == v2["name"]:
+            v2["name2"] = next(w for w in NAMES if w not in used | {v2["name"]})
+        hard.append((t.format(**v1), t.format(**v2)))
+    return train, held, para, unrel, hard
+
+
+def random_word_sentences(n: int, vocab: list[str], seed: int = 0) -> list[str]:
+    """``n`` strings of 4-16 whole words drawn uniformly from the tokenizer's vocabulary
+    (no word pieces, no special tokens): no grammar, but every word the encoder knows can
+    appear, so distillation also pulls the rows of the compressed word embedding that the
+    templates never use towards the teacher's behaviour. Seeded."""
+    rng = random.Random(seed + 1)
+    return [" ".join(rng.choice(vocab) for _ in range(rng.randint(4, 16))) + "." for _ in range(n)]
+
+
+def whole_words() -> list[str]:
+    """The tokenizer's whole-word entries (alphabetic, at least two letters, not ``##``)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir()))
+    return sorted(w for w in tok.get_vocab() if w.isalpha() and w.isascii() and len(w) > 1)
 
 
 def tokenize(texts: list[str], length: int) -> dict[str, np.ndarray]:
@@ -226,12 +265,14 @@ def stored_params(model: nn.Module) -> int:
 
 
 def quality(name: str, model: nn.Module, ref_held: torch.Tensor, held: dict[str, np.ndarray],
-            para: list, unrel: list, length: int) -> dict:
+            para: list, unrel: list, hard: list, length: int) -> dict:
     cos = F.cosine_similarity(embed(model, held), ref_held)
     p, u = pair_cosines(model, para, length), pair_cosines(model, unrel, length)
+    h = pair_cosines(model, hard, length)
     return {"model": name, "params": stored_params(model), "cosine_to_original": float(cos.mean()),
             "cosine_to_original_min": float(cos.min()), "auc_paraphrase_vs_unrelated": auc(p, u),
-            "mean_cos_paraphrase": float(p.mean()), "mean_cos_unrelated": float(u.mean())}
+            "auc_paraphrase_vs_hard_unrelated": auc(p, h), "mean_cos_paraphrase": float(p.mean()),
+            "mean_cos_unrelated": float(u.mean()), "mean_cos_hard_unrelated": float(h.mean())}
 
 
 class Clock:
@@ -260,7 +301,9 @@ def peak_rss_mib() -> float:
 # ---------------------------------------------------------------------------- run
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sentences", type=int, default=12000, help="unlabeled training sentences (<= 20,000)")
+    ap.add_argument("--sentences", type=int, default=12000, help="unlabeled template sentences")
+    ap.add_argument("--random-sentences", type=int, default=8000,
+                    help="unlabeled random-word sentences (with --sentences: <= 20,000 in all)")
     ap.add_argument("--heldout", type=int, default=1000)
     ap.add_argument("--pairs", type=int, default=500, help="paraphrase and unrelated pairs each")
     ap.add_argument("--emb-rank", type=int, default=96, help="TT rank of the word embedding")
@@ -273,8 +316,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "minilm")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "minilm")
     args = ap.parse_args(argv)
-    if args.sentences > 20000:
-        raise SystemExit("--sentences: at most 20,000")
+    if args.sentences + args.random_sentences > 20000:
+        raise SystemExit("--sentences + --random-sentences: at most 20,000")
     os.environ["HF_HUB_OFFLINE"] = "1"
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
@@ -287,7 +330,8 @@ def main(argv: list[str] | None = None) -> dict:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     with clock("data"):
-        train, held_txt, para, unrel = sentences(args.sentences, args.heldout, args.pairs, args.seed)
+        train, held_txt, para, unrel, hard = sentences(args.sentences, args.heldout, args.pairs, args.seed)
+        train += random_word_sentences(args.random_sentences, whole_words(), args.seed)
         arrays = tokenize(train, args.length)
         full = int((arrays["attention_mask"].sum(1) == args.length).sum())
         np.savez(work / "sentences.npz", **arrays)  # unlabeled: input_ids + attention_mask
@@ -296,14 +340,15 @@ def main(argv: list[str] | None = None) -> dict:
         original = encoder(args.length).eval()
         torch.save(original.state_dict(), work / "original.pt")  # the teacher: a plain state_dict
         ref_held = embed(original, held)
-    rows = [quality("original all-MiniLM-L6-v2", original, ref_held, held, para, unrel, args.length)]
+    rows = [quality("original all-MiniLM-L6-v2", original, ref_held, held, para, unrel, hard, args.length)]
     ids = torch.from_numpy(arrays["input_ids"][:1])
     with clock("tensorize word embedding (TT-SVD)"):
         student = tedepr.tensorize(original, example_input=ids, include=["bert.embeddings.word_embeddings"],
                                    rank=args.emb_rank)
     with clock("prune Linears (magnitude, per layer)"):
         report = tedepr.prune(student, sparsity=args.sparsity, criterion="magnitude", scope="layer")
-    rows.append(quality("compressed, before distillation", student, ref_held, held, para, unrel, args.length))
+    rows.append(quality("compressed, before distillation", student, ref_held, held, para, unrel, hard,
+                        args.length))
     art_dir = work / "compressed"
     tedepr.save(student, art_dir, arch=ARCH, arch_kwargs={"length": args.length}, example_input=ids,
                 meta={"pruning": report}, overwrite=True)
@@ -313,7 +358,7 @@ def main(argv: list[str] | None = None) -> dict:
     with clock("distil (finetune --teacher, cosine)"):
         best, summary = finetune(load_artifact(art_dir, allow_import=ARCH), work / "sentences.npz",
                                  work / "distilled", opts, overwrite=True)
-    rows.append(quality("compressed + distilled", best.model, ref_held, held, para, unrel, args.length))
+    rows.append(quality("compressed + distilled", best.model, ref_held, held, para, unrel, hard, args.length))
     total = rows[0]["params"]
     for r in rows:
         r["ratio"] = r["params"] / total
@@ -330,9 +375,12 @@ def main(argv: list[str] | None = None) -> dict:
                       if n.startswith("bert.embeddings.word_embeddings.")},
         "pruning": {"kept": report["kept"], "sparsity": report["sparsity"]},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(result))
+    from tedepr_cli.fsutil import atomic_output
+
+    for path, text in ((args.out.with_suffix(".json"), json.dumps(result, indent=2, default=str) + "\n"),
+                       (args.out.with_suffix(".md"), markdown(result))):
+        with atomic_output(path, overwrite=True) as tmp_file:
+            tmp_file.write_text(text)
     print(markdown(result))
     return result
 
@@ -347,18 +395,22 @@ def markdown(res: dict) -> str:
         f"{100 * (1 - s['sparsity']):.0f} % of its weights (magnitude, per layer); distilled for "
         f"{s['epochs']} epochs (AdamW, lr {s['lr']:g}, batch {s['batch_size']}, cosine loss on the "
         f"sentence embedding) on {s['train_sentences']:,} generated unlabeled sentences "
-        f"({s['templates_train']} templates x word lists, {s['length']} word pieces). Held out: "
+        f"({s['sentences']:,} from {s['templates_train']} templates x word lists, "
+        f"{s.get('random_sentences', 0):,} of 4-16 random whole words from the tokenizer's "
+        f"vocabulary; {s['length']} word pieces). Held out: "
         f"{s['heldout_sentences']:,} sentences and {s['pairs']} paraphrase + {s['pairs']} unrelated "
-        f"pairs from {s['templates_heldout']} other templates.",
+        f"+ {s['pairs']} hard unrelated pairs (one template filled twice) from "
+        f"{s['templates_heldout']} other templates.",
         "",
         "| model | parameters stored | ratio | mean cosine to the original (held out) | min "
-        "| AUC paraphrase vs unrelated | mean cos paraphrase / unrelated |",
+        "| AUC paraphrase vs unrelated / vs hard unrelated | mean cos paraphrase / unrelated / hard |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in res["rows"]:
         lines.append(f"| {r['model']} | {r['params']:,} | {r['ratio']:.3f} | {r['cosine_to_original']:.4f} | "
-                     f"{r['cosine_to_original_min']:.3f} | {r['auc_paraphrase_vs_unrelated']:.4f} | "
-                     f"{r['mean_cos_paraphrase']:.3f} / {r['mean_cos_unrelated']:.3f} |")
+                     f"{r['cosine_to_original_min']:.3f} | {r['auc_paraphrase_vs_unrelated']:.4f} / "
+                     f"{r['auc_paraphrase_vs_hard_unrelated']:.4f} | {r['mean_cos_paraphrase']:.3f} / "
+                     f"{r['mean_cos_unrelated']:.3f} / {r['mean_cos_hard_unrelated']:.3f} |")
     lines += ["", "| stage | wall s | CPU s |", "|---|---:|---:|"]
     for k, v in res["times"].items():
         lines.append(f"| {k} | {v['wall_s']} | {v['cpu_s']} |")

@@ -250,17 +250,31 @@ def test_minilm_sentences_are_seeded_and_held_out_templates_are_disjoint():
     m = _minilm()
     a, b = m.sentences(300, 50, 40, seed=0), m.sentences(300, 50, 40, seed=0)
     assert a == b and m.sentences(300, 50, 40, seed=1)[0] != a[0]
-    train, held, para, unrel = a
-    assert len(train) == 300 == len(set(train)) and len(held) == 50 and len(para) == len(unrel) == 40
+    train, held, para, unrel, hard = a
+    assert len(train) == 300 == len(set(train)) and len(held) == 50
+    assert len(para) == len(unrel) == len(hard) == 40
 
     def shape(text):  # the template a sentence came from: its words outside the fillers
         fillers = {w for words in m.SLOTS.values() for f in words for w in f.split()}
         return tuple(w for w in re.findall(r"[a-z]+", text) if w not in fillers)
 
     train_shapes = {shape(s) for s in train}
-    held_shapes = {shape(s) for s in held} | {shape(s) for p in para + unrel for s in p}
+    held_shapes = {shape(s) for s in held} | {shape(s) for p in para + unrel + hard for s in p}
     assert train_shapes and held_shapes and not train_shapes & held_shapes
     assert all(x != y for x, y in para)
+    # a hard unrelated pair: one shape, and no filler word in common
+    fillers = {f for words in m.SLOTS.values() for f in words}
+    for x, y in hard:
+        assert shape(x) == shape(y)
+        assert not {f for f in fillers if f" {f} " in f" {x} "} & {f for f in fillers if f" {f} " in f" {y} "}, (x, y)
+
+
+def test_minilm_random_word_sentences_are_seeded_whole_words():
+    m = _minilm()
+    vocab = ["alpha", "beta", "gamma", "delta"]
+    a = m.random_word_sentences(50, vocab, seed=0)
+    assert a == m.random_word_sentences(50, vocab, seed=0) != m.random_word_sentences(50, vocab, seed=1)
+    assert all(4 <= len(s.rstrip(".").split()) <= 16 and set(s.rstrip(".").split()) <= set(vocab) for s in a)
 
 
 def test_minilm_auc_is_the_rank_statistic():
