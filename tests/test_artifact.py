@@ -116,7 +116,10 @@ def test_edited_side_manifest_is_detected(tmp_path):
 
 
 WRITER = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
+    # a job a non-interactive shell starts in the background inherits SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt handler: restore the interactive default
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     import tedepr_cli.artifact as A
     from tedepr_cli.arch import parse_arch
     from tedepr_cli.loading import load_model

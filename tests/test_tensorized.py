@@ -74,15 +74,85 @@ def test_conv_chain_equals_dense_weight(fmt, ins, outs, r, k, stride, pad, dil):
     assert rel(layer(x), ref) <= 1e-10
 
 
+def _counted_flops(layer, x):
+    with FlopCounterMode(display=False) as fc:
+        layer(x)
+    return fc.get_total_flops()
+
+
 @pytest.mark.parametrize("fmt", ["tt", "tr"])
 def test_flops_model_matches_torch_flop_counter(fmt):
+    """chain_flops counts the mode-by-mode steps (what the compiled kernels run); the torch
+    forward runs exactly them when a conv's merged sides are off, and fewer when on."""
+    conv = _conv(fmt, [4, 2], [3, 5], 3)
+    conv.merge = False
     for layer, x in [(_linear(fmt, [4, 7], [3, 5], 3), torch.randn(5, 28, dtype=torch.float64)),
-                     (_conv(fmt, [4, 2], [3, 5], 3), torch.randn(5, 8, 9, 7, dtype=torch.float64))]:
-        with FlopCounterMode(display=False) as fc:
-            layer(x)
-        counted = fc.get_total_flops()
-        bias = layer.out_features * (x.shape[0] if x.dim() == 2 else x.shape[0] * 9 * 7)
-        assert counted == layer.chain_flops(5), (counted, layer.chain_flops(5), bias)
+                     (conv, torch.randn(5, 8, 9, 7, dtype=torch.float64))]:
+        counted = _counted_flops(layer, x)
+        assert counted == layer.chain_flops(5), (counted, layer.chain_flops(5))
+    conv.merge = True
+    assert conv.merged_sides() == (True, True)
+    assert _counted_flops(conv, torch.randn(5, 8, 9, 7, dtype=torch.float64)) < conv.chain_flops(5)
+
+
+@pytest.mark.parametrize("fmt", ["tt", "tr"])
+@pytest.mark.parametrize("ins,outs,r,k,stride,pad", [
+    ([4, 2], [3, 5], 3, (3, 3), (1, 1), (1, 1)),
+    ([2, 3, 2], [2, 2, 2], 4, (3, 1), (2, 1), (0, 1)),
+    ([16, 16], [16, 32], 8, (1, 1), (1, 1), (0, 0)),
+])
+@pytest.mark.parametrize("chain", ["linear", "nonlinear"])
+def test_conv_merged_sides_compute_the_chain(fmt, ins, outs, r, k, stride, pad, chain):
+    """Each side merged or not, one function: the merged 1x1 convs equal the mode-by-mode
+    chain (the nonlinear chain too: its activations sit between the sides)."""
+    spec = {"type": "conv2d", "format": fmt, "in_modes": ins, "out_modes": outs, "bias": True,
+            "chain": chain, "kernel_size": list(k), "stride": list(stride), "padding": list(pad),
+            "dilation": [1, 1], "input_hw": [9, 7]}
+    spec["ranks"] = ranks_for(chain_dims(spec), r, ring=fmt == "tr")
+    layer = _rand_cores(build_layer(spec).double()).eval()
+    x = torch.randn(3, math.prod(ins), 9, 7, dtype=torch.float64)
+    key = tuple(tuple(c.shape) for c in layer.cores)
+    outs_by_choice = {}
+    for sides in [(False, False), (True, False), (False, True), (True, True)]:
+        layer._merged = (key, sides)
+        outs_by_choice[sides] = layer(x)
+    ref = outs_by_choice[(False, False)]
+    for sides, y in outs_by_choice.items():
+        assert rel(y, ref) <= 1e-10, sides
+
+
+def test_conv_sides_merge_only_where_cheaper():
+    """The choice follows the multiply-adds: a wide input side with small ranks merges; a
+    side whose ranks exceed what the steps cost stays mode by mode."""
+    cheap = _conv("tt", [4, 4], [4, 4], 2)
+    assert cheap.merged_sides() == (True, True)
+    # 512 channels, ranks 4 then 64 on both sides: per pixel the merged 512 x 64 matrices
+    # cost 32,768 multiply-adds a side, the steps 10,240 (input) and 6,144 (output)
+    spec = {"type": "conv2d", "format": "tt", "in_modes": [16, 32], "out_modes": [16, 32],
+            "ranks": [1, 4, 64, 64, 4, 1], "bias": True, "chain": "linear", "kernel_size": [3, 3],
+            "padding": [1, 1], "input_hw": [8, 8]}
+    costly = _rand_cores(build_layer(spec).double()).eval()
+    assert costly.merged_sides() == (False, False)
+    spec["ranks"] = [1, 4, 64, 4, 4, 1]  # a rank-4 output side merges again
+    assert build_layer(spec).merged_sides() == (False, True)
+
+
+def test_exported_tt_conv_is_three_convs():
+    """The ONNX of a TT conv layer with both sides merged: 1x1 conv, kxk conv, 1x1 conv (no
+    per-pixel transposes or matmuls: what made the compressed ResNet-20 ONNX slower than
+    dense onnxruntime)."""
+    import onnx
+
+    from tedepr_cli.export import to_onnx
+
+    layer = _conv("tt", [4, 4], [4, 8], 3).float().eval()
+    proto = to_onnx(layer, torch.randn(2, 16, 9, 7), 18)
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("Conv") == 3 and "MatMul" not in ops and "Transpose" not in ops, ops
+    layer.merge = False
+    ops = [n.op_type for n in to_onnx(layer, torch.randn(2, 16, 9, 7), 18).graph.node]
+    assert "MatMul" in ops, ops
+    assert onnx.checker.check_model(proto) is None
 
 
 def test_masked_flops_count_only_kept_entries():

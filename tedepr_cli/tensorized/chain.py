@@ -73,17 +73,18 @@ def ring_output(state: Tensor, cores: list[Tensor]) -> Tensor:
     return t.reshape(b, -1)
 
 
-def ring_conv(state: Tensor, kernel: Tensor, kernel_size: tuple[int, int], stride: tuple[int, int],
+def ring_conv(state: Tensor, kernel: Tensor, r0: int, kernel_size: tuple[int, int], stride: tuple[int, int],
               padding: tuple[int, int], dilation: tuple[int, int]) -> Tensor:
-    """The k×k step in rank space: ``state`` is ``(B, r0, r_d, H, W)``, ``kernel`` is
-    ``(r_d, kh*kw, r_{d+1})``; the ring index r0 rides along as extra batch.
-    Returns ``(B, r0, r_{d+1}, H', W')``."""
-    b, r0, rd, h, w = state.shape
-    rn = kernel.shape[2]
+    """The k×k step in rank space: ``state`` is ``(B, r0 * r_d, H, W)``, ``kernel`` is
+    ``(r_d, kh*kw, r_{d+1})``; the ring index r0 rides along as extra batch (no reshape for
+    an open TT chain, ``r0 = 1``). Returns ``(B, r0 * r_{d+1}, H', W')``."""
+    b, _, h, w = state.shape
+    rd, _, rn = kernel.shape
     weight = kernel.permute(2, 0, 1).reshape(rn, rd, *kernel_size)
-    out = torch.nn.functional.conv2d(state.reshape(b * r0, rd, h, w), weight, None,
-                                     stride, padding, dilation)
-    return out.reshape(b, r0, rn, out.shape[-2], out.shape[-1])
+    if r0 == 1:
+        return torch.nn.functional.conv2d(state, weight, None, stride, padding, dilation)
+    out = torch.nn.functional.conv2d(state.reshape(b * r0, rd, h, w), weight, None, stride, padding, dilation)
+    return out.reshape(b, r0 * rn, out.shape[-2], out.shape[-1])
 
 
 # ---------------------------------------------------------------------------- dense

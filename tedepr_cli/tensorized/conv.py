@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import TensorizedLayer, bn_relu
-from .chain import ring_conv, ring_dense, ring_input, ring_output
+from .chain import merge_ring, ring_conv, ring_dense, ring_input, ring_output
 
 
 def conv_out_hw(hw: tuple[int, int], k: tuple[int, int], s: tuple[int, int], p: tuple[int, int],
@@ -26,9 +26,14 @@ def conv_out_hw(hw: tuple[int, int], k: tuple[int, int], s: tuple[int, int], p: 
 
 
 class ChainConv2d(TensorizedLayer):
-    """Conv2d as input cores -> k×k rank-space conv -> output cores (groups=1)."""
+    """Conv2d as input cores -> k×k rank-space conv -> output cores (groups=1).
+
+    ``merge`` (default True): contract a side's cores as one merged matrix where that is
+    cheaper (:meth:`merged_sides`); False runs every step mode by mode, as the compiled
+    kernels and :meth:`chain_flops` count them."""
 
     kind = "conv2d"
+    merge = True
 
     def __init__(self, spec: dict[str, Any]) -> None:
         ins, outs, r = spec["in_modes"], spec["out_modes"], spec["ranks"]
@@ -45,6 +50,7 @@ class ChainConv2d(TensorizedLayer):
         self.padding = tuple(spec.get("padding", (0, 0)))
         self.dilation = tuple(spec.get("dilation", (1, 1)))
         self.n_in = d
+        self._merged: tuple[tuple, tuple[bool, bool]] | None = None
         if self.chain == "nonlinear":
             self.act_a = bn_relu(r[0] * r[d], 2)
             self.act_b = bn_relu(r[0] * r[d + 1], 2)
@@ -64,23 +70,62 @@ class ChainConv2d(TensorizedLayer):
     def forward(self, x: Tensor) -> Tensor:
         if self.training_on_rebuild():
             return F.conv2d(x, self.dense_weight(), self.bias, self.stride, self.padding, self.dilation)
+        merge_in, merge_out = self.merged_sides()
         b, c, h, w = x.shape
-        s = ring_input(x.permute(0, 2, 3, 1).reshape(b * h * w, c), self.in_cores,
-                       self._spec["in_modes"])
-        r0, rd = s.shape[1], s.shape[2]
-        s = s.reshape(b, h, w, r0, rd).permute(0, 3, 4, 1, 2)
+        r0, rd = self.in_cores[0].shape[0], self.kernel_core.shape[0]
+        if merge_in:  # the input cores merged into one (C, r0*rd) matrix: a 1x1 conv, no permute
+            a = merge_ring(self.in_cores)  # (r0, C, rd)
+            s = F.conv2d(x, a.permute(0, 2, 1).reshape(r0 * rd, c, 1, 1))
+        else:
+            s = ring_input(x.permute(0, 2, 3, 1).reshape(b * h * w, c), self.in_cores,
+                           self._spec["in_modes"])
+            s = s.reshape(b, h, w, r0 * rd).permute(0, 3, 1, 2)
+        if self.chain == "nonlinear":  # the state is (B, r0 * r_d, H, W) either way
+            s = self.act_a(s)
+        s = ring_conv(s, self.kernel_core, r0, self.kernel_size, self.stride, self.padding, self.dilation)
         if self.chain == "nonlinear":
-            s = self.act_a(s.reshape(b, r0 * rd, h, w)).reshape(b, r0, rd, h, w)
-        s = ring_conv(s, self.kernel_core, self.kernel_size, self.stride, self.padding,
-                      self.dilation)
-        rn, h2, w2 = s.shape[2], s.shape[3], s.shape[4]
-        if self.chain == "nonlinear":
-            s = self.act_b(s.reshape(b, r0 * rn, h2, w2)).reshape(b, r0, rn, h2, w2)
-        y = ring_output(s.permute(0, 3, 4, 1, 2).reshape(b * h2 * w2, r0, rn), self.out_cores)
+            s = self.act_b(s)
+        rn, h2, w2 = self.kernel_core.shape[2], s.shape[2], s.shape[3]
+        if merge_out:  # the output cores merged into one (r0*rn, M) matrix: a 1x1 conv
+            bm = merge_ring(self.out_cores)  # (rn, M, r0)
+            return F.conv2d(s, bm.permute(1, 2, 0).reshape(bm.shape[1], r0 * rn, 1, 1), self.bias)
+        y = ring_output(s.permute(0, 2, 3, 1).reshape(b * h2 * w2, r0, rn), self.out_cores)
         y = y.reshape(b, h2, w2, -1).permute(0, 3, 1, 2)
         if self.bias is not None:
             y = y + self.bias.reshape(1, -1, 1, 1)
         return y
+
+    def merged_sides(self) -> tuple[bool, bool]:
+        """Whether the forward contracts the input (output) cores as one merged matrix, a
+        1×1 conv on the NCHW tensor, rather than mode by mode over every pixel: where the
+        merged matrix costs no more multiply-adds per pixel than the steps it replaces
+        (plus the merge itself, per sample). The same function either way; the merged form
+        also skips the chain's two layout permutes. Depends on the shapes only.
+
+        Returns ``(input side merged, output side merged)``; ``(False, False)`` when
+        :attr:`merge` is off. The merged form is what the torch forward and the ONNX export
+        run; the compiled kernels keep the sparse mode-by-mode steps."""
+        if not self.merge:
+            return False, False
+        key = tuple(tuple(c.shape) for c in self.cores)
+        cached = getattr(self, "_merged", None)  # (key, decision); absent on modules pickled before it
+        if cached is None or cached[0] != key:
+            ins, outs = self._spec["in_modes"], self._spec["out_modes"]
+            r = [c.shape[0] for c in self.cores] + [self.cores[-1].shape[-1]]
+            d, r0 = len(ins), r[0]
+            (h, w), (h2, w2) = self._hw()
+            uses = self.core_uses(1)
+            numel = [math.prod(c.shape) for c in self.cores]
+            chain_in = sum(uses[k] * numel[k] for k in range(d))
+            chain_out = sum(uses[d + 1 + j] * numel[d + 1 + j] for j in range(len(outs)))
+            merge_in = sum(r0 * math.prod(ins[:k + 1]) * r[k + 1] * ins[k + 1] * r[k + 2]
+                           for k in range(d - 1))
+            merge_out = sum(r[d + 1] * math.prod(outs[:j + 1]) * r[d + 2 + j] * outs[j + 1] * r[d + 3 + j]
+                            for j in range(len(outs) - 1))
+            sides = (h * w * math.prod(ins) * r0 * r[d] + merge_in <= chain_in,
+                     h2 * w2 * r0 * r[d + 1] * math.prod(outs) + merge_out <= chain_out)
+            cached = self._merged = (key, sides)
+        return cached[1]
 
     def dense_weight(self) -> Tensor:
         self._require_linear_chain()
