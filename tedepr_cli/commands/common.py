@@ -201,6 +201,15 @@ DataOpt = Annotated[Path | None, typer.Option(
     "(README: Datasets).")]
 
 
+def given_options(ctx: typer.Context) -> set[str]:
+    """The parameters of the running command the user set (on the command line or from
+    the environment), by their Python names: what a command must not confuse with a
+    default it would otherwise fill in (``finetune --resume`` checks them against the run)."""
+    sources = {name: ctx.get_parameter_source(name) for name in ctx.params}
+    return {name for name, src in sources.items() if src is not None and src.name in ("COMMANDLINE",
+                                                                                      "ENVIRONMENT")}
+
+
 def torch_seed(seed: int) -> None:
     """Seed every generator tedepr draws from."""
     import random

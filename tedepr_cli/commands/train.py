@@ -23,12 +23,14 @@ from .common import (
     Verbose,
     _load,
     command,
+    given_options,
     torch_seed,
 )
 
 
 @command
 def finetune(
+    ctx: typer.Context,
     path: ModelPath,
     data: Annotated[Path, typer.Option("--data", help="Data, [reader:]PATH: .npz, CIFAR, MNIST IDX, image "
                                        "folders, sequence clips, token ids (README 'Datasets'). The train "
@@ -124,7 +126,8 @@ def finetune(
     torch_seed(seed)
     art = _load(path, arch, arch_kwargs, input_shape, trust_pickle, non_strict)
     main_rank = dist_from_env().main
-    if resume:  # the run goes on with its saved recipe: its epochs are the total shown
+    given = given_options(ctx)
+    if resume and "epochs" not in given:  # the run goes on with its recorded epochs: the total shown
         epochs = int((saved_recipe(output) or {}).get("epochs", epochs))
     progress = _progress(epochs) if (main_rank and not quiet and not json_out) else None
 
@@ -143,7 +146,7 @@ def finetune(
         if progress is not None:
             progress.start()
         best, summary = run_finetune(art, data, output, opts, resume=resume, overwrite=overwrite,
-                                     on_epoch=on_epoch, on_batch=on_batch)
+                                     on_epoch=on_epoch, on_batch=on_batch, given=given)
     except KeyboardInterrupt:
         if progress is not None:
             progress.stop()
