@@ -21,11 +21,13 @@ from .common import (
     Overwrite,
     Quiet,
     Seed,
+    Threads,
     TrustPickle,
     Verbose,
     _load,
     command,
     torch_seed,
+    use_threads,
 )
 
 
@@ -117,6 +119,7 @@ def decompose(
     init_variance: Annotated[str, typer.Option(
         "--init-variance", help="Target of --init random: he (2/fan_in) or lecun (1/fan_in).")] = "he",
     data: DataOpt = None,
+    threads: Threads = 1,
     seed: Seed = 0,
     overwrite: Overwrite = False,
     arch: Arch = None, arch_kwargs: ArchKwargs = None, input_shape: InputShape = None,
@@ -144,6 +147,7 @@ def decompose(
         opts.rank = None
     opts.validate()
     check_output(output, overwrite)
+    use_threads(threads)
     torch_seed(seed)
     art = _load(path, arch, arch_kwargs, input_shape, trust_pickle, non_strict)
     before = sum(p.numel() for p in art.model.parameters())
@@ -285,8 +289,7 @@ def prune(
     rounds: Annotated[int, typer.Option("--rounds", help="synflow: pruning rounds.")] = 100,
     iterations: Annotated[int, typer.Option("--iterations", help="force: pruning iterations.")] = 10,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per scoring batch.")] = 128,
-    threads: Annotated[int, typer.Option("--threads", help="CPU threads (results are "
-                                         "reproducible for a fixed thread count).")] = 1,
+    threads: Threads = 1,
     seed: Seed = 0,
     overwrite: Overwrite = False,
     arch: Arch = None, arch_kwargs: ArchKwargs = None, input_shape: InputShape = None,
@@ -295,7 +298,6 @@ def prune(
 ) -> None:
     """Fine grain: score every prunable entry at initialization and keep the most useful,
     so that (1 - sparsity) x the dense model's prunable weights remain."""
-    import torch
 
     from ..artifact import save_artifact
     from ..console import log
@@ -310,7 +312,7 @@ def prune(
         raise UsageError("give exactly one of --sparsity or --density")
     s = sparsity if sparsity is not None else 1.0 - density
     if threads < 1:
-        raise UsageError("--threads must be >= 1")
+        raise UsageError(f"--threads must be >= 1, got {threads}")
     opts = PruneOptions(sparsity=s, criterion=criterion, scope=scope, min_density=min_density,
                         path_guard=path_guard, connectivity=connectivity, batch_size=batch_size, seed=seed,
                         decompose=decompose_first, coarse_ratio=coarse_ratio, score_mode=score_mode,
@@ -333,7 +335,7 @@ def prune(
     name = re.sub(r"[^\w.-]", "-", str(path)) if scratch else path.stem
     out_path = output if output is not None else Path(f"{name}-pruned")
     check_output(out_path, overwrite)
-    torch.set_num_threads(threads)
+    use_threads(threads)
     torch_seed(seed)
     if scratch:
         from ..arch import parse_arch

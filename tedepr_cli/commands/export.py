@@ -20,11 +20,13 @@ from .common import (
     Overwrite,
     Quiet,
     Seed,
+    Threads,
     TrustPickle,
     Verbose,
     _allow_import,
     _load,
     command,
+    use_threads,
 )
 
 AtolOpt = Annotated[float, typer.Option(
@@ -52,6 +54,7 @@ def export(
                                              "smallest batch >= 2 not listed, and its batch axis must "
                                              "be dynamic.")] = "1,7",
     data: DataOpt = None,
+    threads: Threads = 1,
     seed: Seed = 0,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda: where the PyTorch reference "
                                         "runs (and onnxruntime, where it has CUDA).")] = "cpu",
@@ -76,8 +79,11 @@ def export(
     opts = ExportOptions(formats=[f.strip() for f in to.split(",") if f.strip()], opset=opset,
                          atol=atol, rtol=rtol, batch_sizes=sizes, seed=seed, device=device)
     opts.validate()
+    if threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {threads}")
     resolve_device(device)  # --device cuda without a GPU: exit 10 before anything is written
     check_output(output, overwrite)
+    use_threads(threads)
     art = _load(path, arch, arch_kwargs, input_shape, trust_pickle, non_strict)
     report = run_export(art, output, opts, data, overwrite=overwrite)
     log.info(f"wrote {output}")

@@ -19,12 +19,14 @@ from .common import (
     Overwrite,
     Quiet,
     Seed,
+    Threads,
     TrustPickle,
     Verbose,
     _load,
     command,
     given_options,
     torch_seed,
+    use_threads,
 )
 
 
@@ -205,7 +207,7 @@ def eval_(
         show_default=False)] = None,
     split: Annotated[str, typer.Option("--split", help="test, train or all.")] = "test",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per evaluation batch.")] = 256,
-    threads: Annotated[int, typer.Option("--threads", help="CPU threads.")] = 1,
+    threads: Threads = 1,
     normalize: Annotated[str, typer.Option(
         "--normalize", help="auto (the statistics recorded in the model's manifest, else the data "
         "family's), standard, computed or none.")] = "auto",
@@ -218,7 +220,6 @@ def eval_(
     json_out: JsonOut = False, verbose: Verbose = 0, quiet: Quiet = False,
 ) -> None:
     """Loss, top-1 and per-class accuracy and throughput of a model on labelled data."""
-    import torch
 
     from ..data import SPLITS
     from ..datasets import make_split
@@ -230,7 +231,7 @@ def eval_(
         raise UsageError("--batch-size and --threads must be >= 1, --workers >= 0")
     if split not in SPLITS:
         raise UsageError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
-    torch.set_num_threads(threads)
+    use_threads(threads)
     art = _load(path, arch, arch_kwargs, input_shape, trust_pickle, non_strict)
     ds, pre = open_for_model(data, art, normalize=normalize, strict=strict_data)
     s = make_split(ds, split, art.input_shape, art.input_kind, pre, strict=strict_data)
