@@ -39,6 +39,7 @@ from ..errors import (
     opt,
 )
 from ..machine import cpu_model
+from ..pruning.targets import kept_counts
 from ..storage import byte_sizes
 from ..surgery import example_input
 from ..timing import NOISY_IQR, Plan, Timer, cuda_event_timer, interleaved, speedup, summarize, wall_timer
@@ -355,13 +356,10 @@ def _run(target: Target, opts: BenchOptions, device: torch.device, baseline_path
     report["results"] = results
     report["execution_plans"] = plans
     # sizes
-    params = sum(p.numel() for p in art.model.parameters())
-    kept = params - sum(int((~m).sum()) for m in art.masks.values())
     tied = tied_parameters(base)  # a tied tensor is stored once (safetensors refuses shared memory)
     dense_state = {k: v.contiguous() for k, v in base.state_dict().items() if k not in tied}
-    sizes = {"dense-safetensors": {"params": sum(p.numel() for p in base.parameters()),
-                                   **byte_sizes(st_save(dense_state))}}
-    sizes["compressed-safetensors"] = {"params": params, "kept": kept, **byte_sizes(compact.read_bytes())}
+    sizes = {"dense-safetensors": {**kept_counts(base), **byte_sizes(st_save(dense_state))}}
+    sizes["compressed-safetensors"] = {**kept_counts(art.model), **byte_sizes(compact.read_bytes())}
     if "dense-ort" in onnx:
         sizes["dense-onnx"] = byte_sizes(onnx["dense-ort"].read_bytes())
     if "chain-ort" in onnx:

@@ -229,6 +229,14 @@ def given_options(ctx: typer.Context) -> set[str]:
                                                                                       "ENVIRONMENT")}
 
 
+# what every report's weight counts mean (pruning.targets.kept_counts: one definition)
+KEPT_NOTE = ("kept: stored entries of the prunable tensors (the cores of tensorized layers, dense "
+             "weights) that the masks keep, as the budget counts them; effective non-zero: the non-zero "
+             "entries of the dense weights those layers compute with (a chain's few stored entries "
+             "multiply out to many more); other params: biases, norms, embeddings and other weights "
+             "not pruned, stored whole")
+
+
 def torch_seed(seed: int) -> None:
     """Seed every generator tedepr draws from."""
     import random

@@ -361,9 +361,13 @@ def prune(
                        ["layer", "kind", "kept/total", "density", "dense weights", "density vs dense"],
                        rows, right={2, 3, 4, 5}))
     sp = report["sparsity"]
-    stdout.print(f"kept {report['kept']:,} of {report['dense_prunable']:,} dense prunable weights: "
-                 f"sparsity {100 * sp['vs_dense']:.2f} % vs dense, {100 * sp['over_prunable']:.2f} % "
-                 f"over prunable entries, {100 * sp['over_all_params']:.2f} % over all parameters")
+    stdout.print(f"kept {report['kept']:,} stored entries of {report['dense_prunable']:,} dense prunable "
+                 f"weights: sparsity {100 * sp['vs_dense']:.2f} % vs dense, "
+                 f"{100 * sp['over_prunable']:.2f} % over prunable entries, "
+                 f"{100 * sp['over_all_params']:.2f} % over all parameters" + (
+                     f"; they compute with {report['effective_nonzero']:,} effective non-zero weights "
+                     "(each tensorized layer's kept cores multiplied out to its dense weight)"
+                     if report["effective_nonzero"] != report["kept"] else ""))
     cov = report["coverage"]
     left = cov["not_pruned"]
     stdout.print(f"the prunable tensors hold {100 * cov['prunable_share']:.2f} % of the model's "

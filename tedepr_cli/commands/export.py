@@ -9,6 +9,7 @@ import typer
 
 from ..console import print_json, stdout, table
 from .common import (
+    KEPT_NOTE,
     Arch,
     ArchKwargs,
     ConfirmArch,
@@ -94,12 +95,12 @@ def export(
     for name, r in [("dense original", report.get("dense_original") or {}),
                     *[(f, report["formats"][f]) for f in report["formats"]]]:
         if r:
-            rows.append([name, r["params"], r["kept"], r["other"], r["bytes"], human_bytes(r["bytes"]),
-                         r["gzip_bytes"], human_bytes(r["gzip_bytes"])])
-    stdout.print(table(f"export to {output}", ["format", "params", "kept weights", "other params", "bytes",
-                                               "", "gzip bytes", ""], rows, right={1, 2, 3, 4, 5, 6, 7}))
-    stdout.print("kept weights: prunable entries (weights or cores) kept, as `tedepr prune` counts them; "
-                 "other params: biases, norms and other unpruned parameters")
+            rows.append([name, r["params"], r["kept"], r["effective_nonzero"], r["other"], r["bytes"],
+                         human_bytes(r["bytes"]), r["gzip_bytes"], human_bytes(r["gzip_bytes"])])
+    stdout.print(table(f"export to {output}", ["format", "params", "kept", "effective non-zero",
+                                               "other params", "bytes", "", "gzip bytes", ""], rows,
+                       right={1, 2, 3, 4, 5, 6, 7, 8}))
+    stdout.print(KEPT_NOTE)
     c = report.get("compact")
     if c and c["ratio"] is not None:
         entropy = c["minimal_bytes"] - 4 * c["kept_values"]
