@@ -372,8 +372,9 @@ def _reach_warnings(reach: Reachability) -> list[str]:
     if not reach.checked:
         out.append(f"the whole-network collapse check could not run: {reach.note}")
     elif not reach.traced:
-        out.append(f"the whole-network collapse check followed the layers in the order they run: "
-                   f"{reach.note}; skip connections were not seen")
+        out.append(f"the whole-network collapse check followed the layers in the order they run, as "
+                   f"{reach.note}: it does not see skip connections (a cut branch with a skip path "
+                   "around it counts as cut) nor check that kept paths stay active behind ReLUs")
     if reach.checked and 0 < reach.outputs_reached < reach.outputs:
         out.append(f"{reach.outputs - reach.outputs_reached} of {reach.outputs} outputs depend on no "
                    f"input (constant logits); use a lower sparsity or {opt('repair-paths')}")
