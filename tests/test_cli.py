@@ -223,3 +223,24 @@ def test_every_computing_command_takes_threads(tmp_path, monkeypatch, restore_th
         r = run_cli(*cmd, "--arch", "lenet300", "--threads", "0")
         assert r.exit_code == 2 and "--threads must be >= 1" in r.stderr, (cmd, r.stderr)
         assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("cmd", ["decompose", "bench"])
+def test_data_is_opened_and_logged_once(tmp_path, cmd):
+    """`decompose --data` logged "data ...: npz reader" twice (it opened the data for the
+    model before and after), `bench --data --baseline` three times: once now."""
+    if cmd == "decompose":
+        args = ["decompose", LENET300, "--arch", "lenet300", "--rank", "4", "-o", tmp_path / "d"]
+    else:
+        art = tmp_path / "p"
+        assert run_cli("prune", LENET300, "--arch", "lenet300", "--sparsity", "0.99", "--criterion",
+                       "magnitude", "-o", art).exit_code == 0
+        args = ["bench", art, "--baseline", LENET300, "--iters", "2", "--warmup", "1", "--batch", "1",
+                "--engines", "dense-torch,chain-torch", "--no-memory"]
+    r = run_cli(*args, "--data", MNIST, "--json")
+    assert r.exit_code == 0, r.stderr
+    assert [ln for ln in r.stderr.splitlines() if "npz reader" in ln] == [f"tedepr: data {MNIST}: npz reader "
+                                                                         "(.npz file)"], r.stderr
+    d = json.loads(r.stdout)
+    acc = d["summary"]["accuracy_after"] if cmd == "decompose" else d["accuracy"]["baseline"]
+    assert 0 < acc <= 1  # and the data was used

@@ -399,23 +399,25 @@ def _peak(engine: str, fn: Callable[[], Any], batch: int, device: torch.device, 
 
 def _accuracy(art: Artifact, base: nn.Module, real_base: bool, data: Path, plans: dict[str, Any],
               opts: BenchOptions) -> dict[str, Any]:
+    from ..datasets import open_dataset
     from ..evaluate import evaluate
     from ..execution import build_model
     from ..model_data import split_for, tensors_for
 
-    split = split_for(art, data, "test")
+    ds = open_dataset(data)  # once for every model measured (its line is logged once)
+    split = split_for(art, ds, "test")
     if not bool((split.labels >= 0).any()):  # unlabeled (token) data
         return _cosine(art, base, real_base, data, split, plans, opts)
     # each model sees the data as it was trained to: the compressed one with the preprocessing
     # its manifest records (as `tedepr eval`), the baseline checkpoint with the family default
-    x, y = tensors_for(art, data, "test")
+    x, y = tensors_for(art, ds, "test")
     out: dict[str, Any] = {"data": str(data), "split": "test", "samples": len(y)}
     out["compressed"] = evaluate(art.model, x, y)["accuracy"]
     if plans:
         plan = plans[max(plans, key=int)]
         out["compressed_tedepr_engine"] = evaluate(build_model(art, plan, opts.threads), x, y)["accuracy"]
     if real_base:
-        xb, yb = tensors_for(Artifact(model=base, arch=None), data, "test")
+        xb, yb = tensors_for(Artifact(model=base, arch=None), ds, "test")
         out["baseline"] = evaluate(base, xb, yb)["accuracy"]
     else:
         out["baseline"] = None

@@ -80,7 +80,7 @@ def _split_globs(values: list[str]) -> list[str]:
     return [p.strip() for v in values for p in v.split(",") if p.strip()]
 
 
-def _accuracy(art, data: Path, split: str = "test") -> float | None:
+def _accuracy(art, data, split: str = "test") -> float | None:
     """Test accuracy on ``data``; None for data without labels."""
     from ..evaluate import evaluate
     from ..model_data import tensors_for
@@ -151,20 +151,25 @@ def decompose(
     torch_seed(seed)
     art = _load(path, arch, arch_kwargs, input_shape, trust_pickle, non_strict)
     before = sum(p.numel() for p in art.model.parameters())
-    acc_before = _accuracy(art, data) if data else None
+    ds = None
+    if data:
+        from ..datasets import open_dataset
+
+        ds = open_dataset(data)  # once: both models are measured on it (its line is logged once)
+    acc_before = _accuracy(art, ds) if ds else None
     out, report = run_decompose(art, opts)
     summary = totals(report, before, sum(p.numel() for p in out.model.parameters()))
     if data and acc_before is None:  # no labels: how close the decomposed outputs stay to the original's
         from ..evaluate import cosine_split
         from ..model_data import split_for
 
-        cos = cosine_split(out.model, art.model, split_for(out, data, "test"))["cosine_mean"]
+        cos = cosine_split(out.model, art.model, split_for(out, ds, "test"))["cosine_mean"]
         summary["cosine_to_original"] = cos
         out.meta.setdefault("metrics", {})["decompose"] = {"data": str(data), "split": "test",
                                                            "cosine_to_original": cos}
     elif data:
         summary["accuracy_before"] = acc_before
-        summary["accuracy_after"] = _accuracy(out, data)
+        summary["accuracy_after"] = _accuracy(out, ds)
         out.meta.setdefault("metrics", {})["decompose"] = {
             "data": str(data), "split": "test", "accuracy_before": acc_before,
             "accuracy_after": summary["accuracy_after"]}
