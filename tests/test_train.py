@@ -142,6 +142,21 @@ def test_eval_reports_per_class_accuracy():
     assert "per-class accuracy" in r.stdout
 
 
+def test_eval_gives_every_accuracy_in_the_same_unit():
+    """The human output gave the overall accuracy in percent and the per-class table in
+    fractions (0.98 next to 94.00 %): percent everywhere now; --json keeps fractions in
+    [0, 1] for both, as metrics.jsonl and the finetune summary do."""
+    import re
+
+    d = json.loads(run_cli("eval", LENET300, "--arch", "lenet300", "--data", MNIST, "--json").stdout)
+    assert 0 < d["accuracy"] <= 1 and all(0 <= a <= 1 for a in d["per_class_accuracy"].values())
+    r = run_cli("eval", LENET300, "--arch", "lenet300", "--data", MNIST)
+    assert r.exit_code == 0, r.stderr
+    assert f"accuracy {100 * d['accuracy']:.2f} %" in r.stdout
+    rows = dict(re.findall(r"^\W*(\d+)\W+([\d.]+ %)", r.stdout, flags=re.M))
+    assert rows == {c: f"{100 * a:.2f} %" for c, a in d["per_class_accuracy"].items()}, r.stdout
+
+
 def test_cli_bad_input(pruned, tmp_path):
     from tedepr_cli.artifact import save_artifact
 

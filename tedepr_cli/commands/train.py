@@ -262,6 +262,7 @@ def eval_(
                  f"{100 * m['accuracy']:.2f} % ({m['correct']:,} correct), loss {m['loss']:.4f}, "
                  f"{m['examples_per_s']:,.0f} examples/s ({threads} thread{'s' if threads > 1 else ''})")
     names = ds.class_names or ds.classes
+    # percent, as the overall accuracy above (--json keeps fractions in [0, 1] for both)
     stdout.print(table("per-class accuracy", ["class", "accuracy"],
-                       [[f"{c} ({names[c]})" if names and c < len(names) and names[c] != str(c) else c, a]
-                        for c, a in m["per_class_accuracy"].items()]))
+                       [[f"{c} ({names[c]})" if names and c < len(names) and names[c] != str(c) else c,
+                         f"{100 * a:.2f} %"] for c, a in m["per_class_accuracy"].items()]))
