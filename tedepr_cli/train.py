@@ -403,7 +403,19 @@ def finetune(art: Artifact, data: Path, out: Path, opts: TrainOptions, resume: b
     interrupt a run). With ``resume`` the run in ``out`` continues with its recorded
     recipe; ``given`` names the options of ``opts`` the caller set on purpose, which must
     agree with it except those a resumed run may change (:func:`resumed_options`).
+    PyTorch's thread count is ``opts.threads`` while it trains and restored after.
     """
+    prev_threads = torch.get_num_threads()
+    try:
+        return _finetune(art, data, out, opts, resume, overwrite, on_epoch, on_batch, given)
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def _finetune(art: Artifact, data: Path, out: Path, opts: TrainOptions, resume: bool, overwrite: bool,
+              on_epoch: Callable[[int, dict[str, Any]], None] | None,
+              on_batch: Callable[[int, int, int, float], None] | None,
+              given: Iterable[str] | None) -> tuple[Artifact, dict[str, Any]]:
     dist = dist_from_env()
     if resume and not (out / STATE_FILE).exists():
         ours = {"best", "last", METRICS_FILE}

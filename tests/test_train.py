@@ -177,6 +177,16 @@ def test_cli_bad_input(pruned, tmp_path):
     assert r.exit_code == 2
 
 
+def test_finetune_trains_on_its_threads_and_restores_the_count(pruned, tmp_path):
+    """The library set PyTorch's process-wide thread count to opts.threads and left it
+    there; it now holds only while it trains."""
+    before = torch.get_num_threads()
+    seen = []
+    finetune(pruned, MNIST, tmp_path / "run", _quick(epochs=1, limit_train=64, threads=before + 1),
+             on_epoch=lambda e, m: seen.append(torch.get_num_threads()))
+    assert seen == [before + 1] and torch.get_num_threads() == before
+
+
 def test_resume_refuses_options_that_differ_from_the_recorded_recipe(pruned, tmp_path):
     """--resume used to ignore every option given with it in silence: those that would
     change what the remaining epochs compute (and the data) are refused, each named with
