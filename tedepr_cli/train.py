@@ -377,8 +377,8 @@ def resumed_options(saved: dict[str, Any], opts: TrainOptions, given: Iterable[s
         log.info(f"resuming {where}: " + ", ".join(
             f"{opt(n.replace('_', '-'))} {_shown(n, getattr(recorded, n))} -> {_shown(n, v)}"
             for n, v in changes.items())
-            + (f" (the {recorded.schedule} schedule now spans {changes['epochs']} epochs)"
-               if "epochs" in changes and recorded.schedule != "constant" else ""))
+            + (f" (the cosine schedule now spans {changes['epochs']} epochs)"
+               if "epochs" in changes and recorded.schedule == "cosine" else ""))
     return replace(recorded, **changes)
 
 
