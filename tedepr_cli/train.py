@@ -327,16 +327,19 @@ def _same(name: str, recorded: Any, given: Any) -> bool:
     return recorded == given
 
 
-def data_identity(data: str | Path) -> str:
+def data_identity(data: str | Path | Dataset) -> str:
     """The data a run trains on, as recorded for ``--resume``: the resolved path of
-    ``[reader:]PATH`` (the same file named relatively or absolutely is the same data)."""
+    ``[reader:]PATH`` (the same file named relatively or absolutely is the same data), or
+    of a dataset the caller opened (:func:`~tedepr_cli.datasets.open_dataset`)."""
     from .datasets import parse_spec
 
+    if isinstance(data, Dataset):
+        return str(Path(data.path).resolve())
     return str(parse_spec(data)[1].resolve())
 
 
 def resumed_options(saved: dict[str, Any], opts: TrainOptions, given: Iterable[str] | None,
-                    data: str | Path | None = None, where: Path | str = "the run") -> TrainOptions:
+                    data: str | Path | Dataset | None = None, where: Path | str = "the run") -> TrainOptions:
     """The options a resumed run trains with: its recorded recipe, with the options of
     :data:`RESUME_MAY_CHANGE` taken from ``opts`` where the caller set them.
 
