@@ -179,27 +179,11 @@ def open_data(bench: str, data_dir: str | None, pool: int):
 
 
 def effective_nonzero(model) -> int:
-    """Non-zero entries of the dense weights the model computes with: each compressed layer
-    rebuilt dense from its masked cores (``TensorizedLayer.dense_weight``), each masked dense
-    weight as masked; counted over the prunable layers (``pruning.targets.prunable_groups``).
-    A layer with no dense equivalent (a nonlinear chain) counts its kept core entries."""
-    import torch
+    """Non-zero entries of the dense weights the model computes with (the library's one
+    definition, ``pruning.targets.kept_counts``)."""
+    from tedepr_cli.pruning.targets import kept_counts
 
-    from tedepr_cli.pruning.targets import prunable_groups
-
-    total = 0
-    with torch.no_grad():
-        for g in prunable_groups(model):
-            if g.kind == "cores":
-                try:
-                    w = g.module.dense_weight()
-                except (NotImplementedError, ValueError, AttributeError):
-                    total += sum(int(torch.count_nonzero(c)) for c in g.module.cores)
-                    continue
-            else:
-                w = getattr(g.module, g.params[0].rsplit(".", 1)[-1])  # masked: the computed weight
-            total += int(torch.count_nonzero(w))
-    return total
+    return kept_counts(model)["effective_nonzero"]
 
 
 def run_key(model: str, method: str, sparsity: float | None, seed: int) -> str:

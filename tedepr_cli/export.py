@@ -61,6 +61,7 @@ from .device import resolve as resolve_device
 from .errors import BadInput, EngineUnavailable, UsageError, ValidationError, opt
 from .fsutil import atomic_output
 from .logs import log
+from .pruning.targets import kept_counts
 from .storage import byte_sizes
 from .surgery import eval_mode, example_input, is_token_model, token_ids
 
@@ -453,20 +454,6 @@ def sample_inputs(art: Artifact, n: int, data: Path | None, seed: int) -> tuple[
     return token_ids(x).numpy(), info
 
 
-def kept_counts(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, int]:
-    """``params`` (all parameters), ``kept`` (prunable entries -- weights or cores -- that
-    the masks keep: the count ``tedepr prune`` reports) and ``other`` (parameters outside
-    the prunable set: biases, norms, embeddings)."""
-    from .masks import plain_named_parameters
-    from .pruning.targets import prunable_params
-
-    params = plain_named_parameters(model)
-    prunable = set(prunable_params(model)) | set(masks)
-    kept = sum(int(masks[n].sum()) if n in masks else params[n].numel() for n in prunable)
-    total = sum(p.numel() for p in params.values())
-    return {"params": total, "kept": kept, "other": total - sum(params[n].numel() for n in prunable)}
-
-
 def export(art: Artifact, out: Path, opts: ExportOptions, data: Path | None = None,
            overwrite: bool = False) -> dict[str, Any]:
     """Write the requested formats to ``out`` (a directory), each validated (see the module
@@ -495,7 +482,7 @@ def _export(art: Artifact, out: Path, opts: ExportOptions, data: Path | None, ov
     refs = {b: on_device(ref_model, b) for b in sorted({*opts.batch_sizes, n})}
     report: dict[str, Any] = {"options": asdict(opts), "data": str(data) if data else None,
                               "inputs": source, "formats": {}, "validation": {}, "device": str(dev)}
-    counts = kept_counts(model, art.masks)
+    counts = kept_counts(model)
     report["dense_original"] = _dense_original(art)
     exported = art
     with atomic_output(out, overwrite=overwrite, directory=True) as tmp:
@@ -587,7 +574,7 @@ def _dense_original(art: Artifact) -> dict[str, Any]:
     tied = tied_parameters(dense)  # a tied tensor is stored once (safetensors refuses shared memory)
     state = {k: v.contiguous() for k, v in dense.state_dict().items() if k not in tied}
     raw, gz = byte_sizes(st_save(state)).values()
-    return {"file": "(dense original, fp32 safetensors)", **kept_counts(dense, {}), "bytes": raw,
+    return {"file": "(dense original, fp32 safetensors)", **kept_counts(dense), "bytes": raw,
             "gzip_bytes": gz, "note": "gzip size measured on this architecture's initial weights"}
 
 

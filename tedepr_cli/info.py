@@ -10,6 +10,7 @@ from torch.nn.utils.parametrize import type_before_parametrizations
 
 from .artifact import Artifact
 from .masks import plain_named_parameters
+from .pruning.targets import kept_counts
 
 
 def bytes_on_disk(path: str | Path) -> int:
@@ -54,7 +55,8 @@ def describe(art: Artifact) -> dict[str, Any]:
         "input_shape": list(art.input_shape),
         "input_kind": art.input_kind,
         "params": total,
-        "kept_params": kept,
+        "kept_params": kept,  # every parameter entry not pruned away: weights below + other
+        "weights": kept_counts(art.model),  # kept (stored entries), effective_nonzero, other
         "bytes_on_disk": bytes_on_disk(art.source) if art.source else 0,
         "layers": rows,
         "history": art.history,

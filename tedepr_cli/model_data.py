@@ -95,7 +95,8 @@ def split_for(art: ModelLike, data: str | Path | Dataset, which: str = "test", *
     return make_split(ds, which, art.input_shape, art.input_kind, pre, strict=strict)
 
 
-def tensors_for(art: ModelLike, data: str | Path, which: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+def tensors_for(art: ModelLike, data: str | Path | Dataset, which: str = "test"
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole ``which`` split as ``(x, y)`` tensors ready for ``art``'s model (in memory:
     stream large data through :func:`split_for` instead)."""
     return _all(split_for(art, data, which))

@@ -30,7 +30,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -308,6 +308,83 @@ def saved_recipe(out: Path) -> dict[str, Any] | None:
         return None
 
 
+# what a resumed run may change: how long it runs and where/how it executes, never what
+# each of its steps computes (the recipe that shaped its optimizer state and data)
+RESUME_MAY_CHANGE = ("epochs", "early_stopping", "threads", "workers", "device", "strict_data")
+
+
+def _shown(name: str, value: Any) -> str:
+    if value is None:
+        return "default" if name == "teacher" else "auto"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _same(name: str, recorded: Any, given: Any) -> bool:
+    if name == "teacher" and recorded is not None and given is not None:
+        return str(recorded) == str(given) or Path(recorded).resolve() == Path(given).resolve()
+    return recorded == given
+
+
+def data_identity(data: str | Path | Dataset) -> str:
+    """The data a run trains on, as recorded for ``--resume``: the resolved path of
+    ``[reader:]PATH`` (the same file named relatively or absolutely is the same data), or
+    of a dataset the caller opened (:func:`~tedepr_cli.datasets.open_dataset`)."""
+    from .datasets import parse_spec
+
+    if isinstance(data, Dataset):
+        return str(Path(data.path).resolve())
+    return str(parse_spec(data)[1].resolve())
+
+
+def resumed_options(saved: dict[str, Any], opts: TrainOptions, given: Iterable[str] | None,
+                    data: str | Path | Dataset | None = None, where: Path | str = "the run") -> TrainOptions:
+    """The options a resumed run trains with: its recorded recipe, with the options of
+    :data:`RESUME_MAY_CHANGE` taken from ``opts`` where the caller set them.
+
+    ``saved``: the run's state (``state.pt``: ``options``, ``epoch`` completed, ``data``).
+    ``given``: the names of the :class:`TrainOptions` fields the caller set on purpose
+    (the CLI: the options on the command line); None: every field of ``opts`` that
+    differs from the :class:`TrainOptions` default. ``data``: the data now given, checked
+    against the recorded one. Any other given option that differs from the recording, a
+    different ``data``, or ``epochs`` below the epochs already completed raises
+    :class:`UsageError` naming each option with its recorded and given value (exit 2):
+    they would silently change what the remaining epochs compute.
+    """
+    recorded = TrainOptions(**{f.name: saved["options"][f.name] for f in fields(TrainOptions)
+                               if f.name in saved["options"]})
+    defaults = TrainOptions()
+    names = ([f.name for f in fields(TrainOptions) if getattr(opts, f.name) != getattr(defaults, f.name)]
+             if given is None else [n for n in given if n in {f.name for f in fields(TrainOptions)}])
+    conflicts, changes = [], {}
+    for n in names:
+        was, now = getattr(recorded, n), getattr(opts, n)
+        if _same(n, was, now):
+            continue
+        if n in RESUME_MAY_CHANGE:
+            changes[n] = now
+        else:
+            conflicts.append(f"{opt(n.replace('_', '-'))} recorded {_shown(n, was)}, given {_shown(n, now)}")
+    if data is not None and saved.get("data") is not None and data_identity(data) != saved["data"]:
+        conflicts.append(f"{opt('data')} recorded {saved['data']}, given {data_identity(data)}")
+    if conflicts:
+        raise UsageError(f"resuming {where}: these options differ from the run's recorded recipe and would "
+                         f"change what its remaining epochs compute: {'; '.join(conflicts)}. Drop them to "
+                         f"resume, or start a new run with another {opt('output')}")
+    done = int(saved.get("epoch", 0))
+    if changes.get("epochs", recorded.epochs) < done:
+        raise UsageError(f"resuming {where}: {opt('epochs')} {changes['epochs']} is fewer than the "
+                         f"{done} epochs the run already completed")
+    if changes:
+        log.info(f"resuming {where}: " + ", ".join(
+            f"{opt(n.replace('_', '-'))} {_shown(n, getattr(recorded, n))} -> {_shown(n, v)}"
+            for n, v in changes.items())
+            + (f" (the cosine schedule now spans {changes['epochs']} epochs)"
+               if "epochs" in changes and recorded.schedule == "cosine" else ""))
+    return replace(recorded, **changes)
+
+
 def _load_state(out: Path) -> dict[str, Any]:
     p = out / STATE_FILE
     if not p.is_file():
@@ -320,14 +397,28 @@ def _load_state(out: Path) -> dict[str, Any]:
 
 def finetune(art: Artifact, data: Path, out: Path, opts: TrainOptions, resume: bool = False,
              overwrite: bool = False, on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
-             on_batch: Callable[[int, int, int, float], None] | None = None
-             ) -> tuple[Artifact, dict[str, Any]]:
+             on_batch: Callable[[int, int, int, float], None] | None = None,
+             given: Iterable[str] | None = None) -> tuple[Artifact, dict[str, Any]]:
     """Train ``art``'s model with its masks fixed; returns the best artifact and a summary.
 
     ``on_epoch(epoch, metrics)`` runs after every epoch and ``on_batch(epoch, batch, steps,
     loss)`` after every step, on the main process (progress UI; tests use them to
-    interrupt a run).
+    interrupt a run). With ``resume`` the run in ``out`` continues with its recorded
+    recipe; ``given`` names the options of ``opts`` the caller set on purpose, which must
+    agree with it except those a resumed run may change (:func:`resumed_options`).
+    PyTorch's thread count is ``opts.threads`` while it trains and restored after.
     """
+    prev_threads = torch.get_num_threads()
+    try:
+        return _finetune(art, data, out, opts, resume, overwrite, on_epoch, on_batch, given)
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def _finetune(art: Artifact, data: Path, out: Path, opts: TrainOptions, resume: bool, overwrite: bool,
+              on_epoch: Callable[[int, dict[str, Any]], None] | None,
+              on_batch: Callable[[int, int, int, float], None] | None,
+              given: Iterable[str] | None) -> tuple[Artifact, dict[str, Any]]:
     dist = dist_from_env()
     if resume and not (out / STATE_FILE).exists():
         ours = {"best", "last", METRICS_FILE}
@@ -337,10 +428,8 @@ def finetune(art: Artifact, data: Path, out: Path, opts: TrainOptions, resume: b
         resume, overwrite = False, True
     saved = _load_state(out) if resume else None
     if saved is not None:
-        opts = TrainOptions(**{f.name: saved["options"][f.name] for f in fields(TrainOptions)
-                               if f.name in saved["options"]})
-        log.info(f"resuming {out} after epoch {saved['epoch']} of {opts.epochs} with its saved recipe "
-                 "(options given now are not applied)")
+        opts = resumed_options(saved, opts, given, data, out)
+        log.info(f"resuming {out} after epoch {saved['epoch']} of {opts.epochs} with its saved recipe")
     opts.validate()
     resolve_device(opts.device)  # --device cuda without a GPU: EngineUnavailable, before any output
     if opts.lr is None:
@@ -470,7 +559,8 @@ def finetune(art: Artifact, data: Path, out: Path, opts: TrainOptions, resume: b
             state = {"model": {k: v.detach().cpu() for k, v in plain_state_dict(model).items()},
                      "optimizer": _cpu(optimizer.state_dict()), "epoch": epoch + 1, "best": best,
                      "stale": stale, "train_paths": paths,
-                     "history": [json.dumps(_stored(h)) for h in history], "options": recipe}
+                     "history": [json.dumps(_stored(h)) for h in history], "options": recipe,
+                     "data": data_identity(data)}
             _save_state(out, state)
             last_good = state
             if on_epoch:

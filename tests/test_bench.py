@@ -325,3 +325,34 @@ def test_bench_reports_the_speedup_against_the_best_dense_and_the_chosen_runtime
         plan = d["execution_plans"][b]
         assert plan["runtime"] in ("layers", "onnx", "dense-torch", "dense-ort")
         assert plan["runtimes"]["baseline"]["best"] in ("dense-torch", "dense-ort")
+
+
+def test_prune_export_bench_and_info_count_kept_weights_alike(tmp_path):
+    """`prune` and `export` counted the prunable entries kept, `bench` and `info` every
+    parameter not pruned away (biases included): 1,331 vs 1,741 for the same artifact.
+    One definition now (pruning.targets.kept_counts), the same numbers in every report:
+    stored entries, and the effective non-zero weights the chains multiply out to."""
+    art = tmp_path / "p"
+    r = run_cli("prune", LENET300, "--arch", "lenet300", "--sparsity", "0.995", "--criterion", "magnitude",
+                "-o", art, "--json")
+    assert r.exit_code == 0, r.stderr
+    pruned = json.loads(r.stdout)
+    r = run_cli("export", art, "--to", "safetensors", "-o", tmp_path / "e", "--json")
+    assert r.exit_code == 0, r.stderr
+    exported = json.loads(r.stdout)["formats"]["safetensors"]
+    r = run_cli("bench", art, *FAST, "--engines", "dense-torch,chain-torch", "--json")
+    assert r.exit_code == 0, r.stderr
+    benched = json.loads(r.stdout)["sizes"]["compressed-safetensors"]
+    r = run_cli("info", art, "--json")
+    assert r.exit_code == 0, r.stderr
+    info = json.loads(r.stdout)["weights"]
+    assert pruned["kept"] == pruned["budget"] == 1331  # round(0.005 x 266,200) stored entries
+    for d in (exported, benched, info):
+        assert (d["kept"], d["effective_nonzero"], d["other"]) == (1331, pruned["effective_nonzero"], 410), d
+    # the TT chains' kept cores multiply out to many more non-zero dense weights, at most all of them
+    assert 1331 < pruned["effective_nonzero"] <= 266_200
+    loaded = load_artifact(art)
+    chains = (loaded.model.get_submodule(n).dense_weight() for n in ("fc1", "fc2"))
+    dense = sum(int(torch.count_nonzero(w)) for w in chains)
+    fc3 = loaded.model.fc3  # a dense layer, pruned as it is
+    assert pruned["effective_nonzero"] == dense + int(torch.count_nonzero(fc3.weight))

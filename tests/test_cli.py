@@ -160,3 +160,87 @@ def test_tables_never_cut_numbers_or_names(width):
     for r in rows:
         for v in r[:-1]:
             assert fmt(v) in text, (fmt(v), text)
+
+
+@pytest.fixture
+def restore_threads():
+    """The CLI sets the process's thread pools (the command owns it): put them back."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    with threadpool_limits(limits=None):  # restores the BLAS pools on exit
+        yield
+    torch.set_num_threads(before)
+
+
+def _threads_seen():
+    import torch
+    from threadpoolctl import threadpool_info
+
+    blas = {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"}
+    return torch.get_num_threads(), blas
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_every_computing_command_takes_threads(tmp_path, monkeypatch, restore_threads, threads):
+    """decompose and export had no --threads (prune, eval and finetune did): each bounds
+    PyTorch's pool and numpy's BLAS (the TT-SVDs) to it while the library works."""
+    import tedepr_cli.decompose as dec
+    import tedepr_cli.export as exp
+
+    seen = {}
+
+    def spy(module, name):
+        real = getattr(module, name)
+
+        def wrapped(*a, **kw):
+            seen[name] = _threads_seen()
+            return real(*a, **kw)
+
+        monkeypatch.setattr(module, name, wrapped)
+
+    spy(dec, "decompose")
+    spy(exp, "export")
+    def other_pools():  # what a previous command or the machine left: not the value asked for
+        import torch
+        from threadpoolctl import threadpool_limits
+
+        torch.set_num_threads(threads + 1)
+        threadpool_limits(limits=threads + 1, user_api="blas")
+
+    base = ["--arch", "lenet300", "--threads", str(threads)]
+    other_pools()
+    r = run_cli("decompose", LENET300, *base, "--rank", "4", "-o", tmp_path / "d")
+    assert r.exit_code == 0, r.stderr
+    other_pools()
+    r = run_cli("export", LENET300, *base, "--to", "safetensors", "-o", tmp_path / "e")
+    assert r.exit_code == 0, r.stderr
+    assert seen == {"decompose": (threads, {threads}), "export": (threads, {threads})}
+    for cmd in (["decompose", LENET300, "-o", tmp_path / "x"], ["export", LENET300, "-o", tmp_path / "x"],
+                ["prune", LENET300, "--sparsity", "0.9", "-o", tmp_path / "x"],
+                ["eval", LENET300, "--data", MNIST]):
+        r = run_cli(*cmd, "--arch", "lenet300", "--threads", "0")
+        assert r.exit_code == 2 and "--threads must be >= 1" in r.stderr, (cmd, r.stderr)
+        assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("cmd", ["decompose", "bench"])
+def test_data_is_opened_and_logged_once(tmp_path, cmd):
+    """`decompose --data` logged "data ...: npz reader" twice (it opened the data for the
+    model before and after), `bench --data --baseline` three times: once now."""
+    if cmd == "decompose":
+        args = ["decompose", LENET300, "--arch", "lenet300", "--rank", "4", "-o", tmp_path / "d"]
+    else:
+        art = tmp_path / "p"
+        assert run_cli("prune", LENET300, "--arch", "lenet300", "--sparsity", "0.99", "--criterion",
+                       "magnitude", "-o", art).exit_code == 0
+        args = ["bench", art, "--baseline", LENET300, "--iters", "2", "--warmup", "1", "--batch", "1",
+                "--engines", "dense-torch,chain-torch", "--no-memory"]
+    r = run_cli(*args, "--data", MNIST, "--json")
+    assert r.exit_code == 0, r.stderr
+    assert [ln for ln in r.stderr.splitlines() if "npz reader" in ln] == [f"tedepr: data {MNIST}: npz reader "
+                                                                         "(.npz file)"], r.stderr
+    d = json.loads(r.stdout)
+    acc = d["summary"]["accuracy_after"] if cmd == "decompose" else d["accuracy"]["baseline"]
+    assert 0 < acc <= 1  # and the data was used

@@ -306,6 +306,24 @@ def test_synflow_on_a_token_model_with_attention_warns_once(tmp_path):
     assert sum("probe is degenerate" in line for line in res.stderr.splitlines()) == 1
 
 
+@pytest.mark.parametrize("arch", ["tests.token_models:encoder", "tests.token_models:padded_encoder"])
+def test_prune_traces_a_forward_with_an_optional_attention_mask(tmp_path, arch):
+    """`prune` on a token model warned "the graph could not be traced" (noise): torch.fx
+    traced ``attention_mask`` as a free input, so ``if attention_mask is None`` took the
+    mask's branch and the graph failed on the ids alone. Traced for the defaults the check
+    runs with, the graph is seen whole (the encoder's residual blocks included)."""
+    torch.manual_seed(0)
+    teacher = tmp_path / "teacher.pt"
+    torch.save(tm.__dict__[arch.rpartition(":")[2]]().state_dict(), teacher)
+    data = _tokens(tmp_path / "tokens.npz", n=64)
+    res = _ok(run_cli("prune", teacher, "--arch", arch, "--no-decompose", "--sparsity", "0.5", "--data", data,
+                      "--batch-size", "16", "-o", tmp_path / "p", "--json"), "prune")
+    reach = json.loads(res.stdout)["reachability"]
+    assert reach["checked"] and reach["traced"] and reach["note"] is None, reach
+    assert reach["outputs_reached"] == reach["outputs"] == 32
+    assert "could not" not in res.stderr and "order they run" not in res.stderr, res.stderr
+
+
 def test_an_encoder_with_a_padding_mask_and_nested_tensors_decomposes_and_prunes(tmp_path):
     """torch's TransformerEncoder with its defaults (nested tensors on) and a padding mask:
     in eval mode its fast path packs the batch into a NestedTensor, which a tensorized

@@ -6,13 +6,14 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from tedepr_cli.arch import parse_arch
 from tedepr_cli.artifact import load_artifact
-from tedepr_cli.errors import TrainingDiverged
+from tedepr_cli.errors import TrainingDiverged, UsageError
 from tedepr_cli.loading import load_model
 from tedepr_cli.masks import plain_named_parameters
 from tedepr_cli.pruning.prune import PruneOptions, prune
@@ -141,6 +142,21 @@ def test_eval_reports_per_class_accuracy():
     assert "per-class accuracy" in r.stdout
 
 
+def test_eval_gives_every_accuracy_in_the_same_unit():
+    """The human output gave the overall accuracy in percent and the per-class table in
+    fractions (0.98 next to 94.00 %): percent everywhere now; --json keeps fractions in
+    [0, 1] for both, as metrics.jsonl and the finetune summary do."""
+    import re
+
+    d = json.loads(run_cli("eval", LENET300, "--arch", "lenet300", "--data", MNIST, "--json").stdout)
+    assert 0 < d["accuracy"] <= 1 and all(0 <= a <= 1 for a in d["per_class_accuracy"].values())
+    r = run_cli("eval", LENET300, "--arch", "lenet300", "--data", MNIST)
+    assert r.exit_code == 0, r.stderr
+    assert f"accuracy {100 * d['accuracy']:.2f} %" in r.stdout
+    rows = dict(re.findall(r"^\W*(\d+)\W+([\d.]+ %)", r.stdout, flags=re.M))
+    assert rows == {c: f"{100 * a:.2f} %" for c, a in d["per_class_accuracy"].items()}, r.stdout
+
+
 def test_cli_bad_input(pruned, tmp_path):
     from tedepr_cli.artifact import save_artifact
 
@@ -159,6 +175,70 @@ def test_cli_bad_input(pruned, tmp_path):
     assert r.exit_code == 4 and "out of range" in r.stderr and not (tmp_path / "y").exists()
     r = run_cli("finetune", art, "--data", MNIST, "-o", tmp_path / "z", "--resume", "--overwrite")
     assert r.exit_code == 2
+
+
+def test_finetune_trains_on_its_threads_and_restores_the_count(pruned, tmp_path):
+    """The library set PyTorch's process-wide thread count to opts.threads and left it
+    there; it now holds only while it trains."""
+    before = torch.get_num_threads()
+    seen = []
+    finetune(pruned, MNIST, tmp_path / "run", _quick(epochs=1, limit_train=64, threads=before + 1),
+             on_epoch=lambda e, m: seen.append(torch.get_num_threads()))
+    assert seen == [before + 1] and torch.get_num_threads() == before
+
+
+def test_resume_refuses_options_that_differ_from_the_recorded_recipe(pruned, tmp_path):
+    """--resume used to ignore every option given with it in silence: those that would
+    change what the remaining epochs compute (and the data) are refused, each named with
+    its recorded and given value, and the run is left untouched."""
+    import shutil
+
+    from tedepr_cli.artifact import save_artifact
+
+    art = save_artifact(pruned, tmp_path / "p")
+    run = tmp_path / "run"
+    finetune(load_artifact(art), MNIST, run, _quick(epochs=1, limit_train=128))
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    r = run_cli("finetune", art, "--data", MNIST, "-o", run, "--resume", "--lr", "0.5", "--batch-size", "7",
+                "--epochs", "3")
+    assert r.exit_code == 2, r.stderr
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tedepr: usage error: "), r.stderr
+    assert "--lr recorded 0.003, given 0.5" in err[0] and "--batch-size recorded 64, given 7" in err[0]
+    assert "--epochs" not in err[0]  # more epochs is a change a resume may make
+    other = tmp_path / "other.npz"
+    shutil.copy(MNIST, other)
+    r = run_cli("finetune", art, "--data", other, "-o", run, "--resume", "--seed", "5")  # same seed: fine
+    assert r.exit_code == 2
+    assert f"--data recorded {Path(MNIST).resolve()}, given {other.resolve()}" in r.stderr
+    assert "--seed" not in r.stderr
+    with pytest.raises(UsageError, match="label_smoothing recorded 0, given 0.1"):  # the library: opts set
+        finetune(load_artifact(art), MNIST, run, TrainOptions(label_smoothing=0.1), resume=True)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_resume_with_more_epochs_runs_them(pruned, tmp_path):
+    """--epochs on --resume extends the run (it was ignored): with a constant schedule, one
+    epoch resumed to three ends bit-identical to a straight three-epoch run; fewer epochs
+    than the run completed is refused."""
+    from tedepr_cli.artifact import save_artifact
+
+    art = save_artifact(pruned, tmp_path / "p")
+    quick = dict(limit_train=128, schedule="constant")
+    finetune(load_artifact(art), MNIST, tmp_path / "a", _quick(epochs=3, **quick))
+    finetune(load_artifact(art), MNIST, tmp_path / "b", _quick(epochs=1, **quick))
+    r = run_cli("finetune", art, "--data", MNIST, "-o", tmp_path / "b", "--resume", "--epochs", "3",
+                "--threads", "1")
+    assert r.exit_code == 0, r.stderr
+    assert "--epochs 1 -> 3" in r.stderr and "epoch 3/3" in r.stderr, r.stderr
+    for name in ("metrics.jsonl", "last/model.safetensors"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    # best/ may be an epoch written before the extension (its manifest keeps that recipe)
+    a, b = load_artifact(tmp_path / "a" / "best"), load_artifact(tmp_path / "b" / "best")
+    for k, v in a.model.state_dict().items():
+        assert torch.equal(v, b.model.state_dict()[k]), k
+    r = run_cli("finetune", art, "--data", MNIST, "-o", tmp_path / "b", "--resume", "--epochs", "2")
+    assert r.exit_code == 2 and "--epochs 2 is fewer than the 3 epochs" in r.stderr
 
 
 DDP_SCRIPT = """

@@ -39,6 +39,7 @@ from ..errors import (
     opt,
 )
 from ..machine import cpu_model
+from ..pruning.targets import kept_counts
 from ..storage import byte_sizes
 from ..surgery import example_input
 from ..timing import NOISY_IQR, Plan, Timer, cuda_event_timer, interleaved, speedup, summarize, wall_timer
@@ -355,13 +356,10 @@ def _run(target: Target, opts: BenchOptions, device: torch.device, baseline_path
     report["results"] = results
     report["execution_plans"] = plans
     # sizes
-    params = sum(p.numel() for p in art.model.parameters())
-    kept = params - sum(int((~m).sum()) for m in art.masks.values())
     tied = tied_parameters(base)  # a tied tensor is stored once (safetensors refuses shared memory)
     dense_state = {k: v.contiguous() for k, v in base.state_dict().items() if k not in tied}
-    sizes = {"dense-safetensors": {"params": sum(p.numel() for p in base.parameters()),
-                                   **byte_sizes(st_save(dense_state))}}
-    sizes["compressed-safetensors"] = {"params": params, "kept": kept, **byte_sizes(compact.read_bytes())}
+    sizes = {"dense-safetensors": {**kept_counts(base), **byte_sizes(st_save(dense_state))}}
+    sizes["compressed-safetensors"] = {**kept_counts(art.model), **byte_sizes(compact.read_bytes())}
     if "dense-ort" in onnx:
         sizes["dense-onnx"] = byte_sizes(onnx["dense-ort"].read_bytes())
     if "chain-ort" in onnx:
@@ -401,23 +399,25 @@ def _peak(engine: str, fn: Callable[[], Any], batch: int, device: torch.device, 
 
 def _accuracy(art: Artifact, base: nn.Module, real_base: bool, data: Path, plans: dict[str, Any],
               opts: BenchOptions) -> dict[str, Any]:
+    from ..datasets import open_dataset
     from ..evaluate import evaluate
     from ..execution import build_model
     from ..model_data import split_for, tensors_for
 
-    split = split_for(art, data, "test")
+    ds = open_dataset(data)  # once for every model measured (its line is logged once)
+    split = split_for(art, ds, "test")
     if not bool((split.labels >= 0).any()):  # unlabeled (token) data
         return _cosine(art, base, real_base, data, split, plans, opts)
     # each model sees the data as it was trained to: the compressed one with the preprocessing
     # its manifest records (as `tedepr eval`), the baseline checkpoint with the family default
-    x, y = tensors_for(art, data, "test")
+    x, y = tensors_for(art, ds, "test")
     out: dict[str, Any] = {"data": str(data), "split": "test", "samples": len(y)}
     out["compressed"] = evaluate(art.model, x, y)["accuracy"]
     if plans:
         plan = plans[max(plans, key=int)]
         out["compressed_tedepr_engine"] = evaluate(build_model(art, plan, opts.threads), x, y)["accuracy"]
     if real_base:
-        xb, yb = tensors_for(Artifact(model=base, arch=None), data, "test")
+        xb, yb = tensors_for(Artifact(model=base, arch=None), ds, "test")
         out["baseline"] = evaluate(base, xb, yb)["accuracy"]
     else:
         out["baseline"] = None

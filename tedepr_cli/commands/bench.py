@@ -12,6 +12,7 @@ import typer
 
 from ..console import print_json, stdout, table
 from .common import (
+    KEPT_NOTE,
     ConfirmArch,
     DataOpt,
     JsonOut,
@@ -160,9 +161,11 @@ def _print_bench(report: dict[str, Any], human_bytes) -> None:
         stdout.print(table(f"batch {b} (µs)", ["engine", "median", "IQR", "p90", "p99", "mean ± σ",
                                                "samples/s", "speed-up vs dense", "vs best dense", "peak mem"],
                            rows))
-    srows = [[k, v.get("params"), v.get("kept"), v["bytes"], human_bytes(v["bytes"]), v["gzip_bytes"]]
-             for k, v in report["sizes"].items()]
-    stdout.print(table("size", ["format", "params", "kept", "bytes", "", "gzip bytes"], srows))
+    srows = [[k, v.get("params"), v.get("kept"), v.get("effective_nonzero"), v.get("other"), v["bytes"],
+              human_bytes(v["bytes"]), v["gzip_bytes"]] for k, v in report["sizes"].items()]
+    stdout.print(table("size", ["format", "params", "kept", "effective non-zero", "other params", "bytes", "",
+                                "gzip bytes"], srows))
+    stdout.print(KEPT_NOTE)
     for b, plan in report.get("execution_plans", {}).items():
         f = plan["flops"]
         choices = ", ".join(f"{n}={r['choice']}" for n, r in plan["layers"].items())

@@ -201,6 +201,42 @@ DataOpt = Annotated[Path | None, typer.Option(
     "(README: Datasets).")]
 
 
+Threads = Annotated[int, typer.Option(
+    "--threads", help="CPU threads PyTorch computes with (results are reproducible for a fixed "
+    "thread count).")]
+
+
+def use_threads(threads: int) -> None:
+    """Check ``--threads`` (UsageError below 1) and set the command's CPU threads: PyTorch's
+    intra-op pool and the BLAS/LAPACK pool numpy computes with (tensorly's TT/TR-SVDs run
+    there, and OpenBLAS would otherwise start one thread per core). Commands own the
+    process; library functions that change either restore it."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    if threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+    threadpool_limits(limits=threads, user_api="blas")
+
+
+def given_options(ctx: typer.Context) -> set[str]:
+    """The parameters of the running command the user set (on the command line or from
+    the environment), by their Python names: what a command must not confuse with a
+    default it would otherwise fill in (``finetune --resume`` checks them against the run)."""
+    sources = {name: ctx.get_parameter_source(name) for name in ctx.params}
+    return {name for name, src in sources.items() if src is not None and src.name in ("COMMANDLINE",
+                                                                                      "ENVIRONMENT")}
+
+
+# what every report's weight counts mean (pruning.targets.kept_counts: one definition)
+KEPT_NOTE = ("kept: stored entries of the prunable tensors (the cores of tensorized layers, dense "
+             "weights) that the masks keep, as the budget counts them; effective non-zero: the non-zero "
+             "entries of the dense weights those layers compute with (a chain's few stored entries "
+             "multiply out to many more); other params: biases, norms, embeddings and other weights "
+             "not pruned, stored whole")
+
+
 def torch_seed(seed: int) -> None:
     """Seed every generator tedepr draws from."""
     import random

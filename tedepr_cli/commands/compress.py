@@ -21,11 +21,13 @@ from .common import (
     Overwrite,
     Quiet,
     Seed,
+    Threads,
     TrustPickle,
     Verbose,
     _load,
     command,
     torch_seed,
+    use_threads,
 )
 
 
@@ -78,7 +80,7 @@ def _split_globs(values: list[str]) -> list[str]:
     return [p.strip() for v in values for p in v.split(",") if p.strip()]
 
 
-def _accuracy(art, data: Path, split: str = "test") -> float | None:
+def _accuracy(art, data, split: str = "test") -> float | None:
     """Test accuracy on ``data``; None for data without labels."""
     from ..evaluate import evaluate
     from ..model_data import tensors_for
@@ -117,6 +119,7 @@ def decompose(
     init_variance: Annotated[str, typer.Option(
         "--init-variance", help="Target of --init random: he (2/fan_in) or lecun (1/fan_in).")] = "he",
     data: DataOpt = None,
+    threads: Threads = 1,
     seed: Seed = 0,
     overwrite: Overwrite = False,
     arch: Arch = None, arch_kwargs: ArchKwargs = None, input_shape: InputShape = None,
@@ -144,23 +147,29 @@ def decompose(
         opts.rank = None
     opts.validate()
     check_output(output, overwrite)
+    use_threads(threads)
     torch_seed(seed)
     art = _load(path, arch, arch_kwargs, input_shape, trust_pickle, non_strict)
     before = sum(p.numel() for p in art.model.parameters())
-    acc_before = _accuracy(art, data) if data else None
+    ds = None
+    if data:
+        from ..datasets import open_dataset
+
+        ds = open_dataset(data)  # once: both models are measured on it (its line is logged once)
+    acc_before = _accuracy(art, ds) if ds else None
     out, report = run_decompose(art, opts)
     summary = totals(report, before, sum(p.numel() for p in out.model.parameters()))
     if data and acc_before is None:  # no labels: how close the decomposed outputs stay to the original's
         from ..evaluate import cosine_split
         from ..model_data import split_for
 
-        cos = cosine_split(out.model, art.model, split_for(out, data, "test"))["cosine_mean"]
+        cos = cosine_split(out.model, art.model, split_for(out, ds, "test"))["cosine_mean"]
         summary["cosine_to_original"] = cos
         out.meta.setdefault("metrics", {})["decompose"] = {"data": str(data), "split": "test",
                                                            "cosine_to_original": cos}
     elif data:
         summary["accuracy_before"] = acc_before
-        summary["accuracy_after"] = _accuracy(out, data)
+        summary["accuracy_after"] = _accuracy(out, ds)
         out.meta.setdefault("metrics", {})["decompose"] = {
             "data": str(data), "split": "test", "accuracy_before": acc_before,
             "accuracy_after": summary["accuracy_after"]}
@@ -285,8 +294,7 @@ def prune(
     rounds: Annotated[int, typer.Option("--rounds", help="synflow: pruning rounds.")] = 100,
     iterations: Annotated[int, typer.Option("--iterations", help="force: pruning iterations.")] = 10,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per scoring batch.")] = 128,
-    threads: Annotated[int, typer.Option("--threads", help="CPU threads (results are "
-                                         "reproducible for a fixed thread count).")] = 1,
+    threads: Threads = 1,
     seed: Seed = 0,
     overwrite: Overwrite = False,
     arch: Arch = None, arch_kwargs: ArchKwargs = None, input_shape: InputShape = None,
@@ -295,7 +303,6 @@ def prune(
 ) -> None:
     """Fine grain: score every prunable entry at initialization and keep the most useful,
     so that (1 - sparsity) x the dense model's prunable weights remain."""
-    import torch
 
     from ..artifact import save_artifact
     from ..console import log
@@ -310,7 +317,7 @@ def prune(
         raise UsageError("give exactly one of --sparsity or --density")
     s = sparsity if sparsity is not None else 1.0 - density
     if threads < 1:
-        raise UsageError("--threads must be >= 1")
+        raise UsageError(f"--threads must be >= 1, got {threads}")
     opts = PruneOptions(sparsity=s, criterion=criterion, scope=scope, min_density=min_density,
                         path_guard=path_guard, connectivity=connectivity, batch_size=batch_size, seed=seed,
                         decompose=decompose_first, coarse_ratio=coarse_ratio, score_mode=score_mode,
@@ -333,7 +340,7 @@ def prune(
     name = re.sub(r"[^\w.-]", "-", str(path)) if scratch else path.stem
     out_path = output if output is not None else Path(f"{name}-pruned")
     check_output(out_path, overwrite)
-    torch.set_num_threads(threads)
+    use_threads(threads)
     torch_seed(seed)
     if scratch:
         from ..arch import parse_arch
@@ -359,9 +366,13 @@ def prune(
                        ["layer", "kind", "kept/total", "density", "dense weights", "density vs dense"],
                        rows, right={2, 3, 4, 5}))
     sp = report["sparsity"]
-    stdout.print(f"kept {report['kept']:,} of {report['dense_prunable']:,} dense prunable weights: "
-                 f"sparsity {100 * sp['vs_dense']:.2f} % vs dense, {100 * sp['over_prunable']:.2f} % "
-                 f"over prunable entries, {100 * sp['over_all_params']:.2f} % over all parameters")
+    stdout.print(f"kept {report['kept']:,} stored entries of {report['dense_prunable']:,} dense prunable "
+                 f"weights: sparsity {100 * sp['vs_dense']:.2f} % vs dense, "
+                 f"{100 * sp['over_prunable']:.2f} % over prunable entries, "
+                 f"{100 * sp['over_all_params']:.2f} % over all parameters" + (
+                     f"; they compute with {report['effective_nonzero']:,} effective non-zero weights "
+                     "(each tensorized layer's kept cores multiplied out to its dense weight)"
+                     if report["effective_nonzero"] != report["kept"] else ""))
     cov = report["coverage"]
     left = cov["not_pruned"]
     stdout.print(f"the prunable tensors hold {100 * cov['prunable_share']:.2f} % of the model's "

@@ -9,6 +9,7 @@ import typer
 
 from ..console import print_json, stdout, table
 from .common import (
+    KEPT_NOTE,
     Arch,
     ArchKwargs,
     ConfirmArch,
@@ -20,11 +21,13 @@ from .common import (
     Overwrite,
     Quiet,
     Seed,
+    Threads,
     TrustPickle,
     Verbose,
     _allow_import,
     _load,
     command,
+    use_threads,
 )
 
 AtolOpt = Annotated[float, typer.Option(
@@ -52,6 +55,7 @@ def export(
                                              "smallest batch >= 2 not listed, and its batch axis must "
                                              "be dynamic.")] = "1,7",
     data: DataOpt = None,
+    threads: Threads = 1,
     seed: Seed = 0,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda: where the PyTorch reference "
                                         "runs (and onnxruntime, where it has CUDA).")] = "cpu",
@@ -76,8 +80,11 @@ def export(
     opts = ExportOptions(formats=[f.strip() for f in to.split(",") if f.strip()], opset=opset,
                          atol=atol, rtol=rtol, batch_sizes=sizes, seed=seed, device=device)
     opts.validate()
+    if threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {threads}")
     resolve_device(device)  # --device cuda without a GPU: exit 10 before anything is written
     check_output(output, overwrite)
+    use_threads(threads)
     art = _load(path, arch, arch_kwargs, input_shape, trust_pickle, non_strict)
     report = run_export(art, output, opts, data, overwrite=overwrite)
     log.info(f"wrote {output}")
@@ -88,12 +95,12 @@ def export(
     for name, r in [("dense original", report.get("dense_original") or {}),
                     *[(f, report["formats"][f]) for f in report["formats"]]]:
         if r:
-            rows.append([name, r["params"], r["kept"], r["other"], r["bytes"], human_bytes(r["bytes"]),
-                         r["gzip_bytes"], human_bytes(r["gzip_bytes"])])
-    stdout.print(table(f"export to {output}", ["format", "params", "kept weights", "other params", "bytes",
-                                               "", "gzip bytes", ""], rows, right={1, 2, 3, 4, 5, 6, 7}))
-    stdout.print("kept weights: prunable entries (weights or cores) kept, as `tedepr prune` counts them; "
-                 "other params: biases, norms and other unpruned parameters")
+            rows.append([name, r["params"], r["kept"], r["effective_nonzero"], r["other"], r["bytes"],
+                         human_bytes(r["bytes"]), r["gzip_bytes"], human_bytes(r["gzip_bytes"])])
+    stdout.print(table(f"export to {output}", ["format", "params", "kept", "effective non-zero",
+                                               "other params", "bytes", "", "gzip bytes", ""], rows,
+                       right={1, 2, 3, 4, 5, 6, 7, 8}))
+    stdout.print(KEPT_NOTE)
     c = report.get("compact")
     if c and c["ratio"] is not None:
         entropy = c["minimal_bytes"] - 4 * c["kept_values"]

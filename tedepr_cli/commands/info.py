@@ -60,9 +60,11 @@ def info(path: Annotated[Path | None, typer.Argument(
     stdout.print(f"[bold]{path}[/bold]: {name}  input {tuple(d['input_shape'])} "
                  f"({d['input_kind']})")
     rows = [[r["name"], r["type"], r["shapes"], r["params"], r["kept"]] for r in d["layers"]]
-    stdout.print(table(None, ["layer", "type", "shapes", "params", "kept"], rows,
+    stdout.print(table(None, ["layer", "type", "shapes", "params", "params kept"], rows,
                        right={3, 4}))
-    stdout.print(f"total params {d['params']:,}  kept {d['kept_params']:,}  "
+    w = d["weights"]
+    stdout.print(f"total params {d['params']:,}; kept {w['kept']:,} stored entries of the prunable tensors "
+                 f"({w['effective_nonzero']:,} effective non-zero weights), other params {w['other']:,}; "
                  f"on disk {human_bytes(d['bytes_on_disk'])}")
     for key in ("origin", "tensorization", "pruning", "training"):
         if key in d:

@@ -19,16 +19,20 @@ from .common import (
     Overwrite,
     Quiet,
     Seed,
+    Threads,
     TrustPickle,
     Verbose,
     _load,
     command,
+    given_options,
     torch_seed,
+    use_threads,
 )
 
 
 @command
 def finetune(
+    ctx: typer.Context,
     path: ModelPath,
     data: Annotated[Path, typer.Option("--data", help="Data, [reader:]PATH: .npz, CIFAR, MNIST IDX, image "
                                        "folders, sequence clips, token ids (README 'Datasets'). The train "
@@ -124,7 +128,8 @@ def finetune(
     torch_seed(seed)
     art = _load(path, arch, arch_kwargs, input_shape, trust_pickle, non_strict)
     main_rank = dist_from_env().main
-    if resume:  # the run goes on with its saved recipe: its epochs are the total shown
+    given = given_options(ctx)
+    if resume and "epochs" not in given:  # the run goes on with its recorded epochs: the total shown
         epochs = int((saved_recipe(output) or {}).get("epochs", epochs))
     progress = _progress(epochs) if (main_rank and not quiet and not json_out) else None
 
@@ -143,7 +148,7 @@ def finetune(
         if progress is not None:
             progress.start()
         best, summary = run_finetune(art, data, output, opts, resume=resume, overwrite=overwrite,
-                                     on_epoch=on_epoch, on_batch=on_batch)
+                                     on_epoch=on_epoch, on_batch=on_batch, given=given)
     except KeyboardInterrupt:
         if progress is not None:
             progress.stop()
@@ -202,7 +207,7 @@ def eval_(
         show_default=False)] = None,
     split: Annotated[str, typer.Option("--split", help="test, train or all.")] = "test",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per evaluation batch.")] = 256,
-    threads: Annotated[int, typer.Option("--threads", help="CPU threads.")] = 1,
+    threads: Threads = 1,
     normalize: Annotated[str, typer.Option(
         "--normalize", help="auto (the statistics recorded in the model's manifest, else the data "
         "family's), standard, computed or none.")] = "auto",
@@ -215,7 +220,6 @@ def eval_(
     json_out: JsonOut = False, verbose: Verbose = 0, quiet: Quiet = False,
 ) -> None:
     """Loss, top-1 and per-class accuracy and throughput of a model on labelled data."""
-    import torch
 
     from ..data import SPLITS
     from ..datasets import make_split
@@ -227,7 +231,7 @@ def eval_(
         raise UsageError("--batch-size and --threads must be >= 1, --workers >= 0")
     if split not in SPLITS:
         raise UsageError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
-    torch.set_num_threads(threads)
+    use_threads(threads)
     art = _load(path, arch, arch_kwargs, input_shape, trust_pickle, non_strict)
     ds, pre = open_for_model(data, art, normalize=normalize, strict=strict_data)
     s = make_split(ds, split, art.input_shape, art.input_kind, pre, strict=strict_data)
@@ -258,6 +262,7 @@ def eval_(
                  f"{100 * m['accuracy']:.2f} % ({m['correct']:,} correct), loss {m['loss']:.4f}, "
                  f"{m['examples_per_s']:,.0f} examples/s ({threads} thread{'s' if threads > 1 else ''})")
     names = ds.class_names or ds.classes
+    # percent, as the overall accuracy above (--json keeps fractions in [0, 1] for both)
     stdout.print(table("per-class accuracy", ["class", "accuracy"],
-                       [[f"{c} ({names[c]})" if names and c < len(names) and names[c] != str(c) else c, a]
-                        for c, a in m["per_class_accuracy"].items()]))
+                       [[f"{c} ({names[c]})" if names and c < len(names) and names[c] != str(c) else c,
+                         f"{100 * a:.2f} %"] for c, a in m["per_class_accuracy"].items()]))

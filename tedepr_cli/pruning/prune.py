@@ -31,7 +31,7 @@ from ..tensorized.tt import TTLinear
 from .criteria import CRITERIA, CriterionOptions, ScoreContext, differentiable_attention
 from .masking import budget, check_collapse, rank_paths, select
 from .reachability import Reachability, check_reachability, repair_paths
-from .targets import prunable_groups
+from .targets import kept_counts, prunable_groups
 
 DEFAULT_CRITERION = "tedepr"
 SCOPES = ("global", "normalized", "layer")
@@ -372,8 +372,9 @@ def _reach_warnings(reach: Reachability) -> list[str]:
     if not reach.checked:
         out.append(f"the whole-network collapse check could not run: {reach.note}")
     elif not reach.traced:
-        out.append(f"the whole-network collapse check followed the layers in the order they run: "
-                   f"{reach.note}; skip connections were not seen")
+        out.append(f"the whole-network collapse check followed the layers in the order they run, as "
+                   f"{reach.note}: it does not see skip connections (a cut branch with a skip path "
+                   "around it counts as cut) nor check that kept paths stay active behind ReLUs")
     if reach.checked and 0 < reach.outputs_reached < reach.outputs:
         out.append(f"{reach.outputs - reach.outputs_reached} of {reach.outputs} outputs depend on no "
                    f"input (constant logits); use a lower sparsity or {opt('repair-paths')}")
@@ -419,9 +420,10 @@ def _unpruned_weights(model: torch.nn.Module, prunable: set[str]) -> dict[str, i
 
 def _report(model, groups, masks, dense: int, opts: PruneOptions, criterion: str,
             fallback: str | None, data: str | None, score_s: float) -> dict[str, Any]:
-    kept = sum(int(m.sum()) for m in masks.values())
+    counts = kept_counts(model)  # the one definition export, bench and info report too
+    kept = counts["kept"]
     entries = sum(m.numel() for m in masks.values())
-    all_params = sum(p.numel() for p in model.parameters())
+    all_params = counts["params"]
     layers: list[dict[str, Any]] = []
     warnings: list[str] = []
     thin: list[tuple[str, int, int]] = []  # (layer, rank paths kept, largest rank)
@@ -452,6 +454,7 @@ def _report(model, groups, masks, dense: int, opts: PruneOptions, criterion: str
         "path_pool": opts.path_pool,
         "seed": opts.seed,
         "kept": kept,
+        "effective_nonzero": counts["effective_nonzero"],
         "budget": budget(opts.sparsity, dense),
         "dense_prunable": dense,
         "prunable_entries": entries,

@@ -1010,6 +1010,22 @@ class _Tracer(fx.Tracer):
         return isinstance(m, _LAYERS) or super().is_leaf_module(m, qualname)
 
 
+def _optional_inputs(model: nn.Module) -> dict[str, Any]:
+    """The forward's parameters after its first that have a default, with it (a Hugging
+    Face-style ``forward(input_ids, attention_mask=None)``): the check feeds the first input
+    only, so the graph is traced for the defaults (``concrete_args``). Traced as free
+    inputs, ``if attention_mask is None`` would take the branch a given mask takes, and
+    the graph would fail on the one input it is run with."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # no introspectable signature: trace every input as given
+        return {}
+    named = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return {p.name: p.default for p in named[1:] if p.default is not p.empty}
+
+
 def _program(model: nn.Module, input_shape: tuple[int, ...], inputs: Tensor | None = None) -> _Program:
     prog = _Program(model)
     prog.input_shape = (1, *tuple(int(s) for s in input_shape))
@@ -1025,7 +1041,7 @@ def _program(model: nn.Module, input_shape: tuple[int, ...], inputs: Tensor | No
     prog.inputs = inputs if inputs is not None and len(inputs) > 1 else sample
     try:
         tracer = _Tracer()
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=_optional_inputs(model) or None)
         gm = fx.GraphModule(tracer.root, graph)
         interp = fx.Interpreter(gm, garbage_collect_values=False)
         with torch.no_grad(), eval_mode(model):
@@ -1035,7 +1051,7 @@ def _program(model: nn.Module, input_shape: tuple[int, ...], inputs: Tensor | No
         return prog
     except Exception as e:  # noqa: BLE001 -- any tracing failure: follow the module order
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        prog.note = f"the graph could not be traced ({type(e).__name__}: {first[:120]})"
+        prog.note = f"torch.fx could not trace the model's graph ({type(e).__name__}: {first[:120]})"
     _record_calls(prog, model, x)
     return prog
 

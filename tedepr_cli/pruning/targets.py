@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
-from ..masks import plain_named_parameters, tied_parameters
+from ..masks import get_masks, plain_named_parameters, tied_parameters
 from ..tensorized.base import TensorizedLayer
 from ..tensorized.wrappers import TensorizedLSTM
 
@@ -80,3 +81,43 @@ def prunable_params(model: nn.Module) -> dict[str, nn.Parameter]:
 def dense_prunable_count(model: nn.Module) -> int:
     """Prunable weights of the dense model this one came from (the budget's reference)."""
     return sum(g.dense_count for g in prunable_groups(model))
+
+
+def kept_counts(model: nn.Module) -> dict[str, int]:
+    """The weight counts every report gives (``prune``, ``export``, ``bench``, ``info``),
+    one definition for all:
+
+    - ``params``: every parameter of ``model`` (a tied tensor once);
+    - ``kept``: the **stored entries** of the prunable tensors (the cores of tensorized
+      layers, the dense weights; see :func:`prunable_groups`): a masked tensor counts the
+      entries its mask keeps, an unmasked one all of its entries. The budget counts these,
+      training updates them and the compact file stores them;
+    - ``other``: the parameters outside the prunable tensors (biases, normalization,
+      embeddings and other weights tedepr does not prune), stored whole;
+    - ``effective_nonzero``: the non-zero entries of the dense weights the prunable layers
+      compute with: each tensorized layer's dense weight rebuilt from its masked cores
+      (``TensorizedLayer.dense_weight``), each masked dense weight as masked. A chain of a
+      few stored core entries computes with many more effective weights (the sample
+      LeNet-300-100 at 99.5 %: 1,331 stored, about 58,000 effective). A layer with no
+      dense equivalent (a nonlinear chain) counts its non-zero core entries.
+    """
+    params = plain_named_parameters(model)
+    masks = get_masks(model)
+    groups = prunable_groups(model)
+    prunable = {n for g in groups for n in g.params} | set(masks)
+    total = sum(p.numel() for p in params.values())
+    kept = sum(int(masks[n].sum()) if n in masks else params[n].numel() for n in prunable)
+    effective = 0
+    with torch.no_grad():
+        for g in groups:
+            if g.kind == "cores":
+                try:
+                    w = g.module.dense_weight()
+                except (NotImplementedError, ValueError, AttributeError):  # a nonlinear chain
+                    effective += sum(int(torch.count_nonzero(c)) for c in g.module.cores)
+                    continue
+            else:
+                w = getattr(g.module, g.params[0].rsplit(".", 1)[-1])  # masked: the computed weight
+            effective += int(torch.count_nonzero(w))
+    return {"params": total, "kept": kept, "other": total - sum(params[n].numel() for n in prunable),
+            "effective_nonzero": effective}
