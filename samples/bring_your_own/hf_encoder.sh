@@ -18,7 +18,7 @@ out=$(realpath -m "${1:-runs/bring_your_own/hf_encoder}")
 tedepr=${TEDEPR:-tedepr}
 sentences=${SENTENCES:-1000}
 emb_rank=${EMB_RANK:-64}
-sparsity=${SPARSITY:-0.5}
+sparsity=${SPARSITY:-0.75}
 if ! command -v "$tedepr" > /dev/null; then
     echo "hf_encoder.sh: $tedepr not found: pip install -e . (or set TEDEPR=path/to/tedepr)" >&2
     exit 3
@@ -67,7 +67,9 @@ data=$out/sentences.npz
 #    near full TT rank: decompose --data prints each layer's error and the cosine it leaves)
 run decompose "$out/encoder.pt" "${arch[@]}" "${kwargs[@]}" --include model.embeddings.word_embeddings \
     --rank "$emb_rank" --data "$data" -o "$out/decomposed" --overwrite -q
-# 2. fine grain: every Linear keeps half of its weights (magnitude, per layer)
+# 2. fine grain: keep a quarter of the dense model's prunable weights (--sparsity counts
+#    against the dense model: the TT-embedding already took half, so about half of every
+#    Linear's weights go; magnitude criterion, per layer)
 run prune "$out/decomposed" "${arch[@]}" --sparsity "$sparsity" --criterion magnitude --scope layer \
     -o "$out/pruned" --overwrite -q
 # 3. recover by distillation on the unlabeled sentences: cosine to the original's embedding
