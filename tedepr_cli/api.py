@@ -40,7 +40,7 @@ from .errors import BadInput, UsageError
 from .masks import get_masks, remove_masks
 from .pruning.criteria import CriterionOptions
 from .pruning.prune import PruneOptions, auto_rank, prune_model
-from .surgery import eval_mode, input_kind
+from .surgery import eval_mode, feed, input_kind
 
 __all__ = ["tensorize", "from_linear", "from_conv2d", "prune", "get_masks", "remove_masks", "save", "load",
            "accelerate", "export_onnx"]
@@ -283,7 +283,9 @@ def export_onnx(model: nn.Module, path: str | Path, *, example_input: Tensor, op
     with ``onnx.checker`` and run it in onnxruntime against PyTorch on ``example_input``.
 
     ``example_input``: a batch ``(B, ...)`` with ``B >= 2`` (tracing at batch 1 would fix the
-    batch axis). ``sparse``: store mostly-zero initializers as ONNX sparse initializers
+    batch axis); token arrays stacked ``(B, k, L)`` (``input_ids``, ``attention_mask``,
+    ``token_type_ids``) become graph inputs of those names where the forward takes them.
+    ``sparse``: store mostly-zero initializers as ONNX sparse initializers
     (onnxruntime densifies them at load). Returns the validation figures. Raises
     ``UsageError``, ``ValidationError`` (outputs differ beyond ``atol + rtol·|ref|``) and
     ``OutputError``; nothing is written on failure.
@@ -298,7 +300,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, example_input: Tensor, op
         raise UsageError("example_input must be a batch of at least 2 samples (e.g. x[:2])")
     path = Path(path)
     with eval_mode(model), torch.no_grad():
-        ref = model(example_input).numpy()
+        ref = feed(model, example_input).numpy()
         proto = to_onnx(model, example_input, opset)
     if sparse:
         sparsify_initializers(proto)

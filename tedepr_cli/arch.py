@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from .errors import BadInput, UnsafeInput, UsageError, opt
+from .errors import BadInput, EngineUnavailable, UnsafeInput, UsageError, opt
 from .surgery import input_kind
 from .zoo import MODELS
 
@@ -105,7 +105,12 @@ def is_arch_name(text: str) -> bool:
 
 
 def build(spec: ArchSpec, allow_import: bool = False) -> nn.Module:
-    """Instantiate ``spec``. Import paths need ``allow_import`` (the user typed them)."""
+    """Instantiate ``spec``. Import paths need ``allow_import`` (the user typed them).
+
+    Raises :class:`UnsafeInput` for an import path without ``allow_import``,
+    :class:`UsageError` when the path does not import, :class:`BadInput` when the kwargs do
+    not fit or the callable fails, :class:`EngineUnavailable` when the callable needs a
+    package that is not installed (it raised ImportError)."""
     if spec.is_import:
         if not allow_import:
             raise UnsafeInput(
@@ -123,6 +128,8 @@ def build(spec: ArchSpec, allow_import: bool = False) -> nn.Module:
         raise BadInput(f"{opt('arch-kwargs')} do not fit {spec.name}: {e}") from None
     except (ValueError, RuntimeError) as e:
         raise BadInput(f"cannot build {spec.name} with {spec.kwargs}: {e}") from None
+    except ImportError as e:  # the callable imports an optional package (transformers, ...)
+        raise EngineUnavailable(f"{spec.name} needs a package that is not installed here: {e}") from None
     if not isinstance(model, nn.Module):
         raise BadInput(f"{spec.name} returned {type(model).__name__}, not a torch nn.Module")
     if spec.input_shape is not None:

@@ -60,10 +60,9 @@ from .device import exact_fp32
 from .device import resolve as resolve_device
 from .errors import BadInput, EngineUnavailable, UsageError, ValidationError, opt
 from .fsutil import atomic_output
-from .logs import log
 from .pruning.targets import kept_counts
 from .storage import byte_sizes
-from .surgery import eval_mode, example_input, is_token_model, token_ids
+from .surgery import TOKEN_ARRAYS, call_args, eval_mode, example_input, feed, is_token_model, token_ids
 
 FORMATS = ("safetensors", "onnx", "onnx-sparse", "onnx-fast")
 FILES = {"safetensors": "model.safetensors", "onnx": "model.onnx", "onnx-sparse": "model.sparse.onnx",
@@ -199,17 +198,78 @@ def strip_metadata(proto) -> None:
         del node.metadata_props[:]
 
 
-def graph_input(example: torch.Tensor) -> str:
-    """The ONNX graph's input name: ``input_ids`` for token ids (as a Hugging Face export
-    names them), ``x`` for float samples."""
-    return "x" if example.is_floating_point() else "input_ids"
+def graph_inputs(model: torch.nn.Module, example: torch.Tensor) -> list[str]:
+    """The ONNX graph's input names for ``model`` on the batch ``example``: ``["x"]`` for
+    float samples, ``["input_ids"]`` for token ids ``[N, L]`` (as a Hugging Face export
+    names them), and for stacked token arrays ``[N, k, L]`` the ids followed by every other
+    array the forward takes by name (:func:`~tedepr_cli.surgery.call_args`: ``attention_mask``,
+    ``token_type_ids``, in :data:`~tedepr_cli.surgery.TOKEN_ARRAYS` order)."""
+    if example.is_floating_point():
+        return ["x"]
+    _, kwargs = call_args(model, example)
+    return ["input_ids", *(k for k in kwargs if k != "input_ids")]
+
+
+def ort_feed(names: list[str], x: np.ndarray) -> dict[str, np.ndarray]:
+    """onnxruntime's feed for a graph with inputs ``names`` on the batch ``x``, by name.
+
+    Float samples or token ids ``[N, L]`` go to the first input; stacked token arrays
+    ``[N, k, L]`` (:data:`~tedepr_cli.surgery.TOKEN_ARRAYS` order) each to the input of its
+    name, the ids to the first input whatever its name. A token input ``x`` does not hold
+    gets the value a forward assumes without it: ``attention_mask`` ones (every token
+    attends), ``token_type_ids`` zeros (one segment); so a graph exported with a mask also
+    runs on ids alone. Raises :class:`BadInput` for any other input it cannot fill."""
+    tokens = x.ndim == 3 and np.issubdtype(x.dtype, np.integer)
+    ids = x[:, 0] if tokens else x
+    out: dict[str, np.ndarray] = {}
+    for i, name in enumerate(names):
+        if tokens and name in TOKEN_ARRAYS[1:x.shape[1]]:
+            out[name] = np.ascontiguousarray(x[:, TOKEN_ARRAYS.index(name)])
+        elif i == 0:
+            out[name] = np.ascontiguousarray(ids)
+        elif name == "attention_mask" and ids.ndim == 2:
+            out[name] = np.ones_like(ids)
+        elif name == "token_type_ids" and ids.ndim == 2:
+            out[name] = np.zeros_like(ids)
+        else:
+            raise BadInput(f"the ONNX graph takes an input {name!r} that samples of shape {list(x.shape)} "
+                           f"({x.dtype}) do not provide")
+    return out
+
+
+def _export_call(model: torch.nn.Module, example: torch.Tensor, dynamic_length: bool = True
+                 ) -> tuple[tuple, dict, list[str], Any]:
+    """``(args, kwargs, input_names, dynamic_shapes)`` for ``torch.onnx.export`` of ``model``
+    on ``example``. One input: positional, dynamic batch axis. Several token arrays
+    (:func:`graph_inputs`): every one by keyword in :func:`graph_inputs` order (the ids
+    under the forward's own name for its first parameter), each with the same dynamic batch
+    axis. ``dynamic_length``: token inputs get a sequence axis the exporter may keep
+    symbolic (``Dim.AUTO``: fixed where the model specialises on it)."""
+    batch = torch.export.Dim("batch", min=1)
+    length = torch.export.Dim.AUTO if dynamic_length else None
+    names = graph_inputs(model, example)
+    if example.is_floating_point():
+        return (example,), {}, names, ({0: batch},)
+    if len(names) == 1:
+        return (token_ids(example),), {}, names, ({0: batch, 1: length},)
+    args, kwargs = call_args(model, example)
+    if args:  # the ids go to the forward's first parameter, whatever its name
+        import inspect
+
+        first = next(iter(inspect.signature(model.forward).parameters))
+        kwargs = {first: args[0], **kwargs}
+    # call_args' order is graph_inputs' order: the ids, then the other arrays
+    return (), kwargs, names, {k: {0: batch, 1: length} for k in kwargs}
 
 
 def to_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int, strip: bool = True):
     """An ``onnx.ModelProto`` of ``model`` traced at ``example`` (batch >= 2, see
-    :func:`trace_batch`) with a dynamic batch axis (input ``x``, output ``logits``). Masks are
-    folded into the weights first (a copy), so the graph holds the pruned tensors themselves,
-    not a mask multiply.
+    :func:`trace_batch`) with a dynamic batch axis (inputs named by :func:`graph_inputs`:
+    ``x``, or ``input_ids`` [+ ``attention_mask``, ``token_type_ids`` when ``example``
+    stacks them and the forward takes them by name, with a symbolic sequence axis where the
+    exporter can keep one, else the traced length]; output ``logits``). Masks are folded
+    into the weights first (a copy), so the graph holds the pruned tensors themselves, not a
+    mask multiply.
 
     Raises :class:`EngineUnavailable` without onnx/onnxscript, and :class:`ValidationError`
     when the exporter fails (one line: the innermost reason) or leaves the batch axis of an
@@ -220,16 +280,21 @@ def to_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int, strip: bo
     from .masks import folded_copy
 
     model = folded_copy(model).eval()
-    try:
-        with _quiet_export():
-            prog = torch.onnx.export(model, (example,), dynamo=True, external_data=False,
-                                     opset_version=opset, input_names=[graph_input(example)],
-                                     output_names=["logits"],
-                                     dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
-    except ImportError as e:
-        raise EngineUnavailable(f"ONNX export needs onnx/onnxscript: {e}") from None
-    except Exception as e:  # the exporter raises many kinds
-        raise ValidationError(f"ONNX export failed: {_root_cause(e)}") from None
+    # token inputs: a symbolic sequence axis first; where the exporter cannot translate it
+    # (a tensorized layer's reshapes read symbolic strides), the traced length
+    for dynamic_length in (True, False) if not example.is_floating_point() else (False,):
+        args, kwargs, names, dynamic = _export_call(model, example, dynamic_length)
+        try:
+            with _quiet_export():
+                prog = torch.onnx.export(model, args, kwargs=kwargs or None, dynamo=True, external_data=False,
+                                         opset_version=opset, input_names=names, output_names=["logits"],
+                                         dynamic_shapes=dynamic)
+            break
+        except ImportError as e:
+            raise EngineUnavailable(f"ONNX export needs onnx/onnxscript: {e}") from None
+        except Exception as e:  # the exporter raises many kinds
+            if not dynamic_length:
+                raise ValidationError(f"ONNX export failed: {_root_cause(e)}") from None
     proto = prog.model_proto
     fixed = fixed_batch_axes(proto)
     if fixed:
@@ -284,7 +349,7 @@ def fast_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int,
         with torch.no_grad():
             for b in (*batches, example.shape[0]):
                 current[0] = b
-                folded(torch.zeros((b, *example.shape[1:]), dtype=example.dtype))  # id 0 for tokens
+                feed(folded, example[torch.arange(b) % example.shape[0]])  # the example's rows
     finally:
         for h in hooks:
             h.remove()
@@ -303,8 +368,10 @@ def fast_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int,
         p = onnx_copy(proto)
         built[label] = (p, ort_ops.add_sparse_path(p, folded, dense_proto, choice, io_shapes=io))
     rng = np.random.default_rng(0)
-    inputs = {b: rng.random((b, *example.shape[1:]), dtype=np.float32) if example.is_floating_point()
-              else np.zeros((b, *example.shape[1:]), dtype=np.int64) for b in batches}  # token ids: id 0
+    names, per_sample = graph_inputs(folded, example), token_ids(example).shape[1:]
+    inputs = {b: ort_feed(names, rng.random((b, *per_sample), dtype=np.float32) if example.is_floating_point()
+                          else np.zeros((b, *per_sample), np.int64))
+              for b in batches}  # token ids: id 0, every token attending
     sessions = {k: ort_ops.session(p.SerializeToString(), sparse=False) for k, (p, _) in built.items()}
     whole = ort_ops.time_sessions(sessions, inputs, reps=9, calls=4)
     best = ort_ops.pick(whole, "chain")
@@ -361,9 +428,9 @@ def ort_providers(device: str) -> list[str]:
 
 
 def run_onnx(path: Path, x: np.ndarray, device: str = "cpu", kernel: bool = False) -> np.ndarray:
-    """Run the ONNX file ``path`` on ``x`` in onnxruntime, one thread; ``kernel``: with
-    tedepr's custom-op library registered (its ``TedeprChain`` nodes run the compiled
-    kernel instead of their standard-op bodies)."""
+    """Run the ONNX file ``path`` on ``x`` in onnxruntime (fed by name, :func:`ort_feed`), one
+    thread; ``kernel``: with tedepr's custom-op library registered (its ``TedeprChain``
+    nodes run the compiled kernel instead of their standard-op bodies)."""
     try:
         import onnxruntime as ort
     except ImportError as e:
@@ -382,7 +449,7 @@ def run_onnx(path: Path, x: np.ndarray, device: str = "cpu", kernel: bool = Fals
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise BadInput(f"{path} is not a loadable ONNX model: {why}") from None
     try:
-        return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+        return sess.run(None, ort_feed([i.name for i in sess.get_inputs()], x))[0]
     except Exception as e:
         raise ValidationError(f"onnxruntime cannot run {path.name}: {str(e).splitlines()[0]}") from None
 
@@ -416,8 +483,9 @@ def sample_inputs(art: Artifact, n: int, data: Path | None, seed: int) -> tuple[
     normalized as ``tedepr eval`` does (the statistics recorded in the artifact's manifest,
     else the data family's), or uniform random in [0, 1) from ``seed`` (random ids in the
     vocabulary for a token model).
-    Token data gives its ``input_ids`` only: the exported graph takes the ids as its one
-    input (a forward with ``attention_mask=None``: every token attends).
+    Token data keeps the arrays the forward takes by name (stacked ``[n, k, L]``, the
+    graph's inputs, :func:`graph_inputs`), padded samples included; a forward that takes
+    the ids alone gets ``[n, L]`` ids.
 
     Raises :class:`InputNotFound`/:class:`BadInput` for unreadable data or fewer than
     ``n`` readable test samples."""
@@ -442,16 +510,13 @@ def sample_inputs(art: Artifact, n: int, data: Path | None, seed: int) -> tuple[
     info = {"source": "data", "reader": ds.reader, "split": "test", "normalize": pre.normalize,
             "mean": pre.mean, "std": pre.std}
     x = torch.cat(xs)
-    if ds.input_names:  # the graph's one input is the ids (no attention mask: every token attends)
+    if ds.input_names:  # the graph takes the arrays the forward takes by name (graph_inputs)
+        names = graph_inputs(art.model, x)
         info["token_arrays"] = list(ds.input_names)
-        info["graph_inputs"] = "input_ids"
-        if "attention_mask" in ds.input_names and x.dim() == 3 and \
-                bool((x[:, ds.input_names.index("attention_mask")] == 0).any()):
-            info["attention_mask"] = "padded samples; not a graph input"
-            log.warning(f"{data} has padded samples (attention_mask 0), but the ONNX graph takes the ids "
-                        "only and every token attends: on padded inputs it computes what the model computes "
-                        "without its mask (validation here compares like with like)")
-    return token_ids(x).numpy(), info
+        info["graph_inputs"] = names
+        if len(names) == 1:
+            x = token_ids(x)
+    return x.numpy(), info
 
 
 def export(art: Artifact, out: Path, opts: ExportOptions, data: Path | None = None,
@@ -476,7 +541,7 @@ def _export(art: Artifact, out: Path, opts: ExportOptions, data: Path | None, ov
 
     def on_device(m: torch.nn.Module, b: int) -> np.ndarray:  # the reference, float32 (no TF32)
         with torch.no_grad(), exact_fp32():
-            return m(torch.from_numpy(x_all[:b]).to(dev)).cpu().numpy()
+            return feed(m, torch.from_numpy(x_all[:b]).to(dev)).cpu().numpy()
 
     ref_model = model if dev.type == "cpu" else copy.deepcopy(model).to(dev)
     refs = {b: on_device(ref_model, b) for b in sorted({*opts.batch_sizes, n})}
@@ -506,6 +571,10 @@ def _export(art: Artifact, out: Path, opts: ExportOptions, data: Path | None, ov
             report["traced_batch"] = traced
             plain = {"onnx", "onnx-sparse"} & set(opts.formats)
             proto = to_onnx(model, example, opts.opset) if plain else None
+            if proto is not None:  # names and axes (symbolic: dynamic) of the graph's inputs
+                report["onnx_inputs"] = {
+                    i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+                    for i in proto.graph.input}
             for fmt in ("onnx", "onnx-sparse", "onnx-fast"):
                 if fmt not in opts.formats:
                     continue
@@ -604,7 +673,7 @@ def validate_dir(path: Path, atol: float = 1e-5, rtol: float = 1e-4,
     if st.exists():
         art = load_artifact(st, allow_import=allow_import)
         with torch.no_grad():
-            results[st.name] = compare(art.model(torch.from_numpy(x)).numpy(), y, atol, rtol)
+            results[st.name] = compare(feed(art.model, torch.from_numpy(x)).numpy(), y, atol, rtol)
     if not results:
         raise BadInput(f"{path} holds no exported model")
     return results

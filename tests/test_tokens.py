@@ -169,17 +169,19 @@ def test_encoder_pipeline_with_unlabeled_tokens_and_distillation(tmp_path):
     assert manifest["metrics"]["finetune"]["test_cosine"] == pytest.approx(after, abs=1e-6)
     _ok(run_cli("export", ft, *ARCH, "--data", data, "-o", ex), "export")
     exp = json.loads((ex / "export.json").read_text())
-    assert exp["inputs"]["source"] == "data" and exp["inputs"]["graph_inputs"] == "input_ids"
+    # the forward takes attention_mask by name: the graph takes it too (test_export_takes_...)
+    assert exp["inputs"]["source"] == "data"
+    assert exp["inputs"]["graph_inputs"] == ["input_ids", "attention_mask"]
     import onnx
 
-    assert [i.name for i in onnx.load(str(ex / "model.onnx")).graph.input] == ["input_ids"]
-    assert exp["inputs"]["attention_mask"].startswith("padded")  # said, and warned on stderr
+    assert [i.name for i in onnx.load(str(ex / "model.onnx")).graph.input] == ["input_ids", "attention_mask"]
     xs = np.load(ex / "sample_inputs.npy")
-    raw = np.load(data)["input_ids"]
-    assert xs.dtype == np.int64 and xs.shape[1:] == (L,) and any((raw == row).all(1).any() for row in xs)
+    raw = np.load(data)
+    assert xs.dtype == np.int64 and xs.shape[1:] == (2, L) and (xs[:, 1] == 0).any()  # padded samples
+    assert all(((raw["input_ids"] == r[0]).all(1) & (raw["attention_mask"] == r[1]).all(1)).any() for r in xs)
     res = _ok(run_cli("bench", ex, *ARCH, "--data", data, "--baseline", teacher, "--iters", "2", "--warmup",
-                      "1", "--batch", "1", "--no-memory", "--engines", "dense-torch,chain-torch", "--json"),
-              "bench")
+                      "1", "--batch", "1", "--no-memory", "--engines", "dense-torch,chain-torch,chain-ort",
+                      "--json"), "bench")
     acc = json.loads(res.stdout)["accuracy"]
     assert acc["metric"] == "cosine" and acc["cosine_to_baseline"] == pytest.approx(after, abs=1e-4)
 
@@ -376,3 +378,114 @@ def test_the_planner_runs_a_token_model_in_onnxruntime():
             mod = rt.module(runtime)
             assert mod is not None, rt.unavailable.get(runtime)
             torch.testing.assert_close(mod(ids), want, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- export: the input signature
+@pytest.mark.parametrize("name, names", [
+    ("padded_encoder", ["input_ids", "attention_mask"]),
+    ("typed_encoder", ["input_ids", "attention_mask", "token_type_ids"]),
+    ("ids_first_encoder", ["input_ids", "attention_mask"]),  # forward(ids, attention_mask=None)
+])
+def test_export_takes_the_attention_mask_as_graph_input(tmp_path, name, names):
+    """Token data with padding and a forward that takes the mask (and token_type_ids) by
+    name: every ONNX file takes them as graph inputs, is validated on the data's own ids and
+    masks (padded samples agree with PyTorch within the tolerance), and validate and the
+    onnxruntime bench engines feed them by name."""
+    import onnx
+    import onnxruntime as ort
+
+    from tedepr_cli.artifact import load_artifact
+    from tedepr_cli.export import compare
+
+    arch = ["--arch", f"tests.token_models:{name}"]
+    torch.manual_seed(0)
+    ckpt = tmp_path / "m.pt"
+    torch.save(getattr(tm, name)().state_dict(), ckpt)
+    rng = np.random.default_rng(1)
+    extra = {"token_type_ids": rng.integers(0, 2, (64, L))} if "token_type_ids" in names else {}
+    data = _tokens(tmp_path / "t.npz", n=64, **extra)
+    _ok(run_cli("prune", ckpt, *arch, "--sparsity", "0.8", "--data", data, "--batch-size", "16",
+                "-o", tmp_path / "p"), "prune")
+    ex = tmp_path / "e"
+    _ok(run_cli("export", tmp_path / "p", *arch, "--data", data, "--to", "safetensors,onnx,onnx-fast",
+                "-o", ex), "export")
+    exp = json.loads((ex / "export.json").read_text())
+    assert exp["inputs"]["graph_inputs"] == names and list(exp["onnx_inputs"]) == names
+    assert all(c["ok"] for f in ("onnx", "onnx-fast") for c in exp["validation"][f].values())
+    for f in ("model.onnx", "model.fast.onnx"):
+        assert [i.name for i in onnx.load(str(ex / f)).graph.input] == names
+    # an independent check on the padded samples, by name, against the model in PyTorch
+    x = np.load(ex / "sample_inputs.npy")
+    assert x.shape[1:] == (len(names), L) and (x[:, 1] == 0).any()
+    model = load_artifact(tmp_path / "p", allow_import=f"tests.token_models:{name}").model.eval()
+    with torch.no_grad():
+        ref = feed(model, torch.from_numpy(x)).numpy()
+    sess = ort.InferenceSession(str(ex / "model.onnx"))
+    got = sess.run(None, {n: x[:, i] for i, n in enumerate(names)})[0]
+    assert compare(got, ref, 1e-5, 1e-4)["ok"]
+    # the mask matters: every token attending gives other embeddings for the padded samples
+    unmasked = sess.run(None, {n: (np.ones_like(x[:, 1]) if n == "attention_mask" else x[:, i])
+                               for i, n in enumerate(names)})[0]
+    padded = (x[:, 1] == 0).any(1)
+    assert not compare(unmasked[padded], ref[padded], 1e-5, 1e-4)["ok"]
+    res = _ok(run_cli("validate", ex, *arch, "--json"), "validate")
+    assert res.stdout.count('"ok": true') >= 3  # model.onnx, model.fast.onnx, model.safetensors
+    _ok(run_cli("bench", ex, *arch, "--iters", "2", "--warmup", "1", "--batch", "1,3", "--no-memory",
+                "--engines", "dense-torch,chain-torch,dense-ort,chain-ort"), "bench")
+
+
+def test_a_forward_of_the_ids_alone_exports_the_ids_alone(tmp_path):
+    """fm.text takes the ids only: token data with a mask still exports one graph input,
+    input_ids, and the samples saved beside it are [N, L] ids."""
+    import onnx
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "text.pt"
+    torch.save(fm.text().state_dict(), ckpt)
+    arch = ["--arch", "tests.foreign_models:text"]
+    data = _tokens(tmp_path / "t.npz", n=64, vocab=50, labels=True)
+    _ok(run_cli("export", ckpt, *arch, "--data", data, "-o", tmp_path / "e"), "export")
+    exp = json.loads((tmp_path / "e" / "export.json").read_text())
+    assert exp["inputs"]["graph_inputs"] == ["input_ids"]
+    assert [i.name for i in onnx.load(str(tmp_path / "e" / "model.onnx")).graph.input] == ["input_ids"]
+    assert np.load(tmp_path / "e" / "sample_inputs.npy").shape[1:] == (L,)
+
+
+def test_ort_feed_fills_inputs_by_name():
+    from tedepr_cli.export import ort_feed
+
+    ids = np.arange(6, dtype=np.int64).reshape(2, 3)
+    mask = np.array([[1, 1, 0], [1, 1, 1]])
+    stacked = np.stack([ids, mask], 1)
+    f = ort_feed(["input_ids", "attention_mask"], stacked)
+    assert np.array_equal(f["input_ids"], ids) and np.array_equal(f["attention_mask"], mask)
+    f = ort_feed(["input_ids", "attention_mask", "token_type_ids"], ids)  # ids alone: neutral values
+    assert (f["attention_mask"] == 1).all() and (f["token_type_ids"] == 0).all()
+    assert list(ort_feed(["input_ids"], stacked)) == ["input_ids"]
+    x = np.zeros((2, 4), np.float32)
+    assert ort_feed(["x"], x)["x"] is not None
+    with pytest.raises(BadInput, match="'pixel_mask'"):
+        ort_feed(["x", "pixel_mask"], x)
+
+
+def test_a_dense_encoder_exports_a_symbolic_sequence_axis():
+    """A dense encoder traced on 12-token ids + mask runs in onnxruntime on 7 tokens and
+    matches PyTorch there (the sequence axis is symbolic)."""
+    import onnxruntime as ort
+
+    from tedepr_cli.export import compare, ort_feed, to_onnx
+
+    torch.manual_seed(0)
+    model = tm.padded_encoder().eval()
+    ids = torch.randint(1, 64, (3, L))
+    mask = (torch.arange(L) < torch.tensor([[12], [6], [9]])).long()
+    proto = to_onnx(model, torch.stack([ids * mask, mask], 1), 18)
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+            for i in proto.graph.input}
+    assert list(dims) == ["input_ids", "attention_mask"] and all(isinstance(d[1], str) for d in dims.values())
+    short_mask = (torch.arange(7) < torch.tensor([[7], [3], [5], [7]])).long()
+    short = torch.stack([torch.randint(1, 64, (4, 7)) * short_mask, short_mask], 1)
+    sess = ort.InferenceSession(proto.SerializeToString())
+    got = sess.run(None, ort_feed([i.name for i in sess.get_inputs()], short.numpy()))[0]
+    with torch.no_grad():
+        assert compare(got, feed(model, short).numpy(), 1e-5, 1e-4)["ok"]

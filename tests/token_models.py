@@ -54,3 +54,37 @@ class PaddedEncoder(TinyEncoder):
 
 def padded_encoder(**kw) -> nn.Module:
     return PaddedEncoder(**kw)
+
+
+class TypedEncoder(TinyEncoder):
+    """The encoder with BERT's segment embedding: ``forward(input_ids, attention_mask=None,
+    token_type_ids=None)``, the mask used in attention (a key padding mask) and pooling."""
+
+    def __init__(self, vocab: int = 64, dim: int = 32, heads: int = 4, layers: int = 1) -> None:
+        super().__init__(vocab, dim, heads, layers)
+        self.segment = nn.Embedding(2, dim)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.embed(input_ids)
+        if token_type_ids is not None:
+            h = h + self.segment(token_type_ids)
+        pad = None if attention_mask is None else attention_mask == 0
+        return self.pool(self.encoder(h, src_key_padding_mask=pad), attention_mask)
+
+
+def typed_encoder(**kw) -> nn.Module:
+    return TypedEncoder(**kw)
+
+
+class IdsFirstEncoder(TinyEncoder):
+    """A forward whose first parameter is not called ``input_ids``: ``forward(ids,
+    attention_mask=None)`` (the ids go to it positionally)."""
+
+    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        pad = None if attention_mask is None else attention_mask == 0
+        return self.pool(self.encoder(self.embed(ids), src_key_padding_mask=pad), attention_mask)
+
+
+def ids_first_encoder(**kw) -> nn.Module:
+    return IdsFirstEncoder(**kw)

@@ -75,21 +75,23 @@ def ort_session(path: Path, threads: int, device: torch.device, kernel: bool = F
 
 
 def _ort_call(sess: Any, x: torch.Tensor, device: torch.device) -> Callable[[], Any]:
-    name = sess.get_inputs()[0].name
-    if device.type != "cuda":
-        xn = x.numpy()
-        return lambda: sess.run(None, {name: xn})
-    import numpy as np
+    """One timed call of ``sess`` on ``x``, every graph input fed by name (:func:`ort_feed`:
+    a token graph's ``attention_mask`` all ones for the ids alone)."""
+    from ..export import ort_feed
 
-    xd = x.to(device).contiguous()  # bound once on the device: no host copy in the timed call
+    feed = ort_feed([i.name for i in sess.get_inputs()], x.numpy())
+    if device.type != "cuda":
+        return lambda: sess.run(None, feed)
+    bound = {k: torch.from_numpy(v).to(device).contiguous() for k, v in feed.items()}  # once: no host copy
     io = sess.io_binding()
-    io.bind_input(name, "cuda", device.index or 0, np.float32, list(xd.shape), xd.data_ptr())
+    for name, xd in bound.items():
+        io.bind_input(name, "cuda", device.index or 0, feed[name].dtype, list(xd.shape), xd.data_ptr())
     for o in sess.get_outputs():
         io.bind_output(o.name, "cuda", device.index or 0)
 
     def call() -> None:
         sess.run_with_iobinding(io)
-        _ = xd  # keep the bound input alive as long as the call
+        _ = bound  # keep the bound inputs alive as long as the call
 
     return call
 

@@ -498,8 +498,8 @@ def layer_model(proto: Any, fn: Any, attrs: dict[str, str]) -> bytes:
     return m.SerializeToString()
 
 
-def _loop(sess: Any, x: np.ndarray, calls: int) -> Callable[[], None]:
-    feed = {sess.get_inputs()[0].name: x}
+def _loop(sess: Any, x: np.ndarray | dict[str, np.ndarray], calls: int) -> Callable[[], None]:
+    feed = x if isinstance(x, dict) else {sess.get_inputs()[0].name: x}
 
     def run() -> None:
         for _ in range(calls):
@@ -508,11 +508,12 @@ def _loop(sess: Any, x: np.ndarray, calls: int) -> Callable[[], None]:
     return run
 
 
-def time_sessions(sessions: dict[str, Any], inputs: dict[int, np.ndarray], reps: int = 15,
-                  calls: int = 10) -> dict[str, dict[int, float]]:
+def time_sessions(sessions: dict[str, Any], inputs: dict[int, np.ndarray | dict[str, np.ndarray]],
+                  reps: int = 15, calls: int = 10) -> dict[str, dict[int, float]]:
     """Median µs per ``session.run`` of each onnxruntime session at each batch of ``inputs``
-    (batch -> input array): per-call CPU time (``time.thread_time``, robust to a loaded
-    machine) of ``calls`` calls, ``reps`` interleaved rounds (:func:`tedepr_cli.timing.medians`)."""
+    (batch -> the one input array, or the feed by input name): per-call CPU time
+    (``time.thread_time``, robust to a loaded machine) of ``calls`` calls, ``reps``
+    interleaved rounds (:func:`tedepr_cli.timing.medians`)."""
     import time
 
     from ..timing import medians
