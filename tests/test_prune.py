@@ -232,6 +232,22 @@ def test_layer_scope_gives_each_layer_its_share():
         assert abs(r["kept"] - 0.01 * r["dense_count"]) <= 1
 
 
+def test_layer_scope_prunes_a_layer_over_its_share_when_the_model_is_under_budget():
+    """A small tensorized layer beside dense ones (a TT-embedding beside a Transformer's
+    Linears): the whole model stores fewer entries than the budget, but with scope layer
+    each dense layer still keeps only its own share (it used to prune nothing)."""
+    import tedepr_cli as tedepr
+
+    model = load_model(LENET300, parse_arch("lenet300")).model
+    small = tedepr.tensorize(model, example_input=torch.rand(2, 1, 28, 28), include=["fc1"], rank=2)
+    _, rep = prune(Artifact(model=small, arch=ArchSpec("lenet300")),
+                   PruneOptions(sparsity=0.5, criterion="magnitude", scope="layer", decompose=False))
+    rows = {r["name"]: r for r in rep["layers"]}
+    assert rep["kept"] < sum(p.numel() for n, p in small.named_parameters() if "bias" not in n)
+    assert abs(rows["fc2"]["kept"] - 0.5 * rows["fc2"]["dense_count"]) <= 1
+    assert rows["fc1"]["kept"] == sum(c.numel() for c in small.fc1.cores)  # within its share: whole
+
+
 def test_constructed_collapse_is_detected_and_guard_prevents_it():
     model = load_model(LENET300, parse_arch("lenet300")).model
     groups = prunable_groups(model)

@@ -87,10 +87,8 @@ def select(scores: dict[str, Tensor], groups: list[Group], kept: int, scope: str
     paths are pooled up to ``pool × kept`` entries and the entry-level selection keeps
     exactly ``kept`` of the pooled entries."""
     if scope == "layer":
-        total_dense = sum(g.dense_count for g in groups)
         out: dict[str, Tensor] = {}
-        shares = _apportion([g.dense_count for g in groups], kept, total_dense)
-        for g, k in zip(groups, shares, strict=True):
+        for g, k in zip(groups, layer_shares(groups, kept), strict=True):
             out.update(select({n: scores[n] for n in g.params}, [g], k, "global", min_density,
                               path_guard, connect, min_paths, grain, pool))
         return out
@@ -259,6 +257,13 @@ def _connect(keep: Tensor, flat: Tensor, chains: list[list[tuple[int, int, torch
     need = kept - int(keep.sum())
     if need > 0:  # no entry can join a path any more: keep the exact budget, by score
         _take_best(keep, flat, ~keep, need)
+
+
+def layer_shares(groups: list[Group], kept: int) -> list[int]:
+    """``scope="layer"``: each group's share of the ``kept`` budget, in proportion to the
+    dense weights it stands for (so every layer keeps the same fraction of its dense
+    layer; a share larger than what the group stores leaves it whole)."""
+    return _apportion([g.dense_count for g in groups], kept, sum(g.dense_count for g in groups))
 
 
 def _apportion(weights: list[int], total: int, denom: int) -> list[int]:

@@ -29,7 +29,7 @@ from ..tensorized.embedding import TTEmbedding
 from ..tensorized.train_path import lighter, train_paths
 from ..tensorized.tt import TTLinear
 from .criteria import CRITERIA, CriterionOptions, ScoreContext, differentiable_attention
-from .masking import budget, check_collapse, rank_paths, select
+from .masking import budget, check_collapse, layer_shares, rank_paths, select
 from .reachability import Reachability, check_reachability, repair_paths
 from .targets import kept_counts, prunable_groups
 
@@ -325,9 +325,16 @@ def prune_model(model: torch.nn.Module, opts: PruneOptions,
     scores = None
     paths: dict[str, str] = {}
     score_warnings: list[str] = []
-    if kept >= entries:
-        log.warning(f"the budget keeps {kept:,} entries but the model has only {entries:,} prunable "
-                    f"entries: nothing pruned (sparsity vs dense already {1 - entries / dense:.4f})")
+    # per-layer scope: each layer keeps its own share, so a layer can be over its share while
+    # the whole model is under the budget (a small TT-embedding beside dense Linears)
+    whole = all(k >= sum(params[n].numel() for n in g.params)
+                for g, k in zip(groups, layer_shares(groups, kept), strict=True)) \
+        if opts.scope == "layer" else kept >= entries
+    if whole:
+        held = (f"every layer's share of the budget ({1 - opts.sparsity:.4g} of its dense weights) holds "
+                "all of its stored entries") if opts.scope == "layer" else \
+            f"the budget keeps {kept:,} entries but the model has only {entries:,} prunable entries"
+        log.warning(f"{held}: nothing pruned (sparsity vs dense already {1 - entries / dense:.4f})")
         masks = {n: torch.ones_like(params[n], dtype=torch.bool) for n in names}
     else:
         ctx = ScoreContext(model=model, targets=names, batches=batches, input_shape=tuple(input_shape),
