@@ -187,8 +187,18 @@ def _import(path: str):
     mod_name, _, attr = path.partition(":")
     try:
         obj: Any = _import_module(mod_name)
+    except ModuleNotFoundError as e:
+        missing = e.name or ""
+        if mod_name == missing or mod_name.startswith(missing + "."):  # the path itself is wrong
+            raise UsageError(f"cannot import {mod_name!r} for {opt('arch')}: {e}") from None
+        # the module imports a package that is not installed (as a callable that raises
+        # ImportError: EngineUnavailable)
+        raise EngineUnavailable(f"{mod_name} (for {opt('arch')}) needs a package that is not installed "
+                                f"here: {e}") from None
     except ImportError as e:
         raise UsageError(f"cannot import {mod_name!r} for {opt('arch')}: {e}") from None
+    except Exception as e:  # the user's module fails while it is imported (a SyntaxError, ...)
+        raise BadInput(f"importing {mod_name!r} for {opt('arch')} failed: {type(e).__name__}: {e}") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise UsageError(f"{opt('arch')}: {mod_name!r} has no attribute {attr!r}")

@@ -424,7 +424,10 @@ def _finetune(art: Artifact, data: Path, out: Path, opts: TrainOptions, resume: 
         ours = {"best", "last", METRICS_FILE}
         if out.exists() and not all(c.name in ours or c.name.startswith(".") for c in out.iterdir()):
             raise BadInput(f"{out} is not a tedepr finetune run (no {STATE_FILE}); nothing to resume")
-        log.info(f"{out} holds no completed epoch: starting from the beginning")
+        if out.exists():
+            log.info(f"{out} holds no completed epoch: starting from the beginning")
+        else:  # a typo in the run's path would otherwise train from scratch unnoticed
+            log.warning(f"{out} does not exist: there is no run to resume; starting a new one there")
         resume, overwrite = False, True
     saved = _load_state(out) if resume else None
     if saved is not None:

@@ -217,6 +217,21 @@ def test_resume_refuses_options_that_differ_from_the_recorded_recipe(pruned, tmp
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 
+def test_resume_of_a_missing_run_warns_that_it_starts_a_new_one(pruned, tmp_path, caplog):
+    """--resume on a path that does not exist starts a run there (resume-or-start), but says
+    so as a warning: a typo in -o must not train from scratch unnoticed."""
+    import logging
+
+    from tedepr_cli.artifact import save_artifact
+
+    art = save_artifact(pruned, tmp_path / "p")
+    with caplog.at_level(logging.INFO, logger="tedepr"):
+        finetune(load_artifact(art), MNIST, tmp_path / "typo", _quick(epochs=1, limit_train=64), resume=True)
+    warned = [r for r in caplog.records
+              if r.levelno >= logging.WARNING and "no run to resume" in r.getMessage()]
+    assert len(warned) == 1 and (tmp_path / "typo" / "best").is_dir()
+
+
 def test_resume_with_more_epochs_runs_them(pruned, tmp_path):
     """--epochs on --resume extends the run (it was ignored): with a constant schedule, one
     epoch resumed to three ends bit-identical to a straight three-epoch run; fewer epochs
