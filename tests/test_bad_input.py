@@ -197,6 +197,8 @@ CASES = [
     ("dec-rank-0", ["decompose", M, *A, "-o", "{out}", "--rank", "0"], 2, "--rank"),
     ("dec-rank-neg", ["decompose", M, *A, "-o", "{out}", "--rank", "fc1=-2"], 2, "positive"),
     ("dec-rank-text", ["decompose", M, *A, "-o", "{out}", "--rank", "big"], 2, "--rank"),
+    ("dec-threads", ["decompose", M, *A, "-o", "{out}", "--threads", "0"], 2, "--threads"),
+    ("export-threads", ["export", M, *A, "-o", "{out}", "--threads", "0"], 2, "--threads"),
     ("dec-rank-huge", ["decompose", M, *A, "-o", "{out}", "--rank", "9999", "--modes", "2"], 4, "full rank"),
     ("dec-format", ["decompose", M, *A, "-o", "{out}", "--format", "cp"], 2, "--format"),
     ("dec-modes", ["decompose", M, *A, "-o", "{out}", "--modes", "many"], 2, "--modes"),

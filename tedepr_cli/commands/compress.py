@@ -316,8 +316,7 @@ def prune(
     if (sparsity is None) == (density is None):
         raise UsageError("give exactly one of --sparsity or --density")
     s = sparsity if sparsity is not None else 1.0 - density
-    if threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {threads}")
+    use_threads(threads)  # checks --threads (>= 1) before anything else is done
     opts = PruneOptions(sparsity=s, criterion=criterion, scope=scope, min_density=min_density,
                         path_guard=path_guard, connectivity=connectivity, batch_size=batch_size, seed=seed,
                         decompose=decompose_first, coarse_ratio=coarse_ratio, score_mode=score_mode,
@@ -340,7 +339,6 @@ def prune(
     name = re.sub(r"[^\w.-]", "-", str(path)) if scratch else path.stem
     out_path = output if output is not None else Path(f"{name}-pruned")
     check_output(out_path, overwrite)
-    use_threads(threads)
     torch_seed(seed)
     if scratch:
         from ..arch import parse_arch

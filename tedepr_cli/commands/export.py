@@ -80,11 +80,9 @@ def export(
     opts = ExportOptions(formats=[f.strip() for f in to.split(",") if f.strip()], opset=opset,
                          atol=atol, rtol=rtol, batch_sizes=sizes, seed=seed, device=device)
     opts.validate()
-    if threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {threads}")
+    use_threads(threads)  # checks --threads (>= 1) before anything is written
     resolve_device(device)  # --device cuda without a GPU: exit 10 before anything is written
     check_output(output, overwrite)
-    use_threads(threads)
     art = _load(path, arch, arch_kwargs, input_shape, trust_pickle, non_strict)
     report = run_export(art, output, opts, data, overwrite=overwrite)
     log.info(f"wrote {output}")
