@@ -70,6 +70,11 @@ STAGES = {
                          "--batch-size", "16", "-o", "p-tedepr16"],
     "prune-tedepr": ["prune", "{dec}", "--arch", ARCH, "--sparsity", "0.99", "--data", "{tokens}",
                      "-o", "p-tedepr"],
+    # the micro-batch trades memory for speed (same scores up to rounding): 128 = the whole batch
+    "prune-tedepr-mb8": ["prune", "{dec}", "--arch", ARCH, "--sparsity", "0.99", "--data", "{tokens}",
+                         "--micro-batch", "8", "-o", "p-tedepr-mb8"],
+    "prune-tedepr-mb128": ["prune", "{dec}", "--arch", ARCH, "--sparsity", "0.99", "--data", "{tokens}",
+                           "--micro-batch", "128", "-o", "p-tedepr-mb128"],
     "prune-dense-synflow": ["prune", "{ckpt}", "--arch", ARCH, "--no-decompose", "--sparsity", "0.99",
                             "-o", "p-dense"],
 }

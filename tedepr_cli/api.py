@@ -181,7 +181,8 @@ def prune(model: nn.Module, *, sparsity: float, batches: Iterable[Any] | None = 
             whole paths only (at most the budget), ``F > 1`` pools paths up to ``F ×`` the
             budget and keeps exactly the budget's best entries within them.
         criterion_options: ``steps``, ``inner_lr``, ``rounds``, ``iterations``,
-            ``temperature`` (see ``tedepr prune --help``).
+            ``temperature``, ``micro_batch`` (samples differentiated at a time; memory only;
+            see ``tedepr prune --help``).
 
     Returns the pruning report (``kept``, ``budget``, the three ``sparsity`` figures, per-layer
     rows). The model's train/eval mode and buffers are unchanged. Raises ``UsageError``,

@@ -115,20 +115,62 @@ def test_synflow_iterative_schedule_reaches_the_exact_target():
     assert sum(int((v > 0).sum()) for v in s.values()) < 4 * 6 + 6 * 3
 
 
-def test_tedepr_score_is_meta_gradient_of_unrolled_sgd():
-    ctx, x, y = _tiny_ctx(steps=2, inner_lr=0.3)
+@pytest.mark.parametrize("micro_batch", [32, 3])
+def test_tedepr_score_is_meta_gradient_of_unrolled_sgd(micro_batch):
+    """Step-by-step reverse mode with recomputed steps, on a different batch per step and in
+    micro-batches of 3 (8 = 3 + 3 + 2 samples), equals differentiating the whole unrolled
+    graph at once."""
+    ctx, _, _ = _tiny_ctx(steps=2, inner_lr=0.3, micro_batch=micro_batch)
+    g = torch.Generator().manual_seed(5)
+    ctx.batches = [(torch.randn(8, 4, generator=g, dtype=torch.float64),
+                    torch.randint(0, 3, (8,), generator=g)) for _ in range(3)]
     s = CRITERIA.get("tedepr").fn(ctx)
     w1, w2 = ctx.model.fc1.weight.detach(), ctx.model.fc2.weight.detach()
     c1 = torch.ones_like(w1, requires_grad=True)
     c2 = torch.ones_like(w2, requires_grad=True)
     a, b = w1 * c1, w2 * c2
-    for _ in range(2):  # independent re-implementation with explicit tensors
+    for x, y in ctx.batches[:2]:  # independent re-implementation with explicit tensors
         loss = F.cross_entropy(torch.relu(x @ a.T) @ b.T, y)
         ga, gb = torch.autograd.grad(loss, (a, b), create_graph=True)
         a, b = a - 0.3 * ga, b - 0.3 * gb
+    x, y = ctx.batches[2]
     final = F.cross_entropy(torch.relu(x @ a.T) @ b.T, y)
     d1, d2 = torch.autograd.grad(final, (c1, c2))
     assert torch.allclose(s["fc1.weight"], d1.abs()) and torch.allclose(s["fc2.weight"], d2.abs())
+
+
+@pytest.mark.parametrize("name", ["snip", "grasp", "force"])
+def test_micro_batches_sum_to_the_whole_batch(name):
+    """Gradients and Hessian-vector products accumulated over micro-batches of 3 give the
+    whole batch's scores."""
+    whole = CRITERIA.get(name).fn(_tiny_ctx(micro_batch=32, iterations=2)[0])
+    parts = CRITERIA.get(name).fn(_tiny_ctx(micro_batch=3, iterations=2)[0])
+    assert all(torch.allclose(whole[n], parts[n], atol=1e-12) for n in whole)
+
+
+def test_batch_statistics_keep_the_batch_whole():
+    """A BatchNorm using batch statistics couples the samples: it is differentiated on the
+    whole batch (micro-batches would normalize with other statistics and change the scores)."""
+    from tedepr_cli.pruning.criteria import batch_coupled, micro_batches
+
+    class BN(Tiny):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(6)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.bn(self.fc1(x))))
+
+    scores = {}
+    for mb in (32, 2):
+        torch.manual_seed(0)
+        ctx, x, y = _tiny_ctx(BN(), micro_batch=mb)
+        ctx.model.bn.train()
+        assert batch_coupled(ctx.model) and len(micro_batches(ctx.model, (x, y), 2)) == 1
+        scores[mb] = CRITERIA.get("tedepr").fn(ctx)
+        ctx.model.bn.eval()
+        assert not batch_coupled(ctx.model) and len(micro_batches(ctx.model, (x, y), 2)) == 4
+    assert all(torch.allclose(scores[32][n], scores[2][n]) for n in scores[32])
 
 
 def test_force_one_iteration_is_snip_and_reaches_target():
@@ -355,6 +397,7 @@ def test_cli_one_shot_prune(tmp_path):
     (["--sparsity", "0.99", "--criterion", "nope"], 2),
     (["--sparsity", "0.99", "--scope", "row"], 2),
     (["--sparsity", "0.99", "--score-mode", "batch"], 2),
+    (["--sparsity", "0.99", "--micro-batch", "0"], 2),
 ])
 def test_cli_bad_options(tmp_path, args, code):
     r = run_cli("prune", LENET300, "--arch", "lenet300", "-o", tmp_path / "o", *args)

@@ -294,6 +294,10 @@ def prune(
     rounds: Annotated[int, typer.Option("--rounds", help="synflow: pruning rounds.")] = 100,
     iterations: Annotated[int, typer.Option("--iterations", help="force: pruning iterations.")] = 10,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per scoring batch.")] = 128,
+    micro_batch: Annotated[int, typer.Option(
+        "--micro-batch", help="Data-driven criteria differentiate at most N samples at a time and add "
+        "the results up (same scores up to rounding; memory grows with N). A BatchNorm using batch "
+        "statistics (--score-mode train) keeps the whole batch.")] = 32,
     threads: Threads = 1,
     seed: Seed = 0,
     overwrite: Overwrite = False,
@@ -321,8 +325,8 @@ def prune(
                         path_guard=path_guard, connectivity=connectivity, batch_size=batch_size, seed=seed,
                         decompose=decompose_first, coarse_ratio=coarse_ratio, score_mode=score_mode,
                         repair_paths=repair_paths, min_paths=min_paths, grain=grain, path_pool=path_pool,
-                        criterion_options=CriterionOptions(steps=steps, inner_lr=inner_lr,
-                                                           rounds=rounds, iterations=iterations))
+                        criterion_options=CriterionOptions(steps=steps, inner_lr=inner_lr, rounds=rounds,
+                                                           iterations=iterations, micro_batch=micro_batch))
     opts.validate()
     if rank == "auto":
         rank_value = None

@@ -7,7 +7,9 @@ the chain) and on dense weights. The caller sets the normalization layers' mode
 
 * ``tedepr`` -- trainability (ProsPr, Alizadeh et al. ICLR 2022): take ``steps``
   differentiable SGD steps on the masked weights ``c ⊙ θ`` and score ``|∂L(θ_M)/∂c|`` at
-  ``c = 1``: entries whose removal most changes the loss *after* a little training.
+  ``c = 1``: entries whose removal most changes the loss *after* a little training. The
+  meta-gradient is taken step by step backwards (reverse-mode through the unrolled steps
+  with each step recomputed), so memory holds one step's graph, not all of them.
 * ``snip`` -- connection sensitivity ``|g ⊙ θ|`` (Lee et al. ICLR 2019).
 * ``grasp`` -- gradient-signal preservation (Wang et al. ICLR 2020): keep-score
   ``θ ⊙ Hg`` (GraSP removes the largest ``−θ ⊙ Hg``), logits at temperature 200.
@@ -43,6 +45,7 @@ class CriterionOptions:
     rounds: int = 100  # synflow: pruning rounds
     iterations: int = 10  # force: pruning iterations
     temperature: float = 200.0  # grasp
+    micro_batch: int = 32  # data-driven criteria: samples differentiated at a time (memory only)
 
 
 @dataclass
@@ -97,6 +100,66 @@ def _loss(model: nn.Module, params: dict[str, Tensor], batch: tuple[Tensor, Tens
     return F.cross_entropy(out / temperature, y)
 
 
+def batch_coupled(model: nn.Module) -> bool:
+    """Whether ``model``'s output for one sample depends on the other samples in its batch:
+    a BatchNorm normalizing with batch statistics (in training mode, or without running
+    statistics). Such a model must be differentiated on the whole batch at once."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats)
+               for m in model.modules())
+
+
+def micro_batches(model: nn.Module, batch: tuple[Tensor, Tensor], size: int
+                  ) -> list[tuple[tuple[Tensor, Tensor], float]]:
+    """``batch`` ``(x, y)`` (``x`` of shape ``(B, ...)``, ``y`` of shape ``(B,)``) cut into
+    consecutive micro-batches of at most ``size`` samples, each with its weight
+    ``len / B``: the batch's mean loss is the weighted sum of the micro-batches' mean
+    losses, so gradients and Hessian-vector products add up exactly (up to rounding),
+    while autograd holds one micro-batch's graph at a time. The whole batch when
+    ``model`` is :func:`batch_coupled` or ``size >= B``."""
+    x, y = batch
+    n = int(x.shape[0])
+    if size >= n or batch_coupled(model):
+        return [(batch, 1.0)]
+    return [((x[i:i + size], y[i:i + size]), min(size, n - i) / n) for i in range(0, n, size)]
+
+
+def gradient(ctx: ScoreContext, params: dict[str, Tensor], names: list[str], batch: tuple[Tensor, Tensor],
+             temperature: float = 1.0) -> dict[str, Tensor]:
+    """``∇ L`` of the mean loss over ``batch`` w.r.t. ``params[n]`` for ``n`` in ``names``
+    (the others held fixed), accumulated over micro-batches of ``ctx.options.micro_batch``
+    samples; zeros for a parameter the loss does not reach."""
+    total = {n: torch.zeros_like(params[n]) for n in names}
+    for mb, weight in micro_batches(ctx.model, batch, ctx.options.micro_batch):
+        leaves = {n: params[n].detach().requires_grad_(True) for n in names}
+        loss = _loss(ctx.model, {**params, **leaves}, mb, temperature) * weight
+        for n, g in zip(names, torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True),
+                        strict=True):
+            if g is not None:
+                total[n] += g
+    return total
+
+
+def hessian_vector(ctx: ScoreContext, params: dict[str, Tensor], names: list[str],
+                   batch: tuple[Tensor, Tensor], vector: dict[str, Tensor], temperature: float = 1.0
+                   ) -> dict[str, Tensor]:
+    """``H v``: the Hessian of the mean loss over ``batch`` w.r.t. ``params[names]`` times
+    ``vector`` (same names and shapes), by double backprop (Pearlmutter 1994), accumulated
+    over micro-batches like :func:`gradient`."""
+    total = {n: torch.zeros_like(params[n]) for n in names}
+    for mb, weight in micro_batches(ctx.model, batch, ctx.options.micro_batch):
+        leaves = {n: params[n].detach().requires_grad_(True) for n in names}
+        loss = _loss(ctx.model, {**params, **leaves}, mb, temperature) * weight
+        gs = torch.autograd.grad(loss, [leaves[n] for n in names], create_graph=True, allow_unused=True)
+        dot = [(g * vector[n]).sum() for n, g in zip(names, gs, strict=True) if g is not None]
+        if not dot:
+            continue
+        hs = torch.autograd.grad(sum(dot), [leaves[n] for n in names], allow_unused=True)
+        for n, h in zip(names, hs, strict=True):
+            if h is not None:
+                total[n] += h
+    return total
+
+
 @contextlib.contextmanager
 def differentiable_attention() -> Iterator[None]:
     """Run ``F.scaled_dot_product_attention`` (what ``nn.MultiheadAttention`` and torch's
@@ -127,23 +190,10 @@ def random_scores(ctx: ScoreContext) -> dict[str, Tensor]:
     return {n: torch.rand(p[n].shape, generator=ctx.generator, dtype=torch.float64) for n in ctx.targets}
 
 
-def _grads(ctx: ScoreContext, params: dict[str, Tensor], batches) -> dict[str, Tensor]:
-    """Sum over ``batches`` of the loss gradient w.r.t. the (effective) target weights."""
-    total = {n: torch.zeros_like(params[n]) for n in ctx.targets}
-    for batch in batches:
-        leaves = {n: params[n].clone().requires_grad_(True) for n in ctx.targets}
-        loss = _loss(ctx.model, {**params, **leaves}, batch)
-        gs = torch.autograd.grad(loss, [leaves[n] for n in ctx.targets], allow_unused=True)
-        for n, g in zip(ctx.targets, gs, strict=True):
-            if g is not None:
-                total[n] += g
-    return total
-
-
 @_register("snip", needs_data=True)
 def snip(ctx: ScoreContext) -> dict[str, Tensor]:
     p = _params(ctx)
-    g = _grads(ctx, p, ctx.batches[:1])
+    g = gradient(ctx, p, ctx.targets, ctx.batches[0])
     return {n: (g[n] * p[n]).abs() for n in ctx.targets}
 
 
@@ -151,25 +201,8 @@ def snip(ctx: ScoreContext) -> dict[str, Tensor]:
 def grasp(ctx: ScoreContext) -> dict[str, Tensor]:
     p = _params(ctx)
     t = ctx.options.temperature
-    batches = ctx.batches[:1]
-    stopped = {n: torch.zeros_like(p[n]) for n in ctx.targets}
-    for batch in batches:  # first gradient, no graph
-        leaves = {n: p[n].clone().requires_grad_(True) for n in ctx.targets}
-        gs = torch.autograd.grad(_loss(ctx.model, {**p, **leaves}, batch, t),
-                                 [leaves[n] for n in ctx.targets], allow_unused=True)
-        for n, g in zip(ctx.targets, gs, strict=True):
-            if g is not None:
-                stopped[n] += g
-    hg = {n: torch.zeros_like(p[n]) for n in ctx.targets}
-    for batch in batches:  # Hessian-gradient product by double backprop
-        leaves = {n: p[n].clone().requires_grad_(True) for n in ctx.targets}
-        gs = torch.autograd.grad(_loss(ctx.model, {**p, **leaves}, batch, t),
-                                 [leaves[n] for n in ctx.targets], create_graph=True, allow_unused=True)
-        z = sum((g * stopped[n]).sum() for n, g in zip(ctx.targets, gs, strict=True) if g is not None)
-        hs = torch.autograd.grad(z, [leaves[n] for n in ctx.targets], allow_unused=True)
-        for n, h in zip(ctx.targets, hs, strict=True):
-            if h is not None:
-                hg[n] += h
+    stopped = gradient(ctx, p, ctx.targets, ctx.batches[0], t)  # the gradient, held constant
+    hg = hessian_vector(ctx, p, ctx.targets, ctx.batches[0], stopped, t)
     return {n: p[n] * hg[n] for n in ctx.targets}
 
 
@@ -279,7 +312,7 @@ def force(ctx: ScoreContext) -> dict[str, Tensor]:
     for k in range(1, its + 1):
         batch = ctx.batches[(k - 1) % len(ctx.batches)]
         eff = {n: p[n] * masks[n] if masks else p[n] for n in ctx.targets}
-        g = _grads(ctx, {**p, **eff}, [batch])  # gradient at the pruned network, all entries
+        g = gradient(ctx, {**p, **eff}, ctx.targets, batch)  # at the pruned network, all entries
         scores = {n: (g[n] * p[n]).abs() for n in ctx.targets}
         if k < its:
             masks = ctx.select(scores, exponential_keep(total, ctx.kept, k, its))
@@ -307,18 +340,24 @@ def tedepr(ctx: ScoreContext) -> dict[str, Tensor]:
 
 
 def _tedepr_once(ctx: ScoreContext, inner_lr: float) -> dict[str, Tensor]:
+    """``|∂L(θ_T)/∂c|`` at ``c = 1`` for ``θ_0 = c ⊙ θ``, ``θ_{t+1} = θ_t - η ∇L_t(θ_t)``.
+
+    Reverse mode through the unrolled steps, one step at a time: the forward pass keeps
+    only the parameters ``θ_t`` of every step; the adjoint ``a_T = ∇L_T(θ_T)`` then goes
+    back through each step's Jacobian, ``a_t = a_{t+1} - η H_t(θ_t) a_{t+1}`` (a
+    Hessian-vector product on that step's batch, recomputed), and ``∂L/∂c = a_0 ⊙ θ``. The
+    same meta-gradient as differentiating the whole unrolled graph at once (up to
+    rounding), with one step's graph (of one micro-batch) in memory instead of all of them.
+    """
     p = _params(ctx)
-    opts = ctx.options
-    cs = {n: torch.ones_like(p[n], requires_grad=True) for n in ctx.targets}
+    steps, batches = ctx.options.steps, ctx.batches
     trainable = [n for n, q in ctx.model.named_parameters() if q.requires_grad]
-    w = {n: (p[n] * cs[n] if n in cs else p[n].clone().requires_grad_(True)) for n in trainable}
-    batches = ctx.batches
-    for t in range(opts.steps):
-        loss = _loss(ctx.model, {**p, **w}, batches[t % len(batches)])
-        gs = torch.autograd.grad(loss, [w[n] for n in trainable], create_graph=True, allow_unused=True)
-        w = {n: (w[n] - inner_lr * g if g is not None else w[n])
-             for n, g in zip(trainable, gs, strict=True)}
-    final = _loss(ctx.model, {**p, **w}, batches[opts.steps % len(batches)])
-    gs = torch.autograd.grad(final, [cs[n] for n in ctx.targets], allow_unused=True)
-    return {n: (g.abs() if g is not None else torch.zeros_like(p[n])).detach()
-            for n, g in zip(ctx.targets, gs, strict=True)}
+    theta = [{n: p[n] for n in trainable}]
+    for t in range(steps):
+        g = gradient(ctx, {**p, **theta[t]}, trainable, batches[t % len(batches)])
+        theta.append({n: theta[t][n] - inner_lr * g[n] for n in trainable})
+    adjoint = gradient(ctx, {**p, **theta[steps]}, trainable, batches[steps % len(batches)])
+    for t in reversed(range(steps)):
+        hv = hessian_vector(ctx, {**p, **theta[t]}, trainable, batches[t % len(batches)], adjoint)
+        adjoint = {n: adjoint[n] - inner_lr * hv[n] for n in trainable}
+    return {n: (adjoint[n] * p[n]).abs() if n in adjoint else torch.zeros_like(p[n]) for n in ctx.targets}

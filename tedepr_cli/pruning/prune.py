@@ -71,9 +71,9 @@ class PruneOptions:
         if not self.coarse_ratio >= 1:
             raise UsageError(f"{opt('coarse-ratio')} must be >= 1, got {self.coarse_ratio}")
         o = self.criterion_options
-        if o.steps < 0 or o.rounds < 1 or o.iterations < 1 or o.inner_lr <= 0:
+        if o.steps < 0 or o.rounds < 1 or o.iterations < 1 or o.inner_lr <= 0 or o.micro_batch < 1:
             raise UsageError(f"{opt('steps')} >= 0, {opt('rounds')} >= 1, {opt('iterations')} >= 1, "
-                             f"{opt('inner-lr')} > 0 required")
+                             f"{opt('inner-lr')} > 0, {opt('micro-batch')} >= 1 required")
         if self.min_paths < 0:
             raise UsageError(f"{opt('min-paths')} must be >= 0, got {self.min_paths}")
         if self.grain not in GRAINS:
