@@ -19,7 +19,7 @@ from tedepr_cli.pruning.prune import PruneOptions, prune
 from tedepr_cli.pruning.targets import prunable_groups
 from tedepr_cli.zoo import MODELS
 
-from .conftest import run_cli
+from .conftest import MNIST, run_cli
 
 
 def _lenet5(rank: int = 2):
@@ -112,6 +112,40 @@ def test_min_paths_raises_the_rank_of_a_starved_conv_chain_on_the_one_shot_path(
     assert paths["conv2"] >= 4 and paths["fc1"] == paths["fc2"] == 1
     assert rep["kept"] == rep["budget"] + rep["repair"]["added"]
     assert rep["min_paths"] == 4 and not [w for w in rep["warnings"] if "rank paths" in w]
+
+
+# ---------------------------------------------------------------------------- rank allocation
+def test_rank_allocation_sizes_each_layer_to_what_the_criterion_keeps():
+    """``rank_allocation="criterion"``: the probe (uniform auto rank at 4x the coarse ratio)
+    is pruned with the criterion, and every tensorized layer gets the largest rank whose cores
+    hold at most ``coarse_ratio`` x what the criterion kept in it there."""
+    from dataclasses import replace
+
+    from tedepr_cli.tensorized.plan import plan_model
+
+    art = Artifact(model=MODELS.get("lenet5")().eval(), arch=parse_arch("lenet5"))
+    dopts = DecomposeOptions(rank=None, init="random", seed=0)
+    opts = PruneOptions(sparsity=0.995, seed=0, rank_allocation="criterion")
+    out, rep = prune(art, opts, MNIST, dopts)
+    auto = rep["rank_auto"]
+    _, probe = prune(art, replace(opts, coarse_ratio=16.0, rank_allocation="uniform"), MNIST, dopts)
+    assert probe["rank_auto"]["rank"] > auto["rank"]
+    assert auto["probe_kept"] == {r["name"]: r["kept"] for r in probe["layers"] if r["kind"] == "cores"}
+
+    def entries(name: str, r: int) -> int:
+        return {p.name: p.params for p in plan_model(art.model, art.input_shape, replace(dopts, rank=r))}[name]
+
+    ranks = auto["ranks"]
+    assert set(ranks) == {"conv2", "fc1", "fc2"}
+    for name, r in ranks.items():
+        limit = opts.coarse_ratio * auto["probe_kept"][name]
+        assert r == 1 or entries(name, r) <= limit, name
+        assert entries(name, r + 1) > limit, name  # the largest rank that fits
+    # the conv chain wants many rank paths, the TT-matrix fc1 few: not one uniform rank
+    assert ranks["conv2"] > auto["rank"] > ranks["fc1"]
+    built = out.meta["tensorization"]["layers"]
+    assert {n: max(built[n]["ranks"]) for n in ranks} == ranks
+    assert rep["kept"] == rep["budget"]
 
 
 # ---------------------------------------------------------------------------- structured grain
