@@ -219,11 +219,23 @@ def test_cli_prune_with_path_options(tmp_path):
 
 
 @pytest.mark.parametrize("args", [["--grain", "row"], ["--path-pool", "0.5"], ["--min-paths", "-1"],
-                                  ["--grain", "path", "--min-density", "0.01"]])
+                                  ["--grain", "path", "--min-density", "0.01"],
+                                  ["--rank-allocation", "layer"]])
 def test_cli_bad_path_options(tmp_path, args):
     r = run_cli("prune", "lenet5", "--init", "random", "--sparsity", "0.99", "-o", tmp_path / "o", *args)
     assert r.exit_code == 2 and r.stderr.startswith("tedepr: ") and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_prune_rank_allocation_criterion(tmp_path):
+    out = tmp_path / "p"
+    r = run_cli("prune", "lenet5", "--init", "random", "--sparsity", "0.995", "--data", MNIST,
+                "--rank-allocation", "criterion", "--json", "-o", out)
+    assert r.exit_code == 0, r.stderr
+    auto = json.loads(r.stdout)["rank_auto"]
+    assert auto["allocation"] == "criterion" and auto["probe_ratio"] == 16.0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {n: max(s["ranks"]) for n, s in manifest["tensorization"]["layers"].items()} == auto["ranks"]
 
 
 def test_api_prune_passes_the_path_options():
