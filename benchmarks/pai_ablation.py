@@ -54,6 +54,8 @@ VARIANTS = {
     "rank allocation criterion + label smoothing 0.1": {"rank_allocation": "criterion",
                                                         "train": {"label_smoothing": 0.1}},
     "rank allocation criterion at coarse ratio 8": {"rank_allocation": "criterion", "coarse_ratio": 8.0},
+    "rank allocation criterion + tedepr steps 10": {"rank_allocation": "criterion",
+                                                    "criterion_options": {"steps": 10}},
     "tedepr steps 10": {"criterion_options": {"steps": 10}},
 }
 

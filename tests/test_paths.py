@@ -133,7 +133,8 @@ def test_rank_allocation_sizes_each_layer_to_what_the_criterion_keeps():
     assert auto["probe_kept"] == {r["name"]: r["kept"] for r in probe["layers"] if r["kind"] == "cores"}
 
     def entries(name: str, r: int) -> int:
-        return {p.name: p.params for p in plan_model(art.model, art.input_shape, replace(dopts, rank=r))}[name]
+        plans = plan_model(art.model, art.input_shape, replace(dopts, rank=r))
+        return {p.name: p.params for p in plans}[name]
 
     ranks = auto["ranks"]
     assert set(ranks) == {"conv2", "fc1", "fc2"}
