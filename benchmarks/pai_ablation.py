@@ -54,6 +54,7 @@ VARIANTS = {
     "rank allocation criterion + label smoothing 0.1": {"rank_allocation": "criterion",
                                                         "train": {"label_smoothing": 0.1}},
     "rank allocation criterion at coarse ratio 8": {"rank_allocation": "criterion", "coarse_ratio": 8.0},
+    "rank allocation criterion >= uniform rank": {"allocation_floor": True},
     "rank allocation criterion + tedepr steps 10": {"rank_allocation": "criterion",
                                                     "criterion_options": {"steps": 10}},
     "tedepr steps 10": {"criterion_options": {"steps": 10}},
@@ -86,7 +87,17 @@ def run(model: str, sparsity: float, seed: int, knobs: dict, out: Path, epochs: 
                          rank_allocation=knobs.get("rank_allocation", "uniform"),
                          criterion_options=CriterionOptions(**knobs.get("criterion_options", {})))
     t0 = time.perf_counter()
+    if knobs.get("allocation_floor"):  # the criterion's per-layer ranks, never below the uniform auto rank
+        from dataclasses import replace
+
+        from tedepr_cli.pruning.prune import allocated_ranks, auto_rank
+
+        uniform = auto_rank(art.model, art.input_shape, dopts, popts)
+        ranks, _ = allocated_ranks(art, replace(dopts, rank=uniform), popts, DATA)
+        dopts = replace(dopts, rank=uniform, rank_overrides={n: max(r, uniform) for n, r in ranks.items()})
     art, rep = prune(art, popts, DATA, dopts)
+    if knobs.get("allocation_floor"):
+        rep["rank_auto"] = {"rank": dopts.rank, "ranks": dopts.rank_overrides}
     best = None
     for lr in (1e-3, 1e-2):
         _, s = finetune(art, DATA, out / f"s{seed}-lr{lr:g}",
