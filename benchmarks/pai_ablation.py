@@ -8,7 +8,8 @@ Every variant changes one knob of the default TEDEPR recipe (TT, rank auto with 
 about 4x the budget, tedepr criterion, linear chain, 30 epochs) and is trained with the
 same protocol as benchmarks/pai_compare.py (AdamW, lr in {1e-3, 1e-2} picked on
 validation, 2 seeds, test accuracy of the best epoch). Results are cached per model and
-sparsity (``--out``), so a rerun only trains what is missing; ``--section NAME`` rewrites
+sparsity (``--out``), so a rerun only trains what is missing (``--report-only``: nothing,
+a variant not cached shows "-"); ``--section NAME`` rewrites
 only the section between ``<!-- section: NAME -->`` and ``<!-- end section: NAME -->`` of
 ``--doc`` (appended if absent), one table per model with a column per sparsity.
 """
@@ -122,7 +123,7 @@ def _results(model: str, sparsity: float, args) -> dict:
     for name in args.variants.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
             key = f"{name}|{seed}"
-            if key in results:
+            if key in results or args.report_only:
                 continue
             where = Path(args.out) / "runs" / f"{model}-{sparsity:g}{suffix}" / name
             results[key] = run(model, sparsity, seed, VARIANTS[name], where, args.epochs)
@@ -133,7 +134,7 @@ def _results(model: str, sparsity: float, args) -> dict:
 
 def _acc(rows: list[dict]) -> str:
     accs = [100 * r["test"] for r in rows]
-    sd = f" ± {statistics.stdev(accs):.1f}" if len(accs) > 1 else ""
+    sd = f" ± {statistics.stdev(accs):.1f}" if len(accs) > 1 else " (1 seed)"
     return f"{statistics.mean(accs):.1f}{sd}"
 
 
@@ -156,7 +157,8 @@ def _section(model: str, sparsities: list[float], by_sparsity: dict, names: list
             continue
         accs = " | ".join(_acc(rows) if rows else "-" for rows in per)
         ranks = " / ".join("; ".join(dict.fromkeys(_ranks(r) for r in rows)) or "-" for rows in per)
-        secs = " / ".join(", ".join(f"{r['seconds']:.0f}" for r in rows) or "-" for rows in per)
+        secs = " / ".join(", ".join(f"{r['seconds']:.0f}" for r in rows if "seconds" in r) or "-"
+                          for rows in per)
         lines.append(f"| {name} | {accs} | {ranks} | {secs} |")
     return lines
 
@@ -186,6 +188,7 @@ def main() -> int:
     ap.add_argument("--doc", default=str(ROOT / "docs" / "pai_ablation.md"))
     ap.add_argument("--section", default=None,
                     help="rewrite only this marked section of --doc (a table per model)")
+    ap.add_argument("--report-only", action="store_true", help="train nothing: tables from the cached runs")
     args = ap.parse_args()
     unknown = [n for n in args.variants.split(",") if n not in VARIANTS]
     if unknown:
