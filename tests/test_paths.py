@@ -228,6 +228,22 @@ def test_cli_bad_path_options(tmp_path, args):
     assert not (tmp_path / "o").exists()
 
 
+def test_rank_allocation_leaves_the_callers_rank_patterns_in_charge():
+    """A ``rank_overrides`` pattern the caller gave (``fc*``) wins over the allocated ranks of
+    the layers it matches (the planner takes the first matching pattern, so it must come
+    first); the other layers keep their allocated ranks."""
+    art = Artifact(model=MODELS.get("lenet5")().eval(), arch=parse_arch("lenet5"))
+    opts = PruneOptions(sparsity=0.999, criterion="magnitude", repair_paths=True, rank_allocation="criterion")
+    plain, base = prune(art, opts, None, DecomposeOptions(rank=None, init="random", seed=0))
+    out, rep = prune(art, opts, None, DecomposeOptions(rank=None, init="random", seed=0,
+                                                       rank_overrides={"fc*": 2}))
+    ranks = {n: max(s["ranks"]) for n, s in out.meta["tensorization"]["layers"].items()}
+    assert {n: max(s["ranks"]) for n, s in plain.meta["tensorization"]["layers"].items()} == \
+        base["rank_auto"]["ranks"] and base["rank_auto"]["ranks"]["fc1"] == 1
+    assert ranks["fc1"] == ranks["fc2"] == 2 and ranks["conv2"] == rep["rank_auto"]["ranks"]["conv2"] > 1
+    assert list(rep["rank_auto"]["ranks"]) == ["fc*", "conv2"]
+
+
 def test_cli_prune_rank_allocation_criterion(tmp_path):
     out = tmp_path / "p"
     r = run_cli("prune", "lenet5", "--init", "random", "--sparsity", "0.995", "--data", MNIST,

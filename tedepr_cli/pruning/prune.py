@@ -225,6 +225,16 @@ def allocated_ranks(art: Artifact, dopts: DecomposeOptions, opts: PruneOptions, 
     return ranks, kept
 
 
+def _under(given: dict[str, int], chosen: dict[str, int]) -> dict[str, int]:
+    """Rank overrides: the caller's ``given`` patterns first (the planner takes the first
+    pattern that matches a layer), then the ``chosen`` per-layer ranks of layers none of them
+    matches."""
+    import fnmatch
+
+    return {**given, **{n: r for n, r in chosen.items()
+                        if n not in given and not any(fnmatch.fnmatchcase(n, p) for p in given)}}
+
+
 def paths_are_rank_one(spec_or_layer: dict[str, Any] | torch.nn.Module) -> bool:
     """Whether each rank path of this chain is one rank-one term of the layer's channel mixing
     (separate input and output cores: tensor-ring Linear, the conv chains), so that a layer
@@ -284,17 +294,18 @@ def prune(art: Artifact, opts: PruneOptions, data: Path | None = None,
         if dopts.rank is None and dopts.compression is None:
             dopts = replace(dopts, rank=auto_rank(art.model, art.input_shape, dopts, opts))
             rank_note = {"rank": dopts.rank, "coarse_ratio": opts.coarse_ratio}
-            if opts.rank_allocation == "criterion":  # per-layer ranks; explicit overrides still win
+            given = dict(dopts.rank_overrides)  # the caller's per-layer ranks win over both rules below
+            if opts.rank_allocation == "criterion":
                 ranks, probe_kept = allocated_ranks(art, dopts, opts, data)
-                dopts = replace(dopts, rank_overrides={**ranks, **dopts.rank_overrides})
-                rank_note.update(allocation="criterion", ranks=ranks, probe_kept=probe_kept,
-                                 probe_ratio=opts.coarse_ratio * ALLOCATION_PROBE)
+                dopts = replace(dopts, rank_overrides=_under(given, ranks))
+                rank_note.update(allocation="criterion", ranks=dict(dopts.rank_overrides),
+                                 probe_kept=probe_kept, probe_ratio=opts.coarse_ratio * ALLOCATION_PROBE)
                 log.info("ranks allocated by the criterion (cores about "
                          f"{opts.coarse_ratio:g}x what it keeps per layer): "
                          + ", ".join(f"{n} {r}" for n, r in ranks.items()))
             if opts.min_paths > 1:  # the path floor needs layers that can hold the paths
                 raised = path_ranks(art.model, art.input_shape, dopts, opts.min_paths)
-                dopts = replace(dopts, rank_overrides={**raised, **dopts.rank_overrides})
+                dopts = replace(dopts, rank_overrides=_under(given, {**dopts.rank_overrides, **raised}))
                 rank_note["raised_for_paths"] = raised
                 if raised:
                     log.info(f"ranks raised to hold {opts.min_paths} rank paths ({opt('min-paths')}): "
