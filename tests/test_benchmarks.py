@@ -382,3 +382,36 @@ def test_fashion_mnist_claims_mark_issue_19_goals_per_model(monkeypatch):
         ("lstm", "99.5")]
     assert "goal" not in lines[("resnet20", "99.5")]  # issue 19 sets no 99.5 % goal for ResNet-20
     assert all("goal" not in ln for ln in pai._claims(groups))  # the MNIST sample: no goals
+
+
+def test_pai_ablation_section_rewrites_only_its_section(tmp_path):
+    """--section builds one table per model (a column per sparsity) from the cached runs
+    (nothing to train here) and replaces only its marked part of the doc, idempotently."""
+    import json
+
+    out = tmp_path / "abl"
+    out.mkdir()
+    for sp, base in ((0.995, 0.94), (0.999, 0.85)):
+        runs = {f"{name}|{seed}": {"test": base + 0.01 * i + 0.002 * seed, "lr": 0.01, "rank": 4 - i,
+                                   "ranks": {"conv2": 9, "fc1": 2} if i else {}, "raised": {}, "kept": 1,
+                                   "seconds": 60.0 + seed}
+                for i, name in enumerate(["default", "rank allocation criterion"]) for seed in (0, 1)}
+        (out / f"lenet5-{sp:g}.json").write_text(json.dumps(runs))
+    doc = tmp_path / "doc.md"
+    head, tail = "# title\n\nkept text\n\n", "\n## later\nmore kept text\n"
+    doc.write_text(head + "<!-- section: s1 -->\nold\n<!-- end section: s1 -->" + tail)
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "pai_ablation.py"), "--model", "lenet5",
+           "--sparsity", "0.995,0.999", "--variants", "default,rank allocation criterion",
+           "--section", "s1", "--out", str(out), "--doc", str(doc)]
+    for _ in range(2):
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert r.returncode == 0, r.stderr[-3000:]
+        text = doc.read_text()
+        assert text.startswith(head) and text.endswith(tail) and "old" not in text
+        assert text.count("<!-- section: s1 -->") == 1
+    assert "| variant | 99.5 % | 99.9 % | ranks (99.5 % / 99.9 %) | s/run |" in text
+    assert "| default | 94.1 ± 0.1 | 85.1 ± 0.1 | 4 / 4 | 60, 61 / 60, 61 |" in text
+    assert "| rank allocation criterion | 95.1 ± 0.1 | 86.1 ± 0.1 | conv2 9 fc1 2 / conv2 9 fc1 2 |" in text
+    r = subprocess.run([*cmd[:-4], "--out", str(out), "--doc", str(doc), "--section", "s1",
+                        "--variants", "nope"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 2 and "unknown variant" in r.stderr

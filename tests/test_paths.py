@@ -19,7 +19,7 @@ from tedepr_cli.pruning.prune import PruneOptions, prune
 from tedepr_cli.pruning.targets import prunable_groups
 from tedepr_cli.zoo import MODELS
 
-from .conftest import run_cli
+from .conftest import MNIST, run_cli
 
 
 def _lenet5(rank: int = 2):
@@ -114,6 +114,41 @@ def test_min_paths_raises_the_rank_of_a_starved_conv_chain_on_the_one_shot_path(
     assert rep["min_paths"] == 4 and not [w for w in rep["warnings"] if "rank paths" in w]
 
 
+# ---------------------------------------------------------------------------- rank allocation
+def test_rank_allocation_sizes_each_layer_to_what_the_criterion_keeps():
+    """``rank_allocation="criterion"``: the probe (uniform auto rank at 4x the coarse ratio)
+    is pruned with the criterion, and every tensorized layer gets the largest rank whose cores
+    hold at most ``coarse_ratio`` x what the criterion kept in it there."""
+    from dataclasses import replace
+
+    from tedepr_cli.tensorized.plan import plan_model
+
+    art = Artifact(model=MODELS.get("lenet5")().eval(), arch=parse_arch("lenet5"))
+    dopts = DecomposeOptions(rank=None, init="random", seed=0)
+    opts = PruneOptions(sparsity=0.995, seed=0, rank_allocation="criterion")
+    out, rep = prune(art, opts, MNIST, dopts)
+    auto = rep["rank_auto"]
+    _, probe = prune(art, replace(opts, coarse_ratio=16.0, rank_allocation="uniform"), MNIST, dopts)
+    assert probe["rank_auto"]["rank"] > auto["rank"]
+    assert auto["probe_kept"] == {r["name"]: r["kept"] for r in probe["layers"] if r["kind"] == "cores"}
+
+    def entries(name: str, r: int) -> int:
+        plans = plan_model(art.model, art.input_shape, replace(dopts, rank=r))
+        return {p.name: p.params for p in plans}[name]
+
+    ranks = auto["ranks"]
+    assert set(ranks) == {"conv2", "fc1", "fc2"}
+    for name, r in ranks.items():
+        limit = opts.coarse_ratio * auto["probe_kept"][name]
+        assert r == 1 or entries(name, r) <= limit, name
+        assert entries(name, r + 1) > limit, name  # the largest rank that fits
+    # the conv chain wants many rank paths, the TT-matrix fc1 few: not one uniform rank
+    assert ranks["conv2"] > auto["rank"] > ranks["fc1"]
+    built = out.meta["tensorization"]["layers"]
+    assert {n: max(built[n]["ranks"]) for n in ranks} == ranks
+    assert rep["kept"] == rep["budget"]
+
+
 # ---------------------------------------------------------------------------- structured grain
 def test_path_grain_keeps_whole_paths_within_the_budget():
     dec = _lenet5(rank=2)
@@ -185,11 +220,39 @@ def test_cli_prune_with_path_options(tmp_path):
 
 
 @pytest.mark.parametrize("args", [["--grain", "row"], ["--path-pool", "0.5"], ["--min-paths", "-1"],
-                                  ["--grain", "path", "--min-density", "0.01"]])
+                                  ["--grain", "path", "--min-density", "0.01"],
+                                  ["--rank-allocation", "layer"]])
 def test_cli_bad_path_options(tmp_path, args):
     r = run_cli("prune", "lenet5", "--init", "random", "--sparsity", "0.99", "-o", tmp_path / "o", *args)
     assert r.exit_code == 2 and r.stderr.startswith("tedepr: ") and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_rank_allocation_leaves_the_callers_rank_patterns_in_charge():
+    """A ``rank_overrides`` pattern the caller gave (``fc*``) wins over the allocated ranks of
+    the layers it matches (the planner takes the first matching pattern, so it must come
+    first); the other layers keep their allocated ranks."""
+    art = Artifact(model=MODELS.get("lenet5")().eval(), arch=parse_arch("lenet5"))
+    opts = PruneOptions(sparsity=0.999, criterion="magnitude", repair_paths=True, rank_allocation="criterion")
+    plain, base = prune(art, opts, None, DecomposeOptions(rank=None, init="random", seed=0))
+    out, rep = prune(art, opts, None, DecomposeOptions(rank=None, init="random", seed=0,
+                                                       rank_overrides={"fc*": 2}))
+    ranks = {n: max(s["ranks"]) for n, s in out.meta["tensorization"]["layers"].items()}
+    assert {n: max(s["ranks"]) for n, s in plain.meta["tensorization"]["layers"].items()} == \
+        base["rank_auto"]["ranks"] and base["rank_auto"]["ranks"]["fc1"] == 1
+    assert ranks["fc1"] == ranks["fc2"] == 2 and ranks["conv2"] == rep["rank_auto"]["ranks"]["conv2"] > 1
+    assert list(rep["rank_auto"]["ranks"]) == ["fc*", "conv2"]
+
+
+def test_cli_prune_rank_allocation_criterion(tmp_path):
+    out = tmp_path / "p"
+    r = run_cli("prune", "lenet5", "--init", "random", "--sparsity", "0.995", "--data", MNIST,
+                "--rank-allocation", "criterion", "--json", "-o", out)
+    assert r.exit_code == 0, r.stderr
+    auto = json.loads(r.stdout)["rank_auto"]
+    assert auto["allocation"] == "criterion" and auto["probe_ratio"] == 16.0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {n: max(s["ranks"]) for n, s in manifest["tensorization"]["layers"].items()} == auto["ranks"]
 
 
 def test_api_prune_passes_the_path_options():

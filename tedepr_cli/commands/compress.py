@@ -262,6 +262,10 @@ def prune(
         "--init-variance", help="Target of --init random: he (2/fan_in) or lecun (1/fan_in).")] = "he",
     coarse_ratio: Annotated[float, typer.Option(
         "--coarse-ratio", help="With --rank auto: core entries per kept entry before pruning.")] = 4.0,
+    rank_allocation: Annotated[str, typer.Option(
+        "--rank-allocation", help="With --rank auto: uniform (one rank for every layer) or criterion "
+        "(each layer's rank sized to about --coarse-ratio x the entries the criterion keeps in it "
+        "when scored on a 4x larger probe decomposition).")] = "uniform",
     min_density: Annotated[float, typer.Option(
         "--min-density", help="Collapse guard: each prunable tensor keeps at least this fraction "
         "of its entries (always at least 1).")] = 0.0,
@@ -324,6 +328,7 @@ def prune(
     opts = PruneOptions(sparsity=s, criterion=criterion, scope=scope, min_density=min_density,
                         path_guard=path_guard, connectivity=connectivity, batch_size=batch_size, seed=seed,
                         decompose=decompose_first, coarse_ratio=coarse_ratio, score_mode=score_mode,
+                        rank_allocation=rank_allocation,
                         repair_paths=repair_paths, min_paths=min_paths, grain=grain, path_pool=path_pool,
                         criterion_options=CriterionOptions(steps=steps, inner_lr=inner_lr, rounds=rounds,
                                                            iterations=iterations, micro_batch=micro_batch))

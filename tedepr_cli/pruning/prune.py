@@ -37,6 +37,9 @@ DEFAULT_CRITERION = "tedepr"
 SCOPES = ("global", "normalized", "layer")
 SCORE_MODES = ("eval", "train")
 GRAINS = ("entry", "path")
+ALLOCATIONS = ("uniform", "criterion")
+# rank allocation "criterion": the probe decomposition's cores hold about this x coarse_ratio x the budget
+ALLOCATION_PROBE = 4.0
 DATA_FREE_FALLBACK = "synflow"
 
 
@@ -57,6 +60,8 @@ class PruneOptions:
     min_paths: int = 0  # path floor: every tensorized layer keeps >= this many rank paths (0/1: off)
     grain: str = "entry"  # entry: single core entries; path: whole rank paths (paths.py)
     path_pool: float = 1.0  # grain path: pool whole paths up to this x the budget, then single entries
+    # one-shot path, rank auto: one uniform rank, or per-layer ranks sized to what the criterion keeps
+    rank_allocation: str = "uniform"
     criterion_options: CriterionOptions = field(default_factory=CriterionOptions)
 
     def validate(self) -> None:
@@ -83,6 +88,9 @@ class PruneOptions:
         if self.grain == "path" and self.path_pool <= 1 and self.min_density > 0:
             raise UsageError(f"{opt('min-density')} is a floor of single entries: with {opt('grain')} "
                              f"path it needs {opt('path-pool')} > 1 (entries chosen within the paths)")
+        if self.rank_allocation not in ALLOCATIONS:
+            raise UsageError(f"{opt('rank-allocation')} must be one of {', '.join(ALLOCATIONS)}, got "
+                             f"{self.rank_allocation!r}")
         if self.score_mode not in SCORE_MODES:
             raise UsageError(f"{opt('score-mode')} must be one of {', '.join(SCORE_MODES)}, got "
                              f"{self.score_mode!r}")
@@ -173,6 +181,60 @@ def auto_rank(model: torch.nn.Module, input_shape: tuple[int, ...], dopts: Decom
     return best
 
 
+def allocated_ranks(art: Artifact, dopts: DecomposeOptions, opts: PruneOptions, data: Path | None,
+                    max_rank: int = 64) -> tuple[dict[str, int], dict[str, int]]:
+    """Per-layer ranks chosen by the criterion (``rank_allocation="criterion"``, issue 19): the
+    dense ``art`` is decomposed at the uniform auto rank of a coarse ratio ``ALLOCATION_PROBE``
+    times larger and pruned to the same budget with the same criterion, scope and seed (the
+    probe); each tensorized layer then gets the largest rank whose cores hold at most
+    ``opts.coarse_ratio`` x the entries the criterion kept in it there (at least rank 1).
+
+    The per-layer density is most of what pruning-at-initialization methods get right
+    (Frankle et al., "Pruning neural networks at initialization: why are we missing the
+    mark?", ICLR 2021); one uniform rank gives every layer the same coarse capacity, while
+    the criterion wants, e.g., many rank paths in a conv chain (each path one rank-one term of
+    its channel mixing) and few, dense cores in a TT-matrix Linear. Returns
+    ``({layer: rank}, {layer: entries kept in the probe})``. Raises what :func:`prune` raises
+    on the probe (:class:`~tedepr_cli.errors.CollapseError` when even it collapses)."""
+    from ..tensorized.plan import plan_model
+
+    probe_opts = replace(opts, coarse_ratio=opts.coarse_ratio * ALLOCATION_PROBE, rank_allocation="uniform")
+    _, rep = prune(art, probe_opts, data, replace(dopts, rank=None))
+    first = plan_model(art.model, art.input_shape, replace(dopts, rank=1))
+    held = {p.name: p.params for p in first if p.spec}  # entries at the rank given so far
+    layers = list(held)
+    kept = {name: sum(r["kept"] for r in rep["layers"] if r["kind"] == "cores"
+                      and (r["name"] == name or r["name"].startswith(name + "."))) for name in layers}
+    ranks = dict.fromkeys(layers, 1)
+    growing = set(layers)  # layers whose next rank may still fit
+    for r in range(2, max_rank + 1):
+        try:
+            plans = {p.name: p for p in plan_model(art.model, art.input_shape, replace(dopts, rank=r))}
+        except BadInput:  # e.g. above a fixed --modes' full rank
+            break
+        for name in sorted(growing):
+            p = plans.get(name)
+            # over its allocation, or at its full rank (a higher rank adds no entries)
+            if p is None or p.spec is None or p.params > opts.coarse_ratio * kept[name] \
+                    or p.params <= held[name]:
+                growing.discard(name)
+            else:
+                ranks[name], held[name] = r, p.params
+        if not growing:
+            break
+    return ranks, kept
+
+
+def _under(given: dict[str, int], chosen: dict[str, int]) -> dict[str, int]:
+    """Rank overrides: the caller's ``given`` patterns first (the planner takes the first
+    pattern that matches a layer), then the ``chosen`` per-layer ranks of layers none of them
+    matches."""
+    import fnmatch
+
+    return {**given, **{n: r for n, r in chosen.items()
+                        if n not in given and not any(fnmatch.fnmatchcase(n, p) for p in given)}}
+
+
 def paths_are_rank_one(spec_or_layer: dict[str, Any] | torch.nn.Module) -> bool:
     """Whether each rank path of this chain is one rank-one term of the layer's channel mixing
     (separate input and output cores: tensor-ring Linear, the conv chains), so that a layer
@@ -232,9 +294,18 @@ def prune(art: Artifact, opts: PruneOptions, data: Path | None = None,
         if dopts.rank is None and dopts.compression is None:
             dopts = replace(dopts, rank=auto_rank(art.model, art.input_shape, dopts, opts))
             rank_note = {"rank": dopts.rank, "coarse_ratio": opts.coarse_ratio}
+            given = dict(dopts.rank_overrides)  # the caller's per-layer ranks win over both rules below
+            if opts.rank_allocation == "criterion":
+                ranks, probe_kept = allocated_ranks(art, dopts, opts, data)
+                dopts = replace(dopts, rank_overrides=_under(given, ranks))
+                rank_note.update(allocation="criterion", ranks=dict(dopts.rank_overrides),
+                                 probe_kept=probe_kept, probe_ratio=opts.coarse_ratio * ALLOCATION_PROBE)
+                log.info("ranks allocated by the criterion (cores about "
+                         f"{opts.coarse_ratio:g}x what it keeps per layer): "
+                         + ", ".join(f"{n} {r}" for n, r in ranks.items()))
             if opts.min_paths > 1:  # the path floor needs layers that can hold the paths
                 raised = path_ranks(art.model, art.input_shape, dopts, opts.min_paths)
-                dopts = replace(dopts, rank_overrides={**raised, **dopts.rank_overrides})
+                dopts = replace(dopts, rank_overrides=_under(given, {**dopts.rank_overrides, **raised}))
                 rank_note["raised_for_paths"] = raised
                 if raised:
                     log.info(f"ranks raised to hold {opts.min_paths} rank paths ({opt('min-paths')}): "
