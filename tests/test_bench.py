@@ -356,3 +356,22 @@ def test_prune_export_bench_and_info_count_kept_weights_alike(tmp_path):
     dense = sum(int(torch.count_nonzero(w)) for w in chains)
     fc3 = loaded.model.fc3  # a dense layer, pruned as it is
     assert pruned["effective_nonzero"] == dense + int(torch.count_nonzero(fc3.weight))
+
+
+def test_an_onnx_only_export_is_refused_saying_what_to_pass(target, tmp_path):
+    """`export --to onnx` writes no model.safetensors: bench says in one line what it needs
+    (the artifact, whose compressed ONNX is chain-ort; or a safetensors export) instead of
+    "not a tedepr artifact"; with model.safetensors beside it the same directory benches."""
+    out = tmp_path / "e"
+    assert run_cli("export", target, "--to", "onnx", "-o", out, "-q").exit_code == 0
+    r = run_cli("bench", out, "--iters", "2", "--warmup", "0", "--no-memory", "-q")
+    assert r.exit_code == 4, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "export without model.safetensors (model.onnx only)" in lines[0]
+    assert "pass the artifact it was exported from" in lines[0] and "chain-ort" in lines[0]
+    both = tmp_path / "both"
+    assert run_cli("export", target, "--to", "safetensors,onnx", "-o", both, "-q").exit_code == 0
+    r = run_cli("bench", both, "--iters", "2", "--warmup", "0", "--no-memory", "--engines", "dense-torch,chain-ort",
+                "--json")
+    assert r.exit_code == 0, r.stderr
+    assert set(json.loads(r.stdout)["results"]["1"]) == {"dense-torch", "chain-ort"}

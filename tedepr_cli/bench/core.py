@@ -109,7 +109,17 @@ class Target:
 def load_target(path: Path, allow_import: str | None = None) -> Target:
     """An artifact, a finetune run, or an export directory (model.safetensors + model.onnx).
     ``allow_import``: the import-path architecture the user named (``--arch``), see
-    :func:`~tedepr_cli.artifact.load_artifact`."""
+    :func:`~tedepr_cli.artifact.load_artifact`. An export directory without
+    model.safetensors (``export --to onnx`` only) raises :class:`BadInput` saying what to
+    pass: bench measures the compressed model against its dense original, and an ONNX file
+    carries neither the architecture nor the model the other engines run."""
+    if path.is_dir() and (path / "export.json").is_file() and not (path / "model.safetensors").is_file():
+        onnx_files = sorted(p.name for p in path.glob("*.onnx"))
+        raise BadInput(
+            f"{path} is an export without model.safetensors ({', '.join(onnx_files) or 'no model'} only): "
+            "bench times the compressed model against its dense original on every engine, and an ONNX "
+            "file carries neither; pass the artifact it was exported from (its compressed ONNX is the "
+            "chain-ort engine), or export it with the safetensors format too")
     if path.is_dir() and (path / "model.safetensors").is_file() and not (path / "manifest.json").exists():
         art = load_artifact(path / "model.safetensors", allow_import=allow_import)
         onnx_path = path / "model.onnx"

@@ -28,7 +28,7 @@ from .common import (
 
 @command
 def bench(
-    path: Annotated[Path, typer.Argument(help="Compressed artifact, finetune run or export directory.",
+    path: Annotated[Path, typer.Argument(help="Compressed artifact, finetune run or export directory (with its model.safetensors).",
                                          show_default=False)],
     baseline: Annotated[Path | None, typer.Option(
         "--baseline", help="The dense checkpoint it came from (weights into the same architecture); "
@@ -97,7 +97,7 @@ def bench(
     if json_file is not None:
         from ..fsutil import check_output
 
-        check_output(json_file, overwrite=True)
+        check_output(json_file, overwrite=True, directory=False)
     target = load_target(path, _allow_import(arch))
     with _progress(quiet) as progress:
         report = run_bench(target, opts, baseline, data, progress=progress)
