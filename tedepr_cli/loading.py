@@ -60,6 +60,11 @@ def load_model(path: str | Path, arch: ArchSpec | None = None,
     """
     p = Path(path)
     if not p.exists():
+        if is_arch_name(str(p)):  # `tedepr eval lenet300`: a zoo name where a file goes
+            raise InputNotFound(f"{p} does not exist: it names an architecture, not a file; pass a "
+                                f"checkpoint or artifact of it (a checkpoint with {opt('arch')} {p}), or "
+                                f"build a freshly initialized one with decompose or prune and "
+                                f"{opt('init')} random")
         raise InputNotFound(f"{p} does not exist")
     hf = _hf_weights(p)
     if hf is not None:

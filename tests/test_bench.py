@@ -371,7 +371,7 @@ def test_an_onnx_only_export_is_refused_saying_what_to_pass(target, tmp_path):
     assert "pass the artifact it was exported from" in lines[0] and "chain-ort" in lines[0]
     both = tmp_path / "both"
     assert run_cli("export", target, "--to", "safetensors,onnx", "-o", both, "-q").exit_code == 0
-    r = run_cli("bench", both, "--iters", "2", "--warmup", "0", "--no-memory", "--engines", "dense-torch,chain-ort",
-                "--json")
+    r = run_cli("bench", both, "--iters", "2", "--warmup", "0", "--no-memory",
+                "--engines", "dense-torch,chain-ort", "--json")
     assert r.exit_code == 0, r.stderr
     assert set(json.loads(r.stdout)["results"]["1"]) == {"dense-torch", "chain-ort"}

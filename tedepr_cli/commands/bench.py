@@ -28,8 +28,9 @@ from .common import (
 
 @command
 def bench(
-    path: Annotated[Path, typer.Argument(help="Compressed artifact, finetune run or export directory (with its model.safetensors).",
-                                         show_default=False)],
+    path: Annotated[Path, typer.Argument(
+        help="Compressed artifact, finetune run or export directory (with its model.safetensors).",
+        show_default=False)],
     baseline: Annotated[Path | None, typer.Option(
         "--baseline", help="The dense checkpoint it came from (weights into the same architecture); "
         "without it the dense architecture is built with random weights (timing only).")] = None,
