@@ -126,7 +126,8 @@ def test_decompose_takes_a_zoo_name_with_init_random_and_says_so_without(tmp_pat
     art = load_artifact(out)
     assert art.arch.name == "lenet300" and art.meta["tensorization"]["summary"]["layers_tensorized"] == 3
     again = tmp_path / "again"
-    assert run_cli("decompose", "lenet300", "--init", "random", "--rank", "4", "-o", again, "-q").exit_code == 0
+    r = run_cli("decompose", "lenet300", "--init", "random", "--rank", "4", "-o", again, "-q")
+    assert r.exit_code == 0, r.stderr
     assert (out / "model.safetensors").read_bytes() == (again / "model.safetensors").read_bytes()
 
 

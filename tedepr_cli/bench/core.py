@@ -358,12 +358,11 @@ def _run(target: Target, opts: BenchOptions, device: torch.device, baseline_path
             s["speedup_vs_best_dense"] = speedup(times[best_dense], ts)
             s["peak_memory_bytes"] = mem[e]
             row[e] = s
-            if s["noisy"]:
-                warnings.append(f"batch {b}, {e}: IQR is {100 * s['iqr_s'] / s['median_s']:.0f} % of the "
-                                f"median (> {100 * NOISY_IQR:.0f} %): the machine was noisy, "
-                                "treat small ratios with care")
         results[str(b)] = row
     report["results"] = results
+    report["noise"] = noise_summary(results)
+    if report["noise"]["inconclusive"]:
+        warnings.append(report["noise"]["summary"])
     report["execution_plans"] = plans
     # sizes
     tied = tied_parameters(base)  # a tied tensor is stored once (safetensors refuses shared memory)
@@ -380,6 +379,35 @@ def _run(target: Target, opts: BenchOptions, device: torch.device, baseline_path
     report["skipped_engines"] = skipped
     report["warnings"] = warnings
     return report
+
+
+def noise_summary(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """The timing spread of a bench, summarised once: how many rows (engine x batch) had an
+    IQR above :data:`~tedepr_cli.timing.NOISY_IQR` of their median, the largest, and which
+    comparisons it leaves unsettled: a compressed engine whose paired speed-up vs the best
+    dense runtime has its quartiles on both sides of 1x (``inconclusive``, ``"batch:engine"``).
+    A wide IQR alone does not make a comparison unreliable: the speed-ups are medians of
+    per-round ratios of interleaved calls, and a busy machine slows both sides of a round.
+    ``summary`` is one line saying so."""
+    rows = [(b, e, s) for b, row in results.items() for e, s in row.items()]
+    noisy = [(b, e, s["iqr_s"] / s["median_s"]) for b, e, s in rows if s["noisy"] and s["median_s"] > 0]
+    inconclusive = [f"{b}:{e}" for b, e, s in rows if e not in DENSE_ENGINES
+                    and s["speedup_vs_best_dense"]["q1"] < 1.0 < s["speedup_vs_best_dense"]["q3"]]
+    worst = max(noisy, key=lambda t: t[2]) if noisy else None
+    spread = (f"IQR above {100 * NOISY_IQR:.0f} % of the median in {len(noisy)} of {len(rows)} engine x "
+              f"batch rows (up to {100 * worst[2]:.0f} %, batch {worst[0]} {worst[1]})" if worst else
+              f"IQR within {100 * NOISY_IQR:.0f} % of the median in every row")
+    if inconclusive:
+        which = ", ".join(f"{e} at batch {b}" for b, e in (x.split(":", 1) for x in inconclusive))
+        summary = (f"timing spread: {spread}; the speed-up vs the best dense runtime of {which} has "
+                   "quartiles on both sides of 1x, so this run does not settle whether it is faster: "
+                   "rerun with more rounds or on a quieter machine")
+    else:
+        summary = (f"timing spread: {spread}; every compressed engine's speed-up vs the best dense "
+                   "runtime has its quartiles on one side of 1x (paired per-round ratios), so the "
+                   "comparisons hold")
+    return {"noisy_rows": len(noisy), "rows": len(rows), "max_iqr_ratio": worst[2] if worst else None,
+            "inconclusive": inconclusive, "summary": summary}
 
 
 def _best_dense(times: dict[str, list[float]]) -> str:

@@ -117,6 +117,9 @@ def bench(
         _print_bench(report, human_bytes)
     for w in report["warnings"]:
         log.warning(w)
+    noise = report["noise"]
+    if noise["noisy_rows"] and not noise["inconclusive"]:  # else it is among the warnings
+        log.info(noise["summary"])
     if failures:
         for f in failures[1:]:
             log.error(str(f))
