@@ -323,7 +323,7 @@ def test_bench_reports_the_speedup_against_the_best_dense_and_the_chosen_runtime
         best = min(("dense-torch", "dense-ort"), key=lambda e: row[e]["median_s"])
         assert row[best]["speedup_vs_best_dense"]["median"] == pytest.approx(1.0)
         plan = d["execution_plans"][b]
-        assert plan["runtime"] in ("layers", "onnx", "dense-torch", "dense-ort")
+        assert plan["runtime"] in ("layers", "chain-ort", "dense-torch", "dense-ort")
         assert plan["runtimes"]["baseline"]["best"] in ("dense-torch", "dense-ort")
 
 

@@ -374,7 +374,7 @@ def test_the_planner_runs_a_token_model_in_onnxruntime():
     ids = torch.randint(0, 64, (3, L), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = art.model.eval()(ids)
-        for runtime in ("onnx", "dense-ort"):
+        for runtime in ("chain-ort", "dense-ort"):
             mod = rt.module(runtime)
             assert mod is not None, rt.unavailable.get(runtime)
             torch.testing.assert_close(mod(ids), want, rtol=1e-4, atol=1e-5)

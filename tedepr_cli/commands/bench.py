@@ -209,8 +209,9 @@ def plan(
     override: Annotated[list[str] | None, typer.Option(
         "--override", help="Force a layer's engine: name=kernel|dense|torch (globs, repeatable).")] = None,
     runtime: Annotated[str | None, typer.Option(
-        "--runtime", help="Force the whole-model runtime: layers, onnx, dense-torch or dense-ort "
-        "(default: the fastest measured, never slower than the dense original's best runtime).")] = None,
+        "--runtime", help="Force the whole-model runtime: layers, chain-ort (formerly onnx), dense-torch or "
+        "dense-ort (default: the fastest measured, never slower than the dense original's best "
+        "runtime).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random batch layers are timed on.")] = 0,
     overwrite: Overwrite = False,
     arch: ConfirmArch = None,
@@ -227,7 +228,8 @@ def plan(
     from ..artifact import load_artifact, save_artifact
     from ..console import log
     from ..errors import UsageError
-    from ..execution import RUNTIMES, Runtimes, plan_execution, store_plan
+    from ..execution import RUNTIMES, Runtimes, plan_execution, runtime_name, store_plan
+    from ..execution.runtimes import RENAMED
     from ..fsutil import check_output
 
     try:
@@ -242,8 +244,10 @@ def plan(
         if not eq:
             raise UsageError(f"--override takes name=kernel|dense|torch, got {item!r}")
         overrides[name] = choice
-    if runtime is not None and runtime not in RUNTIMES:
-        raise UsageError(f"--runtime takes one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if runtime is not None:
+        if runtime not in RUNTIMES and runtime not in RENAMED:
+            raise UsageError(f"--runtime takes one of {', '.join(RUNTIMES)}, got {runtime!r}")
+        runtime = runtime_name(runtime)  # onnx: the old name of chain-ort, with a deprecation warning
     check_output(output, overwrite)
     art = load_artifact(path, allow_import=_allow_import(arch))
     torch.set_num_threads(threads)
