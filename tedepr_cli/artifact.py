@@ -161,6 +161,11 @@ def _jsonable(obj: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------- save
+def single_file(path: str | Path) -> bool:
+    """Whether an artifact written to ``path`` is one ``.safetensors`` file (else a directory)."""
+    return Path(path).suffix == ".safetensors"
+
+
 def save_artifact(art: Artifact, path: str | Path, overwrite: bool = False,
                   layout: str = "auto") -> Path:
     """Write ``art`` atomically to ``path`` (a directory, or a file ending in
@@ -169,7 +174,7 @@ def save_artifact(art: Artifact, path: str | Path, overwrite: bool = False,
     manifest = art.manifest()
     tensors, encoding = pack(*encode(plain_state_dict(art.model), art.masks, layout=layout,
                                      ties=tied_parameters(art.model)))
-    single = path.suffix == ".safetensors"
+    single = single_file(path)
     metadata = {
         META_MANIFEST: json.dumps(manifest if single else embedded_manifest(manifest), **_COMPACT),
         META_ENCODING: json.dumps(encoding, **_COMPACT),

@@ -54,11 +54,14 @@ def check_output(target: Path, overwrite: bool, directory: bool | None = None) -
     """Fail early (before any work) with :class:`OutputError` if ``target`` cannot be
     written: it exists and ``overwrite`` is off; it is a directory tedepr did not write
     (:func:`is_tedepr_output`: ``overwrite`` never deletes a user's own directory); it is a
-    directory and a file is to be written there (``directory=False``); or the nearest
-    existing ancestor is not a writable directory."""
+    directory and a file is to be written there (``directory=False``), or a file and a
+    directory is (``directory=True``); or the nearest existing ancestor is not a directory
+    tedepr can create a file in (a probe file is created and removed)."""
     if target.exists() or target.is_symlink():
         if not overwrite:
             raise OutputError(f"{target} already exists; pass {opt('overwrite')} to replace it")
+        if directory is True and not target.is_dir():
+            raise OutputError(f"{target} is a file; the output is a directory: name a directory path")
         if target.is_dir() and not target.is_symlink():
             if directory is False:
                 raise OutputError(f"{target} is a directory; the output is a file: name a file path")

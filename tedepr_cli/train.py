@@ -436,7 +436,7 @@ def _finetune(art: Artifact, data: Path, out: Path, opts: TrainOptions, resume: 
     if opts.lr is None:
         opts = replace(opts, lr=resolve_lr(art))
     if not resume and dist.main:
-        check_output(out, overwrite)
+        check_output(out, overwrite, directory=True)
     torch.set_num_threads(opts.threads)
     device = torch.device(f"cuda:{dist.local_rank}" if opts.device == "cuda" else "cpu")
     _init_dist(dist, opts.device)

@@ -204,3 +204,19 @@ def test_an_output_location_that_refuses_writes_is_found_before_work(tmp_path, m
     monkeypatch.setattr(tempfile, "mkstemp", refuse)
     with pytest.raises(OutputError, match="Read-only file system"):
         check_output(tmp_path / "out", overwrite=False)
+
+
+@pytest.mark.parametrize("argv", [
+    ["decompose", LENET300, "--arch", "lenet300"],
+    ["export", LENET300, "--arch", "lenet300", "--to", "onnx"],
+], ids=["decompose", "export"])
+def test_overwrite_never_replaces_a_file_with_a_directory(tmp_path, argv):
+    f = tmp_path / "notes.txt"
+    f.write_text("mine")
+    r = run_cli(*argv, "-o", f, "--overwrite", "-q")
+    assert r.exit_code == 6 and "is a file; the output is a directory" in r.stderr, r.stderr
+    assert f.read_text() == "mine"
+    single = tmp_path / "a.safetensors"  # an artifact written as one file replaces one
+    for _ in range(2):
+        r = run_cli("decompose", LENET300, "--arch", "lenet300", "-o", single, "--overwrite", "-q")
+        assert r.exit_code == 0 and single.is_file(), r.stderr

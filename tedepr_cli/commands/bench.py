@@ -225,7 +225,7 @@ def plan(
     machine after a quick re-check."""
     import torch
 
-    from ..artifact import load_artifact, save_artifact
+    from ..artifact import load_artifact, save_artifact, single_file
     from ..console import log
     from ..errors import UsageError
     from ..execution import RUNTIMES, Runtimes, plan_execution, runtime_name, store_plan
@@ -248,7 +248,7 @@ def plan(
         if runtime not in RUNTIMES and runtime not in RENAMED:
             raise UsageError(f"--runtime takes one of {', '.join(RUNTIMES)}, got {runtime!r}")
         runtime = runtime_name(runtime)  # onnx: the old name of chain-ort, with a deprecation warning
-    check_output(output, overwrite)
+    check_output(output, overwrite, directory=not single_file(output))
     art = load_artifact(path, allow_import=_allow_import(arch))
     torch.set_num_threads(threads)
     plans = {}

@@ -134,7 +134,7 @@ def decompose(
 ) -> None:
     """Coarse grain: turn each weight matrix / conv kernel into tensor-train or tensor-ring
     cores whose forward is a chain of small contractions. Prints the per-layer plan."""
-    from ..artifact import save_artifact
+    from ..artifact import save_artifact, single_file
     from ..console import log
     from ..decompose import DecomposeOptions, totals
     from ..decompose import decompose as run_decompose
@@ -153,7 +153,7 @@ def decompose(
         opts.rank = None
     opts.validate()
     scratch = _from_scratch(path, init, arch, "decompose")
-    check_output(output, overwrite)
+    check_output(output, overwrite, directory=not single_file(output))
     use_threads(threads)
     torch_seed(seed)
     if scratch:
@@ -316,7 +316,7 @@ def prune(
     """Fine grain: score every prunable entry at initialization and keep the most useful,
     so that (1 - sparsity) x the dense model's prunable weights remain."""
 
-    from ..artifact import save_artifact
+    from ..artifact import save_artifact, single_file
     from ..console import log
     from ..decompose import DecomposeOptions
     from ..errors import UsageError
@@ -350,7 +350,7 @@ def prune(
     scratch = _from_scratch(path, init, arch)
     name = re.sub(r"[^\w.-]", "-", str(path)) if scratch else path.stem
     out_path = output if output is not None else Path(f"{name}-pruned")
-    check_output(out_path, overwrite)
+    check_output(out_path, overwrite, directory=not single_file(out_path))
     torch_seed(seed)
     if scratch:
         from ..arch import parse_arch
