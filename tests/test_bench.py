@@ -374,7 +374,17 @@ def test_an_onnx_only_export_is_refused_saying_what_to_pass(target, tmp_path):
     r = run_cli("bench", both, "--iters", "2", "--warmup", "0", "--no-memory",
                 "--engines", "dense-torch,chain-ort", "--json")
     assert r.exit_code == 0, r.stderr
-    assert set(json.loads(r.stdout)["results"]["1"]) == {"dense-torch", "chain-ort"}
+    report = json.loads(r.stdout)
+    assert set(report["results"]["1"]) == {"dense-torch", "chain-ort"}
+    assert report["sizes"]["compressed-onnx"]["bytes"] == (both / "model.onnx").stat().st_size
+    # with the onnx-fast graph beside it, chain-ort times that one (what it times on an artifact)
+    fast = tmp_path / "fast"
+    assert run_cli("export", target, "--to", "safetensors,onnx,onnx-fast", "-o", fast, "-q").exit_code == 0
+    r = run_cli("bench", fast, "--iters", "2", "--warmup", "0", "--no-memory",
+                "--engines", "dense-torch,chain-ort", "--json")
+    assert r.exit_code == 0, r.stderr
+    sizes = json.loads(r.stdout)["sizes"]
+    assert sizes["compressed-onnx"]["bytes"] == (fast / "model.fast.onnx").stat().st_size
 
 
 def _fake_times(chain_ort_ratio):

@@ -107,7 +107,8 @@ class Target:
 
 
 def load_target(path: Path, allow_import: str | None = None) -> Target:
-    """An artifact, a finetune run, or an export directory (model.safetensors + model.onnx).
+    """An artifact, a finetune run, or an export directory (model.safetensors, and its
+    model.fast.onnx, else model.onnx, as the ``chain-ort`` graph).
     ``allow_import``: the import-path architecture the user named (``--arch``), see
     :func:`~tedepr_cli.artifact.load_artifact`. An export directory without
     model.safetensors (``export --to onnx`` only) raises :class:`BadInput` saying what to
@@ -122,8 +123,9 @@ def load_target(path: Path, allow_import: str | None = None) -> Target:
             "chain-ort engine), or export it with the safetensors format too")
     if path.is_dir() and (path / "model.safetensors").is_file() and not (path / "manifest.json").exists():
         art = load_artifact(path / "model.safetensors", allow_import=allow_import)
-        onnx_path = path / "model.onnx"
-        return Target(art, onnx_path if onnx_path.is_file() else None, path)
+        # chain-ort times the onnx-fast graph (of the artifact, when bench exports it itself)
+        onnx_path = next((f for f in (path / "model.fast.onnx", path / "model.onnx") if f.is_file()), None)
+        return Target(art, onnx_path, path)
     return Target(load_artifact(path, allow_import=allow_import), None, path)
 
 
