@@ -39,11 +39,16 @@ TEDEPR_FILES = ("manifest.json", "model.safetensors", "export.json", "state.pt",
                 "recipe.json", "bench.json")
 
 
+_OWN_TEMP = re.compile(r"\.(.+\.(tmp|old)-[0-9a-f-]+|tedepr-probe-.+)")
+
+
 def is_tedepr_output(path: Path) -> bool:
     """Whether the directory ``path`` is one tedepr wrote (so ``--overwrite`` may replace
     it): empty, holding one of :data:`TEDEPR_FILES`, or holding only directories that do
-    (a `tedepr run` directory stopped before its recipe.json) besides hidden temporaries."""
-    entries = [c for c in path.iterdir() if not c.name.startswith(".")]
+    (a `tedepr run` directory stopped before its recipe.json), besides the hidden
+    temporaries tedepr itself leaves (``.NAME.tmp-*``, ``.NAME.old-*``, probes). Any other
+    hidden entry (``.git``) makes it a user's directory."""
+    entries = [c for c in path.iterdir() if not _OWN_TEMP.fullmatch(c.name)]
     if not entries or any(c.name in TEDEPR_FILES and c.is_file() for c in entries):
         return True
     return all(c.is_dir() and not c.is_symlink() and any((c / f).is_file() for f in TEDEPR_FILES)

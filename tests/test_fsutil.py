@@ -220,3 +220,18 @@ def test_overwrite_never_replaces_a_file_with_a_directory(tmp_path, argv):
     for _ in range(2):
         r = run_cli("decompose", LENET300, "--arch", "lenet300", "-o", single, "--overwrite", "-q")
         assert r.exit_code == 0 and single.is_file(), r.stderr
+
+
+def test_hidden_entries_are_a_users_unless_tedepr_left_them(tmp_path):
+    from tedepr_cli.errors import OutputError
+    from tedepr_cli.fsutil import check_output
+
+    repo = tmp_path / "repo"
+    (repo / ".git").mkdir(parents=True)  # only hidden entries: still someone's directory
+    with pytest.raises(OutputError, match="did not write"):
+        check_output(repo, overwrite=True)
+    killed = tmp_path / "killed"  # what a kill -9 can leave inside a run directory
+    killed.mkdir()
+    (killed / ".state.pt.tmp-4242-0badcafe").write_bytes(b"")
+    (killed / ".best.old-0badcafe").mkdir()
+    check_output(killed, overwrite=True)
