@@ -123,8 +123,8 @@ def run_config(art: Artifact, rt: Runtimes, batch: int, args: argparse.Namespace
                           rounds=args.plan_rounds)
     mods = {"dense-torch": rt.baseline("dense-torch"), "dense-ort": rt.baseline("dense-ort"),
             "tedepr": build_model(art, plan, 1, runtime="layers", runtimes=rt),
-            "chain-ort": rt.module("onnx")}
-    same = {"layers": "tedepr", "onnx": "chain-ort"}.get(plan["runtime"])
+            "chain-ort": rt.module("chain-ort")}
+    same = {"layers": "tedepr", "chain-ort": "chain-ort"}.get(plan["runtime"])
     if same is None:  # the dense fallback: the compressed model rebuilt dense, timed as its own column
         mods["chosen"] = build_model(art, plan, 1, runtimes=rt)
     x = torch.rand(batch, *art.input_shape, generator=torch.Generator().manual_seed(args.seed))

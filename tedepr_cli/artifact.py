@@ -28,8 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
 from safetensors.torch import save_file
 from torch import nn
 
@@ -37,6 +35,7 @@ from .arch import ArchSpec, build
 from .errors import BadInput, InputNotFound, UnsafeInput, opt
 from .fsutil import atomic_output
 from .masks import attach_masks, get_masks, plain_state_dict, tied_parameters, with_tied_names
+from .safeload import read_safetensors, safetensors_header
 from .storage import decode, encode, pack, ties_of
 from .tensorized.layers import tensorized_specs
 from .version import __version__
@@ -162,6 +161,11 @@ def _jsonable(obj: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------- save
+def single_file(path: str | Path) -> bool:
+    """Whether an artifact written to ``path`` is one ``.safetensors`` file (else a directory)."""
+    return Path(path).suffix == ".safetensors"
+
+
 def save_artifact(art: Artifact, path: str | Path, overwrite: bool = False,
                   layout: str = "auto") -> Path:
     """Write ``art`` atomically to ``path`` (a directory, or a file ending in
@@ -170,7 +174,7 @@ def save_artifact(art: Artifact, path: str | Path, overwrite: bool = False,
     manifest = art.manifest()
     tensors, encoding = pack(*encode(plain_state_dict(art.model), art.masks, layout=layout,
                                      ties=tied_parameters(art.model)))
-    single = path.suffix == ".safetensors"
+    single = single_file(path)
     metadata = {
         META_MANIFEST: json.dumps(manifest if single else embedded_manifest(manifest), **_COMPACT),
         META_ENCODING: json.dumps(encoding, **_COMPACT),
@@ -245,39 +249,10 @@ def is_artifact(path: str | Path) -> bool:
         return (p / MODEL_FILE).exists() or (p / MANIFEST_FILE).exists()
     if p.suffix == ".safetensors" and p.is_file():
         try:
-            return META_MANIFEST in (_read_header(p).get("__metadata__") or {})
+            return META_MANIFEST in (safetensors_header(p).get("__metadata__") or {})
         except BadInput:
             return False
     return False
-
-
-def _read_header(path: Path) -> dict[str, Any]:
-    """The safetensors JSON header, read without touching tensor data."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise BadInput(f"{path} is not a safetensors file (truncated header)")
-            n = int.from_bytes(raw, "little")
-            if n > 100_000_000 or n > path.stat().st_size:
-                raise BadInput(f"{path} is not a safetensors file (bad header length)")
-            header = json.loads(f.read(n))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise BadInput(f"{path} is not a safetensors file (unreadable header)") from None
-    if not isinstance(header, dict):
-        raise BadInput(f"{path} is not a safetensors file (header is not an object)")
-    return header
-
-
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a safetensors file, with format errors as :class:`BadInput`."""
-    header = _read_header(path)
-    meta = header.get("__metadata__") or {}
-    try:
-        tensors = st_load(path.read_bytes())
-    except (SafetensorError, ValueError, RuntimeError, OverflowError) as e:
-        raise BadInput(f"{path} is not a valid safetensors file: {e}") from None
-    return tensors, meta
 
 
 def parse_manifest(text: str, where: str) -> dict[str, Any]:

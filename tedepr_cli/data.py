@@ -23,7 +23,6 @@ the model's forward by name.
 from __future__ import annotations
 
 import math
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 
 from .errors import BadInput, InputNotFound, opt
+from .safeload import open_npz
 from .surgery import TOKEN_ARRAYS
 
 SPLITS = ("train", "test", "all")
@@ -85,17 +85,14 @@ def load_npz(path: str | Path) -> ArrayData:
         raise InputNotFound(f"data file {p} does not exist")
     if p.is_dir():
         raise InputNotFound(f"data {p} is a directory, expected an .npz file")
-    try:
-        with np.load(p, allow_pickle=False) as f:
-            keys = set(f.files)
-            if "x" not in keys and "input_ids" in keys:
-                return _token_npz(p, {k: f[k] for k in keys})
-            if not {"x", "y"} <= keys:
-                raise BadInput(f"{p} must hold arrays 'x' and 'y' (found: {sorted(keys)})")
-            x, y = f["x"], f["y"]
-            split = f["split"] if "split" in keys else None
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise BadInput(f"{p} is not a readable .npz file: {e}") from None
+    with open_npz(p, "data file") as f:
+        keys = set(f.files)
+        if "x" not in keys and "input_ids" in keys:
+            return _token_npz(p, {k: f[k] for k in keys})
+        if not {"x", "y"} <= keys:
+            raise BadInput(f"{p} must hold arrays 'x' and 'y' (found: {sorted(keys)})")
+        x, y = f["x"], f["y"]
+        split = f["split"] if "split" in keys else None
     if len(y) == 0 or x.ndim == 0 or len(x) == 0:
         raise BadInput(f"{p} holds no samples")
     if y.ndim != 1 or len(y) != len(x):

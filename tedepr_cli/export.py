@@ -61,6 +61,7 @@ from .device import resolve as resolve_device
 from .errors import BadInput, EngineUnavailable, UsageError, ValidationError, opt
 from .fsutil import atomic_output
 from .pruning.targets import kept_counts
+from .safeload import load_npy
 from .storage import byte_sizes
 from .surgery import TOKEN_ARRAYS, call_args, eval_mode, example_input, feed, is_token_model, token_ids
 
@@ -659,10 +660,7 @@ def validate_dir(path: Path, atol: float = 1e-5, rtol: float = 1e-4,
     xi, xo = path / "sample_inputs.npy", path / "sample_outputs.npy"
     if not xi.is_file() or not xo.is_file():
         raise BadInput(f"{path} has no sample_inputs.npy/sample_outputs.npy (not a tedepr export)")
-    try:
-        x, y = np.load(xi, allow_pickle=False), np.load(xo, allow_pickle=False)
-    except ValueError as e:
-        raise BadInput(f"{path}: unreadable sample arrays: {e}") from None
+    x, y = load_npy(xi, "export sample"), load_npy(xo, "export sample")
     results: dict[str, Any] = {}
     for f in sorted(path.glob("*.onnx")):
         results[f.name] = compare(run_onnx(f, x), y, atol, rtol)

@@ -24,17 +24,60 @@ import os
 import re
 import shutil
 import stat
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import InputNotFound, OutputError, opt
 
+#: files only tedepr writes at the top of an output directory: an artifact (manifest.json,
+#: model.safetensors), an export (export.json), a finetune run (state.pt, metrics.jsonl), a
+#: `tedepr run` directory (recipe.json, bench.json). tests/test_fsutil.py keeps them in step
+#: with the modules that write them.
+TEDEPR_FILES = ("manifest.json", "model.safetensors", "export.json", "state.pt", "metrics.jsonl",
+                "recipe.json", "bench.json")
 
-def check_output(target: Path, overwrite: bool) -> None:
-    """Fail early (before any work) if ``target`` exists and ``overwrite`` is off."""
-    if (target.exists() or target.is_symlink()) and not overwrite:
-        raise OutputError(f"{target} already exists; pass {opt('overwrite')} to replace it")
+
+_OWN_TEMP = re.compile(r"\.(.+\.(tmp|old)-[0-9a-f-]+|tedepr-probe-.+)")
+
+
+def is_tedepr_output(path: Path) -> bool:
+    """Whether the directory ``path`` is one tedepr wrote (so ``--overwrite`` may replace
+    it): empty, holding one of :data:`TEDEPR_FILES`, or holding only directories that do
+    (a `tedepr run` directory stopped before its recipe.json), besides the hidden
+    temporaries tedepr itself leaves (``.NAME.tmp-*``, ``.NAME.old-*``, probes). Any other
+    hidden entry (``.git``) makes it a user's directory."""
+    entries = [c for c in path.iterdir() if not _OWN_TEMP.fullmatch(c.name)]
+    if not entries or any(c.name in TEDEPR_FILES and c.is_file() for c in entries):
+        return True
+    return all(c.is_dir() and not c.is_symlink() and any((c / f).is_file() for f in TEDEPR_FILES)
+               for c in entries)
+
+
+def check_output(target: Path, overwrite: bool, directory: bool | None = None) -> None:
+    """Fail early (before any work) with :class:`OutputError` if ``target`` cannot be
+    written: it exists and ``overwrite`` is off; it is a directory tedepr did not write
+    (:func:`is_tedepr_output`: ``overwrite`` never deletes a user's own directory); it is a
+    directory and a file is to be written there (``directory=False``), or a file and a
+    directory is (``directory=True``); or the nearest existing ancestor is not a directory
+    tedepr can create a file in (a probe file is created and removed)."""
+    if target.exists() or target.is_symlink():
+        if not overwrite:
+            raise OutputError(f"{target} already exists; pass {opt('overwrite')} to replace it")
+        if directory is True and not target.is_dir():
+            raise OutputError(f"{target} is a file; the output is a directory: name a directory path")
+        if target.is_dir() and not target.is_symlink():
+            if directory is False:
+                raise OutputError(f"{target} is a directory; the output is a file: name a file path")
+            try:
+                ours = is_tedepr_output(target)
+            except OSError as e:
+                raise OutputError(f"cannot inspect {target}: {e.strerror or e}") from None
+            if not ours:
+                raise OutputError(f"{target} is a non-empty directory tedepr did not write (no "
+                                  f"{', '.join(TEDEPR_FILES[:3])}, ...): {opt('overwrite')} only replaces "
+                                  "tedepr outputs; name a new path or remove it yourself")
     parent = target.parent if str(target.parent) else Path(".")
     probe = parent
     while not probe.exists():
@@ -43,6 +86,12 @@ def check_output(target: Path, overwrite: bool) -> None:
         raise OutputError(f"cannot create {target}: {probe} is not a directory")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write {target}: {probe} is not writable")
+    try:  # permission bits are not the whole story (read-only mounts, ACLs, root-squashed NFS)
+        fd, name = tempfile.mkstemp(prefix=".tedepr-probe-", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise OutputError(f"cannot write {target}: {probe}: {e.strerror or e}") from None
 
 
 def current_umask() -> int:
@@ -131,7 +180,7 @@ def atomic_output(target: str | Path, overwrite: bool = False, directory: bool =
     caller creates a file at the yielded path.
     """
     target = Path(target)
-    check_output(target, overwrite)
+    check_output(target, overwrite, directory)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

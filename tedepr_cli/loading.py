@@ -16,16 +16,11 @@ initialized model: pruning at initialization from scratch).
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
-import pickle
-import pickletools
 import re
-import warnings
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +28,16 @@ import torch
 from torch import nn
 
 from .arch import ArchSpec, build, cwd_importable, is_arch_name
-from .artifact import Artifact, is_artifact, load_artifact, load_state, read_safetensors
+from .artifact import Artifact, is_artifact, load_artifact, load_state
 from .errors import BadInput, InputNotFound, UnsafeInput, opt
+from .safeload import (
+    PickledObjects,
+    first_line,
+    held_torch_logs,
+    load_torch,
+    pickle_builds_objects,
+    read_safetensors,
+)
 from .surgery import input_kind
 
 log = logging.getLogger("tedepr")
@@ -57,6 +60,11 @@ def load_model(path: str | Path, arch: ArchSpec | None = None,
     """
     p = Path(path)
     if not p.exists():
+        if is_arch_name(str(p)):  # `tedepr eval lenet300`: a zoo name where a file goes
+            raise InputNotFound(f"{p} does not exist: it names an architecture, not a file; pass a "
+                                f"checkpoint or artifact of it (a checkpoint with {opt('arch')} {p}), or "
+                                f"build a freshly initialized one with decompose or prune and "
+                                f"{opt('init')} random")
         raise InputNotFound(f"{p} does not exist")
     hf = _hf_weights(p)
     if hf is not None:
@@ -152,66 +160,22 @@ def _find_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
     return None
 
 
-@contextlib.contextmanager
-def held_torch_logs() -> Iterator[list[logging.LogRecord]]:
-    """Hold back what torch logs (and Python warnings) while a file is loaded.
-
-    ``torch.export.load`` logs a whole traceback before it raises, and other loaders warn
-    on stderr; tedepr reports a bad file in one line. The records are collected into the
-    yielded list instead (a caller can cite the cause) and repeated on tedepr's logger at
-    debug level. Every ``torch`` logger gets its handlers and propagation back afterwards;
-    no level is changed.
-    """
-    held: list[logging.LogRecord] = []
-
-    class _Hold(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            held.append(record)
-
-    manager = logging.Logger.manager
-    loggers = [logging.getLogger("torch")] + [
-        lg for name, lg in list(manager.loggerDict.items())
-        if name.startswith("torch.") and isinstance(lg, logging.Logger)]
-    saved = [(lg, lg.handlers[:], lg.propagate) for lg in loggers]
-    for lg in loggers:  # everything flows up to "torch", which keeps it
-        lg.handlers = []
-        lg.propagate = True
-    loggers[0].propagate = False
-    loggers[0].addHandler(_Hold())
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield held
-    finally:
-        for lg, handlers, propagate in saved:
-            lg.handlers = handlers
-            lg.propagate = propagate
-        for r in held:
-            log.debug(f"torch ({r.name}): {_first_line(r.getMessage())}")
-
-
 def _logged_cause(held: list[logging.LogRecord]) -> str | None:
     """The first sentence of the last exception torch logged, without C++ enforce prefixes."""
     for r in reversed(held):
         if r.exc_info and r.exc_info[1] is not None:
-            text = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", _first_line(r.exc_info[1]))
+            text = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", first_line(r.exc_info[1]))
             return text.split(". ")[0].rstrip(".") or None
     return None
 
 
 def _load_torch_file(p: Path, arch: ArchSpec | None, trust_pickle: bool, strict: bool = True) -> Artifact:
     try:
-        with held_torch_logs():
-            obj = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # The safe loader refused: a pickle that imports/calls things, or just garbage.
-        if not _pickle_builds_objects(p.read_bytes()):
-            raise BadInput(f"{p} is not a readable PyTorch file: {_first_line(e)}") from None
+        obj = load_torch(p, "checkpoint")
+    except PickledObjects:  # a pickle that imports/calls things: only behind --trust-pickle
         if not trust_pickle:
             raise UnsafeInput(_pickle_refusal(p)) from None
         obj = _trusted_load(p)
-    except Exception as e:  # the safe loader ran no code; any other failure means a bad file
-        raise BadInput(f"{p} is not a readable PyTorch file: {_first_line(e)}") from None
     if isinstance(obj, nn.Module):
         return _from_module(p, obj, arch, "pickled module", strict)
     state = _find_state_dict(obj)
@@ -226,7 +190,7 @@ def _trusted_load(p: Path) -> Any:
         with held_torch_logs(), cwd_importable():
             return torch.load(p, map_location="cpu", weights_only=False)
     except Exception as e:  # user code ran: anything can fail
-        raise BadInput(f"{p}: unpickling failed: {_first_line(e)}") from None
+        raise BadInput(f"{p}: unpickling failed: {first_line(e)}") from None
 
 
 def _recover_arch(p: Path, module: nn.Module) -> tuple[ArchSpec | None, str]:
@@ -276,34 +240,7 @@ def _from_module(p: Path, module: nn.Module, arch: ArchSpec | None, kind: str, s
     return art
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
-
-
 # ---------------------------------------------------------------------------- .pt2
-_UNSAFE_OPS = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX",
-               "BUILD", "EXT1", "EXT2", "EXT4"}
-
-
-def _pickle_builds_objects(data: bytes) -> bool:
-    """True if ``data`` (a raw pickle, or a ``torch.save`` zip) is a well-formed pickle
-    that imports or calls something -- i.e. loading it would run code. Garbage is False."""
-    if data[:2] == b"PK":
-        try:
-            zf = zipfile.ZipFile(io.BytesIO(data))
-            member = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
-            if member is None:
-                return False
-            data = zf.read(member)
-        except (zipfile.BadZipFile, OSError, EOFError):
-            return False
-    try:
-        return any(op.name in _UNSAFE_OPS for op, _, _ in pickletools.genops(data))
-    except Exception:  # not a pickle at all
-        return False
-
-
 def _check_pt2(p: Path, data: bytes) -> None:
     """Refuse a ``.pt2`` whose pickled members could run code.
 
@@ -333,13 +270,10 @@ def _check_pt2(p: Path, data: bytes) -> None:
         blob = zf.read(name)
         if blob[:2] == b"PK":
             try:
-                with held_torch_logs():
-                    torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError:
+                load_torch(f"{p} (member {name})", "archive", data=blob)
+            except PickledObjects:
                 raise UnsafeInput(_pickle_refusal(f"{p} (member {name})")) from None
-            except Exception as e:
-                raise BadInput(f"{p}: member {name} is unreadable: {_first_line(e)}") from None
-        elif blob[:1] == b"\x80" and _pickle_builds_objects(blob):
+        elif blob[:1] == b"\x80" and pickle_builds_objects(blob):
             raise UnsafeInput(_pickle_refusal(f"{p} (member {name})"))
 
 
@@ -374,7 +308,7 @@ def _load_pt2(p: Path, arch: ArchSpec | None, trust_pickle: bool, strict: bool =
             ep = torch.export.load(io.BytesIO(data))
         except Exception as e:  # torch raises many types for a bad archive
             # torch's own message points at "the warnings above": cite the logged cause instead
-            why = _logged_cause(held) or _first_line(e)
+            why = _logged_cause(held) or first_line(e)
             raise BadInput(f"{p} is not a loadable torch.export program: {why}") from None
     if arch is not None:
         # Buffers that are not persistent in the program live among its constants.

@@ -125,7 +125,7 @@ def run_recipe(recipe: dict[str, Any], out: Path, overwrite: bool = False) -> di
     from .train import TrainOptions, finetune
 
     validate(recipe)
-    check_output(out, overwrite)
+    check_output(out, overwrite, directory=True)
     base = Path(".")  # relative paths in a recipe are relative to where tedepr runs
     model = recipe["model"]
     data_path = (recipe.get("data") or {}).get("path")

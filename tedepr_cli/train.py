@@ -59,6 +59,7 @@ from .fsutil import atomic_output, check_output
 from .logs import log
 from .masks import load_plain_state, plain_state_dict
 from .model_data import open_for_model
+from .safeload import load_torch
 from .tensorized.train_path import PATHS as TRAIN_PATHS
 
 OPTIMIZERS = ("sgd", "adamw", "adam")
@@ -389,10 +390,7 @@ def _load_state(out: Path) -> dict[str, Any]:
     p = out / STATE_FILE
     if not p.is_file():
         raise BadInput(f"{out} has no {STATE_FILE} to resume from")
-    try:
-        return torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise BadInput(f"{p} is not a readable resume state: {str(e).splitlines()[0]}") from None
+    return load_torch(p, "resume state")
 
 
 def finetune(art: Artifact, data: Path, out: Path, opts: TrainOptions, resume: bool = False,
@@ -438,7 +436,7 @@ def _finetune(art: Artifact, data: Path, out: Path, opts: TrainOptions, resume: 
     if opts.lr is None:
         opts = replace(opts, lr=resolve_lr(art))
     if not resume and dist.main:
-        check_output(out, overwrite)
+        check_output(out, overwrite, directory=True)
     torch.set_num_threads(opts.threads)
     device = torch.device(f"cuda:{dist.local_rank}" if opts.device == "cuda" else "cpu")
     _init_dist(dist, opts.device)

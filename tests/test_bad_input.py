@@ -158,9 +158,9 @@ CASES = [
     # --- missing / wrong kind of input file
     ("info-missing", ["info", "{f:dir}/nope.pt", *A], 3, "does not exist"),
     ("info-dir-not-artifact", ["info", "{f:dir}", *A], 3, "not a tedepr artifact"),
-    ("info-empty-pt", ["info", P % "empty.pt", *A], 4, "not a readable PyTorch file"),
-    ("info-trunc-pt", ["info", P % "trunc.pt", *A], 4, "not a readable"),
-    ("info-garbage-pt", ["info", P % "garbage.pt", *A], 4, "not a readable"),
+    ("info-empty-pt", ["info", P % "empty.pt", *A], 4, "not a PyTorch file (torch.save): it is empty"),
+    ("info-trunc-pt", ["info", P % "trunc.pt", *A], 4, "truncated or damaged"),
+    ("info-garbage-pt", ["info", P % "garbage.pt", *A], 4, "not a PyTorch file"),
     ("info-empty-st", ["info", P % "empty.safetensors", *A], 4, "safetensors"),
     ("info-trunc-st", ["info", P % "trunc.safetensors", *A], 4, "safetensors"),
     ("info-header-st", ["info", P % "hdr.safetensors", *A], 4, "header"),

@@ -323,7 +323,7 @@ def test_bench_reports_the_speedup_against_the_best_dense_and_the_chosen_runtime
         best = min(("dense-torch", "dense-ort"), key=lambda e: row[e]["median_s"])
         assert row[best]["speedup_vs_best_dense"]["median"] == pytest.approx(1.0)
         plan = d["execution_plans"][b]
-        assert plan["runtime"] in ("layers", "onnx", "dense-torch", "dense-ort")
+        assert plan["runtime"] in ("layers", "chain-ort", "dense-torch", "dense-ort")
         assert plan["runtimes"]["baseline"]["best"] in ("dense-torch", "dense-ort")
 
 
@@ -356,3 +356,78 @@ def test_prune_export_bench_and_info_count_kept_weights_alike(tmp_path):
     dense = sum(int(torch.count_nonzero(w)) for w in chains)
     fc3 = loaded.model.fc3  # a dense layer, pruned as it is
     assert pruned["effective_nonzero"] == dense + int(torch.count_nonzero(fc3.weight))
+
+
+def test_an_onnx_only_export_is_refused_saying_what_to_pass(target, tmp_path):
+    """`export --to onnx` writes no model.safetensors: bench says in one line what it needs
+    (the artifact, whose compressed ONNX is chain-ort; or a safetensors export) instead of
+    "not a tedepr artifact"; with model.safetensors beside it the same directory benches."""
+    out = tmp_path / "e"
+    assert run_cli("export", target, "--to", "onnx", "-o", out, "-q").exit_code == 0
+    r = run_cli("bench", out, "--iters", "2", "--warmup", "0", "--no-memory", "-q")
+    assert r.exit_code == 4, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "export without model.safetensors (model.onnx only)" in lines[0]
+    assert "pass the artifact it was exported from" in lines[0] and "chain-ort" in lines[0]
+    both = tmp_path / "both"
+    assert run_cli("export", target, "--to", "safetensors,onnx", "-o", both, "-q").exit_code == 0
+    r = run_cli("bench", both, "--iters", "2", "--warmup", "0", "--no-memory",
+                "--engines", "dense-torch,chain-ort", "--json")
+    assert r.exit_code == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert set(report["results"]["1"]) == {"dense-torch", "chain-ort"}
+    assert report["sizes"]["compressed-onnx"]["bytes"] == (both / "model.onnx").stat().st_size
+    # with the onnx-fast graph beside it, chain-ort times that one (what it times on an artifact)
+    fast = tmp_path / "fast"
+    assert run_cli("export", target, "--to", "safetensors,onnx,onnx-fast", "-o", fast, "-q").exit_code == 0
+    r = run_cli("bench", fast, "--iters", "2", "--warmup", "0", "--no-memory",
+                "--engines", "dense-torch,chain-ort", "--json")
+    assert r.exit_code == 0, r.stderr
+    sizes = json.loads(r.stdout)["sizes"]
+    assert sizes["compressed-onnx"]["bytes"] == (fast / "model.fast.onnx").stat().st_size
+
+
+def _fake_times(chain_ort_ratio):
+    """Times a busy machine could give: every engine's calls alternate between 1x and 3x
+    its own base time in the same rounds (IQR far above 10 % of the median, the per-round
+    ratios steady), except chain-ort, whose ratio to the dense runtimes follows
+    ``chain_ort_ratio(round)``."""
+    base = {"dense-torch": 100e-6, "dense-ort": 60e-6, "chain-torch": 300e-6, "tedepr": 20e-6,
+            "chain-ort": 50e-6}
+
+    def fake(fns, plan, **kw):
+        n = 8
+        out = {}
+        for e in fns:
+            out[e] = [base[e] * (3.0 if i % 2 else 1.0) for i in range(n)]
+        if "chain-ort" in out:
+            out["chain-ort"] = [60e-6 * (3.0 if i % 2 else 1.0) / chain_ort_ratio(i) for i in range(n)]
+        return out
+
+    return fake
+
+
+@pytest.mark.parametrize("case", ["conclusive", "inconclusive"])
+def test_a_noisy_run_warns_once_and_only_when_a_comparison_is_unsettled(target, monkeypatch, case):
+    """The sample bench printed one "IQR is N % of the median" warning per engine and batch
+    (10 on a busy 2-core machine): a wide IQR with steady paired ratios is summarised on
+    one line (no warning); only a speed-up whose quartiles straddle 1x is a warning, once."""
+    from tedepr_cli.bench import core
+
+    ratio = (lambda i: 1.5) if case == "conclusive" else (lambda i: (0.7, 1.4, 0.8, 1.3)[i % 4])
+    monkeypatch.setattr(core, "interleaved", _fake_times(ratio))
+    r = run_cli("bench", target, "--engines", "dense-torch,dense-ort,chain-torch,tedepr,chain-ort",
+                "--no-memory", "--batch", "1,32", "--json-out", target.parent / f"{case}.json")
+    assert r.exit_code == 0, r.stderr
+    report = json.loads((target.parent / f"{case}.json").read_text())
+    assert report["noise"]["noisy_rows"] == report["noise"]["rows"] == 10
+    assert "IQR is" not in r.stderr
+    spread = [ln for ln in r.stderr.splitlines() if "timing spread" in ln]
+    assert len(spread) == 1, r.stderr
+    if case == "conclusive":
+        assert report["noise"]["inconclusive"] == [] and "warning" not in spread[0]
+        assert "comparisons hold" in spread[0]
+    else:
+        assert report["noise"]["inconclusive"] == ["1:chain-ort", "32:chain-ort"]
+        assert spread[0].startswith("tedepr: warning: ") and "chain-ort at batch 1" in spread[0]
+        assert report["warnings"].count(report["noise"]["summary"]) == 1

@@ -88,7 +88,7 @@ def test_speed_table_quick(tmp_path):
     rep = json.loads((tmp_path / "speed_table.json").read_text())
     assert [row["batch"] for row in rep["rows"]] == [1, 4]
     for row in rep["rows"]:
-        assert row["runtime"] in ("layers", "onnx", "dense-torch", "dense-ort")
+        assert row["runtime"] in ("layers", "chain-ort", "dense-torch", "dense-ort")
         for regime in ("hot", "cold"):
             g = row["regimes"][regime]
             med = g["median_us"]

@@ -112,3 +112,30 @@ def test_a_file_named_like_an_architecture_wins(tmp_path, monkeypatch):
     r = run_cli("prune", "lenet300", "--arch", "lenet300", "--sparsity", "0.99", *FAST, "-o", tmp_path / "o")
     assert r.exit_code == 0, r.stderr
     assert load_artifact(tmp_path / "o").meta["origin"]["kind"] == "state_dict"
+
+
+def test_decompose_takes_a_zoo_name_with_init_random_and_says_so_without(tmp_path):
+    """The newcomer trial: `tedepr decompose lenet300` said "lenet300 does not exist"; prune
+    said what to add. Both now take the name with --init random and say so without it."""
+    out = tmp_path / "d"
+    r = run_cli("decompose", "lenet300", "-o", out)
+    assert r.exit_code == 2 and "add --init random to decompose a freshly initialized lenet300" in r.stderr
+    assert not out.exists()
+    r = run_cli("decompose", "lenet300", "--init", "random", "--rank", "4", "-o", out, "-q")
+    assert r.exit_code == 0, r.stderr
+    art = load_artifact(out)
+    assert art.arch.name == "lenet300" and art.meta["tensorization"]["summary"]["layers_tensorized"] == 3
+    again = tmp_path / "again"
+    r = run_cli("decompose", "lenet300", "--init", "random", "--rank", "4", "-o", again, "-q")
+    assert r.exit_code == 0, r.stderr
+    assert (out / "model.safetensors").read_bytes() == (again / "model.safetensors").read_bytes()
+
+
+def test_a_zoo_name_where_a_file_goes_says_it_is_an_architecture(tmp_path):
+    for argv in (["eval", "lenet300", "--data", MNIST], ["info", "resnet20"],
+                 ["export", "lenet5", "-o", tmp_path / "e"]):
+        r = run_cli(*argv)
+        assert r.exit_code == 3, r.stderr
+        assert "names an architecture, not a file" in r.stderr and "--init random" in r.stderr, r.stderr
+    r = run_cli("info", "lenet301")
+    assert r.exit_code == 3 and "names an architecture" not in r.stderr

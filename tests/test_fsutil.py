@@ -123,3 +123,115 @@ def test_tilde_works_in_data_specs_and_model_paths(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.stderr
     r = run_cli("info", "--data", "npz:~/missing.npz")
     assert r.exit_code == 3 and str(home / "missing.npz") in r.stderr
+
+
+# ---------------------------------------------------------------------------- --overwrite
+def _user_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "mine"
+    (d / "notes").mkdir(parents=True)
+    (d / "thesis.tex").write_text("years of work")
+    (d / "notes" / "a.txt").write_text("more")
+    return d
+
+
+@pytest.mark.parametrize("argv", [
+    ["decompose", LENET300, "--arch", "lenet300"],
+    ["prune", LENET300, "--arch", "lenet300", "--sparsity", "0.99", "--no-decompose"],
+    ["export", LENET300, "--arch", "lenet300", "--to", "onnx"],
+], ids=["decompose", "prune", "export"])
+def test_overwrite_never_replaces_a_directory_tedepr_did_not_write(tmp_path, argv):
+    """`-o ~/thesis --overwrite` replaced the whole directory with an artifact (the newcomer
+    trial): exit 6 before any work, the directory untouched."""
+    d = _user_dir(tmp_path)
+    r = run_cli(*argv, "-o", d, "--overwrite", "-q")
+    assert r.exit_code == 6, r.stderr
+    assert "tedepr did not write" in r.stderr and str(d) in r.stderr
+    assert (d / "thesis.tex").read_text() == "years of work" and (d / "notes" / "a.txt").exists()
+    assert sorted(p.name for p in d.iterdir()) == ["notes", "thesis.tex"]
+
+
+def test_bench_json_out_never_replaces_a_directory(tmp_path):
+    d = _user_dir(tmp_path)
+    art = tmp_path / "art"
+    assert run_cli("decompose", LENET300, "--arch", "lenet300", "-o", art, "-q").exit_code == 0
+    r = run_cli("bench", art, "--json-out", d, "--iters", "2", "--warmup", "0", "--no-memory", "-q")
+    assert r.exit_code == 6 and "is a directory" in r.stderr, r.stderr
+    assert (d / "thesis.tex").exists()
+    r = run_cli("bench", art, "--json-out", art, "--iters", "2", "--warmup", "0", "--no-memory", "-q")
+    assert r.exit_code == 6 and (art / "manifest.json").exists(), r.stderr  # not even a tedepr one
+
+
+def test_overwrite_still_replaces_what_tedepr_wrote(tmp_path):
+    from tedepr_cli.errors import OutputError
+    from tedepr_cli.fsutil import check_output
+
+    art = tmp_path / "art"
+    assert run_cli("decompose", LENET300, "--arch", "lenet300", "-o", art, "-q").exit_code == 0
+    assert run_cli("decompose", LENET300, "--arch", "lenet300", "-o", art, "--overwrite", "-q").exit_code == 0
+    (tmp_path / "empty").mkdir()
+    run_dir = tmp_path / "run"  # a finetune run, a `tedepr run` stopped before recipe.json
+    (run_dir / "best").mkdir(parents=True)
+    (run_dir / "state.pt").write_bytes(b"")
+    stopped = tmp_path / "stopped"
+    (stopped / "decomposed").mkdir(parents=True)
+    (stopped / "decomposed" / "manifest.json").write_text("{}")
+    for ok in (art, tmp_path / "empty", run_dir, stopped):
+        check_output(ok, overwrite=True)
+    (stopped / "mine.txt").write_text("x")
+    with pytest.raises(OutputError, match="did not write"):
+        check_output(stopped, overwrite=True)
+
+
+def test_tedepr_files_are_the_names_the_writers_use():
+    from tedepr_cli.artifact import MODEL_FILE
+    from tedepr_cli.fsutil import TEDEPR_FILES
+    from tedepr_cli.train import METRICS_FILE, STATE_FILE
+
+    assert {MODEL_FILE, STATE_FILE, METRICS_FILE, "manifest.json", "export.json"} <= set(TEDEPR_FILES)
+
+
+def test_an_output_location_that_refuses_writes_is_found_before_work(tmp_path, monkeypatch):
+    """Permission bits can say yes where the filesystem says no (a read-only mount, ACLs,
+    root on NFS): the check tries to create a file there."""
+    import errno
+
+    from tedepr_cli.errors import OutputError
+    from tedepr_cli.fsutil import check_output
+
+    def refuse(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(OutputError, match="Read-only file system"):
+        check_output(tmp_path / "out", overwrite=False)
+
+
+@pytest.mark.parametrize("argv", [
+    ["decompose", LENET300, "--arch", "lenet300"],
+    ["export", LENET300, "--arch", "lenet300", "--to", "onnx"],
+], ids=["decompose", "export"])
+def test_overwrite_never_replaces_a_file_with_a_directory(tmp_path, argv):
+    f = tmp_path / "notes.txt"
+    f.write_text("mine")
+    r = run_cli(*argv, "-o", f, "--overwrite", "-q")
+    assert r.exit_code == 6 and "is a file; the output is a directory" in r.stderr, r.stderr
+    assert f.read_text() == "mine"
+    single = tmp_path / "a.safetensors"  # an artifact written as one file replaces one
+    for _ in range(2):
+        r = run_cli("decompose", LENET300, "--arch", "lenet300", "-o", single, "--overwrite", "-q")
+        assert r.exit_code == 0 and single.is_file(), r.stderr
+
+
+def test_hidden_entries_are_a_users_unless_tedepr_left_them(tmp_path):
+    from tedepr_cli.errors import OutputError
+    from tedepr_cli.fsutil import check_output
+
+    repo = tmp_path / "repo"
+    (repo / ".git").mkdir(parents=True)  # only hidden entries: still someone's directory
+    with pytest.raises(OutputError, match="did not write"):
+        check_output(repo, overwrite=True)
+    killed = tmp_path / "killed"  # what a kill -9 can leave inside a run directory
+    killed.mkdir()
+    (killed / ".state.pt.tmp-4242-0badcafe").write_bytes(b"")
+    (killed / ".best.old-0badcafe").mkdir()
+    check_output(killed, overwrite=True)

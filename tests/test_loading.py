@@ -215,7 +215,7 @@ def test_bad_files_get_one_stderr_line_not_torch_logging(tmp_path):
         z.writestr("archive/version", "1")
     (tmp_path / "garbage.pt").write_bytes(b"\x80\x02garbage" * 40)
     for name, fragment in (("notes.pt2", "not in a subdirectory: notes.txt"),
-                           ("archive.pt2", "archive_format"), ("garbage.pt", "not a readable")):
+                           ("archive.pt2", "archive_format"), ("garbage.pt", "truncated or damaged")):
         r = subprocess.run([sys.executable, "-m", "tedepr_cli", "info", str(tmp_path / name)],
                            capture_output=True, text=True, cwd=ROOT, timeout=300)
         assert r.returncode == BadInput.exit_code, r.stderr
@@ -227,7 +227,7 @@ def test_bad_files_get_one_stderr_line_not_torch_logging(tmp_path):
 def test_held_torch_logs_restores_every_torch_logger():
     import logging
 
-    from tedepr_cli.loading import held_torch_logs
+    from tedepr_cli.safeload import held_torch_logs
 
     names = ["torch", *sorted(n for n, lg in logging.Logger.manager.loggerDict.items()
                               if n.startswith("torch.") and isinstance(lg, logging.Logger))]

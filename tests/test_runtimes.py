@@ -116,12 +116,12 @@ def test_ort_module_takes_and_returns_torch_tensors(lenet):
 def test_planner_picks_the_fastest_compressed_runtime_only_if_it_beats_the_best_dense(lenet, monkeypatch):
     # the layers plan beats dense torch but not dense onnxruntime: the plan runs dense on onnxruntime
     monkeypatch.setattr(timing, "interleaved", fixed_rounds(
-        {"layers": 50, "onnx": 80, "original:dense-torch": 100, "original:dense-ort": 40}))
+        {"layers": 50, "chain-ort": 80, "original:dense-torch": 100, "original:dense-ort": 40}))
     plan = plan_execution(lenet, 2)
     rts = plan["runtimes"]
     assert plan["runtime"] == "dense-ort" and rts["reason"].startswith("nothing beats dense")
     assert rts["baseline"]["best"] == "dense-ort" and rts["baseline"]["median_us"] == 40
-    assert rts["measured_us"] == {"layers": 50, "onnx": 80, "dense-torch": 100, "dense-ort": 40}
+    assert rts["measured_us"] == {"layers": 50, "chain-ort": 80, "dense-torch": 100, "dense-ort": 40}
     assert "original architecture (lenet300" in rts["baseline"]["model"]
     built = build_model(lenet, plan)
     assert isinstance(built, OrtModule)
@@ -130,18 +130,18 @@ def test_planner_picks_the_fastest_compressed_runtime_only_if_it_beats_the_best_
         assert rel(built(x), lenet.model(x)) <= 1e-5  # the compressed model's function, run dense
     # the compressed ONNX is fastest: chosen, built as an onnxruntime module
     monkeypatch.setattr(timing, "interleaved", fixed_rounds(
-        {"layers": 50, "onnx": 20, "original:dense-torch": 100, "original:dense-ort": 40}))
+        {"layers": 50, "chain-ort": 20, "original:dense-torch": 100, "original:dense-ort": 40}))
     plan = plan_execution(lenet, 2)
-    assert plan["runtime"] == "onnx" and plan["runtimes"]["speedup_vs_best_dense"] == 2.0
+    assert plan["runtime"] == "chain-ort" and plan["runtimes"]["speedup_vs_best_dense"] == 2.0
     assert isinstance(build_model(lenet, plan), OrtModule)
     # the per-layer plan is fastest: the kernels' model
     monkeypatch.setattr(timing, "interleaved", fixed_rounds(
-        {"layers": 10, "onnx": 20, "original:dense-torch": 100, "original:dense-ort": 40}))
+        {"layers": 10, "chain-ort": 20, "original:dense-torch": 100, "original:dense-ort": 40}))
     plan = plan_execution(lenet, 2)
     assert plan["runtime"] == "layers" and not isinstance(build_model(lenet, plan), OrtModule)
     # the dense torch is the best dense: a compressed runtime must beat it, else dense torch
     monkeypatch.setattr(timing, "interleaved", fixed_rounds(
-        {"layers": 60, "onnx": 70, "original:dense-torch": 50, "original:dense-ort": 90}))
+        {"layers": 60, "chain-ort": 70, "original:dense-torch": 50, "original:dense-ort": 90}))
     plan = plan_execution(lenet, 2)
     assert plan["runtime"] == "dense-torch"
     dense = build_model(lenet, plan)
@@ -190,16 +190,16 @@ def test_the_baseline_is_the_original_model_not_the_compressed_one_rebuilt(lenet
 
 
 def test_an_inexact_runtime_is_never_chosen(lenet, monkeypatch):
-    monkeypatch.setattr(timing, "interleaved", fixed_rounds({"onnx": 1, "original:dense-torch": 100,
+    monkeypatch.setattr(timing, "interleaved", fixed_rounds({"chain-ort": 1, "original:dense-torch": 100,
                                                              "original:dense-ort": 100}))
     monkeypatch.setattr(planner_mod, "ONNX_RTOL", -1.0)  # no runtime is that exact
     plan = plan_execution(lenet, 2)
-    assert plan["runtime"] == "layers" and "onnx" in plan["runtimes"]["unavailable"]
+    assert plan["runtime"] == "layers" and "chain-ort" in plan["runtimes"]["unavailable"]
 
 
 def test_forced_and_unknown_runtimes(lenet):
-    plan = plan_execution(lenet, 1, runtime="onnx")
-    assert plan["runtime"] == "onnx" and plan["runtimes"]["reason"] == "override"
+    plan = plan_execution(lenet, 1, runtime="chain-ort")
+    assert plan["runtime"] == "chain-ort" and plan["runtimes"]["reason"] == "override"
     with pytest.raises(UsageError):
         plan_execution(lenet, 1, runtime="gpu")
     with pytest.raises(UsageError):
@@ -211,7 +211,7 @@ def test_a_stored_plan_is_rechecked_and_falls_back_when_clearly_slower(lenet, mo
     art = copy.copy(lenet)
     art.meta = copy.deepcopy(lenet.meta)
     monkeypatch.setattr(timing, "interleaved", fixed_rounds(
-        {"layers": 10, "onnx": 20, "original:dense-torch": 100, "original:dense-ort": 40}))
+        {"layers": 10, "chain-ort": 20, "original:dense-torch": 100, "original:dense-ort": 40}))
     store_plan(art, plan_execution(art, 2))
     # now the chosen runtime takes 2x the dense model's time: back to dense, with a warning
     monkeypatch.setattr(timing, "interleaved", fixed_rounds({"chosen": 80, "dense": 40}))
@@ -241,11 +241,11 @@ def test_accelerate_runs_the_chosen_runtime(lenet, monkeypatch):
     import tedepr_cli as tedepr
 
     monkeypatch.setattr(timing, "interleaved", fixed_rounds(
-        {"layers": 50, "onnx": 20, "original:dense-torch": 100, "original:dense-ort": 40}))
+        {"layers": 50, "chain-ort": 20, "original:dense-torch": 100, "original:dense-ort": 40}))
     torch.set_num_threads(2)
     fast = tedepr.accelerate(lenet.model, batch=3, threads=1)
     assert torch.get_num_threads() == 2
-    assert isinstance(fast, OrtModule) and fast.tedepr_plan["runtime"] == "onnx"
+    assert isinstance(fast, OrtModule) and fast.tedepr_plan["runtime"] == "chain-ort"
     assert "rebuilt" in fast.tedepr_plan["runtimes"]["baseline"]["model"]
     x = torch.rand(3, 784)
     with torch.no_grad():
@@ -274,3 +274,50 @@ def test_plan_command_stores_the_runtime_and_bench_runs_it(lenet, tmp_path):
     assert eng.runtimes._dense is not None  # the tedepr engine ran the dense model
     r = run_cli("plan", src, "--batch", "2", "--runtime", "gpu", "-o", tmp_path / "x.safetensors")
     assert r.exit_code == 2 and r.stderr.startswith("tedepr: ") and "--runtime" in r.stderr
+
+
+# ---------------------------------------------------------------------------- names
+def test_the_old_runtime_name_onnx_is_chain_ort_with_a_deprecation_warning(lenet, monkeypatch, caplog):
+    """The planner called the compressed ONNX in onnxruntime `onnx`, bench `chain-ort`: one
+    name now, `chain-ort`; `onnx` (plan --runtime, the API, plans stored before) still works."""
+    from tedepr_cli.execution import RUNTIMES
+
+    assert "chain-ort" in RUNTIMES and "onnx" not in RUNTIMES
+    with caplog.at_level("WARNING", logger="tedepr"):
+        plan = plan_execution(lenet, 1, runtime="onnx")
+    assert plan["runtime"] == "chain-ort" and "deprecated" in caplog.text and "'chain-ort'" in caplog.text
+    assert isinstance(build_model(lenet, plan), OrtModule)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tedepr"):
+        assert isinstance(build_model(lenet, {**plan, "runtime": "onnx"}), OrtModule)  # a plan stored before
+        assert isinstance(build_model(lenet, plan, runtime="onnx"), OrtModule)
+    assert caplog.text.count("deprecated") == 1  # the caller's word, not the stored plan's
+    # a plan stored before the rename reads back under the new names, on the same machine
+    art = copy.copy(lenet)
+    art.meta = copy.deepcopy(lenet.meta)
+    monkeypatch.setattr(timing, "interleaved", fixed_rounds(
+        {"layers": 50, "chain-ort": 20, "original:dense-torch": 100, "original:dense-ort": 40}))
+    store_plan(art, plan_execution(art, 2))
+    old = art.meta["execution"]["plans"]["2"]
+    old["runtime"] = "onnx"
+    old["runtimes"]["measured_us"]["onnx"] = old["runtimes"]["measured_us"].pop("chain-ort")
+    old["runtimes"]["chosen"] = "onnx"
+    plan, fresh = plan_for(art, 2, check=False)
+    assert not fresh and plan["runtime"] == "chain-ort" and plan["runtimes"]["chosen"] == "chain-ort"
+    measured = plan["runtimes"]["measured_us"]
+    assert "onnx" not in measured and measured["chain-ort"] == 20
+
+
+def test_plan_runtime_flag_takes_chain_ort_and_the_old_name(tmp_path):
+    from .conftest import LENET300
+
+    art = tmp_path / "a"
+    assert run_cli("prune", LENET300, "--arch", "lenet300", "--sparsity", "0.99", "-o", art, "-q",
+                   "--criterion", "magnitude").exit_code == 0
+    for name in ("chain-ort", "onnx"):
+        r = run_cli("plan", art, "--batch", "1", "--runtime", name, "-o", tmp_path / name, "--json")
+        assert r.exit_code == 0, r.stderr
+        assert json.loads(r.stdout)["plans"]["1"]["runtime"] == "chain-ort"
+        assert ("deprecated" in r.stderr) == (name == "onnx")
+    r = run_cli("plan", art, "--runtime", "gpu", "-o", tmp_path / "x")
+    assert r.exit_code == 2 and "chain-ort" in r.stderr

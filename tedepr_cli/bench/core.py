@@ -107,13 +107,25 @@ class Target:
 
 
 def load_target(path: Path, allow_import: str | None = None) -> Target:
-    """An artifact, a finetune run, or an export directory (model.safetensors + model.onnx).
+    """An artifact, a finetune run, or an export directory (model.safetensors, and its
+    model.fast.onnx, else model.onnx, as the ``chain-ort`` graph).
     ``allow_import``: the import-path architecture the user named (``--arch``), see
-    :func:`~tedepr_cli.artifact.load_artifact`."""
+    :func:`~tedepr_cli.artifact.load_artifact`. An export directory without
+    model.safetensors (``export --to onnx`` only) raises :class:`BadInput` saying what to
+    pass: bench measures the compressed model against its dense original, and an ONNX file
+    carries neither the architecture nor the model the other engines run."""
+    if path.is_dir() and (path / "export.json").is_file() and not (path / "model.safetensors").is_file():
+        onnx_files = sorted(p.name for p in path.glob("*.onnx"))
+        raise BadInput(
+            f"{path} is an export without model.safetensors ({', '.join(onnx_files) or 'no model'} only): "
+            "bench times the compressed model against its dense original on every engine, and an ONNX "
+            "file carries neither; pass the artifact it was exported from (its compressed ONNX is the "
+            "chain-ort engine), or export it with the safetensors format too")
     if path.is_dir() and (path / "model.safetensors").is_file() and not (path / "manifest.json").exists():
         art = load_artifact(path / "model.safetensors", allow_import=allow_import)
-        onnx_path = path / "model.onnx"
-        return Target(art, onnx_path if onnx_path.is_file() else None, path)
+        # chain-ort times the onnx-fast graph (of the artifact, when bench exports it itself)
+        onnx_path = next((f for f in (path / "model.fast.onnx", path / "model.onnx") if f.is_file()), None)
+        return Target(art, onnx_path, path)
     return Target(load_artifact(path, allow_import=allow_import), None, path)
 
 
@@ -348,12 +360,11 @@ def _run(target: Target, opts: BenchOptions, device: torch.device, baseline_path
             s["speedup_vs_best_dense"] = speedup(times[best_dense], ts)
             s["peak_memory_bytes"] = mem[e]
             row[e] = s
-            if s["noisy"]:
-                warnings.append(f"batch {b}, {e}: IQR is {100 * s['iqr_s'] / s['median_s']:.0f} % of the "
-                                f"median (> {100 * NOISY_IQR:.0f} %): the machine was noisy, "
-                                "treat small ratios with care")
         results[str(b)] = row
     report["results"] = results
+    report["noise"] = noise_summary(results)
+    if report["noise"]["inconclusive"]:
+        warnings.append(report["noise"]["summary"])
     report["execution_plans"] = plans
     # sizes
     tied = tied_parameters(base)  # a tied tensor is stored once (safetensors refuses shared memory)
@@ -370,6 +381,35 @@ def _run(target: Target, opts: BenchOptions, device: torch.device, baseline_path
     report["skipped_engines"] = skipped
     report["warnings"] = warnings
     return report
+
+
+def noise_summary(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """The timing spread of a bench, summarised once: how many rows (engine x batch) had an
+    IQR above :data:`~tedepr_cli.timing.NOISY_IQR` of their median, the largest, and which
+    comparisons it leaves unsettled: a compressed engine whose paired speed-up vs the best
+    dense runtime has its quartiles on both sides of 1x (``inconclusive``, ``"batch:engine"``).
+    A wide IQR alone does not make a comparison unreliable: the speed-ups are medians of
+    per-round ratios of interleaved calls, and a busy machine slows both sides of a round.
+    ``summary`` is one line saying so."""
+    rows = [(b, e, s) for b, row in results.items() for e, s in row.items()]
+    noisy = [(b, e, s["iqr_s"] / s["median_s"]) for b, e, s in rows if s["noisy"] and s["median_s"] > 0]
+    inconclusive = [f"{b}:{e}" for b, e, s in rows if e not in DENSE_ENGINES
+                    and s["speedup_vs_best_dense"]["q1"] < 1.0 < s["speedup_vs_best_dense"]["q3"]]
+    worst = max(noisy, key=lambda t: t[2]) if noisy else None
+    spread = (f"IQR above {100 * NOISY_IQR:.0f} % of the median in {len(noisy)} of {len(rows)} engine x "
+              f"batch rows (up to {100 * worst[2]:.0f} %, batch {worst[0]} {worst[1]})" if worst else
+              f"IQR within {100 * NOISY_IQR:.0f} % of the median in every row")
+    if inconclusive:
+        which = ", ".join(f"{e} at batch {b}" for b, e in (x.split(":", 1) for x in inconclusive))
+        summary = (f"timing spread: {spread}; the speed-up vs the best dense runtime of {which} has "
+                   "quartiles on both sides of 1x, so this run does not settle whether it is faster: "
+                   "rerun with more rounds or on a quieter machine")
+    else:
+        summary = (f"timing spread: {spread}; every compressed engine's speed-up vs the best dense "
+                   "runtime has its quartiles on one side of 1x (paired per-round ratios), so the "
+                   "comparisons hold")
+    return {"noisy_rows": len(noisy), "rows": len(rows), "max_iqr_ratio": worst[2] if worst else None,
+            "inconclusive": inconclusive, "summary": summary}
 
 
 def _best_dense(times: dict[str, list[float]]) -> str:

@@ -28,8 +28,9 @@ from .common import (
 
 @command
 def bench(
-    path: Annotated[Path, typer.Argument(help="Compressed artifact, finetune run or export directory.",
-                                         show_default=False)],
+    path: Annotated[Path, typer.Argument(
+        help="Compressed artifact, finetune run or export directory (with its model.safetensors).",
+        show_default=False)],
     baseline: Annotated[Path | None, typer.Option(
         "--baseline", help="The dense checkpoint it came from (weights into the same architecture); "
         "without it the dense architecture is built with random weights (timing only).")] = None,
@@ -97,7 +98,7 @@ def bench(
     if json_file is not None:
         from ..fsutil import check_output
 
-        check_output(json_file, overwrite=True)
+        check_output(json_file, overwrite=True, directory=False)
     target = load_target(path, _allow_import(arch))
     with _progress(quiet) as progress:
         report = run_bench(target, opts, baseline, data, progress=progress)
@@ -116,6 +117,9 @@ def bench(
         _print_bench(report, human_bytes)
     for w in report["warnings"]:
         log.warning(w)
+    noise = report["noise"]
+    if noise["noisy_rows"] and not noise["inconclusive"]:  # else it is among the warnings
+        log.info(noise["summary"])
     if failures:
         for f in failures[1:]:
             log.error(str(f))
@@ -205,8 +209,9 @@ def plan(
     override: Annotated[list[str] | None, typer.Option(
         "--override", help="Force a layer's engine: name=kernel|dense|torch (globs, repeatable).")] = None,
     runtime: Annotated[str | None, typer.Option(
-        "--runtime", help="Force the whole-model runtime: layers, onnx, dense-torch or dense-ort "
-        "(default: the fastest measured, never slower than the dense original's best runtime).")] = None,
+        "--runtime", help="Force the whole-model runtime: layers, chain-ort (formerly onnx), dense-torch or "
+        "dense-ort (default: the fastest measured, never slower than the dense original's best "
+        "runtime).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random batch layers are timed on.")] = 0,
     overwrite: Overwrite = False,
     arch: ConfirmArch = None,
@@ -220,10 +225,11 @@ def plan(
     machine after a quick re-check."""
     import torch
 
-    from ..artifact import load_artifact, save_artifact
+    from ..artifact import load_artifact, save_artifact, single_file
     from ..console import log
     from ..errors import UsageError
-    from ..execution import RUNTIMES, Runtimes, plan_execution, store_plan
+    from ..execution import RUNTIMES, Runtimes, plan_execution, runtime_name, store_plan
+    from ..execution.runtimes import RENAMED
     from ..fsutil import check_output
 
     try:
@@ -238,9 +244,11 @@ def plan(
         if not eq:
             raise UsageError(f"--override takes name=kernel|dense|torch, got {item!r}")
         overrides[name] = choice
-    if runtime is not None and runtime not in RUNTIMES:
-        raise UsageError(f"--runtime takes one of {', '.join(RUNTIMES)}, got {runtime!r}")
-    check_output(output, overwrite)
+    if runtime is not None:
+        if runtime not in RUNTIMES and runtime not in RENAMED:
+            raise UsageError(f"--runtime takes one of {', '.join(RUNTIMES)}, got {runtime!r}")
+        runtime = runtime_name(runtime)  # onnx: the old name of chain-ort, with a deprecation warning
+    check_output(output, overwrite, directory=not single_file(output))
     art = load_artifact(path, allow_import=_allow_import(arch))
     torch.set_num_threads(threads)
     plans = {}

@@ -15,7 +15,6 @@ from .common import (
     DataOpt,
     InputShape,
     JsonOut,
-    ModelPath,
     NonStrict,
     Output,
     Overwrite,
@@ -29,6 +28,12 @@ from .common import (
     torch_seed,
     use_threads,
 )
+
+# decompose's and prune's PATH: a file, or with --init random an architecture (_from_scratch)
+ScratchPath = Annotated[Path, typer.Argument(
+    help="Checkpoint (.pt/.pth/.safetensors state_dict, .pt2 program) or tedepr artifact; or, with "
+    "--init random, an architecture to start from scratch: a zoo name (`tedepr zoo`) or "
+    "pkg.module:callable (imported: only name modules you trust).", metavar="PATH", show_default=False)]
 
 
 def _parse_ranks(values: list[str]) -> tuple[int | None, dict[str, int]]:
@@ -93,7 +98,7 @@ def _accuracy(art, data, split: str = "test") -> float | None:
 
 @command
 def decompose(
-    path: ModelPath,
+    path: ScratchPath,
     output: Output,
     fmt: Annotated[str, typer.Option("--format", help="Tensor format: tt (tensor-train) or tr "
                                      "(tensor-ring).")] = "tt",
@@ -115,7 +120,8 @@ def decompose(
         "chain steps).")] = "linear",
     init: Annotated[str, typer.Option(
         "--init", help="pretrained (TT/TR-SVD of the checkpoint's weights) or random "
-        "(variance-preserving).")] = "pretrained",
+        "(variance-preserving; then PATH may name an architecture: a fresh model, seeded by "
+        "--seed, is built and decomposed).")] = "pretrained",
     init_variance: Annotated[str, typer.Option(
         "--init-variance", help="Target of --init random: he (2/fan_in) or lecun (1/fan_in).")] = "he",
     data: DataOpt = None,
@@ -128,7 +134,7 @@ def decompose(
 ) -> None:
     """Coarse grain: turn each weight matrix / conv kernel into tensor-train or tensor-ring
     cores whose forward is a chain of small contractions. Prints the per-layer plan."""
-    from ..artifact import save_artifact
+    from ..artifact import save_artifact, single_file
     from ..console import log
     from ..decompose import DecomposeOptions, totals
     from ..decompose import decompose as run_decompose
@@ -146,10 +152,17 @@ def decompose(
     if compression is not None:
         opts.rank = None
     opts.validate()
-    check_output(output, overwrite)
+    scratch = _from_scratch(path, init, arch, "decompose")
+    check_output(output, overwrite, directory=not single_file(output))
     use_threads(threads)
     torch_seed(seed)
-    art = _load(path, arch, arch_kwargs, input_shape, trust_pickle, non_strict)
+    if scratch:
+        from ..arch import parse_arch
+        from ..loading import build_fresh
+
+        art = build_fresh(parse_arch(str(path), arch_kwargs, input_shape), seed)
+    else:
+        art = _load(path, arch, arch_kwargs, input_shape, trust_pickle, non_strict)
     before = sum(p.numel() for p in art.model.parameters())
     ds = None
     if data:
@@ -203,17 +216,20 @@ def _print_plan(report: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     stdout.print(line)
 
 
-def _from_scratch(path: Path, init: str, arch: str | None) -> bool:
-    """Whether prune's PATH names an architecture to build fresh (``tedepr prune lenet300
-    --init random``) rather than a file. A file of that name always wins."""
+def _from_scratch(path: Path, init: str, arch: str | None, verb: str = "prune") -> bool:
+    """Whether PATH names an architecture to build fresh (``tedepr prune lenet300 --init
+    random``, ``tedepr decompose lenet300 --init random``) rather than a file. A file of
+    that name always wins."""
     from ..arch import is_arch_name
     from ..errors import UsageError
 
     if path.exists() or not is_arch_name(str(path)):
         return False
     if init != "random":
-        raise UsageError(f"{path} is not a file but names an architecture: add --init random to prune "
-                         f"a freshly initialized {path} (pruning at initialization from scratch)")
+        why = "pruning at initialization from scratch" if verb == "prune" else "no checkpoint"
+        raise UsageError(f"{path} is not a file but names an architecture: add --init random to {verb} "
+                         f"a freshly initialized {path} ({why}), or pass a checkpoint of it with "
+                         f"--arch {path}")
     if arch is not None:
         raise UsageError(f"PATH {path} already names the architecture: drop --arch {arch}")
     return True
@@ -227,11 +243,7 @@ def _criteria_help() -> str:
 
 @command
 def prune(
-    path: Annotated[Path, typer.Argument(
-        help="Checkpoint (.pt/.pth/.safetensors state_dict, .pt2 program) or tedepr artifact; or, with "
-        "--init random, an architecture to start from scratch: a zoo name (`tedepr zoo`) or "
-        "pkg.module:callable (imported: only name modules you trust).", metavar="PATH",
-        show_default=False)],
+    path: ScratchPath,
     sparsity: Annotated[float | None, typer.Option(
         "--sparsity", help="Fraction of the dense model's prunable weights to remove, in (0, 1).")] = None,
     density: Annotated[float | None, typer.Option(
@@ -312,7 +324,7 @@ def prune(
     """Fine grain: score every prunable entry at initialization and keep the most useful,
     so that (1 - sparsity) x the dense model's prunable weights remain."""
 
-    from ..artifact import save_artifact
+    from ..artifact import save_artifact, single_file
     from ..console import log
     from ..decompose import DecomposeOptions
     from ..errors import UsageError
@@ -347,7 +359,7 @@ def prune(
     scratch = _from_scratch(path, init, arch)
     name = re.sub(r"[^\w.-]", "-", str(path)) if scratch else path.stem
     out_path = output if output is not None else Path(f"{name}-pruned")
-    check_output(out_path, overwrite)
+    check_output(out_path, overwrite, directory=not single_file(out_path))
     torch_seed(seed)
     if scratch:
         from ..arch import parse_arch

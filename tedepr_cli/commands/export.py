@@ -82,7 +82,7 @@ def export(
     opts.validate()
     use_threads(threads)  # checks --threads (>= 1) before anything is written
     resolve_device(device)  # --device cuda without a GPU: exit 10 before anything is written
-    check_output(output, overwrite)
+    check_output(output, overwrite, directory=True)
     art = _load(path, arch, arch_kwargs, input_shape, trust_pickle, non_strict)
     report = run_export(art, output, opts, data, overwrite=overwrite)
     log.info(f"wrote {output}")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import gzip
 import re
 import struct
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import numpy as np
 
 from ..data import load_npz, stratified_split
 from ..errors import BadInput
+from ..safeload import load_npy, open_npz
 from .base import ArraySource, Dataset, ItemSource, class_dirs, scan_class_folders, validate_labels
 from .safepickle import load_data_pickle
 
@@ -54,12 +54,9 @@ def read_npz(path: Path) -> Dataset:
 def _read_npy_dir(path: Path) -> Dataset:
     if not ((path / "x.npy").is_file() and (path / "y.npy").is_file()):
         raise BadInput(f"{path}: a data directory for the npz reader needs x.npy and y.npy")
-    try:
-        x = np.load(path / "x.npy", mmap_mode="r", allow_pickle=False)
-        y = np.load(path / "y.npy", allow_pickle=False)
-        split = np.load(path / "split.npy", allow_pickle=False) if (path / "split.npy").is_file() else None
-    except (OSError, ValueError) as e:
-        raise BadInput(f"{path}: x.npy/y.npy are not readable arrays: {e}") from None
+    x = load_npy(path / "x.npy", "data array", mmap_mode="r")
+    y = load_npy(path / "y.npy", "data array")
+    split = load_npy(path / "split.npy", "data array") if (path / "split.npy").is_file() else None
     if x.ndim == 0 or len(x) == 0:
         raise BadInput(f"{path}/x.npy holds no samples")
     if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
@@ -238,18 +235,15 @@ LABEL_FILES = ("labels.csv", "labels.tsv", "labels.txt")
 
 def load_clip(path: Path) -> np.ndarray:
     """One clip's features as a (T, F) array (trailing dimensions flattened into F)."""
-    try:
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as f:
-                keys = f.files
-                key = "x" if "x" in keys else (keys[0] if len(keys) == 1 else None)
-                if key is None:
-                    raise BadInput(f"{path}: a clip .npz holds one array or 'x' (found {sorted(keys)})")
-                a = f[key]
-        else:
-            a = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise BadInput(f"{path} is not a readable clip array: {e}") from None
+    if path.suffix == ".npz":
+        with open_npz(path, "clip") as f:
+            keys = f.files
+            key = "x" if "x" in keys else (keys[0] if len(keys) == 1 else None)
+            if key is None:
+                raise BadInput(f"{path}: a clip .npz holds one array or 'x' (found {sorted(keys)})")
+            a = f[key]
+    else:
+        a = load_npy(path, "clip", mmap_mode="r")
     if not np.issubdtype(a.dtype, np.number):
         raise BadInput(f"{path}: clip features must be numeric, got {a.dtype}")
     if a.ndim == 1:

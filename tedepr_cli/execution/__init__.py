@@ -13,7 +13,8 @@ per-call overheads) ranks them; an interleaved timing of each candidate on the l
 real input decides (medians of per-call CPU time).
 
 **Runtimes** (:mod:`.runtimes`). The whole model then runs on one of: that per-layer plan
-(``layers``), the compressed ONNX in onnxruntime (``onnx``), or the model rebuilt in its
+(``layers``), the compressed ONNX in onnxruntime (``chain-ort``, as bench calls it; ``onnx``
+before, still accepted), or the model rebuilt in its
 original dense layer types on torch or onnxruntime (``dense-torch``, ``dense-ort``). The
 planner times them side by side with the *original* dense model on torch and onnxruntime
 and picks a compressed runtime only if it beats the dense original's best runtime (median
@@ -45,9 +46,9 @@ from .cost import flop_share
 from .fusion import find_runs, fusable, fused_module
 from .modules import CHOICES, candidates, options
 from .planner import build_layers, build_model, plan_execution, plan_for, recheck
-from .runtimes import RUNTIMES, OrtModule, Runtimes, dense_model
+from .runtimes import RUNTIMES, OrtModule, Runtimes, dense_model, runtime_name
 from .store import store_plan
 
 __all__ = ["CHOICES", "RUNTIMES", "OrtModule", "Runtimes", "build_layers", "build_model", "candidates",
-           "dense_model", "find_runs", "flop_share", "fusable", "fused_module", "options",
+           "runtime_name", "dense_model", "find_runs", "flop_share", "fusable", "fused_module", "options",
            "plan_execution", "plan_for", "recheck", "store_plan"]

@@ -24,7 +24,7 @@ from ..surgery import example_input, swap_module
 from .cost import estimate
 from .fusion import apply_fusions, outputs_rel_err, plan_fusions
 from .modules import CHOICES, candidates, options, unavailable
-from .runtimes import COMPRESSED, DENSE, ONNX_RTOL, RUNTIMES, Runtimes
+from .runtimes import COMPRESSED, DENSE, ONNX_RTOL, RUNTIMES, Runtimes, renamed_plan, runtime_name
 from .store import PLANNER_VERSION, fingerprint, stored_plan
 
 LAYER_REPS = 25  # interleaved rounds per layer decision (medians of per-call CPU time)
@@ -65,8 +65,8 @@ def plan_execution(art: Artifact, batch: int, threads: int = 1, timing: bool = T
     for pat, c in overrides.items():
         if c not in CHOICES:
             raise UsageError(f"override {pat}={c}: choose one of {', '.join(CHOICES)}")
-    if runtime is not None and runtime not in RUNTIMES:
-        raise UsageError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
+    if runtime is not None:
+        runtime = runtime_name(runtime)
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -251,9 +251,7 @@ def build_model(art: Artifact, plan: dict[str, Any], threads: int = 1, runtime: 
     compressed ONNX, or the dense model on torch or onnxruntime. A runtime that cannot be
     built here falls back (with a warning) to the dense model in torch, then to the layers."""
     rt = runtimes or Runtimes(art, threads)
-    want = runtime or plan.get("runtime") or "layers"
-    if want not in RUNTIMES:
-        raise UsageError(f"unknown runtime {want!r}; choose from {', '.join(RUNTIMES)}")
+    want = runtime_name(runtime) if runtime else renamed_plan(plan).get("runtime") or "layers"
     for r in dict.fromkeys([want, "dense-torch" if want in DENSE else want, "layers"]):
         m = build_layers(art, plan, threads) if r == "layers" else rt.module(r)
         if m is not None:

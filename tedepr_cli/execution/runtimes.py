@@ -3,7 +3,10 @@ original the planner measures them against.
 
 ``layers``       the per-layer plan (compiled kernels / dense rebuilds / torch chains, fused
                  runs) in torch: :func:`.planner.build_layers` (built from a plan, not here)
-``onnx``         the compressed graph (``export.to_onnx`` of a folded copy) in onnxruntime
+``chain-ort``    the compressed graph (``export.to_onnx`` of a folded copy) in onnxruntime; the
+                 name of ``tedepr bench``'s engine for the compressed ONNX (which times the
+                 ``onnx-fast`` graph of the same model). Called ``onnx`` before: that name is
+                 still accepted, with a deprecation warning (:func:`runtime_name`)
 ``dense-torch``  the compressed model's function in the *original* dense layer types
                  (:func:`dense_model`: each chain rebuilt into ``nn.Linear``/``nn.Conv2d``,
                  a tensorized LSTM into ``nn.LSTM``, attention into ``nn.MultiheadAttention``)
@@ -29,11 +32,43 @@ from torch import Tensor, nn
 from ..artifact import Artifact
 from ..logs import log
 
-RUNTIMES = ("layers", "onnx", "dense-torch", "dense-ort")
-COMPRESSED = ("layers", "onnx")
+RUNTIMES = ("layers", "chain-ort", "dense-torch", "dense-ort")
+COMPRESSED = ("layers", "chain-ort")
+RENAMED = {"onnx": "chain-ort"}  # old runtime name -> current (plan --runtime, stored plans)
 DENSE = ("dense-torch", "dense-ort")
 ONNX_OPSET = 18
 ONNX_RTOL = 1e-4  # an onnxruntime or dense runtime must equal the torch model within this (relative)
+
+
+def runtime_name(name: str, deprecated_ok: bool = True) -> str:
+    """The current name of the runtime ``name``: one of :data:`RUNTIMES`, or an old name in
+    :data:`RENAMED` (``onnx`` -> ``chain-ort``; a deprecation warning is logged). Raises
+    :class:`~tedepr_cli.errors.UsageError` for anything else."""
+    from ..errors import UsageError
+
+    if name in RENAMED and deprecated_ok:
+        log.warning(f"runtime {name!r} is deprecated: it is now called {RENAMED[name]!r}, the name "
+                    f"tedepr bench uses for the same engine")
+        return RENAMED[name]
+    if name not in RUNTIMES:
+        raise UsageError(f"unknown runtime {name!r}; choose from {', '.join(RUNTIMES)}")
+    return name
+
+
+def renamed_plan(plan: dict[str, Any]) -> dict[str, Any]:
+    """A stored plan with the runtimes of :data:`RENAMED` under their current names (plans
+    stored before the rename say ``onnx``); other plans are returned as they are."""
+    def fix(x: Any) -> Any:
+        if isinstance(x, str):
+            return RENAMED.get(x, x)
+        if isinstance(x, dict):
+            return {RENAMED.get(k, k): fix(v) for k, v in x.items()}
+        return x
+
+    if plan.get("runtime") not in RENAMED and not any(
+            k in RENAMED for k in (plan.get("runtimes") or {}).get("measured_us") or {}):
+        return plan
+    return {**plan, "runtime": fix(plan.get("runtime")), "runtimes": fix(plan.get("runtimes") or {})}
 
 
 def ort_session(source: Path | bytes, threads: int, device: torch.device | None = None) -> Any:
@@ -221,8 +256,8 @@ class Runtimes:
     def module(self, runtime: str) -> nn.Module | None:
         """The compressed model running on ``runtime`` (None where it cannot run here);
         ``layers`` depends on a plan: :func:`.planner.build_model` builds it."""
-        if runtime == "onnx":
-            return self._ort("onnx", self.art.model)
+        if runtime == "chain-ort":
+            return self._ort("chain-ort", self.art.model)
         dense, left = self.dense()
         if left:
             why = f"no dense equivalent of {', '.join(left)} (nonlinear chain)"

@@ -11,6 +11,7 @@ import torch
 from ..artifact import Artifact
 from ..logs import log
 from ..machine import cpu_features, cpu_model
+from .runtimes import renamed_plan
 
 PLANNER_VERSION = 4  # stored plans of another version are re-made (2: fusions; 3: LSTMs planned whole;
 #                      4: whole-model runtime)
@@ -35,7 +36,7 @@ def stored_plan(art: Artifact, batch: int, threads: int) -> dict[str, Any] | Non
         return None
     if stored.get("fingerprint") == fingerprint() and stored.get("threads") == threads \
             and stored.get("planner") == PLANNER_VERSION:
-        return stored
+        return renamed_plan(stored)
     log.info(f"stored execution plan for batch {batch} was made on another machine: re-planning")
     return None
 
