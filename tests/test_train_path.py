@@ -256,6 +256,38 @@ def test_uniform_paths_and_the_option(pruned, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_the_default_path_trains_linear_layers_on_the_lighter_path(pruned, tmp_path):
+    """finetune's default (--train-path lighter): per Linear the path whose backward keeps
+    fewer bytes on a training batch (sizes of a seeded batch: the same choice every run)."""
+    from tedepr_cli.surgery import example_input
+    from tedepr_cli.tensorized.train_path import leaner, lighter
+
+    assert TrainOptions().train_path == "lighter"
+    _, summary = finetune(pruned, MNIST, tmp_path / "l", TrainOptions(
+        epochs=1, batch_size=64, limit_train=128, lr=3e-3, seed=2))
+    x = example_input(pruned.model, pruned.input_shape, 64, "rand", torch.Generator().manual_seed(2))
+    sizes = lighter(pruned.model, lambda: pruned.model(x))
+    want = {n: t["path"] for n, t in sizes.items()}
+    assert {n: t["path"] for n, t in summary["train_paths"].items()} == want == leaner(pruned.model, x)
+    assert set(want.values()) == {"chain", "dense"}  # here the wide first layer keeps its chain
+
+
+def test_lighter_keeps_convolutions_on_their_chain(monkeypatch):
+    """A convolution's rebuild is a full dense convolution (compute, not memory, bound):
+    the lighter path keeps every conv chain even where the rebuild keeps fewer bytes."""
+    import tedepr_cli as tedepr
+    import tedepr_cli.tensorized.train_path as tp
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.Flatten(),
+                            torch.nn.Linear(16 * 6 * 6, 24))
+    model = tedepr.tensorize(m, example_input=torch.rand(2, 8, 6, 6), rank=2)
+    assert set(rebuildable(model)) == {"0", "2"}
+    monkeypatch.setattr(tp, "lighter", lambda model, run: {
+        n: {"path": "dense", "chain_bytes": 2, "dense_bytes": 1} for n in rebuildable(model)})
+    assert tp.leaner(model, torch.rand(4, 8, 6, 6)) == {"0": "chain", "2": "dense"}
+
+
 # ---------------------------------------------------------------------------- scoring memory
 def _encoder_like():
     """Token-like rows through a wide TT pair (many rows, rank 8: the chain's intermediates
