@@ -30,12 +30,12 @@ A pruned TT-matrix rebuilds only the block of ``W`` its masks can reach
 The same byte count decides training's default (:func:`leaner`): on a CPU these small
 contractions are bound by memory traffic, not arithmetic, and the bytes a path keeps for
 its backward are the intermediates it writes and reads again. Measured (one thread, batch
-128, 99.5 %, whole training steps): it picks what the timings pick for Linear layers --
-the chain for LeNet-300-100's 784x300 first layer, the rebuild for its small ones and for
-every ViT-tiny projection (many token rows, rank-1 cores: ViT-tiny's step went from 1.6x to
-about 1.0x dense). It does not hold for convolutions, whose rebuild is a full dense
-convolution (compute-bound: LeNet-5 went from 0.64x to 1.02x dense), so they keep their
-chain.
+128, 99.5 %, whole training steps): for Linear layers it picks what the timings pick where
+the difference matters -- the chain for LeNet-300-100's 784x300 first layer, the rebuild
+for ViT-tiny's projections (many token rows, rank-1 cores; ``auto`` rebuilt 17 of 18:
+ViT-tiny's step went from about 1.5x to about 1.0x dense). It does not hold for
+convolutions, whose rebuild is a full dense convolution (compute-bound: LeNet-5 went from
+0.64x to 1.02x dense), so they keep their chain.
 
 Paths: ``"lighter"`` (the default: per Linear layer by those byte counts, convolutions on
 their chain; sizes, not timings, so deterministic), ``"chain"`` (the method's own
