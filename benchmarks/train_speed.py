@@ -6,8 +6,11 @@ defaults (``compress`` of ``speed_table.py``: TT at the auto rank, data-free pru
 timed as:
 
 ``dense``          the dense zoo model (the bar)
+``lighter``        ``finetune``'s default (``--train-path lighter``): per Linear the path whose
+                   backward keeps fewer bytes, convolutions on their chain
 ``chain``          the compressed model, every tensorized layer on its chain (``--train-path chain``)
-``rebuild``        every linear chain on its rebuilt dense weight (``--train-path dense``)
+``rebuild``        every linear chain on its rebuilt dense weight, a pruned TT-matrix only the
+                   block its masks keep (``--train-path dense``)
 ``auto``           per layer the faster of the two, measured first (``--train-path auto``)
 
 Steps run interleaved (one step of each engine per round, rotating who goes first) on a
@@ -15,6 +18,8 @@ fixed random batch (``--batch``, default 128: ``finetune``'s default), after war
 rounds; figures are medians of per-step CPU time (``time.thread_time``, so a loaded
 machine inflates them less than wall time would) and the ratio to dense of each
 engine's median. Masks ride on the cores, so every compressed step is a real masked step.
+Every engine trains with ``finetune``'s optimizer (:func:`tedepr_cli.train._optimizer`:
+AdamW, torch's default implementation) at lr 1e-3.
 
     python benchmarks/train_speed.py [--families ...] [--sparsity 0.995] [--rounds 15]
                                      [--json-out FILE] [--md-out FILE] [--quick]
@@ -46,28 +51,33 @@ from tedepr_cli import zoo  # noqa: E402
 from tedepr_cli.fsutil import atomic_output  # noqa: E402
 from tedepr_cli.machine import cpu_model  # noqa: E402
 from tedepr_cli.surgery import example_input  # noqa: E402
-from tedepr_cli.tensorized.train_path import measure, set_train_paths, uniform  # noqa: E402
+from tedepr_cli.tensorized.train_path import leaner, measure, set_train_paths, uniform  # noqa: E402
+from tedepr_cli.train import TrainOptions, _optimizer  # noqa: E402
 
-ENGINES = ("dense", "chain", "rebuild", "auto")
+ENGINES = ("dense", "lighter", "chain", "rebuild", "auto")
 
 
 def engines(family: str, sparsity: float, seed: int, x: torch.Tensor) -> tuple[dict[str, Any], dict]:
-    """The four models of a family, each with its own AdamW, and the auto choice."""
+    """The five models of a family, each with its own optimizer, and the auto and lighter
+    choices."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         dense = getattr(zoo, family)()
     art = compress(family, sparsity, seed)
     models: dict[str, torch.nn.Module] = {"dense": dense}
-    for name in ("chain", "rebuild", "auto"):
+    for name in ENGINES[1:]:
         models[name] = copy.deepcopy(art.model)
     set_train_paths(models["rebuild"], uniform(models["rebuild"], "dense"))
+    lighter = leaner(models["lighter"], x)
+    set_train_paths(models["lighter"], lighter)
     timings = measure(models["auto"], x)
     set_train_paths(models["auto"], {n: str(t["path"]) for n, t in timings.items()})
+    opts = TrainOptions(lr=1e-3)
     out = {}
     for name, m in models.items():
         m.train()
-        out[name] = (m, torch.optim.AdamW(m.parameters(), lr=1e-3))
-    return out, timings
+        out[name] = (m, _optimizer(m, opts))
+    return out, timings, lighter
 
 
 def step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -86,7 +96,7 @@ def run_family(family: str, args: argparse.Namespace) -> dict[str, Any]:
         probe = getattr(zoo, family)()
     x = example_input(probe, tuple(probe.input_shape), args.batch, "rand", g)
     y = torch.randint(0, 10, (args.batch,), generator=g)
-    eng, timings = engines(family, args.sparsity, args.seed, x)
+    eng, timings, lighter = engines(family, args.sparsity, args.seed, x)
     times: dict[str, list[float]] = {e: [] for e in ENGINES}
     for r in range(args.warmup + args.rounds):
         order = ENGINES[r % len(ENGINES):] + ENGINES[: r % len(ENGINES)]
@@ -99,7 +109,8 @@ def run_family(family: str, args: argparse.Namespace) -> dict[str, Any]:
             "ms_per_step": {e: round(1e3 * v, 2) for e, v in med.items()},
             "ratio_to_dense": {e: round(med[e] / med["dense"], 3) for e in ENGINES},
             "auto": {n: t["path"] for n, t in timings.items()},
-            "auto_rebuilt": sum(t["path"] == "dense" for t in timings.values()), "layers": len(timings)}
+            "auto_rebuilt": sum(t["path"] == "dense" for t in timings.values()), "layers": len(timings),
+            "lighter": lighter, "lighter_rebuilt": sum(p == "dense" for p in lighter.values())}
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -107,16 +118,19 @@ def markdown(report: dict[str, Any]) -> str:
     lines = ["# Training speed: compressed vs dense, per step", "",
              f"{m['cpu']}, {m['cores']} cores, 1 thread, torch {m['torch']}; load average {m['load_before']} "
              f"before, {m['load_after']} after (1 min); sparsity {100 * report['sparsity']:g} %, batch "
-             f"{report['batch']}, AdamW; {report['rounds']} interleaved rounds after {report['warmup']} "
-             "warm-up; medians of per-step CPU time (ms) and their ratio to dense (< 1: faster than "
-             "dense). `auto`: per layer the faster of chain and rebuild, measured first (rebuilt "
-             "layers of all).", "",
-             "| model | dense | chain | rebuild | auto | chain / dense | rebuild / dense | auto / dense "
-             "| auto rebuilt |", "|---|---|---|---|---|---|---|---|---|"]
+             f"{report['batch']}, AdamW (finetune's); {report['rounds']} interleaved rounds after "
+             f"{report['warmup']} warm-up; medians of per-step CPU time (ms) and their ratio to dense "
+             "(< 1: faster than dense). `lighter`: finetune's default, per Linear the path whose "
+             "backward keeps fewer bytes, convolutions on their chain; `auto`: per layer the faster "
+             "of chain and rebuild, measured first (rebuilt layers of all).", "",
+             "| model | dense | lighter | chain | rebuild | auto | lighter / dense | chain / dense "
+             "| rebuild / dense | auto / dense | lighter rebuilt | auto rebuilt |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["families"]:
         ms, q = r["ms_per_step"], r["ratio_to_dense"]
-        lines.append(f"| {r['family']} | {ms['dense']:.1f} | {ms['chain']:.1f} | {ms['rebuild']:.1f} | "
-                     f"{ms['auto']:.1f} | {q['chain']:.2f} | {q['rebuild']:.2f} | **{q['auto']:.2f}** | "
+        lines.append(f"| {r['family']} | {ms['dense']:.1f} | {ms['lighter']:.1f} | {ms['chain']:.1f} | "
+                     f"{ms['rebuild']:.1f} | {ms['auto']:.1f} | **{q['lighter']:.2f}** | {q['chain']:.2f} | "
+                     f"{q['rebuild']:.2f} | {q['auto']:.2f} | {r['lighter_rebuilt']}/{r['layers']} | "
                      f"{r['auto_rebuilt']}/{r['layers']} |")
     return "\n".join(lines) + "\n"
 

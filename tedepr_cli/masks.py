@@ -113,6 +113,14 @@ def attach_masks(model: nn.Module, masks: dict[str, Tensor]) -> None:
             original.mul_(mask.to(original.dtype))
 
 
+def mask_of(module: nn.Module, attr: str) -> Tensor | None:
+    """The boolean mask attached to ``module``'s tensor ``attr`` (``"weight"``, or ``"0"`` for
+    the first entry of a ``ParameterList`` such as a tensorized layer's ``cores``), or None when
+    that tensor is not pruned. The live buffer: do not modify it in place."""
+    fm = _mask_of(module, attr)
+    return None if fm is None else fm.mask
+
+
 def _masked(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, FixedMask]]:
     """(plain name, owning module, attribute, mask) of every masked parameter, in module order."""
     for mod_name, module in model.named_modules():

@@ -94,7 +94,7 @@ class TrainOptions:
     teacher: str | None = None  # distill from this model (see distill.py)
     distill_alpha: float = 0.5  # weight of the soft (teacher) term
     distill_temperature: float = 4.0
-    train_path: str = "chain"  # chain | dense | auto: how tensorized layers train (tensorized/train_path.py)
+    train_path: str = "lighter"  # lighter | chain | dense | auto: how tensorized layers train (train_path.py)
     distill_loss: str = "auto"  # kl (logits) | cosine | mse (outputs); auto: kl with labels, else cosine
 
     def validate(self) -> None:
@@ -134,18 +134,22 @@ def _train_paths(model: nn.Module, art: Artifact, opts: TrainOptions, saved: dic
     """Set how each tensorized layer of the training copy ``model`` trains (chain or
     rebuilt dense weight, :mod:`tedepr_cli.tensorized.train_path`); returns the choice and,
     for ``auto``, its timings. A resumed run keeps the choice it started with; under DDP
-    rank 0 measures and every rank takes its choice, so the replicas compute alike."""
+    every rank computes the same ``lighter`` choice (sizes of a seeded batch), and for
+    ``auto`` rank 0 measures and every rank takes its choice, so the replicas compute alike."""
     from .surgery import example_input
-    from .tensorized.train_path import measure, set_train_paths, uniform
+    from .tensorized.train_path import leaner, measure, set_train_paths, uniform
 
     timings: dict[str, Any] = {}
+    per_rank = max(1, opts.batch_size // dist.world)
     if saved is not None and "train_paths" in saved:
         paths = dict(saved["train_paths"])
+    elif opts.train_path == "lighter":  # sizes, not timings: every rank computes the same choice
+        gen = torch.Generator().manual_seed(opts.seed)
+        paths = leaner(model, example_input(model, art.input_shape, per_rank, "rand", gen).to(device))
     elif opts.train_path != "auto":
         paths = uniform(model, opts.train_path)
     else:
         if dist.main:
-            per_rank = max(1, opts.batch_size // dist.world)
             gen = torch.Generator().manual_seed(opts.seed)
             x = example_input(model, art.input_shape, per_rank, "rand", gen)
             timings = measure(model, x.to(device))

@@ -75,6 +75,113 @@ def test_inference_keeps_the_chain_and_training_really_rebuilds(monkeypatch):
     assert not calls
 
 
+def _pruned_tt(in_modes, out_modes, ranks, prune):
+    """A TT-matrix Linear with random cores and masks: ``prune(k, mask)`` clears entries of
+    core ``k``'s all-True mask in place."""
+    from tedepr_cli.masks import attach_masks
+
+    torch.manual_seed(0)
+    layer = build_layer({"type": "linear", "format": "tt", "in_modes": in_modes, "out_modes": out_modes,
+                         "ranks": ranks})
+    with torch.no_grad():
+        for c in layer.cores:
+            c.normal_()
+        layer.bias.normal_()
+    masks = {}
+    for k, c in enumerate(layer.cores):
+        m = torch.rand(c.shape) < 0.8
+        prune(k, m)
+        masks[f"cores.{k}"] = m
+    attach_masks(layer, masks)
+    return layer
+
+
+def _gathered_rows_kept():
+    """Input modes 1 and 3 of core 0 pruned, 0 and 4 of core 2 (4 * 3 * 3 of 8 * 3 * 5
+    columns kept: the input is gathered), output mode 1 of core 1 (most rows kept: the block
+    goes into zero rows), and rank index 2 of the first bond kept in core 0 but pruned in
+    core 1 (a dead bond: the rank drops, with every entry of core 0 that only it used)."""
+    def prune(k, m):
+        m[...] = m | (torch.rand(m.shape) < 0.5)  # dense enough that no other slice empties
+        if k == 0:
+            m[:, [1, 3]] = False
+        if k == 1:
+            m[:, :, 1] = False
+            m[2] = False
+        if k == 2:
+            m[:, [0, 4]] = False
+    return _pruned_tt([8, 3, 5], [4, 6, 2], [1, 3, 2, 1], prune)
+
+
+def _scattered_cols_kept():
+    """15 of 20 columns kept (placed in zero columns), 2 of 6 * 6 output rows (scattered)."""
+    def prune(k, m):
+        m[...] = m | (torch.rand(m.shape) < 0.5)
+        if k == 0:
+            m[:, 0] = False
+            m[:, :, [0, 2, 3, 4, 5]] = False
+        if k == 1:
+            m[:, :, [1, 2, 3, 5]] = False
+    return _pruned_tt([4, 5], [6, 6], [1, 3, 1], prune)
+
+
+@pytest.mark.parametrize("make", [_gathered_rows_kept, _scattered_cols_kept])
+def test_a_pruned_rebuild_runs_on_the_kept_block_with_the_chains_outputs_and_gradients(make, monkeypatch):
+    """The rebuild of a pruned TT-matrix forms only the block of W its masks can reach (the
+    cores are cut to their kept slices before the rebuild) and computes the chain's function,
+    input gradient and core gradients (pruned entries' gradients exactly zero)."""
+    import tedepr_cli.tensorized.tt as tt
+
+    layer = make()
+    index, cols, rows = layer._kept_support()
+    n, m = layer.in_features, layer.out_features
+    assert 0 < cols.numel() < n and 0 < rows.numel() < m
+    full = layer.dense_weight().detach()  # the dense weight of the masked cores
+    keep = torch.zeros_like(full, dtype=torch.bool)
+    keep[rows[:, None], cols] = True
+    assert torch.all(full[~keep] == 0)  # nothing nonzero outside the block
+    shapes = []
+    real = tt.tt_matrix_dense
+    monkeypatch.setattr(tt, "tt_matrix_dense", lambda cores: shapes.append(real(cores).shape) or real(cores))
+    x = torch.randn(6, 4, n)
+    grads, outs = {}, {}
+    for path in ("chain", "dense"):
+        layer.zero_grad(set_to_none=True)
+        xr = x.clone().requires_grad_(True)
+        with train_paths(layer, {"": path}):
+            y = layer(xr)
+            (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        outs[path] = y.detach()
+        grads[path] = [c.grad.clone() for c in plain_named_parameters(layer).values()] + [xr.grad.clone()]
+    assert shapes == [(rows.numel(), cols.numel())]  # the rebuild formed the kept block only
+    torch.testing.assert_close(outs["dense"], outs["chain"], rtol=1e-4, atol=1e-4)
+    for a, b in zip(grads["dense"], grads["chain"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    from tedepr_cli.masks import get_masks
+
+    for name, mask in get_masks(layer).items():
+        g = plain_named_parameters(layer)[name].grad
+        assert g is not None and torch.all(g[~mask] == 0)
+
+
+def test_the_kept_block_follows_the_masks_when_they_change():
+    """The support is cached per mask tensor and version: masks re-attached in place (a
+    second pruning round) give the new block, not the old one."""
+    from tedepr_cli.masks import attach_masks, get_masks
+
+    layer = _scattered_cols_kept()
+    _, _, rows = layer._kept_support()
+    masks = {n: m.clone() for n, m in get_masks(layer).items()}
+    masks["cores.1"][:, :, 4] = False  # one of the two kept output modes of core 1 goes
+    attach_masks(layer, masks)
+    _, _, fewer = layer._kept_support()
+    assert fewer.numel() == rows.numel() // 2
+    x = torch.randn(5, layer.in_features)
+    with train_paths(layer, {"": "dense"}):
+        y = layer(x)
+    torch.testing.assert_close(y, layer(x), rtol=1e-4, atol=1e-4)  # == the chain, new masks
+
+
 def test_measure_chooses_per_layer_and_leaves_the_model_as_it_was(monkeypatch):
     art = load_model(LENET300, parse_arch("lenet300"))
     art, _ = prune(art, PruneOptions(sparsity=0.99, criterion="synflow"))
@@ -147,6 +254,38 @@ def test_uniform_paths_and_the_option(pruned, tmp_path):
                 "-o", tmp_path / "x")
     assert r.exit_code == 2 and "--train-path" in r.stderr and r.stderr.count("\n") == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_the_default_path_trains_linear_layers_on_the_lighter_path(pruned, tmp_path):
+    """finetune's default (--train-path lighter): per Linear the path whose backward keeps
+    fewer bytes on a training batch (sizes of a seeded batch: the same choice every run)."""
+    from tedepr_cli.surgery import example_input
+    from tedepr_cli.tensorized.train_path import leaner, lighter
+
+    assert TrainOptions().train_path == "lighter"
+    _, summary = finetune(pruned, MNIST, tmp_path / "l", TrainOptions(
+        epochs=1, batch_size=64, limit_train=128, lr=3e-3, seed=2))
+    x = example_input(pruned.model, pruned.input_shape, 64, "rand", torch.Generator().manual_seed(2))
+    sizes = lighter(pruned.model, lambda: pruned.model(x))
+    want = {n: t["path"] for n, t in sizes.items()}
+    assert {n: t["path"] for n, t in summary["train_paths"].items()} == want == leaner(pruned.model, x)
+    assert set(want.values()) == {"chain", "dense"}  # here the wide first layer keeps its chain
+
+
+def test_lighter_keeps_convolutions_on_their_chain(monkeypatch):
+    """A convolution's rebuild is a full dense convolution (compute, not memory, bound):
+    the lighter path keeps every conv chain even where the rebuild keeps fewer bytes."""
+    import tedepr_cli as tedepr
+    import tedepr_cli.tensorized.train_path as tp
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.Flatten(),
+                            torch.nn.Linear(16 * 6 * 6, 24))
+    model = tedepr.tensorize(m, example_input=torch.rand(2, 8, 6, 6), rank=2)
+    assert set(rebuildable(model)) == {"0", "2"}
+    monkeypatch.setattr(tp, "lighter", lambda model, run: {
+        n: {"path": "dense", "chain_bytes": 2, "dense_bytes": 1} for n in rebuildable(model)})
+    assert tp.leaner(model, torch.rand(4, 8, 6, 6)) == {"0": "chain", "2": "dense"}
 
 
 # ---------------------------------------------------------------------------- scoring memory

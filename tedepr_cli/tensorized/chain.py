@@ -87,6 +87,47 @@ def ring_conv(state: Tensor, kernel: Tensor, r0: int, kernel_size: tuple[int, in
     return out.reshape(b, r0 * rn, out.shape[-2], out.shape[-1])
 
 
+def tt_matrix_support(masks: list[Tensor]) -> tuple[list[Tensor], Tensor, Tensor]:
+    """Where a pruned TT-matrix can be nonzero: per core the kept ``(rank in, input mode,
+    output mode, rank out)`` indices, and the flat input and output features that any kept
+    path reaches.
+
+    ``masks`` are the cores' boolean masks ``(r_{k-1}, n_k, m_k, r_k)``. An input index
+    ``i_k`` (output index ``j_k``, rank index) whose slice of core ``k`` is all pruned adds
+    only exact zeros to every entry of ``W``, and a rank index kept on one side of its bond
+    but pruned on the other carries only zeros; dropping them (repeated until nothing
+    changes) leaves the same ``W`` restricted to the kept rows and columns. Returns
+    ``(index, in_features, out_features)``: ``index[k]`` a tuple of four broadcastable index
+    tensors that select core ``k``'s kept block (``core[index[k]]``), ``in_features`` /
+    ``out_features`` the flat feature indices (row-major over the modes, sorted) of the
+    block's columns / rows, so that ``tt_matrix_dense([c[i] for c, i in zip(cores, index)])``
+    equals ``W[out_features][:, in_features]``. Empty index tensors when the whole ``W`` is
+    pruned away."""
+    alive = [m.to(torch.bool) for m in masks]
+    while True:  # a dropped rank index can empty a mode slice, and the other way round
+        bonds = [alive[0].flatten(1).any(1)]
+        bonds += [alive[k - 1].flatten(0, 2).any(0) & alive[k].flatten(1).any(1)
+                  for k in range(1, len(alive))]
+        bonds.append(alive[-1].flatten(0, 2).any(0))
+        pruned = [a & bonds[k][:, None, None, None] & bonds[k + 1] for k, a in enumerate(alive)]
+        if all(torch.equal(a, b) for a, b in zip(pruned, alive, strict=True)):
+            break
+        alive = pruned
+    ins = [a.any(3).any(2).any(0).nonzero().flatten() for a in alive]
+    outs = [a.any(3).any(1).any(0).nonzero().flatten() for a in alive]
+    ranks = [b.nonzero().flatten() for b in bonds]
+    index = [(ranks[k][:, None, None, None], ins[k][None, :, None, None], outs[k][None, None, :, None],
+              ranks[k + 1][None, None, None, :]) for k in range(len(alive))]
+
+    def flat(kept: list[Tensor], modes: list[int]) -> Tensor:
+        out = torch.zeros(1, dtype=torch.long, device=kept[0].device)
+        for idx, n in zip(kept, modes, strict=True):
+            out = (out[:, None] * n + idx[None, :]).flatten()
+        return out
+
+    return index, flat(ins, [m.shape[1] for m in masks]), flat(outs, [m.shape[2] for m in masks])
+
+
 # ---------------------------------------------------------------------------- dense
 def merge_ring(cores: list[Tensor]) -> Tensor:
     """Product of ring/TT cores ``(r_0, d_1, r_1)...`` as ``(r_0, d_1*...*d_L, r_L)``."""

@@ -10,11 +10,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..masks import mask_of
 from .base import TensorizedLayer, bn_relu
-from .chain import tt_matrix_dense, tt_matrix_forward
+from .chain import tt_matrix_dense, tt_matrix_forward, tt_matrix_support
 from .conv import ChainConv2d
 
 
@@ -38,7 +40,7 @@ class TTLinear(TensorizedLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training_on_rebuild():
-            return F.linear(x, self.dense_weight(), self.bias)
+            return self._rebuilt_forward(x)
         lead = x.shape[:-1]
         y = tt_matrix_forward(x.reshape(-1, x.shape[-1]), list(self.cores), self._spec["in_modes"],
                               self.act if self.chain == "nonlinear" else None, self.mid_after)
@@ -49,6 +51,59 @@ class TTLinear(TensorizedLayer):
     def dense_weight(self) -> Tensor:
         self._require_linear_chain()
         return tt_matrix_dense(list(self.cores))
+
+    def _rebuilt_forward(self, x: Tensor) -> Tensor:
+        """``F.linear`` on the rebuilt weight (:mod:`.train_path`), restricted to the block of
+        ``W`` that the masks leave nonzero (:func:`~.chain.tt_matrix_support`).
+
+        A pruned TT-matrix's ``W`` is zero on every input feature whose mode index is pruned
+        out of its core (and on every such output feature): at 99.5 % most of it. Only the
+        kept block is rebuilt (fewer, smaller ops in the forward and the backward); the input
+        is gathered to the kept columns when that halves them or more, else the block is
+        placed in zero columns; likewise the output is scattered from the kept rows, or the
+        block placed in zero rows. The same function and the same core gradients (pruned
+        entries contribute exact zeros either way), up to float summation order."""
+        support = self._kept_support()
+        if support is None:
+            return F.linear(x, self.dense_weight(), self.bias)
+        index, cols, rows = support
+        n, m = self.in_features, self.out_features
+        w = tt_matrix_dense([c[i] for c, i in zip(list(self.cores), index, strict=True)])
+        gather, scatter = 2 * cols.numel() <= n, 2 * rows.numel() <= m
+        if not gather and cols.numel() < n:
+            w = w.new_zeros(w.shape[0], n).index_copy(1, cols, w)
+        if not scatter and rows.numel() < m:
+            w = w.new_zeros(m, w.shape[1]).index_copy(0, rows, w)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, n)
+        if gather:
+            x2 = x2.index_select(1, cols)
+        if not scatter:
+            return F.linear(x2, w, self.bias).reshape(*lead, m)
+        base = self.bias.expand(x2.shape[0], m) if self.bias is not None else x2.new_zeros(x2.shape[0], m)
+        return base.index_add(1, rows, x2 @ w.T).reshape(*lead, m)
+
+    def _kept_support(self) -> tuple[list[tuple[Tensor, ...]], Tensor, Tensor] | None:
+        """:func:`~.chain.tt_matrix_support` of the cores' masks, cached while the masks are
+        the same tensors, unmodified; None when nothing is pruned away (no mask, or every
+        core's kept block is the whole core) or when everything is (the plain rebuild then
+        keeps the gradients' shapes)."""
+        masks = [mask_of(self.cores, str(k)) for k in range(len(self.cores))]
+        if all(mk is None for mk in masks):
+            return None
+        key = [(mk, mk._version) if mk is not None else None for mk in masks]
+        cached = getattr(self, "_support", None)  # absent on modules pickled before it
+        if cached is None or len(cached[0]) != len(key) or any(
+                (a is None) != (b is None) or (a is not None and (a[0] is not b[0] or a[1] != b[1]))
+                for a, b in zip(cached[0], key, strict=True)):
+            full = [torch.ones(c.shape, dtype=torch.bool, device=c.device) if mk is None else mk
+                    for c, mk in zip(self.cores, masks, strict=True)]
+            index, cols, rows = tt_matrix_support(full)
+            kept = [tuple(t.numel() for t in i) for i in index]
+            whole = all(k == tuple(c.shape) for k, c in zip(kept, self.cores, strict=True))
+            cached = self._support = (key, None if whole or not cols.numel() or not rows.numel()
+                                      else (index, cols, rows))
+        return cached[1]
 
     def dense_weight_shape_numel(self) -> int:
         return self.in_features * self.out_features
