@@ -253,6 +253,16 @@ def test_cli_prune_rank_allocation_criterion(tmp_path):
     assert auto["allocation"] == "criterion" and auto["probe_ratio"] == 16.0
     manifest = json.loads((out / "manifest.json").read_text())
     assert {n: max(s["ranks"]) for n, s in manifest["tensorization"]["layers"].items()} == auto["ranks"]
+    assert "per layer " + ", ".join(f"{n} {k}" for n, k in auto["ranks"].items()) in r.stderr
+
+
+@pytest.mark.parametrize("extra, why", [(["--rank", "2"], "the rank is given"),
+                                        (["--no-decompose"], "prunes dense weights")])
+def test_cli_rank_allocation_says_when_it_does_not_apply(tmp_path, extra, why):
+    r = run_cli("prune", "lenet5", "--init", "random", "--sparsity", "0.9", "--criterion", "magnitude",
+                "--rank-allocation", "criterion", *extra, "-o", tmp_path / "p")
+    assert r.exit_code == 0, r.stderr
+    assert "--rank-allocation criterion applies to the one-shot path" in r.stderr and why in r.stderr
 
 
 def test_api_prune_passes_the_path_options():

@@ -405,6 +405,16 @@ def test_cli_bad_options(tmp_path, args, code):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("option, value, rule", [("--steps", "-1", ">= 0"), ("--rounds", "0", ">= 1"),
+                                                 ("--iterations", "0", ">= 1"), ("--inner-lr", "0", "> 0"),
+                                                 ("--micro-batch", "-2", ">= 1")])
+def test_cli_names_the_criterion_option_that_is_wrong(tmp_path, option, value, rule):
+    r = run_cli("prune", LENET300, "--arch", "lenet300", "--sparsity", "0.99", option, value,
+                "-o", tmp_path / "o")
+    assert r.exit_code == 2 and list(tmp_path.iterdir()) == []
+    assert r.stderr.strip().endswith(f"{option} must be {rule}, got {float(value):g}"), r.stderr
+
+
 def test_cli_data_that_does_not_fit(tmp_path):
     import numpy as np
 

@@ -76,9 +76,11 @@ class PruneOptions:
         if not self.coarse_ratio >= 1:
             raise UsageError(f"{opt('coarse-ratio')} must be >= 1, got {self.coarse_ratio}")
         o = self.criterion_options
-        if o.steps < 0 or o.rounds < 1 or o.iterations < 1 or o.inner_lr <= 0 or o.micro_batch < 1:
-            raise UsageError(f"{opt('steps')} >= 0, {opt('rounds')} >= 1, {opt('iterations')} >= 1, "
-                             f"{opt('inner-lr')} > 0, {opt('micro-batch')} >= 1 required")
+        for name, ok, rule in (("steps", o.steps >= 0, ">= 0"), ("rounds", o.rounds >= 1, ">= 1"),
+                               ("iterations", o.iterations >= 1, ">= 1"), ("inner-lr", o.inner_lr > 0, "> 0"),
+                               ("micro-batch", o.micro_batch >= 1, ">= 1")):
+            if not ok:
+                raise UsageError(f"{opt(name)} must be {rule}, got {getattr(o, name.replace('-', '_')):g}")
         if self.min_paths < 0:
             raise UsageError(f"{opt('min-paths')} must be >= 0, got {self.min_paths}")
         if self.grain not in GRAINS:
@@ -289,9 +291,17 @@ def prune(art: Artifact, opts: PruneOptions, data: Path | None = None,
         raise BadInput(f"{art.source or 'the model'} is already pruned; prune the unpruned artifact")
     criterion, _ = resolve_criterion(opts.criterion, data is not None)
     rank_note = None
-    if not art.meta.get("tensorization") and opts.decompose:
-        dopts = decompose_opts or DecomposeOptions(seed=opts.seed, rank=None)
-        if dopts.rank is None and dopts.compression is None:
+    one_shot = not art.meta.get("tensorization") and opts.decompose
+    dopts = (decompose_opts or DecomposeOptions(seed=opts.seed, rank=None)) if one_shot else None
+    auto = one_shot and dopts.rank is None and dopts.compression is None
+    if opts.rank_allocation == "criterion" and not auto:
+        why = ("the model is already decomposed" if art.meta.get("tensorization") else
+               f"{opt('no-decompose')} prunes dense weights" if not opts.decompose else
+               "the rank is given")
+        log.warning(f"{opt('rank-allocation')} criterion applies to the one-shot path with "
+                    f"{opt('rank')} auto only; {why}, so it is ignored")
+    if one_shot:
+        if auto:
             dopts = replace(dopts, rank=auto_rank(art.model, art.input_shape, dopts, opts))
             rank_note = {"rank": dopts.rank, "coarse_ratio": opts.coarse_ratio}
             given = dict(dopts.rank_overrides)  # the caller's per-layer ranks win over both rules below
@@ -312,6 +322,8 @@ def prune(art: Artifact, opts: PruneOptions, data: Path | None = None,
                              + ", ".join(f"{n} {r}" for n, r in raised.items()))
         art, _ = decompose(art, dopts)
         how = f" (auto: cores about {opts.coarse_ratio:g}x the budget)" if rank_note else ""
+        if rank_note and rank_note.get("allocation"):
+            how = f" (auto), per layer {', '.join(f'{n} {r}' for n, r in rank_note['ranks'].items())}"
         log.info(f"decomposed with {dopts.format.upper()} rank {dopts.rank}{how} before pruning "
                  f"(pass a decomposed artifact or {opt('no-decompose')} to control this)")
     out = Artifact(model=copy.deepcopy(art.model).eval(), arch=art.arch, meta=copy.deepcopy(art.meta),
