@@ -33,6 +33,21 @@ def _input(layer, batch=5):
     return torch.randn(batch, 7, layer.in_features)  # extra leading dims, like tokens
 
 
+def _chain_and_rebuild(layer, x, params):
+    """``layer``'s output on ``x`` and the gradients of ``params`` then of ``x`` (a fixed
+    linear loss), on its chain and on its rebuilt weight, by path name."""
+    grads, outs = {}, {}
+    for path in ("chain", "dense"):
+        layer.zero_grad(set_to_none=True)
+        xr = x.clone().requires_grad_(True)
+        with train_paths(layer, {"": path}):
+            y = layer(xr)
+            (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        outs[path] = y.detach()
+        grads[path] = [c.grad.clone() for c in params] + [xr.grad.clone()]
+    return outs, grads
+
+
 @pytest.mark.parametrize("name", list(SPECS))
 def test_the_rebuild_computes_the_chain_and_its_core_gradients(name):
     torch.manual_seed(0)
@@ -43,15 +58,7 @@ def test_the_rebuild_computes_the_chain_and_its_core_gradients(name):
         if layer.bias is not None:
             layer.bias.normal_()
     x = _input(layer)
-    grads, outs = {}, {}
-    for path in ("chain", "dense"):
-        layer.zero_grad(set_to_none=True)
-        xr = x.clone().requires_grad_(True)
-        with train_paths(layer, {"": path}):
-            y = layer(xr)
-            (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
-        outs[path] = y.detach()
-        grads[path] = [c.grad.clone() for c in layer.cores] + [xr.grad.clone()]
+    outs, grads = _chain_and_rebuild(layer, x, list(layer.cores))
     torch.testing.assert_close(outs["dense"], outs["chain"], rtol=1e-4, atol=1e-4)
     for a, b in zip(grads["dense"], grads["chain"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
@@ -144,15 +151,7 @@ def test_a_pruned_rebuild_runs_on_the_kept_block_with_the_chains_outputs_and_gra
     real = tt.tt_matrix_dense
     monkeypatch.setattr(tt, "tt_matrix_dense", lambda cores: shapes.append(real(cores).shape) or real(cores))
     x = torch.randn(6, 4, n)
-    grads, outs = {}, {}
-    for path in ("chain", "dense"):
-        layer.zero_grad(set_to_none=True)
-        xr = x.clone().requires_grad_(True)
-        with train_paths(layer, {"": path}):
-            y = layer(xr)
-            (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
-        outs[path] = y.detach()
-        grads[path] = [c.grad.clone() for c in plain_named_parameters(layer).values()] + [xr.grad.clone()]
+    outs, grads = _chain_and_rebuild(layer, x, list(plain_named_parameters(layer).values()))
     assert shapes == [(rows.numel(), cols.numel())]  # the rebuild formed the kept block only
     torch.testing.assert_close(outs["dense"], outs["chain"], rtol=1e-4, atol=1e-4)
     for a, b in zip(grads["dense"], grads["chain"], strict=True):
