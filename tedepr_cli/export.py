@@ -14,7 +14,8 @@ only after every format passed validation, so a failed export leaves nothing beh
   loads the model: this saves disk, not memory or time.
 * ``onnx-fast`` -- every compressed layer as one ``ai.onnx.contrib::TedeprChain`` node
   (:mod:`tedepr_cli.kernels.ort_ops`) with a model-local function of standard ops behind
-  it: the layer's chain ops or its dense rebuild, as the fastest of three whole-model
+  it: the layer's chain ops, its dense rebuild or the nonzero block of that
+  (:func:`tedepr_cli.kernels.ort_ops.support_function`), as the fastest of three whole-model
   candidates in onnxruntime at batches 1 and 32 (all chain ops, the per-layer choice,
   all dense; :func:`fast_onnx`; measured at export, the choice and the timings are in
   ``export.json``, so two exports may differ where candidates were a near tie). Any runtime
@@ -311,7 +312,8 @@ def fast_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int,
               batches: tuple[int, ...] = FAST_BATCHES) -> tuple[Any, dict[str, Any]]:
     """The ``onnx-fast`` graph of ``model`` (masks folded in): each layer with a sparse path
     (:func:`tedepr_cli.kernels.ort_ops.pack_layer`) as one ``TedeprChain`` node whose
-    function body is the layer's chain ops or its dense rebuild. Per layer the faster alone
+    function body is the layer's chain ops, its dense rebuild or (linear layers) the nonzero
+    block of that. Per layer the fastest alone
     (:func:`tedepr_cli.kernels.ort_ops.choose_bodies`); then the whole model is timed in
     stock onnxruntime at ``batches`` with every layer on its chain ops, with the per-layer
     choice and with every layer dense, and the fastest end to end is kept (ties: the
@@ -361,7 +363,7 @@ def fast_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int,
     # whole-model candidates: every layer on its chain ops (the plain export's speed), the
     # per-layer choice, every layer dense where it can be; the fastest end to end is kept
     choices = {"chain": {}, "per-layer": {n: t["body"] for n, t in timed.items()},
-               "dense": {n: "dense" for n in timed}}
+               "dense": {n: "dense" for n, t in timed.items() if "dense" in t["us"]}}
     built: dict[str, tuple[Any, list[dict[str, Any]]]] = {}
     for label, choice in choices.items():
         if any(choice == c for k, c in choices.items() if k in built):

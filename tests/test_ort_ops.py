@@ -167,10 +167,11 @@ def test_export_onnx_fast_validates_both_ways_and_records_its_choices(tmp_path):
         assert all(c["ok"] for c in rep["validation"][label].values()), rep["validation"][label]
     layers = rep["fast"]["layers"]
     assert {r["layer"] for r in layers} == {"fc1", "fc2", "fc3"}
-    assert all(r["ok"] and r["body"] in ("chain", "dense") for r in layers)
-    timed = [r for r in layers if "us" in r]  # those with a dense alternative of the same signature
+    assert all(r["ok"] and r["body"] in ("chain", "dense", "support") for r in layers)
+    timed = [r for r in layers if "us" in r]  # those with an alternative body (dense trace, nonzero block)
     assert timed
-    assert all(set(r["us"]) == {"chain", "dense"} and set(r["us"]["chain"]) == {1, 32} for r in timed)
+    assert all("chain" in r["us"] and len(r["us"]) >= 2 and set(r["us"]) <= {"chain", "dense", "support"}
+               and set(r["us"]["chain"]) == {1, 32} for r in timed)
     assert all(r["body"] == "chain" for r in layers if "us" not in r)
     fast = rep["fast"]
     assert fast["choice"] in fast["model_us"] and "chain" in fast["model_us"]  # the plain graph competed
@@ -235,3 +236,47 @@ def test_a_flatten_folded_into_the_layer_runs_on_the_kernel(tmp_path):
     header, _ = ort_ops._decode(next(a.s.decode() for a in node.attribute if a.name == "chain"))
     assert header["in_rank"] == 2
     assert next(a.s.decode() for a in node.attribute if a.name == "key") in ort_ops._cache
+
+
+@pytest.mark.parametrize("variant", ["gather", "place", "reshape"])
+def test_support_body_is_the_layer_on_its_nonzero_block(variant):
+    """The `support` body of a linear layer (the nonzero block of its dense weight: kept
+    input features gathered, one MatMul, or a MatMul then a 0/1 placement when few output
+    features are nonzero) computes the layer; a weight that is mostly nonzero gets none."""
+    from onnx import helper
+
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 40)
+    with torch.no_grad():
+        keep = torch.zeros(40, 48, dtype=torch.bool)
+        if variant == "place":  # few output rows: the block (cols x rows) then the placement
+            keep[[3, 17, 29]] = True
+            keep[:, 24:] = False
+        else:  # every row, few columns: gather then one MatMul
+            keep[:, [1, 5, 9, 30]] = True
+        lin.weight.mul_(keep)
+    x_rank = 4 if variant == "reshape" else 3
+    fn = ort_ops.support_function(lin, "fc", x_rank, 3, 18)
+    assert fn is not None and fn.overload == "fc"
+    ops = [n.op_type for n in fn.node]
+    assert ops.count("Gather") == 1 and ops.count("MatMul") == (2 if variant == "place" else 1)
+    assert ("Reshape" in ops) == (variant == "reshape")
+    block = next(n for n in fn.node if n.output[0] == "fc/support/block")
+    assert onnx.numpy_helper.to_array(block.attribute[0].t).size == (3 * 24 if variant == "place" else 4 * 40)
+    shape = (5, 7, 6, 8) if variant == "reshape" else (5, 7, 48)
+    node = helper.make_node(ort_ops.OP_TYPE, ["x"], ["y"], domain=ort_ops.DOMAIN, key="k", kind="linear",
+                            chain="")
+    node.overload = "fc"
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, shape)],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)])
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid(ort_ops.DOMAIN, 1)]
+    m = helper.make_model(g, opset_imports=opsets, functions=[fn])
+    m.ir_version = 10
+    x = torch.rand(shape)
+    y = ort_ops.session(m.SerializeToString(), sparse=False).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        ref = lin(x.reshape(5, 7, 48)).numpy()
+    assert y.shape == ref.shape and _scaled_error(y, ref) <= 1e-6
+    dense = nn.Linear(48, 40)
+    assert ort_ops.support_function(dense, "fc", 3, 3, 18) is None  # nothing to skip
+    assert ort_ops.support_function(nn.Conv2d(3, 4, 3), "c", 4, 4, 18) is None

@@ -112,6 +112,34 @@ def test_ort_module_takes_and_returns_torch_tensors(lenet):
     assert m.session.get_session_options().intra_op_num_threads == 1
 
 
+def test_chain_ort_runs_the_onnx_fast_graph_and_falls_back_to_the_plain_one(lenet, monkeypatch, caplog):
+    """The planner's `chain-ort` is the graph `export --to onnx-fast` writes and bench's
+    engine of that name times (TedeprChain nodes over model-local functions, in stock
+    onnxruntime), not the plain export; where that graph cannot be built, the plain one."""
+    import onnx
+
+    from tedepr_cli import export as export_mod
+    from tedepr_cli.kernels.ort_ops import OP_TYPE
+
+    x = torch.rand(4, 784)
+    m = Runtimes(lenet).module("chain-ort")
+    proto = onnx.load_from_string(m.onnx)
+    assert any(n.op_type == OP_TYPE for n in proto.graph.node) and proto.functions
+    with torch.no_grad():
+        assert rel(m(x), lenet.model(x)) <= 1e-5
+
+    def broken(*a, **k):
+        raise RuntimeError("no fast graph here")
+
+    monkeypatch.setattr(export_mod, "fast_onnx", broken)
+    with caplog.at_level("INFO", logger="tedepr"):
+        plain = Runtimes(lenet).module("chain-ort")
+    assert not any(n.op_type == OP_TYPE for n in onnx.load_from_string(plain.onnx).graph.node)
+    assert "no fast graph here" in caplog.text
+    with torch.no_grad():
+        assert rel(plain(x), lenet.model(x)) <= 1e-5
+
+
 # ---------------------------------------------------------------------------- the choice
 def test_planner_picks_the_fastest_compressed_runtime_only_if_it_beats_the_best_dense(lenet, monkeypatch):
     # the layers plan beats dense torch but not dense onnxruntime: the plan runs dense on onnxruntime

@@ -3,10 +3,12 @@ original the planner measures them against.
 
 ``layers``       the per-layer plan (compiled kernels / dense rebuilds / torch chains, fused
                  runs) in torch: :func:`.planner.build_layers` (built from a plan, not here)
-``chain-ort``    the compressed graph (``export.to_onnx`` of a folded copy) in onnxruntime; the
-                 name of ``tedepr bench``'s engine for the compressed ONNX (which times the
-                 ``onnx-fast`` graph of the same model). Called ``onnx`` before: that name is
-                 still accepted, with a deprecation warning (:func:`runtime_name`)
+``chain-ort``    the compressed model's ``onnx-fast`` graph (:func:`tedepr_cli.export.fast_onnx`:
+                 each compressed layer on the faster of its chain ops and its dense rebuild) in
+                 stock onnxruntime: the graph ``tedepr export --to onnx-fast`` writes and
+                 ``tedepr bench``'s engine of the same name times (the plain ``export.to_onnx``
+                 graph where the fast one cannot be built). Called ``onnx`` before: that name
+                 is still accepted, with a deprecation warning (:func:`runtime_name`)
 ``dense-torch``  the compressed model's function in the *original* dense layer types
                  (:func:`dense_model`: each chain rebuilt into ``nn.Linear``/``nn.Conv2d``,
                  a tensorized LSTM into ``nn.LSTM``, attention into ``nn.MultiheadAttention``)
@@ -115,14 +117,23 @@ class OrtModule(nn.Module):
         return f"onnxruntime, {len(self.onnx):,} bytes of ONNX, {self.threads} thread(s)"
 
 
-def onnx_bytes(model: nn.Module, input_shape: tuple[int, ...]) -> bytes:
-    """``model`` (masks folded in) as ONNX with a dynamic batch axis
-    (:func:`tedepr_cli.export.to_onnx`, traced at batch 2), serialized."""
-    from ..export import to_onnx
+def onnx_bytes(model: nn.Module, input_shape: tuple[int, ...], fast: bool = False) -> bytes:
+    """``model`` (masks folded in) as ONNX with a dynamic batch axis, traced at batch 2,
+    serialized: :func:`tedepr_cli.export.to_onnx`, or with ``fast`` the ``onnx-fast`` graph
+    (:func:`tedepr_cli.export.fast_onnx`, which times its candidates in onnxruntime: a few
+    seconds more); where that fails, the plain graph (logged)."""
+    from ..export import fast_onnx, to_onnx
     from ..surgery import example_input
 
     # token ids (int64) for a model that starts with an embedding, floats otherwise
-    return to_onnx(model, example_input(model, input_shape, 2, "zeros"), ONNX_OPSET).SerializeToString()
+    example = example_input(model, input_shape, 2, "zeros")
+    if fast:
+        try:
+            return fast_onnx(model, example, ONNX_OPSET)[0].SerializeToString()
+        except Exception as e:  # noqa: BLE001 - the plain graph is the same function
+            log.info(f"the onnx-fast graph cannot be built ({type(e).__name__}: {e}): "
+                     "chain-ort runs the plain compressed graph")
+    return to_onnx(model, example, ONNX_OPSET).SerializeToString()
 
 
 def _dense_lstm(layer: nn.Module) -> nn.LSTM:
@@ -232,12 +243,13 @@ class Runtimes:
             self._dense = dense_model(self.art.model)
         return self._dense
 
-    def _ort(self, key: str, model: nn.Module) -> nn.Module | None:
+    def _ort(self, key: str, model: nn.Module, fast: bool = False) -> nn.Module | None:
         if key in self.unavailable:
             return None
         if key not in self._mods:
             try:
-                self._mods[key] = OrtModule(onnx_bytes(model, self.art.input_shape), self.threads).eval()
+                onnx = onnx_bytes(model, self.art.input_shape, fast)
+                self._mods[key] = OrtModule(onnx, self.threads).eval()
             except Exception as e:  # export or session failure: this runtime is not available here
                 why = (str(e).splitlines() or [type(e).__name__])[0]
                 self.unavailable[key] = f"{type(e).__name__}: {why}"
@@ -257,7 +269,7 @@ class Runtimes:
         """The compressed model running on ``runtime`` (None where it cannot run here);
         ``layers`` depends on a plan: :func:`.planner.build_model` builds it."""
         if runtime == "chain-ort":
-            return self._ort("chain-ort", self.art.model)
+            return self._ort("chain-ort", self.art.model, fast=True)
         dense, left = self.dense()
         if left:
             why = f"no dense equivalent of {', '.join(left)} (nonlinear chain)"

@@ -6,9 +6,11 @@ Each compressed layer (a TT/TR Linear or conv chain with the linear chain, or an
 ``ai.onnx.contrib::TedeprChain`` whose attributes carry the layer packed for the kernel
 (:func:`pack_layer`: the CSR steps of :mod:`.layout`, base64; ``key``: a hash of it).
 The model also holds, for every such node, a *model-local function* of the same domain and
-name, overload = the layer's module path, whose body is exactly the standard-op subgraph
+name, overload = the layer's module path, whose body is the standard-op subgraph
 ``torch.onnx.export`` wrote for that layer (MatMul/Reshape/Transpose/Conv over the
-cores, folded into ``Constant`` nodes). What onnxruntime does with the file:
+cores, folded into ``Constant`` nodes), or that of its dense rebuild, or (linear layers)
+the nonzero block of its dense weight (:func:`support_function`), whichever
+:func:`choose_bodies` measured fastest. What onnxruntime does with the file:
 
 * with :func:`register` called and onnxruntime-extensions' library registered on the
   session (:func:`session`), the custom-op kernel wins over the function: each node runs
@@ -43,7 +45,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..errors import EngineUnavailable
 from ..logs import log
@@ -401,6 +403,86 @@ def _function(proto: Any, idx: list[int], x: str, y: str, name: str) -> Any:
     return fn
 
 
+def linear_weight(layer: nn.Module) -> tuple[Tensor, Tensor | None] | None:
+    """The dense weight ``(M, N)`` and bias ``(M,)`` (or None) of a linear layer with a sparse
+    path (:func:`pack_layer` kind ``linear``: a linear-chain TT/TR Linear rebuilt from its
+    cores, or a pruned ``nn.Linear``), fp32, no grad; None for anything else."""
+    from ..tensorized.base import TensorizedLayer
+
+    with torch.no_grad():
+        if isinstance(layer, TensorizedLayer) and layer.kind == "linear" and layer.chain == "linear":
+            w = layer.dense_weight()
+        elif type(layer) is nn.Linear:
+            w = layer.weight
+        else:
+            return None
+        b = layer.bias
+        return w.detach().float(), None if b is None else b.detach().float()
+
+
+def support_function(layer: nn.Module, name: str, x_rank: int, in_rank: int, opset: int) -> Any | None:
+    """A ``TedeprChain`` function (overload ``name``) computing a linear layer
+    ``(..., N) -> (..., M)`` from the block of its dense weight ``W`` that is not zero: the
+    kept input features gathered (``Gather`` on the last axis), one ``MatMul`` with ``W``'s
+    nonzero columns, ``(K, M)``; or, when fewer output features are nonzero than that costs,
+    ``MatMul`` with the nonzero block ``(K, R)`` then a 0/1 ``(R, M)`` placement, plus the
+    bias. A pruned tensor network's ``W`` is zero on every feature whose mode index its
+    masks prune out of a core (:func:`tedepr_cli.tensorized.chain.tt_matrix_support`), so at
+    99 % and beyond the block is often a few percent of ``W``. The same function as the
+    dense body up to float summation order (the skipped products are exact zeros).
+
+    ``x_rank``: the axes of the region's input; ``in_rank``: the axes of the layer's own
+    input (a region given more axes, where the exporter folded the caller's reshape into
+    the layer, merges its trailing ones into the features first); ``opset``: the model's
+    default-domain opset.
+    Returns None when the layer is not linear, when
+    the block would multiply more than half of ``W``, or when ``W`` is all zeros."""
+    from onnx import helper, numpy_helper
+
+    wb = linear_weight(layer)
+    if wb is None or x_rank < in_rank:
+        return None
+    w, bias = wb[0].numpy(), wb[1]
+    m, n = w.shape
+    cols, rows = np.flatnonzero(np.any(w != 0, axis=0)), np.flatnonzero(np.any(w != 0, axis=1))
+    if not cols.size:
+        return None
+    gather = cols.size * m  # multiply-adds per row of input
+    place = cols.size * rows.size + rows.size * m
+    if 2 * min(gather, place) > n * m:
+        return None
+    p = f"{name}/support"
+
+    def const(key: str, arr: np.ndarray) -> Any:
+        name = f"{p}/{key}"
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(arr, name))
+
+    nodes, v = [], "x"
+    if x_rank != in_rank:  # the trailing axes of the region's input are the layer's features
+        nodes += [const("shape", np.array([0] * (in_rank - 1) + [-1], np.int64)),
+                  helper.make_node("Reshape", [v, f"{p}/shape"], [f"{p}/flat"])]
+        v = f"{p}/flat"
+    nodes += [const("cols", cols.astype(np.int64)),
+              helper.make_node("Gather", [v, f"{p}/cols"], [f"{p}/xk"], axis=-1)]
+    if place < gather:
+        nodes += [const("block", np.ascontiguousarray(w[np.ix_(rows, cols)].T)),
+                  helper.make_node("MatMul", [f"{p}/xk", f"{p}/block"], [f"{p}/zr"])]
+        eye = np.zeros((rows.size, m), np.float32)
+        eye[np.arange(rows.size), rows] = 1.0
+        nodes += [const("place", eye), helper.make_node("MatMul", [f"{p}/zr", f"{p}/place"], [f"{p}/z"])]
+    else:
+        nodes += [const("block", np.ascontiguousarray(w[:, cols].T)),
+                  helper.make_node("MatMul", [f"{p}/xk", f"{p}/block"], [f"{p}/z"])]
+    if bias is not None:
+        nodes += [const("bias", bias.numpy()), helper.make_node("Add", [f"{p}/z", f"{p}/bias"], ["y"])]
+    else:
+        nodes.append(helper.make_node("Identity", [f"{p}/z"], ["y"]))
+    fn = helper.make_function(DOMAIN, OP_TYPE, ["x"], ["y"], nodes, [helper.make_opsetid("", opset)],
+                              attributes=list(ATTRS))
+    fn.overload = name
+    return fn
+
+
 def add_sparse_path(proto: Any, model: nn.Module, dense: Any = None, choice: dict[str, str] | None = None,
                     layers: list[str] | None = None,
                     io_shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] | None = None
@@ -446,7 +528,13 @@ def add_sparse_path(proto: Any, model: nn.Module, dense: Any = None, choice: dic
                 attrs["kind"], _value_shape(graph, x), _value_shape(graph, y), *io_shapes[name])):
             row["why"] = "the exporter merged a reshape across the layer's boundary"
             continue
-        if body == "dense":
+        if body == "support":
+            decl = _value_shape(graph, x)
+            fn = support_function(layer, name, len(decl) if decl else -1,
+                                  len(seen[0]) if seen else len(decl or ()), _opset(proto))
+            if fn is None:
+                raise ValueError(f"{name}: no support body for this layer")
+        elif body == "dense":
             if dense is None:
                 raise ValueError(f"{name}: a dense body needs the dense trace")
             dreg = _region(dense.graph, name, {t.name for t in dense.graph.initializer})
@@ -481,6 +569,11 @@ def add_sparse_path(proto: Any, model: nn.Module, dense: Any = None, choice: dic
             proto.opset_import.append(helper.make_opsetid(DOMAIN, 1))
         proto.ir_version = max(proto.ir_version, 10)  # function overloads: IR 10
     return rows
+
+
+def _opset(proto: Any) -> int:
+    """The default-domain opset version of ``proto``."""
+    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def layer_model(proto: Any, fn: Any, attrs: dict[str, str]) -> bytes:
@@ -538,11 +631,13 @@ def pick(us: dict[str, dict[int, float]], prefer: str) -> str:
 
 def choose_bodies(proto: Any, dense: Any, model: nn.Module, shapes: dict[str, dict[int, tuple[int, ...]]],
                   reps: int = 15, calls: int = 20) -> dict[str, dict[str, Any]]:
-    """Per layer, the faster standard-op body in stock onnxruntime (one thread, no custom-op
-    library): the layer's chain ops or its dense rebuild. Each candidate is the layer alone
-    (:func:`layer_model`) at every batch of ``shapes[layer]`` (batch -> the layer's input
-    shape), timed by :func:`time_sessions` and chosen by :func:`pick` (ties: the chain).
-    Returns ``layer -> {"body", "us": {"chain": {batch: µs}, "dense": ...}}``."""
+    """Per layer, the fastest standard-op body in stock onnxruntime (one thread, no custom-op
+    library): the layer's chain ops, its dense rebuild, or (linear layers whose nonzero
+    block is at most half the weight) that block (:func:`support_function`). Each candidate
+    is the layer alone (:func:`layer_model`) at every batch of ``shapes[layer]`` (batch ->
+    the layer's input shape), timed by :func:`time_sessions` and chosen by :func:`pick`
+    (ties: the chain). Returns ``layer -> {"body", "us": {"chain": {batch: µs}, "dense":
+    ..., "support": ...}}``."""
     out: dict[str, dict[str, Any]] = {}
     for name, layer in model.named_modules():
         if name not in shapes:
@@ -551,11 +646,18 @@ def choose_bodies(proto: Any, dense: Any, model: nn.Module, shapes: dict[str, di
         if attrs is None:
             continue
         reg = _region(proto.graph, name, {t.name for t in proto.graph.initializer})
+        if isinstance(reg, str):
+            continue
+        sess = {"chain": session(layer_model(proto, _function(proto, *reg, name), attrs), sparse=False)}
         dreg = _region(dense.graph, name, {t.name for t in dense.graph.initializer})
-        if isinstance(reg, str) or isinstance(dreg, str) or not _same_signature(proto, reg, dense, dreg):
-            continue  # no dense alternative: the layer keeps its chain body
-        sess = {"chain": session(layer_model(proto, _function(proto, *reg, name), attrs), sparse=False),
-                "dense": session(layer_model(dense, _function(dense, *dreg, name), attrs), sparse=False)}
+        if not isinstance(dreg, str) and _same_signature(proto, reg, dense, dreg):
+            sess["dense"] = session(layer_model(dense, _function(dense, *dreg, name), attrs), sparse=False)
+        in_rank = len(next(iter(shapes[name].values())))
+        sup = support_function(layer, name, in_rank, in_rank, _opset(proto))
+        if sup is not None:
+            sess["support"] = session(layer_model(proto, sup, attrs), sparse=False)
+        if len(sess) == 1:
+            continue  # no alternative: the layer keeps its chain body
         rng = np.random.default_rng(0)
         inputs = {b: rng.random(shape, dtype=np.float32) for b, shape in shapes[name].items()}
         us = time_sessions(sess, inputs, reps, calls)
