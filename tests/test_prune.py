@@ -429,6 +429,40 @@ def test_cli_data_that_does_not_fit(tmp_path):
     assert r.exit_code == 4 and "already pruned" in r.stderr
 
 
+def test_bad_data_is_refused_before_the_one_shot_decomposition(tmp_path, monkeypatch):
+    """`--data` is read before the decomposition (minutes on a large model), not after it."""
+    import numpy as np
+
+    from tedepr_cli.pruning import prune as prune_mod
+
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=np.zeros((10, 5, 5), np.uint8), y=np.zeros(10, np.int64))
+    calls = []
+    monkeypatch.setattr(prune_mod, "decompose", lambda *a, **k: calls.append(1) or decompose(*a, **k))
+    with pytest.raises(BadInput):
+        prune(_lenet(), PruneOptions(sparsity=0.99), data=bad)
+    assert calls == []
+    out, rep = prune(_lenet(), PruneOptions(sparsity=0.99, criterion="snip", batch_size=16), data=MNIST)
+    assert calls == [1] and rep["criterion"] == "snip"
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--steps", "5"], "--steps is read only by the tedepr criterion, not 'synflow'"),
+    (["--rounds", "3", "--criterion", "magnitude"], "--rounds is read only by the synflow criterion"),
+    (["--micro-batch", "8"], "--micro-batch applies only where a data-driven criterion scores with --data; "
+                             "'synflow' does not read data"),
+    (["--micro-batch", "8", "--criterion", "synflow", "--data", MNIST], "'synflow' does not read data"),
+    (["--steps", "1", "--micro-batch", "8", "--data", MNIST, "--batch-size", "16"], None),
+])
+def test_cli_says_which_criterion_options_are_ignored(tmp_path, args, said):
+    r = run_cli("prune", LENET300, "--arch", "lenet300", "--sparsity", "0.99", *args, "-o", tmp_path / "o")
+    assert r.exit_code == 0, r.stderr
+    if said is None:  # the tedepr criterion on data reads both
+        assert "so it is ignored" not in r.stderr
+    else:
+        assert f"{said}" in r.stderr and "so it is ignored" in r.stderr
+
+
 def test_connectivity_spends_the_budget_on_complete_paths():
     from tedepr_cli.pruning.masking import path_connectable, rank_paths
 

@@ -136,6 +136,26 @@ def _batches(data: Path, art: Artifact, n: int, size: int, gen: torch.Generator
     return out
 
 
+OPTION_USERS = {"steps": ("tedepr",), "inner_lr": ("tedepr",), "rounds": ("synflow",),
+                "iterations": ("force",), "temperature": ("grasp",)}  # criterion option -> who reads it
+
+
+def unused_options(criterion: str, options: CriterionOptions, scores_with_data: bool) -> list[str]:
+    """The criterion options set away from their defaults that the run will not read: one
+    only some criteria read (:data:`OPTION_USERS`) when ``criterion`` is not one of them, and
+    ``micro_batch`` when nothing is differentiated on data (``scores_with_data`` false)."""
+    default, out = CriterionOptions(), []
+    for name, users in OPTION_USERS.items():
+        if getattr(options, name) != getattr(default, name) and criterion not in users:
+            out.append(f"{opt(name.replace('_', '-'))} is read only by the {' and '.join(users)} criterion, "
+                       f"not {criterion!r}")
+    if options.micro_batch != default.micro_batch and not scores_with_data:
+        reads = "has no data here" if CRITERIA.get(criterion).needs_data else "does not read data"
+        out.append(f"{opt('micro-batch')} applies only where a data-driven criterion scores with "
+                   f"{opt('data')}; {criterion!r} {reads}")
+    return out
+
+
 def resolve_criterion(requested: str | None, has_data: bool) -> tuple[str, str | None]:
     """(criterion to use, fallback note). The default falls back to a data-free criterion
     without data; an explicitly requested data-driven criterion needs data."""
@@ -290,6 +310,15 @@ def prune(art: Artifact, opts: PruneOptions, data: Path | None = None,
     if art.masks:
         raise BadInput(f"{art.source or 'the model'} is already pruned; prune the unpruned artifact")
     criterion, _ = resolve_criterion(opts.criterion, data is not None)
+    scores_with_data = data is not None and CRITERIA.get(criterion).needs_data
+    for why in unused_options(criterion, opts.criterion_options, scores_with_data):
+        log.warning(f"{why}, so it is ignored")
+    batches = None
+    if scores_with_data:  # read (and refused, if bad) before the decomposition's minutes
+        copts = opts.criterion_options
+        n_batches = {"tedepr": copts.steps + 1, "force": copts.iterations}.get(criterion, 1)
+        gen = torch.Generator().manual_seed(opts.seed)
+        batches = _batches(data, art, n_batches, opts.batch_size, gen)
     rank_note = None
     one_shot = not art.meta.get("tensorization") and opts.decompose
     dopts = (decompose_opts or DecomposeOptions(seed=opts.seed, rank=None)) if one_shot else None
@@ -328,12 +357,6 @@ def prune(art: Artifact, opts: PruneOptions, data: Path | None = None,
                  f"(pass a decomposed artifact or {opt('no-decompose')} to control this)")
     out = Artifact(model=copy.deepcopy(art.model).eval(), arch=art.arch, meta=copy.deepcopy(art.meta),
                    source="")
-    batches = None
-    if data is not None and CRITERIA.get(criterion).needs_data:
-        copts = opts.criterion_options
-        n_batches = {"tedepr": copts.steps + 1, "force": copts.iterations}.get(criterion, 1)
-        gen = torch.Generator().manual_seed(opts.seed)
-        batches = _batches(data, art, n_batches, opts.batch_size, gen)
     report = prune_model(out.model, opts, batches, art.input_shape, data_note=str(data) if data else None)
     if rank_note:
         report["rank_auto"] = rank_note
