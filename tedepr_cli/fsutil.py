@@ -42,16 +42,55 @@ TEDEPR_FILES = ("manifest.json", "model.safetensors", "export.json", "state.pt",
 _OWN_TEMP = re.compile(r"\.(.+\.(tmp|old)-[0-9a-f-]+|tedepr-probe-.+)")
 
 
+#: what identifies the files whose names are common elsewhere (a web app's manifest.json, a
+#: PyTorch user's state.pt): the artifact schema (artifact.SCHEMA) and the safetensors
+#: metadata key of the manifest (artifact.META_MANIFEST); tests/test_fsutil.py keeps them in step
+ARTIFACT_SCHEMA, MANIFEST_KEY = "tedepr-artifact", "tedepr.manifest"
+_MAX_MANIFEST_BYTES = 64 << 20
+
+
+def is_tedepr_file(f: Path) -> bool:
+    """Whether ``f``, a file named in :data:`TEDEPR_FILES`, is one tedepr wrote. By content
+    where the name is common: ``manifest.json`` must be JSON with tedepr's artifact schema,
+    ``model.safetensors`` must carry tedepr's manifest in its metadata (read with
+    ``safetensors.safe_open``: the header only), ``state.pt`` counts only beside a
+    ``metrics.jsonl`` (a finetune run). The other names are tedepr's own."""
+    if f.is_symlink() or not f.is_file():
+        return False
+    if f.name == "manifest.json":
+        import json
+
+        try:
+            if f.stat().st_size > _MAX_MANIFEST_BYTES:
+                return False
+            d = json.loads(f.read_bytes())
+        except (OSError, ValueError):
+            return False
+        return isinstance(d, dict) and d.get("schema") == ARTIFACT_SCHEMA
+    if f.name == "model.safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(f), "pt") as st:
+                return MANIFEST_KEY in (st.metadata() or {})
+        except Exception:  # noqa: BLE001 - not a safetensors file, or a broken one: not ours
+            return False
+    if f.name == "state.pt":
+        return (f.parent / "metrics.jsonl").is_file()
+    return f.name in TEDEPR_FILES
+
+
 def is_tedepr_output(path: Path) -> bool:
     """Whether the directory ``path`` is one tedepr wrote (so ``--overwrite`` may replace
-    it): empty, holding one of :data:`TEDEPR_FILES`, or holding only directories that do
-    (a `tedepr run` directory stopped before its recipe.json), besides the hidden
-    temporaries tedepr itself leaves (``.NAME.tmp-*``, ``.NAME.old-*``, probes). Any other
-    hidden entry (``.git``) makes it a user's directory."""
+    it): empty, holding one of :data:`TEDEPR_FILES` that :func:`is_tedepr_file` recognises,
+    or holding only directories that do (a `tedepr run` directory stopped before its
+    recipe.json), besides the hidden temporaries tedepr itself leaves (``.NAME.tmp-*``,
+    ``.NAME.old-*``, probes). Any other hidden entry (``.git``) makes it a user's
+    directory."""
     entries = [c for c in path.iterdir() if not _OWN_TEMP.fullmatch(c.name)]
-    if not entries or any(c.name in TEDEPR_FILES and c.is_file() for c in entries):
+    if not entries or any(c.name in TEDEPR_FILES and is_tedepr_file(c) for c in entries):
         return True
-    return all(c.is_dir() and not c.is_symlink() and any((c / f).is_file() for f in TEDEPR_FILES)
+    return all(c.is_dir() and not c.is_symlink() and any(is_tedepr_file(c / f) for f in TEDEPR_FILES)
                for c in entries)
 
 

@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from tedepr_cli.fsutil import atomic_output, current_umask, expand_user, output_mode
 
@@ -172,14 +173,52 @@ def test_overwrite_still_replaces_what_tedepr_wrote(tmp_path):
     run_dir = tmp_path / "run"  # a finetune run, a `tedepr run` stopped before recipe.json
     (run_dir / "best").mkdir(parents=True)
     (run_dir / "state.pt").write_bytes(b"")
+    (run_dir / "metrics.jsonl").write_text('{"epoch": 1}\n')
     stopped = tmp_path / "stopped"
     (stopped / "decomposed").mkdir(parents=True)
-    (stopped / "decomposed" / "manifest.json").write_text("{}")
-    for ok in (art, tmp_path / "empty", run_dir, stopped):
+    (stopped / "decomposed" / "manifest.json").write_text((art / "manifest.json").read_text())
+    single = tmp_path / "single"  # only the artifact's model.safetensors (manifest in its metadata)
+    single.mkdir()
+    (single / "model.safetensors").write_bytes((art / "model.safetensors").read_bytes())
+    for ok in (art, tmp_path / "empty", run_dir, stopped, single):
         check_output(ok, overwrite=True)
     (stopped / "mine.txt").write_text("x")
     with pytest.raises(OutputError, match="did not write"):
         check_output(stopped, overwrite=True)
+
+
+@pytest.mark.parametrize("name, content", [
+    ("manifest.json", b'{"name": "My App", "start_url": "/"}'),  # a web app manifest
+    ("manifest.json", b"not json"),
+    ("model.safetensors", b"\x00" * 16),
+    ("state.pt", b"PK\x03\x04 a user's own checkpoint"),  # no metrics.jsonl beside it
+])
+def test_a_file_with_a_tedepr_name_but_not_its_content_is_a_users(tmp_path, name, content):
+    """`--overwrite` went by file names: a directory holding any `manifest.json` (a web
+    app, a browser extension) was replaced whole. The common names now need tedepr's
+    content."""
+    from safetensors.torch import save_file
+
+    from tedepr_cli.errors import OutputError
+    from tedepr_cli.fsutil import check_output
+
+    d = _user_dir(tmp_path)
+    (d / name).write_bytes(content)
+    with pytest.raises(OutputError, match="did not write"):
+        check_output(d, overwrite=True)
+    other = tmp_path / "other"  # a real safetensors file, but not tedepr's
+    other.mkdir()
+    save_file({"w": torch.zeros(2)}, str(other / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(OutputError, match="did not write"):
+        check_output(other, overwrite=True)
+    r = run_cli("decompose", LENET300, "--arch", "lenet300", "-o", d, "--overwrite", "-q")
+    assert r.exit_code == 6 and (d / "thesis.tex").exists() and (d / name).read_bytes() == content
+
+
+def test_fsutil_markers_are_the_artifacts():
+    from tedepr_cli import artifact, fsutil
+
+    assert fsutil.ARTIFACT_SCHEMA == artifact.SCHEMA and fsutil.MANIFEST_KEY == artifact.META_MANIFEST
 
 
 def test_tedepr_files_are_the_names_the_writers_use():
