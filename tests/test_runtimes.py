@@ -141,6 +141,39 @@ def test_chain_ort_runs_the_onnx_fast_graph_and_falls_back_to_the_plain_one(lene
 
 
 # ---------------------------------------------------------------------------- the choice
+def test_each_onnxruntime_runtime_runs_at_its_fastest_level_the_dense_original_too(lenet, monkeypatch):
+    """onnxruntime's default level (`all`) is not always its fastest (layout transforms put
+    reorders around small convolutions): the planner times `chain-ort` and the dense
+    original's `dense-ort` at every level, takes each at its fastest, and what it builds
+    from the plan runs there."""
+    monkeypatch.setattr(timing, "interleaved", fixed_rounds(
+        {"layers": 50, "chain-ort": 30, "chain-ort@basic": 10, "original:dense-torch": 100,
+         "original:dense-ort": 40, "original:dense-ort@basic": 20}))
+    plan = plan_execution(lenet, 2)
+    rts = plan["runtimes"]
+    assert rts["ort_levels"] == {"chain-ort": "basic", "dense-ort": "basic"}
+    assert rts["measured_us"] == {"layers": 50, "chain-ort": 10, "dense-torch": 100, "dense-ort": 20}
+    assert plan["runtime"] == "chain-ort" and rts["baseline"] == {**rts["baseline"], "best": "dense-ort",
+                                                                   "median_us": 20}
+    built = build_model(lenet, plan)  # a fresh Runtimes: the level comes from the plan
+    assert isinstance(built, OrtModule) and built.level == "basic"
+    assert built.session.get_session_options().graph_optimization_level.name == "ORT_ENABLE_BASIC"
+    dense = build_model(lenet, plan, runtime="dense-ort")
+    assert isinstance(dense, OrtModule) and dense.level == "basic"
+    x = torch.rand(2, 784)
+    with torch.no_grad():
+        assert rel(built(x), lenet.model(x)) <= 1e-5 and rel(dense(x), lenet.model(x)) <= 1e-5
+    # the default level wins: recorded as such, and a tie goes to the default
+    monkeypatch.setattr(timing, "interleaved", fixed_rounds(
+        {"layers": 50, "chain-ort": 10, "chain-ort@basic": 10, "original:dense-torch": 100,
+         "original:dense-ort": 20, "original:dense-ort@basic": 40}))
+    plan = plan_execution(lenet, 2)
+    assert plan["runtimes"]["ort_levels"] == {"chain-ort": "all", "dense-ort": "all"}
+    assert build_model(lenet, plan).level == "all"
+    assert planner_mod._best_levels({"a": [3.0], "a@basic": [1.0], "b": [2.0]}) == \
+        ({"a": [1.0], "b": [2.0]}, {"a": "basic"})
+
+
 def test_planner_picks_the_fastest_compressed_runtime_only_if_it_beats_the_best_dense(lenet, monkeypatch):
     # the layers plan beats dense torch but not dense onnxruntime: the plan runs dense on onnxruntime
     monkeypatch.setattr(timing, "interleaved", fixed_rounds(

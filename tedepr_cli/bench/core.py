@@ -315,12 +315,12 @@ def _run(target: Target, opts: BenchOptions, device: torch.device, baseline_path
         x = input_batch(art, b, opts.seed)
         fns = {}
         with torch.no_grad():
+            plan = None
+            if "tedepr" in engines:  # first: the onnxruntime engines run at the levels it measured
+                plan, fresh = plan_for(art, b, opts.threads, replan=opts.replan, seed=opts.seed,
+                                       runtimes=eng.runtimes)
+                plans[str(b)] = {**plan, "fresh": fresh, "flops": flop_share(art.model, art.masks, plan)}
             for e in engines:
-                plan = None
-                if e == "tedepr":
-                    plan, fresh = plan_for(art, b, opts.threads, replan=opts.replan, seed=opts.seed,
-                                           runtimes=eng.runtimes)
-                    plans[str(b)] = {**plan, "fresh": fresh, "flops": flop_share(art.model, art.masks, plan)}
                 try:
                     fns[e] = eng.runner(e, x, plan)
                     fns[e]()  # the first call: builds, compiles, and proves the engine takes this batch
@@ -433,7 +433,7 @@ def _peak(engine: str, fn: Callable[[], Any], batch: int, device: torch.device, 
     spec = {"engine": engine, "batch": batch, "artifact": str(compact), "seed": opts.seed,
             "baseline": str(baseline) if baseline else None, "threads": opts.threads,
             "onnx": str(onnx[engine]) if engine in onnx else None,
-            "plan": plan if engine == "tedepr" else None, "allow_import": trusted}
+            "plan": plan if engine == "tedepr" or engine in ORT_ENGINES else None, "allow_import": trusted}
     return measure_in_subprocess(spec)
 
 

@@ -60,18 +60,26 @@ def ort_provider(device: torch.device) -> str:
     return "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
 
 
-def ort_session(path: Path, threads: int, device: torch.device, kernel: bool = False) -> Any:
-    """An onnxruntime session on ``device``'s execution provider, ``threads`` intra-op threads
-    (:func:`tedepr_cli.execution.runtimes.ort_session`); ``kernel``: on the CPU with tedepr's
-    custom-op library registered (``TedeprChain`` nodes run the compiled kernel,
-    :func:`tedepr_cli.kernels.ort_ops.session`)."""
+def ort_session(path: Path, threads: int, device: torch.device, kernel: bool = False,
+                level: str = "all") -> Any:
+    """An onnxruntime session on ``device``'s execution provider, ``threads`` intra-op threads,
+    graph optimization ``level`` (:func:`tedepr_cli.execution.runtimes.ort_session`);
+    ``kernel``: on the CPU with tedepr's custom-op library registered (``TedeprChain`` nodes
+    run the compiled kernel, :func:`tedepr_cli.kernels.ort_ops.session`; default level)."""
     if kernel:
         from ..kernels.ort_ops import session as kernel_session
 
         return kernel_session(path, threads, sparse=True)
     from ..execution.runtimes import ort_session as session
 
-    return session(path, threads, device)
+    return session(path, threads, device, level)
+
+
+def ort_level(plan: dict[str, Any] | None, engine: str) -> str:
+    """The onnxruntime graph optimization level the execution plan measured fastest for
+    ``engine`` (``dense-ort``: the dense original's; ``chain-ort``: the compressed graph's),
+    ``all`` (onnxruntime's default) without a plan or a measurement."""
+    return (((plan or {}).get("runtimes") or {}).get("ort_levels") or {}).get(engine, "all")
 
 
 def _ort_call(sess: Any, x: torch.Tensor, device: torch.device) -> Callable[[], Any]:
@@ -126,10 +134,12 @@ class Engines:
         """``m`` itself on the CPU; a copy on another device (the artifact stays on the CPU)."""
         return m.eval() if self.device.type == "cpu" else copy.deepcopy(m).to(self.device).eval()
 
-    def model(self, name: str) -> Any:
-        """The torch module (or onnxruntime session) behind an engine, on the device."""
-        if name in self._models:
-            return self._models[name]
+    def model(self, name: str, level: str = "all") -> Any:
+        """The torch module (or onnxruntime session, at graph optimization ``level``) behind an
+        engine, on the device."""
+        key = name if level == "all" or name not in ORT_ENGINES else f"{name}@{level}"
+        if key in self._models:
+            return self._models[key]
         if name == "dense-torch":
             if self.base is None:
                 raise ValueError("no dense baseline was given")
@@ -142,17 +152,20 @@ class Engines:
             m, self.triton_layers = triton_model(self.art.model, self.art.masks, self.device)
         elif name in ORT_ENGINES:
             kernel = name == "chain-ort" and self.ort_kernel and self.device.type == "cpu"
-            m = ort_session(self.onnx[name], self.threads, self.device, kernel)
+            m = ort_session(self.onnx[name], self.threads, self.device, kernel, level)
         else:
             raise ValueError(f"engine {name} has no single model (the tedepr engine is built per plan)")
-        self._models[name] = m
+        self._models[key] = m
         return m
 
     def runner(self, name: str, x: torch.Tensor, plan: dict[str, Any] | None = None) -> Callable[[], Any]:
         """A call running engine ``name`` on the batch ``x`` (a CPU tensor, moved to the
-        device here, outside the call); ``plan``: the tedepr engine's execution plan."""
+        device here, outside the call); ``plan``: the execution plan at this batch (the
+        tedepr engine's runtime; the onnxruntime engines' graph optimization levels,
+        :func:`ort_level`, on the CPU)."""
         if name in ORT_ENGINES:
-            return _ort_call(self.model(name), x, self.device)
+            level = ort_level(plan, name) if self.device.type == "cpu" else "all"
+            return _ort_call(self.model(name, level), x, self.device)
         if name in GRAPH_ENGINES:
             return cuda_graph_call(self.runner(GRAPH_ENGINES[name], x), self.device)
         if name == "tedepr":

@@ -24,7 +24,7 @@ from ..surgery import example_input, swap_module
 from .cost import estimate
 from .fusion import apply_fusions, outputs_rel_err, plan_fusions
 from .modules import CHOICES, candidates, options, unavailable
-from .runtimes import COMPRESSED, DENSE, ONNX_RTOL, RUNTIMES, Runtimes, renamed_plan, runtime_name
+from .runtimes import COMPRESSED, DENSE, ONNX_RTOL, ORT_LEVELS, RUNTIMES, Runtimes, renamed_plan, runtime_name
 from .store import PLANNER_VERSION, fingerprint, stored_plan
 
 LAYER_REPS = 25  # interleaved rounds per layer decision (medians of per-call CPU time)
@@ -145,19 +145,39 @@ def _paired(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b, strict=True) if y > 0)
 
 
+def _best_levels(times: dict[str, list[float]]) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Collapse the onnxruntime level variants (``NAME@LEVEL``; ``NAME`` alone is ``all``)
+    into ``NAME`` with the times of its fastest level by median; returns the collapsed
+    times and ``NAME -> level`` for the onnxruntime runtimes that had variants."""
+    groups: dict[str, dict[str, list[float]]] = {}
+    for k, v in times.items():
+        name, _, level = k.partition("@")
+        groups.setdefault(name, {})[level or "all"] = v
+    out, levels = {}, {}
+    for name, by in groups.items():
+        best = min(by, key=lambda lv: (statistics.median(by[lv]), ORT_LEVELS.index(lv)))
+        out[name] = by[best]
+        if len(by) > 1:
+            levels[name] = best
+    return out, levels
+
+
 def _choose_runtime(rt: Runtimes, plan: dict[str, Any], model: nn.Module, x: Tensor, threads: int,
                     rounds: int) -> dict[str, Any]:
     """Time every runtime of the compressed model and the dense original on torch and
-    onnxruntime, interleaved; choose the fastest compressed runtime only if its median is
-    below the best dense median *and* it won the majority of the paired rounds, else the
-    dense model on the dense original's best runtime. Runtimes whose output differs from
-    the torch model by more than :data:`.runtimes.ONNX_RTOL` are not considered."""
+    onnxruntime, interleaved, each onnxruntime one at every graph optimization level of
+    :data:`.runtimes.ORT_LEVELS` (its fastest level is its time, and is what it then runs
+    at: ``ort_levels``, also set in ``rt.levels``); choose the fastest compressed runtime
+    only if its median is below the best dense median *and* it won the majority of the
+    paired rounds, else the dense model on the dense original's best runtime. Runtimes
+    whose output differs from the torch model by more than :data:`.runtimes.ONNX_RTOL` are
+    not considered."""
     with torch.no_grad():
         ref = model(x)
     fns: dict[str, Any] = {}
     errs: dict[str, float] = {}
     for r in RUNTIMES:
-        m = build_layers(rt.art, plan, threads) if r == "layers" else rt.module(r)
+        m = build_layers(rt.art, plan, threads) if r == "layers" else rt.module(r, level="all")
         if m is None:
             continue
         try:
@@ -172,8 +192,14 @@ def _choose_runtime(rt: Runtimes, plan: dict[str, Any], model: nn.Module, x: Ten
         errs[r] = float(f"{err:.3g}")
         if r in COMPRESSED:
             fns[r] = lambda m=m: m(x)
+            if r == "chain-ort":
+                for lv in ORT_LEVELS[1:]:
+                    alt = rt.module(r, level=lv)
+                    with torch.no_grad():
+                        if alt is not None and outputs_rel_err(alt(x), ref) <= ONNX_RTOL:
+                            fns[f"{r}@{lv}"] = lambda m=alt: m(x)
     for r in DENSE:
-        b = rt.baseline(r)
+        b = rt.baseline(r, level="all")
         if b is None:
             continue
         try:
@@ -183,7 +209,14 @@ def _choose_runtime(rt: Runtimes, plan: dict[str, Any], model: nn.Module, x: Ten
             rt.unavailable[f"original:{r}"] = f"fails at run time: {str(e).splitlines()[0][:200]}"
             continue
         fns[f"original:{r}"] = lambda b=b: b(x)
-    times = _time_rounds(fns, rounds, threads)
+        if r == "dense-ort":
+            for lv in ORT_LEVELS[1:]:
+                alt = rt.baseline(r, level=lv)
+                if alt is not None:
+                    fns[f"original:{r}@{lv}"] = lambda b=alt: b(x)
+    times, levels = _best_levels(_time_rounds(fns, rounds, threads))
+    ort_levels = {k.removeprefix("original:"): v for k, v in levels.items()}  # chain-ort, dense-ort
+    _use_levels(rt, ort_levels)
     med = {k: statistics.median(v) for k, v in times.items()}
     base = [k for k in times if k.startswith("original:")]
     comp = [k for k in times if k in COMPRESSED]
@@ -191,7 +224,7 @@ def _choose_runtime(rt: Runtimes, plan: dict[str, Any], model: nn.Module, x: Ten
         "measured_us": {k.removeprefix("original:"): round(1e6 * v, 2) for k, v in med.items()},
         "rounds": rounds, "clock": "thread CPU time" if threads == 1 else "wall clock",
         "baseline": {"model": rt.baseline_source}, "max_rel_err": errs,
-        "unavailable": dict(rt.unavailable)}
+        "unavailable": dict(rt.unavailable), "ort_levels": ort_levels}
     best_comp = min(comp, key=med.get) if comp else None
     if not base:  # no dense original to compare with: the fastest compressed runtime
         out.update(chosen=best_comp or "layers", reason="no dense runtime could be measured")
@@ -243,6 +276,18 @@ def build_layers(art: Artifact, plan: dict[str, Any], threads: int = 1) -> nn.Mo
     return model
 
 
+def _use_levels(rt: Runtimes, ort_levels: dict[str, str]) -> None:
+    """Set ``rt``'s onnxruntime levels from a plan's ``ort_levels``: ``chain-ort``'s, and
+    ``dense-ort``'s for both the dense original and the compressed model rebuilt dense (the
+    dense fallback: the same layer types). Levels not in :data:`.runtimes.ORT_LEVELS` (a
+    plan from elsewhere) are ignored."""
+    lv = {k: v for k, v in (ort_levels or {}).items() if v in ORT_LEVELS}
+    if "chain-ort" in lv:
+        rt.levels["chain-ort"] = lv["chain-ort"]
+    if "dense-ort" in lv:
+        rt.levels["dense-ort"] = rt.levels["original:dense-ort"] = lv["dense-ort"]
+
+
 def build_model(art: Artifact, plan: dict[str, Any], threads: int = 1, runtime: str | None = None,
                 runtimes: Runtimes | None = None) -> nn.Module:
     """The compressed model of ``art`` running on the plan's runtime (``runtime``: another
@@ -251,6 +296,7 @@ def build_model(art: Artifact, plan: dict[str, Any], threads: int = 1, runtime: 
     compressed ONNX, or the dense model on torch or onnxruntime. A runtime that cannot be
     built here falls back (with a warning) to the dense model in torch, then to the layers."""
     rt = runtimes or Runtimes(art, threads)
+    _use_levels(rt, (plan.get("runtimes") or {}).get("ort_levels") or {})
     want = runtime_name(runtime) if runtime else renamed_plan(plan).get("runtime") or "layers"
     for r in dict.fromkeys([want, "dense-torch" if want in DENSE else want, "layers"]):
         m = build_layers(art, plan, threads) if r == "layers" else rt.module(r)
@@ -274,6 +320,7 @@ def recheck(art: Artifact, plan: dict[str, Any], threads: int = 1, seed: int = 0
     if (plan.get("runtimes") or {}).get("reason") == "override":
         return {**plan, "recheck": {"skipped": "the runtime was forced"}}
     rt = runtimes or Runtimes(art, threads, seed)
+    _use_levels(rt, (plan.get("runtimes") or {}).get("ort_levels") or {})
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -73,14 +73,30 @@ def renamed_plan(plan: dict[str, Any]) -> dict[str, Any]:
     return {**plan, "runtime": fix(plan.get("runtime")), "runtimes": fix(plan.get("runtimes") or {})}
 
 
-def ort_session(source: Path | bytes, threads: int, device: torch.device | None = None) -> Any:
+#: onnxruntime graph optimization levels the planner tries for each onnxruntime runtime:
+#: ``all`` (onnxruntime's default: also the layout transforms, e.g. blocked NCHWc convolutions
+#: with reorders between them) and ``basic`` (constant folding and redundant-node removal
+#: only). Neither wins everywhere: the dense ResNet-20 is 1.8x faster on ``all``, its
+#: compressed graph 1.2x faster on ``basic`` (a reorder around every small chain
+#: convolution), the dense LeNet-5 1.1x faster on ``basic``.
+ORT_LEVELS = ("all", "basic")
+
+
+def ort_session(source: Path | bytes, threads: int, device: torch.device | None = None,
+                level: str = "all") -> Any:
     """An onnxruntime session over an ONNX file or its bytes on ``device``'s execution
-    provider (CPU by default), ``threads`` intra-op threads, one inter-op thread."""
+    provider (CPU by default), ``threads`` intra-op threads, one inter-op thread, graph
+    optimization ``level`` (one of :data:`ORT_LEVELS`; ``ValueError`` otherwise)."""
     import onnxruntime as ort
 
+    levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}
+    if level not in levels:
+        raise ValueError(f"onnxruntime level must be one of {ORT_LEVELS}, got {level!r}")
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
+    so.graph_optimization_level = levels[level]
     so.log_severity_level = 3
     cuda = device is not None and device.type == "cuda"
     provider: Any = ("CUDAExecutionProvider", {"device_id": device.index or 0}) if cuda \
@@ -93,13 +109,14 @@ class OrtModule(nn.Module):
     """An ONNX model in an onnxruntime CPU session as an ``nn.Module`` (inference only):
     takes a CPU tensor ``(B, *sample)`` (floats as float32, token ids as they are) and
     returns the first output as a tensor (several outputs: a tuple). ``onnx``: the
-    serialized ``ModelProto``."""
+    serialized ``ModelProto``; ``level``: the graph optimization level (:func:`ort_session`)."""
 
-    def __init__(self, onnx: bytes, threads: int = 1) -> None:
+    def __init__(self, onnx: bytes, threads: int = 1, level: str = "all") -> None:
         super().__init__()
         self.onnx = onnx
         self.threads = threads
-        self.session = ort_session(onnx, threads)
+        self.level = level
+        self.session = ort_session(onnx, threads, level=level)
         self.input_name = self.session.get_inputs()[0].name
 
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:
@@ -111,10 +128,10 @@ class OrtModule(nn.Module):
         return tuple(torch.from_numpy(o) for o in out)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> OrtModule:
-        return OrtModule(self.onnx, self.threads).train(self.training)
+        return OrtModule(self.onnx, self.threads, self.level).train(self.training)
 
     def extra_repr(self) -> str:
-        return f"onnxruntime, {len(self.onnx):,} bytes of ONNX, {self.threads} thread(s)"
+        return f"onnxruntime, {len(self.onnx):,} bytes of ONNX, {self.threads} thread(s), level {self.level}"
 
 
 def onnx_bytes(model: nn.Module, input_shape: tuple[int, ...], fast: bool = False) -> bytes:
@@ -234,6 +251,10 @@ class Runtimes:
     def __init__(self, art: Artifact, threads: int = 1, seed: int = 0) -> None:
         self.art, self.threads, self.seed = art, threads, seed
         self._mods: dict[str, nn.Module] = {}
+        self._onnx: dict[str, bytes] = {}
+        #: graph optimization level of each onnxruntime runtime (``chain-ort``, ``dense-ort``,
+        #: ``original:dense-ort``); absent: ``all``. The planner sets the ones it measured.
+        self.levels: dict[str, str] = {}
         self._dense: tuple[nn.Module, list[str]] | None = None
         self.unavailable: dict[str, str] = {}
         self.baseline_source: str | None = None
@@ -243,33 +264,38 @@ class Runtimes:
             self._dense = dense_model(self.art.model)
         return self._dense
 
-    def _ort(self, key: str, model: nn.Module, fast: bool = False) -> nn.Module | None:
+    def _ort(self, key: str, model: nn.Module, fast: bool = False, level: str | None = None
+             ) -> nn.Module | None:
         if key in self.unavailable:
             return None
-        if key not in self._mods:
+        level = level or self.levels.get(key, "all")
+        if f"{key}@{level}" not in self._mods:
             try:
-                onnx = onnx_bytes(model, self.art.input_shape, fast)
-                self._mods[key] = OrtModule(onnx, self.threads).eval()
+                if key not in self._onnx:  # exported once, whatever the levels it runs at
+                    self._onnx[key] = onnx_bytes(model, self.art.input_shape, fast)
+                self._mods[f"{key}@{level}"] = OrtModule(self._onnx[key], self.threads, level).eval()
             except Exception as e:  # export or session failure: this runtime is not available here
                 why = (str(e).splitlines() or [type(e).__name__])[0]
                 self.unavailable[key] = f"{type(e).__name__}: {why}"
                 log.info(f"runtime {key} unavailable: {self.unavailable[key]}")
                 return None
-        return self._mods[key]
+        return self._mods[f"{key}@{level}"]
 
-    def baseline(self, runtime: str) -> nn.Module | None:
-        """The dense original on ``runtime`` (``dense-torch`` or ``dense-ort``)."""
+    def baseline(self, runtime: str, level: str | None = None) -> nn.Module | None:
+        """The dense original on ``runtime`` (``dense-torch`` or ``dense-ort``; onnxruntime at
+        ``level``, by default the one in :attr:`levels`)."""
         if "original" not in self._mods:
             self._mods["original"], self.baseline_source = original_model(self.art, self.seed)
         if runtime == "dense-torch":
             return self._mods["original"]
-        return self._ort(f"original:{runtime}", self._mods["original"])
+        return self._ort(f"original:{runtime}", self._mods["original"], level=level)
 
-    def module(self, runtime: str) -> nn.Module | None:
-        """The compressed model running on ``runtime`` (None where it cannot run here);
-        ``layers`` depends on a plan: :func:`.planner.build_model` builds it."""
+    def module(self, runtime: str, level: str | None = None) -> nn.Module | None:
+        """The compressed model running on ``runtime`` (None where it cannot run here; an
+        onnxruntime one at ``level``, by default the one in :attr:`levels`); ``layers``
+        depends on a plan: :func:`.planner.build_model` builds it."""
         if runtime == "chain-ort":
-            return self._ort("chain-ort", self.art.model, fast=True)
+            return self._ort("chain-ort", self.art.model, fast=True, level=level)
         dense, left = self.dense()
         if left:
             why = f"no dense equivalent of {', '.join(left)} (nonlinear chain)"
@@ -278,5 +304,5 @@ class Runtimes:
         if runtime == "dense-torch":
             return dense
         if runtime == "dense-ort":
-            return self._ort("dense-ort", dense)
+            return self._ort("dense-ort", dense, level=level)
         raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")

@@ -14,7 +14,8 @@ from ..machine import cpu_features, cpu_model
 from .runtimes import renamed_plan
 
 PLANNER_VERSION = 5  # stored plans of another version are re-made (2: fusions; 3: LSTMs planned whole;
-#                      4: whole-model runtime; 5: chain-ort runs the onnx-fast graph)
+#                      4: whole-model runtime; 5: chain-ort runs the onnx-fast graph, onnxruntime
+#                      runtimes at their fastest graph optimization level)
 
 
 def fingerprint() -> dict[str, Any]:
