@@ -131,6 +131,7 @@ def run_config(art: Artifact, rt: Runtimes, batch: int, args: argparse.Namespace
     fns = {k: (lambda m=m: m(x)) for k, m in mods.items() if m is not None}
     out: dict[str, Any] = {"batch": batch, "runtime": plan["runtime"],
                            "reason": plan["runtimes"].get("reason"),
+                           "ort_levels": plan["runtimes"].get("ort_levels"),
                            "planner_us": plan["runtimes"].get("measured_us"),
                            "unavailable": {k: v for k, v in rt.unavailable.items()}, "regimes": {}}
     for regime in REGIMES:
@@ -186,8 +187,11 @@ def markdown(report: dict[str, Any]) -> str:
                   f"{u['loadavg_after'][0]:.2f} after)."]
     lines += ["", "Planner's reasons:", ""]
     for r in report["rows"]:
+        levels = r.get("ort_levels")  # absent in runs before the planner measured levels
+        lv = ("; onnxruntime levels " + ", ".join(f"{k} {v}" for k, v in sorted(levels.items()))
+              if levels else "")
         lines.append(f"- {r['family']} {100 * r['sparsity']:g} % batch {r['batch']}: {r['runtime']} "
-                     f"({r['reason']})")
+                     f"({r['reason']}{lv})")
     return "\n".join(lines) + "\n"
 
 
