@@ -67,6 +67,7 @@ def engines(family: str, sparsity: float, seed: int, x: torch.Tensor) -> tuple[d
     models: dict[str, torch.nn.Module] = {"dense": dense}
     for name in ENGINES[1:]:
         models[name] = copy.deepcopy(art.model)
+    set_train_paths(models["chain"], uniform(models["chain"], "chain"))  # every layer, whatever its default
     set_train_paths(models["rebuild"], uniform(models["rebuild"], "dense"))
     lighter = leaner(models["lighter"], x)
     set_train_paths(models["lighter"], lighter)
