@@ -288,3 +288,16 @@ def test_loop_recurrence_still_equals_fused():
     for (n, p), q in zip(ref.named_parameters(), loop.parameters(), strict=True):
         assert rel(q.grad, p.grad) <= 1e-9, n
 
+
+
+def test_autocast_and_bad_tensors_keep_off_the_kernel():
+    m = masked_lstm(False, 1, True).float()
+    x = torch.randn(2, 5, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not m.runs_kernel(x)
+    pattern = lstm_train.KeptPattern.of(None, (8, 2))
+    with pytest.raises(ValueError, match="float32"):
+        lstm_train.recurrence(torch.zeros(1, 3, 8, dtype=torch.float64), torch.zeros(16), None, None, None,
+                              pattern)
+    with pytest.raises(ValueError, match="shapes"):
+        lstm_train.recurrence(torch.zeros(1, 3, 8), torch.zeros(15), None, None, None, pattern)

@@ -194,5 +194,14 @@ def recurrence(gx: Tensor, vals: Tensor, b_hh: Tensor | None, h0: Tensor | None,
     ``(B, H)`` or None (zeros); ``reverse``: the backward direction. Returns ``out (B, T, H)``,
     ``h_T``, ``c_T`` (``(B, H)``), equal to :func:`torch_recurrence` with the dense matrix up
     to fp32 rounding, and so are their gradients. Call only where :func:`usable` is None;
-    raises ``MemoryError`` if the C workspace cannot be allocated."""
+    raises ``ValueError`` for a tensor that is not float32 on the CPU or of the wrong shape
+    and ``MemoryError`` if the C workspace cannot be allocated."""
+    why = usable(gx, vals, b_hh, h0, c0)
+    if why is not None:
+        raise ValueError(f"compiled LSTM recurrence: {why}")
+    b, steps, g4 = gx.shape
+    if g4 != 4 * pattern.cols or pattern.rows != g4 or vals.shape != (pattern.nnz,) or any(
+            t is not None and tuple(t.shape) != want for t, want in
+            ((b_hh, (g4,)), (h0, (b, pattern.cols)), (c0, (b, pattern.cols)))):
+        raise ValueError("compiled LSTM recurrence: shapes do not match the (4H, H) pattern")
     return _Recurrence.apply(gx, vals, b_hh, h0, c0, pattern, bool(reverse))

@@ -126,7 +126,8 @@ class TensorizedLSTM(nn.Module):
         """Whether :meth:`forward` on ``x`` (and ``hx``) runs the compiled recurrence: the
         recurrence is ``"kernel"``, or ``"auto"`` while autograd records with every ``W_hh``
         pruned to at most :data:`KERNEL_MAX_DENSITY`; and the kernel can run (float32 CPU
-        tensors, the library built, no ``torch.func`` transform active)."""
+        tensors, the library built; no ``torch.func`` transform, tracing, compiling or
+        autocast active)."""
         if self.recurrence not in self.RECURRENCES:
             raise ValueError(f"recurrence must be one of {self.RECURRENCES}, got {self.recurrence!r}")
         if self.recurrence in ("fused", "loop") or x.dim() != 3:
@@ -138,7 +139,9 @@ class TensorizedLSTM(nn.Module):
             density = self.hh_density()
             if density is None or density > KERNEL_MAX_DENSITY:
                 return False
-        if torch._C._functorch.is_functorch_wrapped_tensor(x) or torch._C._are_functorch_transforms_active():
+        if (torch._C._functorch.is_functorch_wrapped_tensor(x) or torch._C._are_functorch_transforms_active()
+                or torch.jit.is_tracing() or torch.compiler.is_compiling()
+                or torch.is_autocast_enabled(x.device.type)):
             return False
         ws = [getattr(self, f"weight_hh_{s}") for s in self._suffixes()]
         return lstm_train.usable(x, *ws, *(hx or ())) is None
