@@ -339,7 +339,7 @@ int tedepr_lstm_train_backward(int64_t B, int64_t T, int32_t H, int32_t reverse,
     const int32_t nnz = row_ptr[G];
     double *acc = (double *)calloc((size_t)(nnz + G + 1), sizeof(double)); /* dval, dbias */
     int32_t *idx = (int32_t *)malloc(sizeof(int32_t) * (size_t)(G + 2 * H + 1));
-    float *ws = (float *)malloc(sizeof(float) * (size_t)(3 * HB + G * B + (G + H) * B + G + 1));
+    float *ws = (float *)malloc(sizeof(float) * (size_t)(3 * HB + (G + H) * B + G + 1));
     if (!acc || !idx || !ws) {
         free(acc);
         free(idx);
@@ -351,8 +351,7 @@ int tedepr_lstm_train_backward(int64_t B, int64_t T, int32_t H, int32_t reverse,
     live_rows_cols((int32_t)G, H, row_ptr, col, live, &n_live, cpos, lcol, &n_lcol);
     double *adval = acc, *adb = acc + nnz;
     float *dh = ws, *dc = ws + HB, *zero = ws + 2 * HB; /* (B, H) each */
-    float *da = ws + 3 * HB;                              /* (B, 4H) this step's dgates */
-    float *daT = da + G * B, *dhT = daT + (int64_t)n_live * B; /* live rows x B, live cols x B */
+    float *daT = ws + 3 * HB, *dhT = daT + (int64_t)n_live * B; /* live rows x B, live cols x B */
     float *dsum = dhT + (int64_t)n_lcol * B;                     /* G: a step's db_hh */
     for (int64_t n = 0; n < HB; n++) {
         dh[n] = dhn ? dhn[n] : 0.0f;
@@ -366,22 +365,22 @@ int tedepr_lstm_train_backward(int64_t B, int64_t T, int32_t H, int32_t reverse,
         for (int64_t b = 0; b < B; b++) {
             const float *restrict ab = as + b * G, *restrict cb = css + b * H, *restrict cpb = cps + b * H;
             const float *restrict dob = dout ? dout + b * out_sb + t * out_st : zero;
-            float *restrict dhb = dh + b * H, *restrict dcb = dc + b * H, *restrict dab = da + b * G;
+            float *restrict dhb = dh + b * H, *restrict dcb = dc + b * H;
+            float *restrict dab = dgx + b * gx_sb + t * gx_st; /* written in place */
             cell_backward(H, ab, ab + H, ab + 2 * H, ab + 3 * H, cb, cpb, dob, dhb, dcb, dab, dab + H,
                           dab + 2 * H, dab + 3 * H);
-            memcpy(dgx + b * gx_sb + t * gx_st, dab, sizeof(float) * (size_t)G);
         }
         if (dbias) { /* this step's sum over the batch in float (vectorized), then into double */
             for (int64_t r = 0; r < G; r++) dsum[r] = 0.0f;
             for (int64_t b = 0; b < B; b++) {
-                const float *restrict dab = da + b * G;
+                const float *restrict dab = dgx + b * gx_sb + t * gx_st;
                 for (int64_t r = 0; r < G; r++) dsum[r] += dab[r];
             }
             for (int64_t r = 0; r < G; r++) adb[r] += (double)dsum[r];
         }
         /* the kept rows' gate gradients feature-major: one B-wide run per live row */
         for (int64_t b = 0; b < B; b++)
-            for (int32_t q = 0; q < n_live; q++) daT[(int64_t)q * B + b] = da[b * G + live[q]];
+            for (int32_t q = 0; q < n_live; q++) daT[(int64_t)q * B + b] = dgx[b * gx_sb + t * gx_st + live[q]];
         const float *restrict hTs = hT + s * HB; /* h_{t-1}, feature-major */
         for (int32_t p = 0; p < n_lcol; p++)
             for (int64_t b = 0; b < B; b++) dhT[(int64_t)p * B + b] = 0.0f;
