@@ -225,6 +225,20 @@ static inline void cell_backward(int32_t H, const float *restrict ai, const floa
     }
 }
 
+/* sum_b x[b] y[b] in DOT_LANES partial sums (lane l takes b = l mod DOT_LANES) combined in a
+ * fixed order: vectorizes without reassociating anything, so deterministic. */
+#define DOT_LANES 16
+static inline float dot(const float *restrict x, const float *restrict y, int64_t n) {
+    float acc[DOT_LANES] = {0.0f};
+    int64_t b = 0;
+    for (; b + DOT_LANES <= n; b += DOT_LANES)
+        for (int l = 0; l < DOT_LANES; l++) acc[l] += x[b + l] * y[b + l];
+    for (int l = 0; b < n; b++, l++) acc[l] += x[b] * y[b];
+    float sum = 0.0f;
+    for (int l = 0; l < DOT_LANES; l++) sum += acc[l];
+    return sum;
+}
+
 /* rows of W_hh (4H) that keep entries, and columns (H) that do: their counts */
 static void live_rows_cols(int32_t G, int32_t H, const int32_t *row_ptr, const int32_t *col,
                            int32_t *live, int32_t *n_live, int32_t *cpos, int32_t *lcol,
@@ -388,12 +402,8 @@ int tedepr_lstm_train_backward(int64_t B, int64_t T, int32_t H, int32_t reverse,
             const int32_t r = live[q];
             const float *restrict dq = daT + (int64_t)q * B;
             for (int32_t k = row_ptr[r]; k < row_ptr[r + 1]; k++) {
-                if (dval) { /* SDDMM: this kept entry's gradient, one B-long dot */
-                    const float *restrict hc = hTs + (int64_t)col[k] * B;
-                    float sum = 0.0f;
-                    for (int64_t b = 0; b < B; b++) sum += dq[b] * hc[b];
-                    adval[k] += (double)sum;
-                }
+                if (dval) /* SDDMM: this kept entry's gradient, one B-long dot */
+                    adval[k] += (double)dot(dq, hTs + (int64_t)col[k] * B, B);
                 const float v = val[k]; /* dh_{t-1} += W_hh^T dgates, by this entry */
                 float *restrict dcol = dhT + (int64_t)cpos[col[k]] * B;
                 for (int64_t b = 0; b < B; b++) dcol[b] += v * dq[b];
