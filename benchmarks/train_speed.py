@@ -51,7 +51,7 @@ from tedepr_cli import zoo  # noqa: E402
 from tedepr_cli.fsutil import atomic_output  # noqa: E402
 from tedepr_cli.machine import cpu_model  # noqa: E402
 from tedepr_cli.surgery import example_input  # noqa: E402
-from tedepr_cli.tensorized.train_path import leaner, measure, set_train_paths, uniform  # noqa: E402
+from tedepr_cli.tensorized.train_path import leaner, measure, rebuildable, set_train_paths, uniform  # noqa: E402
 from tedepr_cli.train import TrainOptions, _optimizer  # noqa: E402
 
 ENGINES = ("dense", "lighter", "chain", "rebuild", "auto")
@@ -67,6 +67,7 @@ def engines(family: str, sparsity: float, seed: int, x: torch.Tensor) -> tuple[d
     models: dict[str, torch.nn.Module] = {"dense": dense}
     for name in ENGINES[1:]:
         models[name] = copy.deepcopy(art.model)
+    set_train_paths(models["chain"], uniform(models["chain"], "chain"))  # every layer, whatever its default
     set_train_paths(models["rebuild"], uniform(models["rebuild"], "dense"))
     lighter = leaner(models["lighter"], x)
     set_train_paths(models["lighter"], lighter)
@@ -96,7 +97,7 @@ def run_family(family: str, args: argparse.Namespace) -> dict[str, Any]:
         probe = getattr(zoo, family)()
     x = example_input(probe, tuple(probe.input_shape), args.batch, "rand", g)
     y = torch.randint(0, 10, (args.batch,), generator=g)
-    eng, timings, lighter = engines(family, args.sparsity, args.seed, x)
+    eng, timings, _ = engines(family, args.sparsity, args.seed, x)
     times: dict[str, list[float]] = {e: [] for e in ENGINES}
     for r in range(args.warmup + args.rounds):
         order = ENGINES[r % len(ENGINES):] + ENGINES[: r % len(ENGINES)]
@@ -105,12 +106,15 @@ def run_family(family: str, args: argparse.Namespace) -> dict[str, Any]:
             if r >= args.warmup:
                 times[e].append(t)
     med = {e: statistics.median(v) for e, v in times.items()}
+    # what each engine trained on: every rebuildable layer's path as set (a layer the choice
+    # did not reach keeps its default, e.g. an LSTM's input projections: their rebuild)
+    ran = {e: {n: m.train_path for n, m in rebuildable(eng[e][0]).items()} for e in ("lighter", "auto")}
     return {"family": family, "batch": args.batch,
             "ms_per_step": {e: round(1e3 * v, 2) for e, v in med.items()},
             "ratio_to_dense": {e: round(med[e] / med["dense"], 3) for e in ENGINES},
-            "auto": {n: t["path"] for n, t in timings.items()},
-            "auto_rebuilt": sum(t["path"] == "dense" for t in timings.values()), "layers": len(timings),
-            "lighter": lighter, "lighter_rebuilt": sum(p == "dense" for p in lighter.values())}
+            "auto": ran["auto"], "auto_measured": {n: t["path"] for n, t in timings.items()},
+            "auto_rebuilt": sum(p == "dense" for p in ran["auto"].values()), "layers": len(ran["auto"]),
+            "lighter": ran["lighter"], "lighter_rebuilt": sum(p == "dense" for p in ran["lighter"].values())}
 
 
 def markdown(report: dict[str, Any]) -> str:

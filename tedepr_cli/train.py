@@ -137,7 +137,7 @@ def _train_paths(model: nn.Module, art: Artifact, opts: TrainOptions, saved: dic
     every rank computes the same ``lighter`` choice (sizes of a seeded batch), and for
     ``auto`` rank 0 measures and every rank takes its choice, so the replicas compute alike."""
     from .surgery import example_input
-    from .tensorized.train_path import leaner, measure, set_train_paths, uniform
+    from .tensorized.train_path import leaner, measure, rebuildable, set_train_paths, uniform
 
     timings: dict[str, Any] = {}
     per_rank = max(1, opts.batch_size // dist.world)
@@ -162,6 +162,9 @@ def _train_paths(model: nn.Module, art: Artifact, opts: TrainOptions, saved: dic
         paths = {n: str(t["path"]) for n, t in timings.items()}
 
     set_train_paths(model, paths)
+    # every rebuildable layer as it will train (a layer the choice did not reach keeps its
+    # default, e.g. an LSTM's input projections: their rebuild), recorded for a resume
+    paths = {n: m.train_path for n, m in rebuildable(model).items()}
     if dist.main and paths:
         rebuilt = [n for n, p in paths.items() if p == "dense"]
         how = "kept from the run" if saved is not None and "train_paths" in saved else opts.train_path

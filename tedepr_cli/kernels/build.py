@@ -43,7 +43,7 @@ from ..logs import log
 from ..machine import cpu_features
 
 ABI = 3  # must equal TEDEPR_ABI in kernels/chain.c
-LSTM_ABI = 1  # must equal TEDEPR_LSTM_ABI in kernels/lstm.c
+LSTM_ABI = 2  # must equal TEDEPR_LSTM_ABI in kernels/lstm.c
 DEFAULT_CFLAGS = "-O3 -march=native"
 REQUIRED_FLAGS = ("-shared", "-fPIC", "-pthread")
 SOURCE_NAME = "chain.c"
@@ -172,6 +172,12 @@ def _setup_lstm(lib: ctypes.CDLL) -> None:
     lib.tedepr_lstm_layer.restype = ctypes.c_int
     lib.tedepr_lstm_layer.argtypes = [i64, i64, i32, i32, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr,
                                       ptr, i64, i64, ptr, ptr]
+    lib.tedepr_lstm_train_forward.restype = ctypes.c_int
+    lib.tedepr_lstm_train_forward.argtypes = [i64, i64, i32, i32, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr,
+                                              ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr]
+    lib.tedepr_lstm_train_backward.restype = ctypes.c_int
+    lib.tedepr_lstm_train_backward.argtypes = [i64, i64, i32, i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr,
+                                               i64, i64, ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr]
 
 
 # source -> (library prefix, ABI symbol, expected ABI, ctypes setup)

@@ -15,7 +15,8 @@ without an initial state. It equals the wrapped module's forward up to fp32 roun
 (tested within 1e-5 relative). Anything the C path does not take -- training mode,
 autograd on the input, other dtypes or devices, unbatched input, ``proj_size`` -- runs the
 wrapped module's own forward. The packed weights are a snapshot: build a new one after
-changing the weights.
+changing the weights. Training has its own compiled recurrence with a backward through
+time (:mod:`.lstm_train`, the tensorized LSTM's ``"kernel"`` recurrence).
 """
 
 from __future__ import annotations

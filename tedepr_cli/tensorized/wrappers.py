@@ -4,16 +4,24 @@ LSTM (TT-LSTM/TR-LSTM protocol, Yang et al. 2017; Pan et al. 2019): every input-
 matrix ``W_ih`` (4H × D, the four gates folded into the first output mode) becomes a
 tensorized Linear; hidden-to-hidden ``W_hh`` stays dense. The recurrence is the one of
 ``nn.LSTM`` (gates i, f, g, o), so outputs match a dense LSTM with the equivalent weights.
-Two ways run it (:attr:`TensorizedLSTM.recurrence`): ``"fused"`` rebuilds each ``W_ih``
+Three ways run it (:attr:`TensorizedLSTM.recurrence`): ``"fused"`` rebuilds each ``W_ih``
 from its cores (differentiably, a few thousand multiply-adds) and runs torch's own fused
 LSTM (``torch.func.functional_call`` on a weightless ``nn.LSTM`` template: one ATen call
 for all layers and steps, forward and backward), so training costs what the dense LSTM
 costs; ``"loop"`` applies the chain to all steps' inputs at once and runs the recurrence
 step by step in torch ops, cheaper only when the dense ``W_ih`` would be much larger than
-``W_hh``. ``"auto"`` (default) takes ``"fused"`` when every input projection is a linear
-chain and its input size is at most 4× the hidden size (the dense projection then costs at
-most 4× the hidden-to-hidden product every LSTM pays), else ``"loop"``. Fast inference
-is :class:`tedepr_cli.kernels.lstm.KernelLSTM` (compiled recurrence, sparse ``W_hh``).
+``W_hh``; ``"kernel"`` applies each input projection to all steps at once (its chain or
+rebuild, per its train path) and runs the recurrence, forward and backward through time, in
+compiled C over the KEPT entries of a pruned ``W_hh``
+(:mod:`tedepr_cli.kernels.lstm_train`), falling back to the ``"auto"`` choice below where
+the kernel cannot run (no compiler, not float32 on the CPU, under a ``torch.func``
+transform). ``"auto"`` (default) takes ``"kernel"`` while autograd records
+(training) when every ``W_hh`` carries a pruning mask keeping at most 10 % of its entries
+(:data:`KERNEL_MAX_DENSITY`: above that torch's dense GEMMs are faster) and the kernel
+can run; otherwise ``"fused"`` when every input projection is a linear chain and its
+input size is at most 4× the hidden size (the dense projection then costs at most 4× the
+hidden-to-hidden product every LSTM pays), else ``"loop"``. Fast inference is
+:class:`tedepr_cli.kernels.lstm.KernelLSTM` (compiled recurrence, sparse ``W_hh``).
 
 MultiheadAttention keeps its packed ``in_proj_weight`` (3E × E) as one tensorized Linear
 E -> 3E and tensorizes ``out_proj``; attention itself is computed as in
@@ -30,6 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ..kernels import lstm_train
+from ..masks import mask_of
 from .base import TensorizedLayer
 from .tr import TRLinear
 from .tt import TTLinear
@@ -44,17 +54,21 @@ def _linear(spec: dict[str, Any]) -> nn.Module:
 
 
 FUSED_MAX_INPUT_RATIO = 4  # "auto" fuses while input size <= this x hidden size
+# "auto" trains on the compiled recurrence while every W_hh keeps <= this fraction. Measured
+# (zoo LSTM, H 128, T 28, batch 128, whole training steps, one thread): kernel / fused step
+# 0.62 at 0.5 % kept, 0.84 at 5 %, 0.91 at 10 %, 1.22 at 25 %: torch's dense GEMMs win above
+KERNEL_MAX_DENSITY = 0.1
 
 
 class TensorizedLSTM(nn.Module):
     """``nn.LSTM`` with tensorized input projections (batch_first, layers, bidirectional).
 
-    ``recurrence``: ``"auto"``, ``"fused"`` or ``"loop"`` (see the module doc); a plain
-    attribute, not part of the spec (both ways compute the same function).
+    ``recurrence``: ``"auto"``, ``"fused"``, ``"loop"`` or ``"kernel"`` (see the module
+    doc); a plain attribute, not part of the spec (every way computes the same function).
     """
 
     kind = "lstm"
-    RECURRENCES = ("auto", "fused", "loop")
+    RECURRENCES = ("auto", "fused", "loop", "kernel")
 
     def __init__(self, spec: dict[str, Any]) -> None:
         super().__init__()
@@ -67,6 +81,8 @@ class TensorizedLSTM(nn.Module):
         if len(spec["ih"]) != self.num_layers * dirs:
             raise ValueError("LSTM spec needs one input projection per layer and direction")
         self.ih = nn.ModuleList([_linear(s) for s in spec["ih"]])
+        for m in self.ih:  # trained on the rebuilt W_ih, as the fused path does (train_path.py)
+            m.train_path = "dense"
         h = self.hidden_size
         for name in self._suffixes():
             self.register_parameter(f"weight_hh_{name}", nn.Parameter(torch.zeros(4 * h, h)))
@@ -74,6 +90,7 @@ class TensorizedLSTM(nn.Module):
                 self.register_parameter(f"bias_hh_{name}", nn.Parameter(torch.zeros(4 * h)))
         self.recurrence = "auto"
         self._template: list[nn.LSTM] = []  # built on first use; a list keeps it out of the module tree
+        self._kept: dict[str, tuple[Any, int, Any]] = {}  # W_hh suffix -> (mask, its version, pattern)
 
     def _suffixes(self) -> list[str]:
         dirs = ["", "_reverse"] if self.bidirectional else [""]
@@ -83,7 +100,8 @@ class TensorizedLSTM(nn.Module):
         return {**self._spec, "type": self.kind, "ih": [m.spec() for m in self.ih]}
 
     def fused(self) -> bool:
-        """Whether :meth:`forward` runs torch's fused LSTM (see :attr:`recurrence`)."""
+        """Whether :meth:`forward` runs torch's fused LSTM where it does not run the compiled
+        recurrence (see :attr:`recurrence` and :meth:`runs_kernel`)."""
         if self.recurrence not in self.RECURRENCES:
             raise ValueError(f"recurrence must be one of {self.RECURRENCES}, got {self.recurrence!r}")
         if self.recurrence == "loop":
@@ -95,6 +113,77 @@ class TensorizedLSTM(nn.Module):
                 raise ValueError("recurrence 'fused' needs tensorized linear-chain input projections")
             return True
         return linear and all(m.in_features <= FUSED_MAX_INPUT_RATIO * self.hidden_size for m in self.ih)
+
+    def hh_density(self) -> float | None:
+        """The largest kept fraction of any ``W_hh`` (its pruning mask's), or None when some
+        ``W_hh`` carries no mask (unpruned)."""
+        worst = 0.0
+        for sfx in self._suffixes():
+            mask = mask_of(self, f"weight_hh_{sfx}")
+            if mask is None:
+                return None
+            worst = max(worst, float(mask.sum()) / max(mask.numel(), 1))
+        return worst
+
+    def runs_kernel(self, x: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> bool:
+        """Whether :meth:`forward` on ``x`` (and ``hx``) runs the compiled recurrence: the
+        recurrence is ``"kernel"``, or ``"auto"`` while autograd records with every ``W_hh``
+        pruned to at most :data:`KERNEL_MAX_DENSITY`; and the kernel can run (float32 CPU
+        tensors, the library built; no ``torch.func`` transform, tracing, compiling or
+        autocast active)."""
+        if self.recurrence not in self.RECURRENCES:
+            raise ValueError(f"recurrence must be one of {self.RECURRENCES}, got {self.recurrence!r}")
+        if self.recurrence in ("fused", "loop") or x.dim() != 3:
+            return False
+        if self.recurrence == "auto":
+            records = x.requires_grad or any(p.requires_grad for p in self.parameters())
+            if not (torch.is_grad_enabled() and records):
+                return False
+            density = self.hh_density()
+            if density is None or density > KERNEL_MAX_DENSITY:
+                return False
+        if (torch._C._functorch.is_functorch_wrapped_tensor(x) or torch._C._are_functorch_transforms_active()
+                or torch.jit.is_tracing() or torch.compiler.is_compiling()
+                or torch.is_autocast_enabled(x.device.type)):
+            return False
+        ws = [getattr(self, f"weight_hh_{s}") for s in self._suffixes()]
+        return lstm_train.usable(x, *ws, *(hx or ())) is None
+
+    def _pattern(self, sfx: str) -> lstm_train.KeptPattern:
+        """The kept entries of ``weight_hh_<sfx>`` (its mask's; all without one), cached
+        while the mask tensor and its version are unchanged."""
+        mask = mask_of(self, f"weight_hh_{sfx}")
+        got = self._kept.get(sfx)
+        version = -1 if mask is None else mask._version
+        if got is None or got[0] is not mask or got[1] != version:
+            h = self.hidden_size
+            got = (mask, version, lstm_train.KeptPattern.of(mask, (4 * h, h)))
+            self._kept[sfx] = got
+        return got[2]
+
+    def _kernel_forward(self, x: Tensor, hx: tuple[Tensor, Tensor] | None
+                        ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """The compiled recurrence per layer and direction (see :mod:`tedepr_cli.kernels.lstm_train`)."""
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        dirs = 2 if self.bidirectional else 1
+        layer_in, hn, cn = x, [], []
+        outs: list[Tensor] = []
+        for idx, sfx in enumerate(self._suffixes()):
+            gx = self.ih[idx](layer_in)  # (B, T, 4H): the projection's chain or rebuild, all steps
+            pattern = self._pattern(sfx)
+            vals = getattr(self, f"weight_hh_{sfx}").reshape(-1)[pattern.flat]  # kept entries only
+            out, h, c = lstm_train.recurrence(gx, vals, getattr(self, f"bias_hh_{sfx}", None),
+                                              None if hx is None else hx[0][idx],
+                                              None if hx is None else hx[1][idx], pattern, idx % dirs == 1)
+            outs.append(out)
+            hn.append(h)
+            cn.append(c)
+            if idx % dirs == dirs - 1:
+                layer_in = outs[0] if dirs == 1 else torch.cat(outs, dim=2)
+                outs = []
+        out = layer_in if self.batch_first else layer_in.transpose(0, 1)
+        return out, (torch.stack(hn), torch.stack(cn))
 
     def dense_weights(self) -> dict[str, Tensor]:
         """The equivalent ``nn.LSTM`` parameters by name (``weight_ih_l0``, ...): ``W_ih``
@@ -123,36 +212,29 @@ class TensorizedLSTM(nn.Module):
 
     def forward(self, x: Tensor, hx: tuple[Tensor, Tensor] | None = None
                 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        if self.runs_kernel(x, hx):
+            return self._kernel_forward(x, hx)
         if x.dim() == 3 and self.fused():
             return functional_call(self._lstm_template(), self.dense_weights(), (x, hx))
         if not self.batch_first:
             x = x.transpose(0, 1)
-        b, steps = x.shape[0], x.shape[1]
+        b = x.shape[0]
         dirs = 2 if self.bidirectional else 1
         h0 = x.new_zeros(self.num_layers * dirs, b, self.hidden_size) if hx is None else hx[0]
         c0 = x.new_zeros(self.num_layers * dirs, b, self.hidden_size) if hx is None else hx[1]
         layer_in, hn, cn = x, [], []
+        outs: list[Tensor] = []
         for idx, name in enumerate(self._suffixes()):
-            d = idx % dirs
             gx = self.ih[idx](layer_in)  # (B, T, 4H): the tensorized chain, all steps at once
-            w_hh = getattr(self, f"weight_hh_{name}")
-            b_hh = getattr(self, f"bias_hh_{name}", None)
-            h, c = h0[idx], c0[idx]
-            outs: list[Tensor] = [x] * steps
-            for t in (range(steps) if d == 0 else range(steps - 1, -1, -1)):
-                g = gx[:, t] + h @ w_hh.T
-                if b_hh is not None:
-                    g = g + b_hh
-                i, f, gg, o = g.chunk(4, dim=1)
-                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(gg)
-                h = torch.sigmoid(o) * torch.tanh(c)
-                outs[t] = h
+            out, h, c = lstm_train.torch_recurrence(gx, getattr(self, f"weight_hh_{name}"),
+                                                    getattr(self, f"bias_hh_{name}", None), h0[idx], c0[idx],
+                                                    idx % dirs == 1)
+            outs.append(out)
             hn.append(h)
             cn.append(c)
-            if d == 0:
-                fwd = torch.stack(outs, dim=1)
-            if d == dirs - 1:
-                layer_in = fwd if dirs == 1 else torch.cat([fwd, torch.stack(outs, dim=1)], dim=2)
+            if idx % dirs == dirs - 1:
+                layer_in = outs[0] if dirs == 1 else torch.cat(outs, dim=2)
+                outs = []
         out = layer_in if self.batch_first else layer_in.transpose(0, 1)
         return out, (torch.stack(hn), torch.stack(cn))
 
