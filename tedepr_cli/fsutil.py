@@ -53,7 +53,8 @@ def is_tedepr_file(f: Path) -> bool:
     """Whether ``f``, a file named in :data:`TEDEPR_FILES`, is one tedepr wrote. By content
     where the name is common: ``manifest.json`` must be JSON with tedepr's artifact schema,
     ``model.safetensors`` must carry tedepr's manifest in its metadata (read with
-    ``safetensors.safe_open``: the header only), ``state.pt`` counts only beside a
+    ``safetensors.safe_open``: the header only), ``metrics.jsonl`` must be empty or start
+    with a JSON object that has an ``epoch``, and ``state.pt`` counts only beside such a
     ``metrics.jsonl`` (a finetune run). The other names are tedepr's own."""
     if f.is_symlink() or not f.is_file():
         return False
@@ -76,7 +77,17 @@ def is_tedepr_file(f: Path) -> bool:
         except Exception:  # noqa: BLE001 - not a safetensors file, or a broken one: not ours
             return False
     if f.name == "state.pt":
-        return (f.parent / "metrics.jsonl").is_file()
+        return is_tedepr_file(f.parent / "metrics.jsonl")
+    if f.name == "metrics.jsonl":  # finetune's: one JSON object per epoch, each with its epoch
+        import json
+
+        try:
+            with f.open("rb") as fh:
+                first = fh.readline(1 << 20)
+            d = json.loads(first) if first.strip() else {}
+        except (OSError, ValueError):
+            return False
+        return isinstance(d, dict) and (not d or "epoch" in d)
     return f.name in TEDEPR_FILES
 
 
@@ -102,21 +113,22 @@ def check_output(target: Path, overwrite: bool, directory: bool | None = None) -
     directory is (``directory=True``); or the nearest existing ancestor is not a directory
     tedepr can create a file in (a probe file is created and removed)."""
     if target.exists() or target.is_symlink():
-        if not overwrite:
-            raise OutputError(f"{target} already exists; pass {opt('overwrite')} to replace it")
+        # a file where a directory goes, or the reverse, is refused whatever --overwrite says
         if directory is True and not target.is_dir():
             raise OutputError(f"{target} is a file; the output is a directory: name a directory path")
+        if directory is False and target.is_dir() and not target.is_symlink():
+            raise OutputError(f"{target} is a directory; the output is a file: name a file path")
+        if not overwrite:
+            raise OutputError(f"{target} already exists; pass {opt('overwrite')} to replace it")
         if target.is_dir() and not target.is_symlink():
-            if directory is False:
-                raise OutputError(f"{target} is a directory; the output is a file: name a file path")
             try:
                 ours = is_tedepr_output(target)
             except OSError as e:
                 raise OutputError(f"cannot inspect {target}: {e.strerror or e}") from None
             if not ours:
-                raise OutputError(f"{target} is a non-empty directory tedepr did not write (no "
-                                  f"{', '.join(TEDEPR_FILES[:3])}, ...): {opt('overwrite')} only replaces "
-                                  "tedepr outputs; name a new path or remove it yourself")
+                raise OutputError(f"{target} is a non-empty directory tedepr did not write (none of "
+                                  f"{', '.join(TEDEPR_FILES[:3])}, ... that is tedepr's): {opt('overwrite')} "
+                                  "only replaces tedepr outputs; name a new path or remove it yourself")
     parent = target.parent if str(target.parent) else Path(".")
     probe = parent
     while not probe.exists():

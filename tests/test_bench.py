@@ -73,6 +73,20 @@ def test_json_flag_prints_json_like_every_command(target, tmp_path):
     assert r.exit_code == 6 and r.stdout == ""  # refused before anything ran
 
 
+def test_onnxruntime_engines_run_at_the_plans_levels_even_without_the_tedepr_engine(target):
+    """The dense baseline on onnxruntime is held to its fastest graph optimization level,
+    which only a plan measures: bench plans (or reuses a stored plan) whenever an
+    onnxruntime engine runs, and says which level it ran at."""
+    r = run_cli("bench", target, "--json", "--engines", "dense-torch,dense-ort", *FAST)
+    assert r.exit_code == 0, r.stderr
+    plans = json.loads(r.stdout)["execution_plans"]
+    assert set(plans) == {"1", "4"}
+    assert all(p["runtimes"]["ort_levels"]["dense-ort"] in ("all", "basic") for p in plans.values())
+    r = run_cli("bench", target, "--engines", "dense-torch,dense-ort", *FAST)
+    assert r.exit_code == 0 and "onnxruntime graph optimization level: " in r.stdout
+    assert "the onnxruntime engines ran there" in r.stdout
+
+
 @pytest.mark.parametrize("args,code", [
     (["--fail-if-slower", "0.000001"], 11),
     (["--max-size", "10"], 12),

@@ -192,6 +192,7 @@ def test_overwrite_still_replaces_what_tedepr_wrote(tmp_path):
     ("manifest.json", b"not json"),
     ("model.safetensors", b"\x00" * 16),
     ("state.pt", b"PK\x03\x04 a user's own checkpoint"),  # no metrics.jsonl beside it
+    ("metrics.jsonl", b'{"step": 1, "loss": 0.5}\n'),  # a hand-written training loop's log
 ])
 def test_a_file_with_a_tedepr_name_but_not_its_content_is_a_users(tmp_path, name, content):
     """`--overwrite` went by file names: a directory holding any `manifest.json` (a web
@@ -213,6 +214,46 @@ def test_a_file_with_a_tedepr_name_but_not_its_content_is_a_users(tmp_path, name
         check_output(other, overwrite=True)
     r = run_cli("decompose", LENET300, "--arch", "lenet300", "-o", d, "--overwrite", "-q")
     assert r.exit_code == 6 and (d / "thesis.tex").exists() and (d / name).read_bytes() == content
+
+
+def test_a_users_checkpoint_beside_a_users_log_is_still_a_users(tmp_path):
+    """state.pt + metrics.jsonl is a common hand-written layout: the log's content decides."""
+    from tedepr_cli.errors import OutputError
+    from tedepr_cli.fsutil import check_output
+
+    d = _user_dir(tmp_path)
+    (d / "state.pt").write_bytes(b"PK\x03\x04 mine")
+    (d / "metrics.jsonl").write_text("hello\n")
+    with pytest.raises(OutputError, match="did not write"):
+        check_output(d, overwrite=True)
+    (d / "metrics.jsonl").write_text('{"epoch": 1, "train_loss": 0.3}\n')  # what finetune writes
+    check_output(d, overwrite=True)
+
+
+def test_bench_json_out_replaces_only_a_bench_report_and_only_with_overwrite(tmp_path):
+    """`bench --json-out FILE` replaced any file (a user's notes) without asking."""
+    art = tmp_path / "art"
+    assert run_cli("decompose", LENET300, "--arch", "lenet300", "-o", art, "-q").exit_code == 0
+    fast = ["--iters", "2", "--warmup", "0", "--no-memory", "-q", "--engines", "dense-torch", "--batch", "1"]
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my precious notes")
+    for extra in ([], ["--overwrite"]):
+        r = run_cli("bench", art, "--json-out", notes, *fast, *extra)
+        assert r.exit_code == 6 and notes.read_text() == "my precious notes", r.stderr
+    assert "not a tedepr bench report" in r.stderr
+    report = tmp_path / "b.json"
+    assert run_cli("bench", art, "--json-out", report, *fast).exit_code == 0
+    r = run_cli("bench", art, "--json-out", report, *fast)
+    assert r.exit_code == 6 and "pass --overwrite" in r.stderr
+    assert run_cli("bench", art, "--json-out", report, *fast, "--overwrite").exit_code == 0
+
+
+def test_a_file_where_a_directory_goes_is_not_told_to_use_overwrite(tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_text("x")
+    r = run_cli("decompose", LENET300, "--arch", "lenet300", "-o", f, "-q")
+    assert r.exit_code == 6 and "is a file; the output is a directory" in r.stderr
+    assert "--overwrite" not in r.stderr and f.read_text() == "x"
 
 
 def test_fsutil_markers_are_the_artifacts():

@@ -316,7 +316,9 @@ def _run(target: Target, opts: BenchOptions, device: torch.device, baseline_path
         fns = {}
         with torch.no_grad():
             plan = None
-            if "tedepr" in engines:  # first: the onnxruntime engines run at the levels it measured
+            # first: the tedepr engine runs it, the onnxruntime engines run at the levels it
+            # measured (the dense baseline's best level included), with or without the tedepr engine
+            if "tedepr" in engines or (device.type == "cpu" and any(e in ORT_ENGINES for e in engines)):
                 plan, fresh = plan_for(art, b, opts.threads, replan=opts.replan, seed=opts.seed,
                                        runtimes=eng.runtimes)
                 plans[str(b)] = {**plan, "fresh": fresh, "flops": flop_share(art.model, art.masks, plan)}
@@ -521,6 +523,18 @@ def check_gates(report: dict[str, Any], fail_if_slower: float | None, max_size: 
             failures.append(SizeGateFailed(f"compressed artifact is {size:,} bytes, above {opt('max-size')} "
                                            f"{max_size:,}"))
     return failures
+
+
+def is_report(path: Path) -> bool:
+    """Whether the file ``path`` holds a tedepr bench report (JSON with :data:`SCHEMA`):
+    what ``--json-out`` may replace with ``--overwrite``."""
+    import json
+
+    try:
+        d = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and d.get("schema") == SCHEMA
 
 
 def load_saved(path: Path) -> dict[str, Any]:

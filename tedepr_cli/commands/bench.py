@@ -56,7 +56,8 @@ def bench(
     data: DataOpt = None,
     seed: Seed = 0,
     json_file: Annotated[Path | None, typer.Option(
-        "--json-out", help="Also write every figure as JSON to this file.")] = None,
+        "--json-out", help="Also write every figure as JSON to this file (an existing one: only a "
+        "previous bench report, with --overwrite).")] = None,
     fail_if_slower: Annotated[float | None, typer.Option(
         "--fail-if-slower", help="Gate (exit 11): fail if the tedepr engine (triton on --device cuda) is "
         "slower than RATIO x the dense baseline on its best runtime (dense-torch or dense-ort, whichever "
@@ -68,6 +69,7 @@ def bench(
     min_speedup: Annotated[float | None, typer.Option(
         "--min-speedup", help="Gate (exit 13): fail if the gated engine's speed-up is below X.")] = None,
     arch: ConfirmArch = None,
+    overwrite: Overwrite = False,
     json_out: JsonOut = False, verbose: Verbose = 0, quiet: Quiet = False,
 ) -> None:
     """Honest latency and size: every engine side by side, interleaved, with medians, IQR,
@@ -96,9 +98,14 @@ def bench(
 
         raise InputNotFound(f"--baseline {baseline} does not exist")
     if json_file is not None:
+        from ..bench.core import is_report
+        from ..errors import OutputError
         from ..fsutil import check_output
 
-        check_output(json_file, overwrite=True, directory=False)
+        check_output(json_file, overwrite, directory=False)
+        if json_file.is_file() and not is_report(json_file):
+            raise OutputError(f"{json_file} is not a tedepr bench report: --overwrite only replaces "
+                              "tedepr outputs; name a new path or remove it yourself")
     target = load_target(path, _allow_import(arch))
     with _progress(quiet) as progress:
         report = run_bench(target, opts, baseline, data, progress=progress)
@@ -148,6 +155,13 @@ def _progress(quiet: bool) -> Iterator[Callable[[str, int, int | None], None] | 
         yield update
 
 
+def _levels_line(levels: dict[str, str]) -> str:
+    """The onnxruntime graph optimization level the plan measured fastest per runtime
+    (SessionOptions.graph_optimization_level ORT_ENABLE_ALL / ORT_ENABLE_BASIC)."""
+    return "onnxruntime graph optimization level: " + ", ".join(
+        f"{k} {v} (ORT_ENABLE_{v.upper()})" for k, v in sorted(levels.items()))
+
+
 def _print_bench(report: dict[str, Any], human_bytes) -> None:
     m = report["machine"]
     where = f"{m['gpu']['name']} (CUDA {m['gpu']['cuda']}), " if "gpu" in m else ""
@@ -180,6 +194,9 @@ def _print_bench(report: dict[str, Any], human_bytes) -> None:
                      f"sparse/factorized kernels")
         for fu in plan.get("fusions") or []:
             stdout.print(f"  fused: {'+'.join(fu['layers'])} (one compiled call)")
+        if (plan.get("runtimes") or {}).get("ort_levels"):
+            levels = _levels_line(plan["runtimes"]["ort_levels"])
+            stdout.print(f"  {levels}; the onnxruntime engines ran there")
     acc = report.get("accuracy")
     if acc and acc.get("metric") == "cosine":
         got = acc.get("cosine_to_baseline")
@@ -279,3 +296,5 @@ def plan(
                          + ", ".join(f"{k} {v}" for k, v in rts["measured_us"].items())
                          + f" (dense-*: {base['model']})")
         stdout.print(f"  runtime: {p['runtime']} ({rts.get('reason', '-')})")
+        if rts.get("ort_levels"):
+            stdout.print(f"  {_levels_line(rts['ort_levels'])}")
