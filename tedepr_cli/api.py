@@ -258,7 +258,9 @@ def accelerate(model: nn.Module, *, batch: int = 1, threads: int = 1,
     measured against is that rebuild (the API knows no original checkpoint). Every runtime
     takes and returns torch tensors and computes the same function within 1e-4 relative.
     Inference only; ``model`` is not changed. The thread count is restored after planning;
-    the plan is the returned module's ``tedepr_plan`` attribute."""
+    the plan is the returned module's ``tedepr_plan`` attribute. It always measures afresh
+    (tens of seconds on a small CNN, mostly exporting and timing the onnxruntime graphs):
+    plans ``tedepr plan`` stores in an artifact are reused by ``tedepr bench``, not here."""
     from .execution import Runtimes, build_model, plan_execution
 
     shape = _input_shape(model, example_input)

@@ -447,7 +447,8 @@ def test_bad_data_is_refused_before_the_one_shot_decomposition(tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("args, said", [
-    (["--steps", "5"], "--steps is read only by the tedepr criterion, not 'synflow'"),
+    (["--steps", "5"], "--steps is read only by the tedepr criterion, not 'synflow' (without --data the "
+                       "default 'tedepr' falls back to it), so it is ignored"),
     (["--rounds", "3", "--criterion", "magnitude"], "--rounds is read only by the synflow criterion"),
     (["--micro-batch", "8"], "--micro-batch applies only where a data-driven criterion scores with --data; "
                              "'synflow' does not read data"),

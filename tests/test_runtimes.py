@@ -109,6 +109,9 @@ def test_ort_module_takes_and_returns_torch_tensors(lenet):
         assert isinstance(y, torch.Tensor) and y.shape == (5, 10)
         assert rel(y, lenet.model(x)) <= 1e-5
         assert torch.equal(copy.deepcopy(m)(x), y)
+        assert torch.equal(m(x.double()), y)  # converted on the slow path
+        wide = torch.cat([x, x], dim=1)[:, :784]  # a non-contiguous view holding x
+        assert not wide.is_contiguous() and torch.equal(m(wide), y)
     assert m.session.get_session_options().intra_op_num_threads == 1
 
 

@@ -238,8 +238,8 @@ def plan(
     (compiled kernel, dense rebuild or torch chain; fused runs of layers), then the whole
     model's runtime (that per-layer plan, the compressed ONNX in onnxruntime, or the dense
     model on torch or onnxruntime when nothing beats the dense original on its best runtime),
-    and store the plan in a copy of the artifact; `bench` and inference reuse it on the same
-    machine after a quick re-check."""
+    and store the plan in a copy of the artifact; `bench` reuses it on the same machine after a
+    quick re-check (`tedepr.accelerate` takes a model, not an artifact, and measures afresh)."""
     import torch
 
     from ..artifact import load_artifact, save_artifact, single_file

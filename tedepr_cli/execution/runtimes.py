@@ -118,11 +118,14 @@ class OrtModule(nn.Module):
         self.level = level
         self.session = ort_session(onnx, threads, level=level)
         self.input_name = self.session.get_inputs()[0].name
+        self._outputs = [o.name for o in self.session.get_outputs()]
 
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:
-        x = x.detach().to("cpu")
-        xn = (x.to(torch.float32) if x.is_floating_point() else x).contiguous().numpy()  # ids stay int64
-        out = self.session.run(None, {self.input_name: xn})
+        x = x.detach()
+        if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.int64) or not x.is_contiguous():
+            x = x.to("cpu")  # the common case (a contiguous CPU float32 batch) skips these copies
+            x = (x.to(torch.float32) if x.is_floating_point() else x).contiguous()  # ids stay int64
+        out = self.session.run(self._outputs, {self.input_name: x.numpy()})
         if len(out) == 1:
             return torch.from_numpy(out[0])
         return tuple(torch.from_numpy(o) for o in out)

@@ -309,10 +309,12 @@ def prune(art: Artifact, opts: PruneOptions, data: Path | None = None,
     opts.validate()
     if art.masks:
         raise BadInput(f"{art.source or 'the model'} is already pruned; prune the unpruned artifact")
-    criterion, _ = resolve_criterion(opts.criterion, data is not None)
+    criterion, fallback = resolve_criterion(opts.criterion, data is not None)
     scores_with_data = data is not None and CRITERIA.get(criterion).needs_data
+    why_not = (f" (without {opt('data')} the default {DEFAULT_CRITERION!r} falls back to it)"
+               if fallback else "")
     for why in unused_options(criterion, opts.criterion_options, scores_with_data):
-        log.warning(f"{why}, so it is ignored")
+        log.warning(f"{why}{why_not}, so it is ignored")
     batches = None
     if scores_with_data:  # read (and refused, if bad) before the decomposition's minutes
         copts = opts.criterion_options
