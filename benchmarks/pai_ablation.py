@@ -59,10 +59,59 @@ VARIANTS = {
     "rank allocation criterion + tedepr steps 10": {"rank_allocation": "criterion",
                                                     "criterion_options": {"steps": 10}},
     "tedepr steps 10": {"criterion_options": {"steps": 10}},
+    # issue 19, LeNet-5 follow-up: distillation from a trained dense model of the same seed,
+    # the finetune recipe's weight decay and warmup, the criterion's inner lr, other probes
+    "distill": {"teacher": True},
+    "rank allocation criterion + distill": {"rank_allocation": "criterion", "teacher": True},
+    "rank allocation criterion >= uniform rank + distill": {"allocation_floor": True, "teacher": True},
+    "tr convs": {"format_overrides": {"conv*": "tr"}},  # tensor-ring conv chains, TT-matrix Linears
+    "rank allocation criterion + tr convs": {"rank_allocation": "criterion",
+                                             "format_overrides": {"conv*": "tr"}},
+    "rank allocation criterion + weight decay 0.01": {"rank_allocation": "criterion",
+                                                      "train": {"weight_decay": 0.01}},
+    "rank allocation criterion + warmup 2": {"rank_allocation": "criterion", "train": {"warmup_epochs": 2.0}},
+    "rank allocation criterion + inner lr 0.03": {"rank_allocation": "criterion",
+                                                  "criterion_options": {"inner_lr": 0.03}},
+    "rank allocation criterion + inner lr 0.3": {"rank_allocation": "criterion",
+                                                 "criterion_options": {"inner_lr": 0.3}},
 }
 
 
-def run(model: str, sparsity: float, seed: int, knobs: dict, out: Path, epochs: int = 30) -> dict:
+def teacher(model: str, seed: int, out: Path, epochs: int = 30) -> tuple[Path, dict]:
+    """The dense ``model`` trained with the protocol's recipe (same split, seed, epochs and lr
+    sweep as every variant; lr picked on validation), the teacher of the distillation variants:
+    its artifact (cached under ``out/runs/teachers``) and its result row (cached in
+    ``out/teachers.json``). Seed-matched, so its held-out validation images are the student's."""
+    from tedepr_cli.arch import build, parse_arch
+    from tedepr_cli.artifact import Artifact
+    from tedepr_cli.train import TrainOptions, finetune
+
+    cache, key = out / "teachers.json", f"{model}|{seed}|{epochs}"
+    rows = json.loads(cache.read_text()) if cache.exists() else {}
+    where = out / "runs" / "teachers" / f"{model}-s{seed}-{epochs}ep"
+    if key in rows and (where / f"lr{rows[key]['lr']:g}" / "best").exists():
+        return where / f"lr{rows[key]['lr']:g}" / "best", rows[key]
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    best = None
+    for lr in (1e-3, 1e-2):
+        torch.manual_seed(seed)
+        spec = parse_arch(model)
+        _, s = finetune(Artifact(model=build(spec).eval(), arch=spec), DATA, where / f"lr{lr:g}",
+                        TrainOptions(epochs=epochs, lr=lr, seed=seed), overwrite=True)
+        if best is None or s["best_score"] > best[1]["best_score"]:
+            best = (lr, s)
+    rows[key] = {"test": best[1]["test_accuracy"], "lr": best[0],
+                 "seconds": round(time.perf_counter() - t0, 1)}
+    cache.write_text(json.dumps(rows, indent=1))
+    return where / f"lr{best[0]:g}" / "best", rows[key]
+
+
+def run(model: str, sparsity: float, seed: int, knobs: dict, out: Path, epochs: int = 30,
+        root: Path | None = None) -> dict:
+    """One (variant, seed): prune, train at both lrs into ``out``; ``root``: the results folder
+    (the teachers' cache)."""
+    root = root or out
     from tedepr_cli.arch import build, parse_arch
     from tedepr_cli.artifact import Artifact
     from tedepr_cli.decompose import DecomposeOptions
@@ -71,6 +120,9 @@ def run(model: str, sparsity: float, seed: int, knobs: dict, out: Path, epochs: 
     from tedepr_cli.pruning.prune import PruneOptions, prune
     from tedepr_cli.train import TrainOptions, finetune
 
+    train = dict(knobs.get("train", {}))
+    if knobs.get("teacher"):  # trained (or read from its cache) first: its time is not the run's
+        train["teacher"] = str(teacher(model, seed, root, knobs.get("epochs", epochs))[0])
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     if knobs.get("init") == "pretrained" and model == "lenet300":
@@ -80,7 +132,8 @@ def run(model: str, sparsity: float, seed: int, knobs: dict, out: Path, epochs: 
         art = Artifact(model=build(spec).eval(), arch=spec)
     dopts = DecomposeOptions(format=knobs.get("format", "tt"), rank=None, modes=knobs.get("modes", "auto"),
                              chain=knobs.get("chain", "linear"), init=knobs.get("init", "random"), seed=seed,
-                             rank_overrides=dict(knobs.get("rank_overrides", {})))
+                             rank_overrides=dict(knobs.get("rank_overrides", {})),
+                             format_overrides=dict(knobs.get("format_overrides", {})))
     popts = PruneOptions(sparsity=sparsity, criterion=knobs.get("criterion", "tedepr"), seed=seed,
                          coarse_ratio=knobs.get("coarse_ratio", 4.0), scope=knobs.get("scope", "global"),
                          min_paths=knobs.get("min_paths", 0), grain=knobs.get("grain", "entry"),
@@ -103,7 +156,7 @@ def run(model: str, sparsity: float, seed: int, knobs: dict, out: Path, epochs: 
     for lr in (1e-3, 1e-2):
         _, s = finetune(art, DATA, out / f"s{seed}-lr{lr:g}",
                         TrainOptions(epochs=knobs.get("epochs", epochs), lr=lr, seed=seed,
-                                                 **knobs.get("train", {})), overwrite=True)
+                                                 **train), overwrite=True)
         if best is None or s["best_score"] > best[1]["best_score"]:
             best = (lr, s)
     auto = rep.get("rank_auto") or {}
@@ -126,7 +179,7 @@ def _results(model: str, sparsity: float, args) -> dict:
             if key in results or args.report_only:
                 continue
             where = Path(args.out) / "runs" / f"{model}-{sparsity:g}{suffix}" / name
-            results[key] = run(model, sparsity, seed, VARIANTS[name], where, args.epochs)
+            results[key] = run(model, sparsity, seed, VARIANTS[name], where, args.epochs, Path(args.out))
             cache.write_text(json.dumps(results, indent=1))
             print(name, seed, results[key], flush=True)
     return results

@@ -118,6 +118,29 @@ def test_rank_overrides_and_bad_ranks():
         plan_model(model, (784,), PlanOptions(rank_overrides={"nope": 3}))
 
 
+def test_format_overrides_give_convs_tensor_rings_and_survive_a_save(tmp_path):
+    from tedepr_cli.tensorized.tr import TRConv2d
+    from tedepr_cli.tensorized.tt import TTLinear
+
+    model = MODELS.get("lenet5")()
+    opts = PlanOptions(rank=3, format_overrides={"conv*": "tr"})
+    plans = {p.name: p.spec for p in plan_model(model, (1, 28, 28), opts) if p.spec}
+    assert plans["conv2"]["format"] == "tr" and set(plans["conv2"]["ranks"]) == {3}  # a ring
+    assert plans["fc1"]["format"] == plans["fc2"]["format"] == "tt" and plans["fc1"]["ranks"] == [1, 3, 1]
+    out, _ = decompose(_art("lenet5"), DecomposeOptions(rank=3, format_overrides={"conv*": "tr"},
+                                                        init="random"))
+    assert isinstance(out.model.conv2, TRConv2d) and isinstance(out.model.fc1, TTLinear)
+    assert out.meta["tensorization"]["format_overrides"] == {"conv*": "tr"}
+    back = load_artifact(save_artifact(out, tmp_path / "a"))
+    assert isinstance(back.model.conv2, TRConv2d) and isinstance(back.model.fc1, TTLinear)
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(back.model(x), out.model(x))
+    with pytest.raises(UsageError, match="format"):
+        plan_model(model, (1, 28, 28), PlanOptions(format_overrides={"conv2": "cp"}))
+    with pytest.raises(BadInput, match="no layer matches"):
+        plan_model(model, (1, 28, 28), PlanOptions(format_overrides={"nope": "tr"}))
+
+
 def test_include_of_unsupported_layer_is_an_error():
     with pytest.raises(BadInput, match="BatchNorm2d"):
         plan_model(MODELS.get("resnet20")(), (3, 32, 32), PlanOptions(include=["bn1"]))
