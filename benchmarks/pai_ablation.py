@@ -64,6 +64,8 @@ VARIANTS = {
     "distill": {"teacher": True},
     "rank allocation criterion + distill": {"rank_allocation": "criterion", "teacher": True},
     "rank allocation criterion >= uniform rank + distill": {"allocation_floor": True, "teacher": True},
+    "rank allocation criterion, probe 2x": {"allocation_probe": 2.0},
+    "rank allocation criterion, probe 8x": {"allocation_probe": 8.0},
     "tr convs": {"format_overrides": {"conv*": "tr"}},  # tensor-ring conv chains, TT-matrix Linears
     "rank allocation criterion + tr convs": {"rank_allocation": "criterion",
                                              "format_overrides": {"conv*": "tr"}},
@@ -141,16 +143,19 @@ def run(model: str, sparsity: float, seed: int, knobs: dict, out: Path, epochs: 
                          rank_allocation=knobs.get("rank_allocation", "uniform"),
                          criterion_options=CriterionOptions(**knobs.get("criterion_options", {})))
     t0 = time.perf_counter()
-    if knobs.get("allocation_floor"):  # the criterion's per-layer ranks, never below the uniform auto rank
+    prototype = knobs.get("allocation_floor") or "allocation_probe" in knobs
+    if prototype:  # the criterion's per-layer ranks with another probe, or never below the uniform auto rank
         from dataclasses import replace
 
-        from tedepr_cli.pruning.prune import allocated_ranks, auto_rank
+        from tedepr_cli.pruning.prune import ALLOCATION_PROBE, allocated_ranks, auto_rank
 
         uniform = auto_rank(art.model, art.input_shape, dopts, popts)
-        ranks, _ = allocated_ranks(art, replace(dopts, rank=uniform), popts, DATA)
-        dopts = replace(dopts, rank=uniform, rank_overrides={n: max(r, uniform) for n, r in ranks.items()})
+        ranks, _ = allocated_ranks(art, replace(dopts, rank=uniform), popts, DATA,
+                                   probe=knobs.get("allocation_probe", ALLOCATION_PROBE))
+        floor = uniform if knobs.get("allocation_floor") else 1
+        dopts = replace(dopts, rank=uniform, rank_overrides={n: max(r, floor) for n, r in ranks.items()})
     art, rep = prune(art, popts, DATA, dopts)
-    if knobs.get("allocation_floor"):
+    if prototype:
         rep["rank_auto"] = {"rank": dopts.rank, "ranks": dopts.rank_overrides}
     best = None
     for lr in (1e-3, 1e-2):
