@@ -174,10 +174,28 @@ def test_cli_decompose_sample_end_to_end(tmp_path):
     assert r.exit_code == 0 and "tensorization plan" in r.stdout
 
 
+def test_cli_per_layer_format(tmp_path):
+    """``--format tt --format 'fc1=tr'``: fc1 becomes a tensor ring, the others stay TT; the same
+    on prune's one-shot decomposition (``--format 'fc*=tr'``)."""
+    r = run_cli("decompose", LENET300, "--arch", "lenet300", "--rank", "3", "--format", "tt",
+                "--format", "fc1=tr", "-o", tmp_path / "d")
+    assert r.exit_code == 0, r.stderr
+    layers = json.loads((tmp_path / "d" / "manifest.json").read_text())["tensorization"]["layers"]
+    assert {n: s["format"] for n, s in layers.items()} == {"fc1": "tr", "fc2": "tt", "fc3": "tt"}
+    r = run_cli("prune", "lenet300", "--init", "random", "--sparsity", "0.99", "--criterion", "magnitude",
+                "--format", "fc[12]=tr", "-o", tmp_path / "p")
+    assert r.exit_code == 0, r.stderr
+    layers = json.loads((tmp_path / "p" / "manifest.json").read_text())["tensorization"]["layers"]
+    assert {n: s["format"] for n, s in layers.items()} == {"fc1": "tr", "fc2": "tr", "fc3": "tt"}
+
+
 @pytest.mark.parametrize("args,code", [
     (["--rank", "0"], 2),
     (["--rank", "x"], 2),
     (["--format", "cp"], 2),
+    (["--format", "fc1=cp"], 2),
+    (["--format", "tt", "--format", "tr"], 2),
+    (["--format", "nope=tr"], 4),
     (["--modes", "fc1=28x27:15x20"], 4),
     (["--modes", "5000"], 2),
     (["--rank", "5000", "--modes", "2"], 4),
