@@ -221,6 +221,22 @@ def _section(model: str, sparsities: list[float], by_sparsity: dict, names: list
     return lines
 
 
+def _teachers(model: str, out: Path, epochs: int) -> str:
+    """One line on the dense teachers of the distillation rows (from ``out/teachers.json``)."""
+    cache = out / "teachers.json"
+    rows = json.loads(cache.read_text()) if cache.exists() else {}
+    mine = {int(k.split("|")[1]): v for k, v in rows.items()
+            if k.split("|")[0] == model and int(k.split("|")[2]) == epochs}
+    if not mine:
+        return f"Dense teacher of {model}: not trained yet."
+    seeds = sorted(mine)
+    secs = ", ".join(f"{mine[s]['seconds']:.0f}" for s in seeds)
+    return (f"Dense teacher of {model} (distillation rows; the same recipe, {epochs} epochs, seed-matched): "
+            f"{_acc([mine[s] for s in seeds])} % test over seeds {', '.join(map(str, seeds))}, lr picked "
+            f"{', '.join(format(mine[s]['lr'], 'g') for s in seeds)}, "
+            f"{secs} s per seed (both lrs).")
+
+
 def _write_section(doc: Path, name: str, body: list[str]) -> None:
     """Replace the marked section ``name`` of ``doc`` (append it if absent); temp file + rename."""
     start, end = f"<!-- section: {name} -->", f"<!-- end section: {name} -->"
@@ -258,6 +274,8 @@ def main() -> int:
         for model in models:
             by_sparsity = {s: _results(model, s, args) for s in sparsities}
             body += _section(model, sparsities, by_sparsity, args.variants.split(",")) + [""]
+            if any(VARIANTS[n].get("teacher") for n in args.variants.split(",")):
+                body += [_teachers(model, Path(args.out), args.epochs), ""]
         _write_section(Path(args.doc), args.section, body[:-1])
         print("\n".join(body))
         return 0

@@ -443,4 +443,8 @@ def test_pai_ablation_distills_from_a_cached_seed_matched_dense_teacher(tmp_path
                        text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (teacher / "manifest.json").stat().st_mtime_ns == stamp  # reused, not trained again
-    assert "| rank allocation criterion + distill | " in (tmp_path / "doc.md").read_text()
+    doc = (tmp_path / "doc.md").read_text()
+    assert "| rank allocation criterion + distill | " in doc
+    acc = f"{100 * rows['lenet300|1|1']['test']:.1f} (1 seed) % test over seeds 1"
+    assert f"Dense teacher of lenet300 (distillation rows; the same recipe, 1 epochs, seed-matched): " \
+           f"{acc}" in doc
