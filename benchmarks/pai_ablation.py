@@ -64,8 +64,8 @@ VARIANTS = {
     "distill": {"teacher": True},
     "rank allocation criterion + distill": {"rank_allocation": "criterion", "teacher": True},
     "rank allocation criterion >= uniform rank + distill": {"allocation_floor": True, "teacher": True},
-    "rank allocation criterion, probe 2x": {"allocation_probe": 2.0},
-    "rank allocation criterion, probe 8x": {"allocation_probe": 8.0},
+    "rank allocation criterion probe 2x": {"allocation_probe": 2.0},
+    "rank allocation criterion probe 8x": {"allocation_probe": 8.0},
     "tr convs": {"format_overrides": {"conv*": "tr"}},  # tensor-ring conv chains, TT-matrix Linears
     "rank allocation criterion + tr convs": {"rank_allocation": "criterion",
                                              "format_overrides": {"conv*": "tr"}},
