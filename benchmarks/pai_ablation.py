@@ -11,7 +11,9 @@ validation, 2 seeds, test accuracy of the best epoch). Results are cached per mo
 sparsity (``--out``), so a rerun only trains what is missing (``--report-only``: nothing,
 a variant not cached shows "-"); ``--section NAME`` rewrites
 only the section between ``<!-- section: NAME -->`` and ``<!-- end section: NAME -->`` of
-``--doc`` (appended if absent), one table per model with a column per sparsity.
+``--doc`` (appended if absent), one table per model with a column per sparsity. The
+distillation variants (``teacher``) fine-tune with a dense model of the same seed as
+``--teacher``, trained once with the same recipe and cached (``--out``/teachers.json).
 """
 
 from __future__ import annotations
