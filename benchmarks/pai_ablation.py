@@ -11,7 +11,9 @@ validation, 2 seeds, test accuracy of the best epoch). Results are cached per mo
 sparsity (``--out``), so a rerun only trains what is missing (``--report-only``: nothing,
 a variant not cached shows "-"); ``--section NAME`` rewrites
 only the section between ``<!-- section: NAME -->`` and ``<!-- end section: NAME -->`` of
-``--doc`` (appended if absent), one table per model with a column per sparsity.
+``--doc`` (appended if absent), one table per model with a column per sparsity. The
+distillation variants (``teacher``) fine-tune with a dense model of the same seed as
+``--teacher``, trained once with the same recipe and cached (``--out``/teachers.json).
 """
 
 from __future__ import annotations
@@ -59,10 +61,61 @@ VARIANTS = {
     "rank allocation criterion + tedepr steps 10": {"rank_allocation": "criterion",
                                                     "criterion_options": {"steps": 10}},
     "tedepr steps 10": {"criterion_options": {"steps": 10}},
+    # issue 19, LeNet-5 follow-up: distillation from a trained dense model of the same seed,
+    # the finetune recipe's weight decay and warmup, the criterion's inner lr, other probes
+    "distill": {"teacher": True},
+    "rank allocation criterion + distill": {"rank_allocation": "criterion", "teacher": True},
+    "rank allocation criterion >= uniform rank + distill": {"allocation_floor": True, "teacher": True},
+    "rank allocation criterion probe 2x": {"allocation_probe": 2.0},
+    "rank allocation criterion probe 8x": {"allocation_probe": 8.0},
+    "tr convs": {"format_overrides": {"conv*": "tr"}},  # tensor-ring conv chains, TT-matrix Linears
+    "rank allocation criterion + tr convs": {"rank_allocation": "criterion",
+                                             "format_overrides": {"conv*": "tr"}},
+    "rank allocation criterion + weight decay 0.01": {"rank_allocation": "criterion",
+                                                      "train": {"weight_decay": 0.01}},
+    "rank allocation criterion + warmup 2": {"rank_allocation": "criterion", "train": {"warmup_epochs": 2.0}},
+    "rank allocation criterion + inner lr 0.03": {"rank_allocation": "criterion",
+                                                  "criterion_options": {"inner_lr": 0.03}},
+    "rank allocation criterion + inner lr 0.3": {"rank_allocation": "criterion",
+                                                 "criterion_options": {"inner_lr": 0.3}},
 }
 
 
-def run(model: str, sparsity: float, seed: int, knobs: dict, out: Path, epochs: int = 30) -> dict:
+def teacher(model: str, seed: int, out: Path, epochs: int = 30) -> tuple[Path, dict]:
+    """The dense ``model`` trained with the protocol's recipe (same split, seed, epochs and lr
+    sweep as every variant; lr picked on validation), the teacher of the distillation variants:
+    its artifact (cached under ``out/runs/teachers``) and its result row (cached in
+    ``out/teachers.json``). Seed-matched, so its held-out validation images are the student's."""
+    from tedepr_cli.arch import build, parse_arch
+    from tedepr_cli.artifact import Artifact
+    from tedepr_cli.train import TrainOptions, finetune
+
+    cache, key = out / "teachers.json", f"{model}|{seed}|{epochs}"
+    rows = json.loads(cache.read_text()) if cache.exists() else {}
+    where = out / "runs" / "teachers" / f"{model}-s{seed}-{epochs}ep"
+    if key in rows and (where / f"lr{rows[key]['lr']:g}" / "best").exists():
+        return where / f"lr{rows[key]['lr']:g}" / "best", rows[key]
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    best = None
+    for lr in (1e-3, 1e-2):
+        torch.manual_seed(seed)
+        spec = parse_arch(model)
+        _, s = finetune(Artifact(model=build(spec).eval(), arch=spec), DATA, where / f"lr{lr:g}",
+                        TrainOptions(epochs=epochs, lr=lr, seed=seed), overwrite=True)
+        if best is None or s["best_score"] > best[1]["best_score"]:
+            best = (lr, s)
+    rows[key] = {"test": best[1]["test_accuracy"], "lr": best[0],
+                 "seconds": round(time.perf_counter() - t0, 1)}
+    cache.write_text(json.dumps(rows, indent=1))
+    return where / f"lr{best[0]:g}" / "best", rows[key]
+
+
+def run(model: str, sparsity: float, seed: int, knobs: dict, out: Path, epochs: int = 30,
+        root: Path | None = None) -> dict:
+    """One (variant, seed): prune, train at both lrs into ``out``; ``root``: the results folder
+    (the teachers' cache)."""
+    root = root or out
     from tedepr_cli.arch import build, parse_arch
     from tedepr_cli.artifact import Artifact
     from tedepr_cli.decompose import DecomposeOptions
@@ -71,6 +124,9 @@ def run(model: str, sparsity: float, seed: int, knobs: dict, out: Path, epochs: 
     from tedepr_cli.pruning.prune import PruneOptions, prune
     from tedepr_cli.train import TrainOptions, finetune
 
+    train = dict(knobs.get("train", {}))
+    if knobs.get("teacher"):  # trained (or read from its cache) first: its time is not the run's
+        train["teacher"] = str(teacher(model, seed, root, knobs.get("epochs", epochs))[0])
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     if knobs.get("init") == "pretrained" and model == "lenet300":
@@ -80,7 +136,8 @@ def run(model: str, sparsity: float, seed: int, knobs: dict, out: Path, epochs: 
         art = Artifact(model=build(spec).eval(), arch=spec)
     dopts = DecomposeOptions(format=knobs.get("format", "tt"), rank=None, modes=knobs.get("modes", "auto"),
                              chain=knobs.get("chain", "linear"), init=knobs.get("init", "random"), seed=seed,
-                             rank_overrides=dict(knobs.get("rank_overrides", {})))
+                             rank_overrides=dict(knobs.get("rank_overrides", {})),
+                             format_overrides=dict(knobs.get("format_overrides", {})))
     popts = PruneOptions(sparsity=sparsity, criterion=knobs.get("criterion", "tedepr"), seed=seed,
                          coarse_ratio=knobs.get("coarse_ratio", 4.0), scope=knobs.get("scope", "global"),
                          min_paths=knobs.get("min_paths", 0), grain=knobs.get("grain", "entry"),
@@ -88,22 +145,25 @@ def run(model: str, sparsity: float, seed: int, knobs: dict, out: Path, epochs: 
                          rank_allocation=knobs.get("rank_allocation", "uniform"),
                          criterion_options=CriterionOptions(**knobs.get("criterion_options", {})))
     t0 = time.perf_counter()
-    if knobs.get("allocation_floor"):  # the criterion's per-layer ranks, never below the uniform auto rank
+    prototype = knobs.get("allocation_floor") or "allocation_probe" in knobs
+    if prototype:  # the criterion's per-layer ranks with another probe, or never below the uniform auto rank
         from dataclasses import replace
 
-        from tedepr_cli.pruning.prune import allocated_ranks, auto_rank
+        from tedepr_cli.pruning.prune import ALLOCATION_PROBE, allocated_ranks, auto_rank
 
         uniform = auto_rank(art.model, art.input_shape, dopts, popts)
-        ranks, _ = allocated_ranks(art, replace(dopts, rank=uniform), popts, DATA)
-        dopts = replace(dopts, rank=uniform, rank_overrides={n: max(r, uniform) for n, r in ranks.items()})
+        ranks, _ = allocated_ranks(art, replace(dopts, rank=uniform), popts, DATA,
+                                   probe=knobs.get("allocation_probe", ALLOCATION_PROBE))
+        floor = uniform if knobs.get("allocation_floor") else 1
+        dopts = replace(dopts, rank=uniform, rank_overrides={n: max(r, floor) for n, r in ranks.items()})
     art, rep = prune(art, popts, DATA, dopts)
-    if knobs.get("allocation_floor"):
+    if prototype:
         rep["rank_auto"] = {"rank": dopts.rank, "ranks": dopts.rank_overrides}
     best = None
     for lr in (1e-3, 1e-2):
         _, s = finetune(art, DATA, out / f"s{seed}-lr{lr:g}",
                         TrainOptions(epochs=knobs.get("epochs", epochs), lr=lr, seed=seed,
-                                                 **knobs.get("train", {})), overwrite=True)
+                                                 **train), overwrite=True)
         if best is None or s["best_score"] > best[1]["best_score"]:
             best = (lr, s)
     auto = rep.get("rank_auto") or {}
@@ -126,7 +186,7 @@ def _results(model: str, sparsity: float, args) -> dict:
             if key in results or args.report_only:
                 continue
             where = Path(args.out) / "runs" / f"{model}-{sparsity:g}{suffix}" / name
-            results[key] = run(model, sparsity, seed, VARIANTS[name], where, args.epochs)
+            results[key] = run(model, sparsity, seed, VARIANTS[name], where, args.epochs, Path(args.out))
             cache.write_text(json.dumps(results, indent=1))
             print(name, seed, results[key], flush=True)
     return results
@@ -161,6 +221,22 @@ def _section(model: str, sparsities: list[float], by_sparsity: dict, names: list
                           for rows in per)
         lines.append(f"| {name} | {accs} | {ranks} | {secs} |")
     return lines
+
+
+def _teachers(model: str, out: Path, epochs: int) -> str:
+    """One line on the dense teachers of the distillation rows (from ``out/teachers.json``)."""
+    cache = out / "teachers.json"
+    rows = json.loads(cache.read_text()) if cache.exists() else {}
+    mine = {int(k.split("|")[1]): v for k, v in rows.items()
+            if k.split("|")[0] == model and int(k.split("|")[2]) == epochs}
+    if not mine:
+        return f"Dense teacher of {model}: not trained yet."
+    seeds = sorted(mine)
+    secs = ", ".join(f"{mine[s]['seconds']:.0f}" for s in seeds)
+    return (f"Dense teacher of {model} (distillation rows; the same recipe, {epochs} epochs, seed-matched): "
+            f"{_acc([mine[s] for s in seeds])} % test over seeds {', '.join(map(str, seeds))}, lr picked "
+            f"{', '.join(format(mine[s]['lr'], 'g') for s in seeds)}, "
+            f"{secs} s per seed (both lrs).")
 
 
 def _write_section(doc: Path, name: str, body: list[str]) -> None:
@@ -200,6 +276,8 @@ def main() -> int:
         for model in models:
             by_sparsity = {s: _results(model, s, args) for s in sparsities}
             body += _section(model, sparsities, by_sparsity, args.variants.split(",")) + [""]
+            if any(VARIANTS[n].get("teacher") for n in args.variants.split(",")):
+                body += [_teachers(model, Path(args.out), args.epochs), ""]
         _write_section(Path(args.doc), args.section, body[:-1])
         print("\n".join(body))
         return 0

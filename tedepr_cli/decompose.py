@@ -62,6 +62,8 @@ def decompose(art: Artifact, opts: DecomposeOptions) -> tuple[Artifact, list[dic
         "layers": tensorized_specs(model),
         "report": report,
     }
+    if opts.format_overrides:  # per-layer formats (each layer's spec names its own)
+        meta["tensorization"]["format_overrides"] = dict(opts.format_overrides)
     out = Artifact(model=model, arch=art.arch, meta=meta, source="")
     if "origin" in art.meta:
         out.meta["origin"] = art.meta["origin"]

@@ -417,3 +417,34 @@ def test_pai_ablation_section_rewrites_only_its_section(tmp_path):
     r = subprocess.run([*cmd[:-4], "--out", str(out), "--doc", str(doc), "--section", "s1",
                         "--variants", "nope"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 2 and "unknown variant" in r.stderr
+
+
+def test_pai_ablation_distills_from_a_cached_seed_matched_dense_teacher(tmp_path):
+    """The distillation variants train the dense model once per (model, seed, epochs) with the
+    protocol's recipe, cache it, and fine-tune the student with it as ``--teacher``; a second
+    variant reuses the cached teacher instead of training it again."""
+    import json
+
+    out = tmp_path / "abl"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "pai_ablation.py"), "--model", "lenet300",
+           "--sparsity", "0.99", "--epochs", "1", "--seeds", "1", "--out", str(out),
+           "--doc", str(tmp_path / "doc.md"), "--section", "s"]
+    r = subprocess.run([*cmd, "--variants", "distill"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((out / "teachers.json").read_text())
+    assert set(rows) == {"lenet300|1|1"} and rows["lenet300|1|1"]["lr"] in (1e-3, 1e-2)
+    teacher = out / "runs" / "teachers" / "lenet300-s1-1ep" / f"lr{rows['lenet300|1|1']['lr']:g}" / "best"
+    stamp = (teacher / "manifest.json").stat().st_mtime_ns
+    trained = json.loads((teacher / "manifest.json").read_text())
+    assert "tensorization" not in trained and trained["history"][-1]["options"]["seed"] == 1  # dense, seed 1
+    student = out / "runs" / "lenet300-0.99-1ep" / "distill" / "s1-lr0.01" / "best" / "manifest.json"
+    assert json.loads(student.read_text())["history"][-1]["options"]["teacher"] == str(teacher)
+    r = subprocess.run([*cmd, "--variants", "rank allocation criterion + distill"], capture_output=True,
+                       text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (teacher / "manifest.json").stat().st_mtime_ns == stamp  # reused, not trained again
+    doc = (tmp_path / "doc.md").read_text()
+    assert "| rank allocation criterion + distill | " in doc
+    acc = f"{100 * rows['lenet300|1|1']['test']:.1f} (1 seed) % test over seeds 1"
+    assert f"Dense teacher of lenet300 (distillation rows; the same recipe, 1 epochs, seed-matched): " \
+           f"{acc}" in doc

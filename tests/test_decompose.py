@@ -118,6 +118,29 @@ def test_rank_overrides_and_bad_ranks():
         plan_model(model, (784,), PlanOptions(rank_overrides={"nope": 3}))
 
 
+def test_format_overrides_give_convs_tensor_rings_and_survive_a_save(tmp_path):
+    from tedepr_cli.tensorized.tr import TRConv2d
+    from tedepr_cli.tensorized.tt import TTLinear
+
+    model = MODELS.get("lenet5")()
+    opts = PlanOptions(rank=3, format_overrides={"conv*": "tr"})
+    plans = {p.name: p.spec for p in plan_model(model, (1, 28, 28), opts) if p.spec}
+    assert plans["conv2"]["format"] == "tr" and set(plans["conv2"]["ranks"]) == {3}  # a ring
+    assert plans["fc1"]["format"] == plans["fc2"]["format"] == "tt" and plans["fc1"]["ranks"] == [1, 3, 1]
+    out, _ = decompose(_art("lenet5"), DecomposeOptions(rank=3, format_overrides={"conv*": "tr"},
+                                                        init="random"))
+    assert isinstance(out.model.conv2, TRConv2d) and isinstance(out.model.fc1, TTLinear)
+    assert out.meta["tensorization"]["format_overrides"] == {"conv*": "tr"}
+    back = load_artifact(save_artifact(out, tmp_path / "a"))
+    assert isinstance(back.model.conv2, TRConv2d) and isinstance(back.model.fc1, TTLinear)
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(back.model(x), out.model(x))
+    with pytest.raises(UsageError, match="format"):
+        plan_model(model, (1, 28, 28), PlanOptions(format_overrides={"conv2": "cp"}))
+    with pytest.raises(BadInput, match="no layer matches"):
+        plan_model(model, (1, 28, 28), PlanOptions(format_overrides={"nope": "tr"}))
+
+
 def test_include_of_unsupported_layer_is_an_error():
     with pytest.raises(BadInput, match="BatchNorm2d"):
         plan_model(MODELS.get("resnet20")(), (3, 32, 32), PlanOptions(include=["bn1"]))
@@ -151,10 +174,28 @@ def test_cli_decompose_sample_end_to_end(tmp_path):
     assert r.exit_code == 0 and "tensorization plan" in r.stdout
 
 
+def test_cli_per_layer_format(tmp_path):
+    """``--format tt --format 'fc1=tr'``: fc1 becomes a tensor ring, the others stay TT; the same
+    on prune's one-shot decomposition (``--format 'fc*=tr'``)."""
+    r = run_cli("decompose", LENET300, "--arch", "lenet300", "--rank", "3", "--format", "tt",
+                "--format", "fc1=tr", "-o", tmp_path / "d")
+    assert r.exit_code == 0, r.stderr
+    layers = json.loads((tmp_path / "d" / "manifest.json").read_text())["tensorization"]["layers"]
+    assert {n: s["format"] for n, s in layers.items()} == {"fc1": "tr", "fc2": "tt", "fc3": "tt"}
+    r = run_cli("prune", "lenet300", "--init", "random", "--sparsity", "0.99", "--criterion", "magnitude",
+                "--format", "fc[12]=tr", "-o", tmp_path / "p")
+    assert r.exit_code == 0, r.stderr
+    layers = json.loads((tmp_path / "p" / "manifest.json").read_text())["tensorization"]["layers"]
+    assert {n: s["format"] for n, s in layers.items()} == {"fc1": "tr", "fc2": "tr", "fc3": "tt"}
+
+
 @pytest.mark.parametrize("args,code", [
     (["--rank", "0"], 2),
     (["--rank", "x"], 2),
     (["--format", "cp"], 2),
+    (["--format", "fc1=cp"], 2),
+    (["--format", "tt", "--format", "tr"], 2),
+    (["--format", "nope=tr"], 4),
     (["--modes", "fc1=28x27:15x20"], 4),
     (["--modes", "5000"], 2),
     (["--rank", "5000", "--modes", "2"], 4),

@@ -149,6 +149,24 @@ def test_rank_allocation_sizes_each_layer_to_what_the_criterion_keeps():
     assert rep["kept"] == rep["budget"]
 
 
+def test_allocation_probe_sets_the_probe_decompositions_coarse_ratio():
+    """``allocated_ranks(..., probe=P)`` prunes a probe decomposed at P x the coarse ratio
+    (the default P is ``ALLOCATION_PROBE``): what it reports kept per layer is what a uniform
+    prune at that coarse ratio keeps."""
+    from dataclasses import replace
+
+    from tedepr_cli.pruning.prune import allocated_ranks
+
+    art = Artifact(model=MODELS.get("lenet5")().eval(), arch=parse_arch("lenet5"))
+    dopts = DecomposeOptions(rank=None, init="random", seed=0)
+    opts = PruneOptions(sparsity=0.995, seed=0)
+    _, kept = allocated_ranks(art, dopts, opts, MNIST, probe=2.0)
+    _, at8 = prune(art, replace(opts, coarse_ratio=8.0), MNIST, dopts)
+    assert kept == {r["name"]: r["kept"] for r in at8["layers"] if r["kind"] == "cores"}
+    _, at16 = prune(art, replace(opts, coarse_ratio=16.0), MNIST, dopts)
+    assert kept != {r["name"]: r["kept"] for r in at16["layers"] if r["kind"] == "cores"}  # not the default
+
+
 # ---------------------------------------------------------------------------- structured grain
 def test_path_grain_keeps_whole_paths_within_the_budget():
     dec = _lenet5(rank=2)

@@ -56,6 +56,24 @@ def _parse_ranks(values: list[str]) -> tuple[int | None, dict[str, int]]:
     return rank, overrides
 
 
+def _parse_formats(values: list[str]) -> tuple[str, dict[str, str]]:
+    """``--format F`` (every layer; default tt) and/or ``name=F`` per-layer globs; the values
+    are checked by the planner (:class:`~tedepr_cli.tensorized.plan.PlanOptions`)."""
+    from ..errors import UsageError
+
+    fmt, overrides = None, {}
+    for v in values:
+        for item in v.split(","):
+            name, eq, f = item.strip().rpartition("=")
+            if eq:
+                overrides[name] = f
+            elif fmt is not None:
+                raise UsageError("--format F given twice")
+            else:
+                fmt = f
+    return "tt" if fmt is None else fmt, overrides
+
+
 def _parse_modes(values: list[str]) -> tuple[str | int, dict[str, tuple[list[int], list[int]]]]:
     from ..errors import UsageError
 
@@ -100,8 +118,9 @@ def _accuracy(art, data, split: str = "test") -> float | None:
 def decompose(
     path: ScratchPath,
     output: Output,
-    fmt: Annotated[str, typer.Option("--format", help="Tensor format: tt (tensor-train) or tr "
-                                     "(tensor-ring).")] = "tt",
+    fmt: Annotated[list[str] | None, typer.Option("--format", help="Tensor format: tt (tensor-train) "
+                                               "or tr (tensor-ring) for every layer, and/or per-layer "
+                                               "overrides name=F (globs, repeatable). Default tt.")] = None,
     rank: Annotated[list[str] | None, typer.Option(
         "--rank", help="Rank R for every layer, and/or per-layer overrides name=R (globs, "
         "repeatable). Default 8.")] = None,
@@ -145,7 +164,9 @@ def decompose(
     if compression is not None and r is not None:
         raise UsageError("give either --rank R or --compression X (name=R overrides combine with both)")
     m, mode_overrides = _parse_modes(modes or ["auto"])
-    opts = DecomposeOptions(format=fmt, rank=8 if r is None else r, mode_overrides=mode_overrides,
+    f, format_overrides = _parse_formats(fmt or [])
+    opts = DecomposeOptions(format=f, format_overrides=format_overrides, rank=8 if r is None else r,
+                            mode_overrides=mode_overrides,
                             rank_overrides=overrides, compression=compression, modes=m,
                             include=_split_globs(include or []), exclude=_split_globs(exclude or []),
                             chain=chain, init=init, init_variance=init_variance, seed=seed)
@@ -262,7 +283,9 @@ def prune(
     decompose_first: Annotated[bool, typer.Option(
         "--decompose/--no-decompose", help="Decompose a dense checkpoint first (one-shot TEDEPR); "
         "--no-decompose prunes the dense weights (the PaI baseline).")] = True,
-    fmt: Annotated[str, typer.Option("--format", help="Tensor format when decomposing first.")] = "tt",
+    fmt: Annotated[list[str] | None, typer.Option(
+        "--format", help="Tensor format when decomposing first: tt or tr, and/or per-layer name=F "
+        "(globs, repeatable). Default tt.")] = None,
     rank: Annotated[str, typer.Option("--rank", help="Rank when decomposing first: an integer, or auto "
                                       "(the largest rank whose cores hold about --coarse-ratio x the "
                                       "budget).")] = "auto",
@@ -352,7 +375,9 @@ def prune(
             rank_value = int(rank)
         except ValueError:
             raise UsageError(f"--rank must be an integer or auto, got {rank!r}") from None
-    dopts = DecomposeOptions(format=fmt, rank=rank_value if rank_value is not None else 8, seed=seed,
+    f, format_overrides = _parse_formats(fmt or [])
+    dopts = DecomposeOptions(format=f, format_overrides=format_overrides,
+                             rank=rank_value if rank_value is not None else 8, seed=seed,
                              init=init, init_variance=init_variance)
     dopts.validate()
     dopts.rank = rank_value

@@ -204,12 +204,14 @@ def auto_rank(model: torch.nn.Module, input_shape: tuple[int, ...], dopts: Decom
 
 
 def allocated_ranks(art: Artifact, dopts: DecomposeOptions, opts: PruneOptions, data: Path | None,
-                    max_rank: int = 64) -> tuple[dict[str, int], dict[str, int]]:
+                    max_rank: int = 64, probe: float = ALLOCATION_PROBE
+                    ) -> tuple[dict[str, int], dict[str, int]]:
     """Per-layer ranks chosen by the criterion (``rank_allocation="criterion"``, issue 19): the
-    dense ``art`` is decomposed at the uniform auto rank of a coarse ratio ``ALLOCATION_PROBE``
-    times larger and pruned to the same budget with the same criterion, scope and seed (the
-    probe); each tensorized layer then gets the largest rank whose cores hold at most
-    ``opts.coarse_ratio`` x the entries the criterion kept in it there (at least rank 1).
+    dense ``art`` is decomposed at the uniform auto rank of a coarse ratio ``probe`` (default
+    ``ALLOCATION_PROBE``) times larger and pruned to the same budget with the same criterion,
+    scope and seed (the probe); each tensorized layer then gets the largest rank whose cores
+    hold at most ``opts.coarse_ratio`` x the entries the criterion kept in it there (at least
+    rank 1).
 
     The per-layer density is most of what pruning-at-initialization methods get right
     (Frankle et al., "Pruning neural networks at initialization: why are we missing the
@@ -220,7 +222,7 @@ def allocated_ranks(art: Artifact, dopts: DecomposeOptions, opts: PruneOptions, 
     on the probe (:class:`~tedepr_cli.errors.CollapseError` when even it collapses)."""
     from ..tensorized.plan import plan_model
 
-    probe_opts = replace(opts, coarse_ratio=opts.coarse_ratio * ALLOCATION_PROBE, rank_allocation="uniform")
+    probe_opts = replace(opts, coarse_ratio=opts.coarse_ratio * probe, rank_allocation="uniform")
     _, rep = prune(art, probe_opts, data, replace(dopts, rank=None))
     first = plan_model(art.model, art.input_shape, replace(dopts, rank=1))
     held = {p.name: p.params for p in first if p.spec}  # entries at the rank given so far

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
@@ -43,6 +43,8 @@ class PlanOptions:
     """Everything ``tedepr decompose`` can be told about the plan."""
 
     format: str = "tt"
+    # per-layer format: {name pattern: "tt" | "tr"}, the first pattern matching a layer wins over ``format``
+    format_overrides: dict[str, str] = field(default_factory=dict)
     rank: int | None = 8
     rank_overrides: dict[str, int] = field(default_factory=dict)
     compression: float | None = None
@@ -55,6 +57,9 @@ class PlanOptions:
     def validate(self) -> None:
         if self.format not in FORMATS:
             raise UsageError(f"{opt('format')} must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        for k, v in self.format_overrides.items():
+            if v not in FORMATS:
+                raise UsageError(f"{opt('format')} {k}={v}: the format must be one of {', '.join(FORMATS)}")
         if self.chain not in ("linear", "nonlinear"):
             raise UsageError(f"{opt('chain')} must be linear or nonlinear, got {self.chain!r}")
         if self.compression is not None and self.rank_overrides and self.rank is None:
@@ -337,6 +342,15 @@ def _matches(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def _format_for(name: str, opts: PlanOptions) -> str:
+    """The layer's tensor format: the first ``format_overrides`` pattern matching ``name``, else
+    ``format``."""
+    for pat, fmt in opts.format_overrides.items():
+        if fnmatch.fnmatchcase(name, pat):
+            return fmt
+    return opts.format
+
+
 def _rank_for(name: str, opts: PlanOptions) -> int | None:
     for pat, r in opts.rank_overrides.items():
         if fnmatch.fnmatchcase(name, pat):
@@ -359,7 +373,8 @@ def _largest_rank_within(build, budget: float, cap: int) -> int | None:
 def plan_model(model: nn.Module, input_shape: tuple[int, ...], opts: PlanOptions) -> list[LayerPlan]:
     """Decide the tensorization of every supported layer of ``model``."""
     opts.validate()
-    for flag, pats in ((f"{opt('rank')}", opts.rank_overrides), (f"{opt('modes')}", opts.mode_overrides)):
+    for flag, pats in ((f"{opt('rank')}", opts.rank_overrides), (f"{opt('modes')}", opts.mode_overrides),
+                       (f"{opt('format')}", opts.format_overrides)):
         for pat in pats:
             if not any(fnmatch.fnmatchcase(n, pat) for n, _ in model.named_modules()):
                 raise BadInput(f"{flag} {pat}=...: no layer matches {pat!r}")
@@ -387,8 +402,9 @@ def plan_model(model: nn.Module, input_shape: tuple[int, ...], opts: PlanOptions
             raise BadInput(f"{opt('include')} matched {name} ({type(mod).__name__}): tedepr tensorizes "
                            "Linear, Conv2d, LSTM, MultiheadAttention and Embedding layers")
         why = _why_unsupported(mod) or tied.get(name)
-        if not why and kind == "embedding" and opts.format != "tt":
-            why = f"embedding ({opt('format')} {opts.format}: a TT-embedding is TT only)"
+        fmt = _format_for(name, opts)
+        if not why and kind == "embedding" and fmt != "tt":
+            why = f"embedding ({opt('format')} {fmt}: a TT-embedding is TT only)"
         if why:
             if explicit:
                 raise BadInput(f"{name} is a {why}, which tedepr cannot tensorize")
@@ -401,7 +417,8 @@ def plan_model(model: nn.Module, input_shape: tuple[int, ...], opts: PlanOptions
             plans.append(LayerPlan(name, kind, shape, None, dense, dense, None,
                                    "kept dense: stem conv on raw channels"))
             continue
-        plans.append(_plan_layer(name, kind, mod, shape, dense, hw.get(name), opts, explicit))
+        lopts = opts if fmt == opts.format else replace(opts, format=fmt)
+        plans.append(_plan_layer(name, kind, mod, shape, dense, hw.get(name), lopts, explicit))
     if not any(p.spec for p in plans):
         raise BadInput(f"no layer to tensorize: check {opt('include')}/{opt('exclude')} and the ranks")
     return plans
