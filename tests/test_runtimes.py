@@ -175,6 +175,21 @@ def test_each_onnxruntime_runtime_runs_at_its_fastest_level_the_dense_original_t
     assert build_model(lenet, plan).level == "all"
     assert planner_mod._best_levels({"a": [3.0], "a@basic": [1.0], "b": [2.0]}) == \
         ({"a": [1.0], "b": [2.0]}, {"a": "basic"})
+    # a level at which onnxruntime fails (or differs) is left out, not fatal
+    rt = Runtimes(lenet)
+    real = rt.module
+
+    class Broken(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("onnxruntime refused the graph at this level")
+
+    monkeypatch.setattr(rt, "module", lambda r, level=None: Broken() if level == "basic" else real(r, level))
+    monkeypatch.setattr(timing, "interleaved", fixed_rounds(
+        {"layers": 50, "chain-ort": 15, "chain-ort@basic": 1, "original:dense-torch": 100,
+         "original:dense-ort": 40, "original:dense-ort@basic": 20}))
+    plan = plan_execution(lenet, 2, runtimes=rt)
+    assert plan["runtimes"]["ort_levels"] == {"dense-ort": "basic"} and plan["runtime"] == "chain-ort"
+    assert plan["runtimes"]["measured_us"]["chain-ort"] == 15
 
 
 def test_planner_picks_the_fastest_compressed_runtime_only_if_it_beats_the_best_dense(lenet, monkeypatch):
