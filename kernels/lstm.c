@@ -79,6 +79,40 @@ static inline void cell(float i, float f, float g, float o, float *restrict c, f
     *h = no * tc / ((1.0f + eo) * (1.0f + ec));
 }
 
+/* S[q][b] = sum over row live[q]'s kept entries k of val[k] * hT[col[k]][b]: the kept
+ * entries' products with h (feature-major, H x B), one B-wide axpy per entry. */
+static inline void live_products(int64_t B, int32_t n_live, const int32_t *restrict live,
+                                 const int32_t *row_ptr, const int32_t *col, const float *val,
+                                 const float *restrict hT, float *restrict S) {
+    for (int32_t q = 0; q < n_live; q++) {
+        const int32_t r = live[q];
+        float *restrict sq = S + (int64_t)q * B;
+        for (int64_t b = 0; b < B; b++) sq[b] = 0.0f;
+        for (int32_t k = row_ptr[r]; k < row_ptr[r + 1]; k++) {
+            const float v = val[k];
+            const float *restrict hc = hT + (int64_t)col[k] * B;
+            for (int64_t b = 0; b < B; b++) sq[b] += v * hc[b];
+        }
+    }
+}
+
+/* g (B x G) = gx at step t (+ bias) with the live rows' products S scattered on: the
+ * pre-activations, one contiguous pass per sample. */
+static inline void preactivations(int64_t B, int64_t G, int64_t t, const float *gx, int64_t gx_sb,
+                                  int64_t gx_st, const float *bias, int32_t n_live,
+                                  const int32_t *restrict live, const float *restrict S,
+                                  float *restrict g) {
+    for (int64_t b = 0; b < B; b++) {
+        const float *restrict gxb = gx + b * gx_sb + t * gx_st;
+        float *restrict gb = g + b * G;
+        if (bias)
+            for (int64_t r = 0; r < G; r++) gb[r] = gxb[r] + bias[r];
+        else
+            memcpy(gb, gxb, sizeof(float) * (size_t)G);
+        for (int32_t q = 0; q < n_live; q++) gb[live[q]] += S[(int64_t)q * B + b];
+    }
+}
+
 /* One layer and direction.
  *   B, T, H        batch, time steps, hidden size
  *   reverse        0: t = 0 .. T-1; 1: t = T-1 .. 0 (the backward direction)
@@ -133,26 +167,9 @@ int tedepr_lstm_layer(int64_t B, int64_t T, int32_t H, int32_t reverse, const fl
         } else {
             for (int64_t b = 0; b < B; b++)
                 for (int32_t j = 0; j < H; j++) hT[j * B + b] = h[b * H + j];
-            for (int32_t q = 0; q < n_live; q++) {
-                const int32_t r = live[q];
-                float *restrict sq = S + (int64_t)q * B;
-                for (int64_t b = 0; b < B; b++) sq[b] = 0.0f;
-                for (int32_t k = row_ptr[r]; k < row_ptr[r + 1]; k++) {
-                    const float v = val[k];
-                    const float *restrict hc = hT + (int64_t)col[k] * B;
-                    for (int64_t b = 0; b < B; b++) sq[b] += v * hc[b];
-                }
-            }
+            live_products(B, n_live, live, row_ptr, col, val, hT, S);
         }
-        for (int64_t b = 0; b < B; b++) {
-            const float *restrict gxb = gx + b * gx_sb + t * gx_st;
-            float *restrict gb = g + b * G;
-            if (bias)
-                for (int64_t r = 0; r < G; r++) gb[r] = gxb[r] + bias[r];
-            else
-                memcpy(gb, gxb, sizeof(float) * (size_t)G);
-            for (int32_t q = 0; q < n_live; q++) gb[live[q]] += S[(int64_t)q * B + b];
-        }
+        preactivations(B, G, t, gx, gx_sb, gx_st, bias, n_live, live, S, g);
         /* the cell, then h_t out */
         for (int64_t b = 0; b < B; b++) {
             const float *restrict gb = g + b * G;
@@ -292,25 +309,8 @@ int tedepr_lstm_train_forward(int64_t B, int64_t T, int32_t H, int32_t reverse, 
         float *restrict hTs = hT + s * HB; /* h_{t-1} feature-major, kept for the backward */
         for (int64_t b = 0; b < B; b++)
             for (int32_t j = 0; j < H; j++) hTs[j * B + b] = h[b * H + j];
-        for (int32_t q = 0; q < n_live; q++) {
-            const int32_t r = live[q];
-            float *restrict sq = S + (int64_t)q * B;
-            for (int64_t b = 0; b < B; b++) sq[b] = 0.0f;
-            for (int32_t k = row_ptr[r]; k < row_ptr[r + 1]; k++) {
-                const float v = val[k];
-                const float *restrict hc = hTs + (int64_t)col[k] * B;
-                for (int64_t b = 0; b < B; b++) sq[b] += v * hc[b];
-            }
-        }
-        for (int64_t b = 0; b < B; b++) {
-            const float *restrict gxb = gx + b * gx_sb + t * gx_st;
-            float *restrict gb = g + b * G;
-            if (bias)
-                for (int64_t r = 0; r < G; r++) gb[r] = gxb[r] + bias[r];
-            else
-                memcpy(gb, gxb, sizeof(float) * (size_t)G);
-            for (int32_t q = 0; q < n_live; q++) gb[live[q]] += S[(int64_t)q * B + b];
-        }
+        live_products(B, n_live, live, row_ptr, col, val, hTs, S);
+        preactivations(B, G, t, gx, gx_sb, gx_st, bias, n_live, live, S, g);
         float *restrict as = act + s * G * B, *restrict css = cs + s * HB;
         for (int64_t b = 0; b < B; b++) {
             const float *restrict gb = g + b * G;

@@ -227,16 +227,21 @@ def test_planner_keeps_torch_for_an_lstm_the_kernel_does_not_take(monkeypatch):
 
 
 # ---------------------------------------------------------------------------- training path
-def tensorized_lstm(recurrence: str | None, bidirectional: bool, layers: int,
-                    batch_first: bool) -> TensorizedLSTM:
+def small_lstm_spec(bidirectional: bool, layers: int, batch_first: bool) -> dict:
+    """A small tensorized LSTM's spec: input 12, hidden 8, TT input projections (ranks 1-3-1)."""
     ih = []
     dirs = 2 if bidirectional else 1
     for k in range(layers):
         ins = [3, 4] if k == 0 else [4, 2 * dirs]
         ih += [{"type": "linear", "format": "tt", "in_modes": ins, "out_modes": [8, 4], "bias": True,
                 "ranks": [1, 3, 1]}] * dirs
-    spec = {"type": "lstm", "input_size": 12, "hidden_size": 8, "num_layers": layers,
+    return {"type": "lstm", "input_size": 12, "hidden_size": 8, "num_layers": layers,
             "bidirectional": bidirectional, "batch_first": batch_first, "bias": True, "ih": ih}
+
+
+def tensorized_lstm(recurrence: str | None, bidirectional: bool, layers: int,
+                    batch_first: bool) -> TensorizedLSTM:
+    spec = small_lstm_spec(bidirectional, layers, batch_first)
     torch.manual_seed(0)
     m = build_layer(spec).double()
     with torch.no_grad():

@@ -22,6 +22,7 @@ from tedepr_cli.tensorized.layers import build_layer
 from tedepr_cli.tensorized.wrappers import KERNEL_MAX_DENSITY, TensorizedLSTM
 
 from .conftest import MNIST
+from .test_lstm import small_lstm_spec
 
 TOL = 1e-5
 pytestmark = pytest.mark.skipif(load_lstm() is None, reason="compiled LSTM kernel unavailable")
@@ -94,14 +95,7 @@ def test_backward_takes_only_the_kept_entries():
 def masked_lstm(bidirectional: bool, layers: int, batch_first: bool, density: float = 0.06,
                 seed: int = 0) -> TensorizedLSTM:
     """A float64 tensorized LSTM (TT input projections) with every W_hh masked at ``density``."""
-    dirs = 2 if bidirectional else 1
-    ih = []
-    for k in range(layers):
-        ins = [3, 4] if k == 0 else [4, 2 * dirs]
-        ih += [{"type": "linear", "format": "tt", "in_modes": ins, "out_modes": [8, 4], "bias": True,
-                "ranks": [1, 3, 1]}] * dirs
-    spec = {"type": "lstm", "input_size": 12, "hidden_size": 8, "num_layers": layers,
-            "bidirectional": bidirectional, "batch_first": batch_first, "bias": True, "ih": ih}
+    spec = small_lstm_spec(bidirectional, layers, batch_first)
     g = torch.Generator().manual_seed(seed)
     m = build_layer(spec).double()
     with torch.no_grad():

@@ -161,9 +161,11 @@ class TensorizedLSTM(nn.Module):
             self._kept[sfx] = got
         return got[2]
 
-    def _kernel_forward(self, x: Tensor, hx: tuple[Tensor, Tensor] | None
-                        ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """The compiled recurrence per layer and direction (see :mod:`tedepr_cli.kernels.lstm_train`)."""
+    def _by_layer(self, x: Tensor, hx: tuple[Tensor, Tensor] | None, recur: Any
+                  ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """The stacked LSTM with each layer and direction's recurrence ``recur(idx, suffix,
+        gx, h0, c0, reverse) -> (out, h_T, c_T)`` on its input projections ``gx`` (B, T, 4H)
+        (``h0``/``c0``: ``(B, H)`` or None for zeros); directions concatenated per layer."""
         if not self.batch_first:
             x = x.transpose(0, 1)
         dirs = 2 if self.bidirectional else 1
@@ -171,11 +173,8 @@ class TensorizedLSTM(nn.Module):
         outs: list[Tensor] = []
         for idx, sfx in enumerate(self._suffixes()):
             gx = self.ih[idx](layer_in)  # (B, T, 4H): the projection's chain or rebuild, all steps
-            pattern = self._pattern(sfx)
-            vals = getattr(self, f"weight_hh_{sfx}").reshape(-1)[pattern.flat]  # kept entries only
-            out, h, c = lstm_train.recurrence(gx, vals, getattr(self, f"bias_hh_{sfx}", None),
-                                              None if hx is None else hx[0][idx],
-                                              None if hx is None else hx[1][idx], pattern, idx % dirs == 1)
+            out, h, c = recur(idx, sfx, gx, None if hx is None else hx[0][idx],
+                              None if hx is None else hx[1][idx], idx % dirs == 1)
             outs.append(out)
             hn.append(h)
             cn.append(c)
@@ -184,6 +183,17 @@ class TensorizedLSTM(nn.Module):
                 outs = []
         out = layer_in if self.batch_first else layer_in.transpose(0, 1)
         return out, (torch.stack(hn), torch.stack(cn))
+
+    def _kernel_forward(self, x: Tensor, hx: tuple[Tensor, Tensor] | None
+                        ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """The compiled recurrence per layer and direction (see :mod:`tedepr_cli.kernels.lstm_train`)."""
+        def recur(idx: int, sfx: str, gx: Tensor, h0: Tensor | None, c0: Tensor | None, reverse: bool):
+            pattern = self._pattern(sfx)
+            vals = getattr(self, f"weight_hh_{sfx}").reshape(-1)[pattern.flat]  # kept entries only
+            return lstm_train.recurrence(gx, vals, getattr(self, f"bias_hh_{sfx}", None), h0, c0, pattern,
+                                         reverse)
+
+        return self._by_layer(x, hx, recur)
 
     def dense_weights(self) -> dict[str, Tensor]:
         """The equivalent ``nn.LSTM`` parameters by name (``weight_ih_l0``, ...): ``W_ih``
@@ -216,27 +226,8 @@ class TensorizedLSTM(nn.Module):
             return self._kernel_forward(x, hx)
         if x.dim() == 3 and self.fused():
             return functional_call(self._lstm_template(), self.dense_weights(), (x, hx))
-        if not self.batch_first:
-            x = x.transpose(0, 1)
-        b = x.shape[0]
-        dirs = 2 if self.bidirectional else 1
-        h0 = x.new_zeros(self.num_layers * dirs, b, self.hidden_size) if hx is None else hx[0]
-        c0 = x.new_zeros(self.num_layers * dirs, b, self.hidden_size) if hx is None else hx[1]
-        layer_in, hn, cn = x, [], []
-        outs: list[Tensor] = []
-        for idx, name in enumerate(self._suffixes()):
-            gx = self.ih[idx](layer_in)  # (B, T, 4H): the tensorized chain, all steps at once
-            out, h, c = lstm_train.torch_recurrence(gx, getattr(self, f"weight_hh_{name}"),
-                                                    getattr(self, f"bias_hh_{name}", None), h0[idx], c0[idx],
-                                                    idx % dirs == 1)
-            outs.append(out)
-            hn.append(h)
-            cn.append(c)
-            if idx % dirs == dirs - 1:
-                layer_in = outs[0] if dirs == 1 else torch.cat(outs, dim=2)
-                outs = []
-        out = layer_in if self.batch_first else layer_in.transpose(0, 1)
-        return out, (torch.stack(hn), torch.stack(cn))
+        return self._by_layer(x, hx, lambda idx, sfx, gx, h0, c0, reverse: lstm_train.torch_recurrence(
+            gx, getattr(self, f"weight_hh_{sfx}"), getattr(self, f"bias_hh_{sfx}", None), h0, c0, reverse))
 
 
 class TensorizedMHA(nn.Module):
