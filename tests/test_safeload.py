@@ -67,8 +67,9 @@ def test_plain_pickle_checkpoint_is_bad_input_without_unsafe_advice(tmp_path):
 def test_garbage_data_npz(tmp_path, kind):
     p = _garbage(kind, MNIST.read_bytes(), tmp_path, "data.npz")
     out = tmp_path / "out"
+    # default verbosity (no -q): still one line, no progress line before the error
     line = _one_clean_line(run_cli("prune", LENET300, "--arch", "lenet300", "--sparsity", "0.99",
-                                   "--no-decompose", "--data", p, "-o", out, "-q"), p)
+                                   "--no-decompose", "--data", p, "-o", out), p)
     assert ("truncated or damaged" if kind == "truncated" else "not a NumPy .npz archive") in line
     assert not out.exists()
 

@@ -135,12 +135,15 @@ def open_dataset(spec: str | Path) -> Dataset:
     reader, path = parse_spec(spec)
     if not path.exists():
         raise InputNotFound(f"data {path} does not exist")
+    why = None
     if reader is None:
         reader, why = detect(path)
-        log.info(f"data {path}: {reader} reader ({why})")
     elif reader != "npz" and not path.is_dir():
         raise BadInput(f"{reader}:{path}: the {reader} reader takes a directory")
-    return READERS[reader](path)
+    ds = READERS[reader](path)
+    if why is not None:  # after the read: a file the reader refuses gets its one error line only
+        log.info(f"data {path}: {reader} reader ({why})")
+    return ds
 
 
 def _sample(ds: Dataset) -> dict[str, Any]:
