@@ -362,7 +362,7 @@ def fast_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int,
     timed = ort_ops.choose_bodies(proto, dense_proto, folded, shapes)
     # whole-model candidates: every layer on its chain ops (the plain export's speed), the
     # per-layer choice, every layer dense where it can be; the fastest end to end is kept
-    choices = {"chain": {}, "per-layer": {n: t["body"] for n, t in timed.items()},
+    choices = {"chain": {}, "per-layer": {n: t["body"] for n, t in timed.items() if t["us"]},
                "dense": {n: "dense" for n, t in timed.items() if "dense" in t["us"]}}
     built: dict[str, tuple[Any, list[dict[str, Any]]]] = {}
     for label, choice in choices.items():
@@ -380,8 +380,11 @@ def fast_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int,
     best = ort_ops.pick(whole, "chain")
     proto, rows = built[best]
     for r in rows:
-        if r["layer"] in timed:
-            r["us"] = timed[r["layer"]]["us"]
+        t = timed.get(r["layer"])
+        if t is not None and t["us"]:
+            r["us"] = t["us"]
+        elif t is not None:
+            r["note"] = t["note"]
     strip_metadata(proto)
     return proto, {"layers": rows, "batches": list(batches), "choice": best, "model_us": whole}
 

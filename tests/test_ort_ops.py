@@ -172,7 +172,7 @@ def test_export_onnx_fast_validates_both_ways_and_records_its_choices(tmp_path):
     assert timed
     assert all("chain" in r["us"] and len(r["us"]) >= 2 and set(r["us"]) <= {"chain", "dense", "support"}
                and set(r["us"]["chain"]) == {1, 32} for r in timed)
-    assert all(r["body"] == "chain" for r in layers if "us" not in r)
+    assert all(r["body"] == "chain" and "no dense body" in r["note"] for r in layers if "us" not in r)
     fast = rep["fast"]
     assert fast["choice"] in fast["model_us"] and "chain" in fast["model_us"]  # the plain graph competed
     m = onnx.load(str(tmp_path / "e" / "model.fast.onnx"))
@@ -183,6 +183,19 @@ def test_export_onnx_fast_validates_both_ways_and_records_its_choices(tmp_path):
     assert dims[0].dim_param and not dims[0].dim_value
     saved = json.loads((tmp_path / "e" / "export.json").read_text())
     assert saved["fast"]["kernel"]["available"] is True
+
+
+def test_a_layer_without_an_alternative_body_says_why_in_export_json(tmp_path, monkeypatch):
+    from tedepr_cli.artifact import Artifact
+
+    monkeypatch.setattr(ort_ops, "_same_signature", lambda *a: False)  # no dense body
+    monkeypatch.setattr(ort_ops, "support_function", lambda *a: None)  # no nonzero-block body
+    art = Artifact(model=_compressed("tt"), arch=None, meta={})
+    export(art, tmp_path / "e", ExportOptions(formats=["onnx-fast"]))
+    rows = json.loads((tmp_path / "e" / "export.json").read_text())["fast"]["layers"]
+    assert rows and all(r["ok"] and r["body"] == "chain" and "us" not in r for r in rows), rows
+    assert all("no dense body: the dense export's region takes or gives other shapes" in r["note"]
+               and "no support body" in r["note"] for r in rows), rows
 
 
 def test_without_onnxruntime_extensions_the_file_is_still_made_and_said_so(tmp_path, monkeypatch):

@@ -637,7 +637,8 @@ def choose_bodies(proto: Any, dense: Any, model: nn.Module, shapes: dict[str, di
     is the layer alone (:func:`layer_model`) at every batch of ``shapes[layer]`` (batch ->
     the layer's input shape), timed by :func:`time_sessions` and chosen by :func:`pick`
     (ties: the chain). Returns ``layer -> {"body", "us": {"chain": {batch: µs}, "dense":
-    ..., "support": ...}}``."""
+    ..., "support": ...}}``; a layer with no alternative to its chain body gets ``"us": {}``
+    and a ``"note"`` saying why."""
     out: dict[str, dict[str, Any]] = {}
     for name, layer in model.named_modules():
         if name not in shapes:
@@ -650,14 +651,22 @@ def choose_bodies(proto: Any, dense: Any, model: nn.Module, shapes: dict[str, di
             continue
         sess = {"chain": session(layer_model(proto, _function(proto, *reg, name), attrs), sparse=False)}
         dreg = _region(dense.graph, name, {t.name for t in dense.graph.initializer})
-        if not isinstance(dreg, str) and _same_signature(proto, reg, dense, dreg):
+        if isinstance(dreg, str):
+            no_dense = f"no dense body: in the dense export, {dreg}"
+        elif not _same_signature(proto, reg, dense, dreg):
+            no_dense = ("no dense body: the dense export's region takes or gives other shapes "
+                        "(a reshape folded into the layer)")
+        else:
+            no_dense = None
             sess["dense"] = session(layer_model(dense, _function(dense, *dreg, name), attrs), sparse=False)
         in_rank = len(next(iter(shapes[name].values())))
         sup = support_function(layer, name, in_rank, in_rank, _opset(proto))
         if sup is not None:
             sess["support"] = session(layer_model(proto, sup, attrs), sparse=False)
-        if len(sess) == 1:
-            continue  # no alternative: the layer keeps its chain body
+        if len(sess) == 1:  # no alternative: the layer keeps its chain body, and the report says why
+            out[name] = {"body": "chain", "us": {}, "note": f"{no_dense}; no support body (the layer is "
+                         "not linear, or its nonzero block would multiply more than half of W)"}
+            continue
         rng = np.random.default_rng(0)
         inputs = {b: rng.random(shape, dtype=np.float32) for b, shape in shapes[name].items()}
         us = time_sessions(sess, inputs, reps, calls)
