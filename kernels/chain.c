@@ -823,15 +823,15 @@ int tedepr_chain_train_forward(const tedepr_chain *c, const tedepr_step *tsteps,
     return 0;
 }
 
-/* sum_{i < G} <x + goff[i] * n, y + i * n> over n floats each: four vector partial sums
- * (independent multiply-add chains) and a scalar one for the tail, combined in a fixed
- * order, so deterministic. */
+/* sum_{i < G} <x + goff[i] * n, y + i * n> over n floats each (goff NULL: i): four
+ * vector partial sums (independent multiply-add chains) and a scalar one for the tail,
+ * combined in a fixed order, so deterministic. */
 static float dot_seg(const float *restrict x, const int32_t *restrict goff, int64_t G,
                      const float *restrict y, int64_t n) {
     vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
     float tail = 0.0f;
     for (int64_t i = 0; i < G; i++) {
-        const float *xp = x + (int64_t)goff[i] * n, *yp = y + i * n;
+        const float *xp = x + (goff ? (int64_t)goff[i] : i) * n, *yp = y + i * n;
         int64_t b = 0;
         for (; b + 4 * TEDEPR_VB <= n; b += 4 * TEDEPR_VB) {
             a0 += *(const vfu *)(xp + b) * *(const vfu *)(yp + b);
@@ -891,7 +891,6 @@ int tedepr_chain_train_backward(const tedepr_chain *c, const tedepr_step *tsteps
         }
     const float *Xk[TRAIN_MAX_STEPS];
     for (int32_t k = 0; k < c->n_steps; k++) Xk[k] = k ? Xk[k - 1] + saved_stride(c, k - 1, B) : saved;
-    static const int32_t zero = 0;
     for (int32_t k = c->n_steps - 1; k >= 0; k--) {
         const tedepr_step *s = &st[k];
         const int64_t lo = s->g_lo, G = s->g_hi - s->g_lo, ld = (int64_t)s->g_in * B;
@@ -908,8 +907,10 @@ int tedepr_chain_train_backward(const tedepr_chain *c, const tedepr_step *tsteps
                     const int64_t kk = s->col_bytes == 2 ? ((const uint16_t *)s->col)[j]
                                                          : ((const int32_t *)s->col)[j];
                     const float *xr = Xk[k] + kk * ld + lo * B;
+                    /* the same sum in the same order either way (from the gathered dY_k, or
+                     * read in place where no dX_k is needed and dY_k is not gathered) */
                     dcore[k][src[voff[k] + j]] =
-                        need_dx ? dot_seg(dY + (int64_t)o * G * B, &zero, 1, xr, G * B)
+                        need_dx ? dot_seg(dY + (int64_t)o * G * B, NULL, G, xr, B)
                                 : dot_seg(dnext + (int64_t)s->roff[o] * B, s->goff + lo, G, xr, B);
                 }
         }

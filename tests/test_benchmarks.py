@@ -120,7 +120,7 @@ def test_train_speed_quick(tmp_path):
         for e, q in f["ratio_to_dense"].items():
             assert q == pytest.approx(ms[e] / ms["dense"], rel=0.02)
         assert f["layers"] == len(f["auto"]) == len(f["lighter"]) > 0
-        assert set(f["auto"].values()) | set(f["lighter"].values()) <= {"chain", "dense"}
+        assert set(f["auto"].values()) | set(f["lighter"].values()) <= {"chain", "dense", "kernel"}
     assert (tmp_path / "t.md").read_text().count("| resnet20 |") == 1
     r = subprocess.run(cmd[:2] + ["--families", "alexnet"], capture_output=True, text=True, timeout=600,
                        cwd=ROOT)

@@ -129,6 +129,10 @@ class TrainChain:
         units = [layout.n_in] + [s.n_in_rows * s.g_in for s in layout.steps[1:]]
         self._saved_units = sum(units)
 
+    def __reduce__(self):
+        """Copies and pickles are rebuilt from the layout (ctypes pointers do not copy)."""
+        return TrainChain, (self.layout, self.step_core, self.core_shapes, self.masks)
+
     def saved_floats(self, batch: int) -> int:
         """Floats of the buffers the forward keeps for the backward (chain.c's
         ``tedepr_chain_train_saved``)."""
@@ -158,15 +162,16 @@ class _ChainFn(torch.autograd.Function):
                 *cores: Tensor) -> Tensor:
         ctx.set_materialize_grads(False)
         b = x.shape[0]
-        x = x.contiguous()
-        bias = None if bias is None else bias.detach().contiguous()
-        cores = tuple(c.detach().contiguous() for c in cores)
+        # the inputs themselves are saved (a double backward differentiates through them)
+        xc = x.contiguous()
+        bc = None if bias is None else bias.contiguous()
+        cc = [c.contiguous() for c in cores]
         vals, tvals = x.new_empty(plan.nnz), x.new_empty(plan.nnz)
         saved = x.new_empty(plan.saved_floats(b))
         y = x.new_empty(b, plan.n_out)
         rc = build.load().tedepr_chain_train_forward(
-            plan._chain_ptr, plan._tsteps_ptr, plan.step_pointers(cores), plan._src_ptr, plan._tsrc_ptr,
-            vals.data_ptr(), tvals.data_ptr(), None if bias is None else bias.data_ptr(), x.data_ptr(),
+            plan._chain_ptr, plan._tsteps_ptr, plan.step_pointers(cc), plan._src_ptr, plan._tsrc_ptr,
+            vals.data_ptr(), tvals.data_ptr(), None if bc is None else bc.data_ptr(), xc.data_ptr(),
             y.data_ptr(), b, saved.data_ptr())
         if rc:
             raise MemoryError(f"tedepr_chain_train_forward failed ({rc})")
