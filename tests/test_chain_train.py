@@ -56,15 +56,16 @@ def _layer(spec: dict, density: float, dead: bool, seed: int = 0):
     return layer
 
 
-def _grads(layer, x, w, path):
-    """Output and the gradients of x, of every trainable tensor (plain names) under the
-    linear loss <y, w>, on ``path``."""
+def _grads(layer, x, w, path, x_grad=True):
+    """Output and the gradients of x (unless not ``x_grad``), of every trainable tensor
+    (plain names) under the linear loss <y, w>, on ``path``."""
     layer.zero_grad(set_to_none=True)
-    xr = x.clone().requires_grad_(True)
+    xr = x.clone().requires_grad_(x_grad)
     layer.train_path = path
     y = layer(xr)
     (y * w).sum().backward()
-    return y.detach(), {"x": xr.grad, **{n: p.grad for n, p in plain_named_parameters(layer).items()}}
+    got = {"x": xr.grad} if x_grad else {}
+    return y.detach(), {**got, **{n: p.grad for n, p in plain_named_parameters(layer).items()}}
 
 
 def _rel(a, b) -> float:
@@ -100,6 +101,9 @@ def test_outputs_and_every_gradient_equal_the_float64_chain(name, density, dead,
     for k in range(len(layer.cores)):  # pruned entries get exactly zero
         mask = layer.cores.parametrizations[str(k)][0].mask
         assert (got[f"cores.{k}"][~mask] == 0).all()
+    # without an input gradient the first step's core gradients are read in place (no gather)
+    _, alone = _grads(layer, x, w, "kernel", x_grad=False)
+    assert set(alone) == set(want) - {"x"} and all(_rel(alone[n], want[n]) < 1e-5 for n in alone)
 
 
 def test_no_input_gradient_is_computed_when_none_is_needed():
