@@ -37,13 +37,23 @@ ViT-tiny's step went from about 1.5x to about 1.0x dense). It does not hold for
 convolutions, whose rebuild is a full dense convolution (compute-bound: LeNet-5 went from
 0.64x to 1.02x dense), so they keep their chain.
 
-Paths: ``"lighter"`` (the default: per Linear layer by those byte counts, convolutions on
-their chain; sizes, not timings, so deterministic), ``"chain"`` (the method's own
-computation everywhere), ``"dense"`` (rebuild every linear chain), ``"auto"`` (per layer,
-the faster by measurement; the choice depends on timing, so two runs may differ in float
-rounding: record it and pass it back for a bit-identical rerun). Nonlinear chains and
-TT-embeddings always run their chain (no single dense weight; an embedding's rebuild
-would be the whole table).
+The compiled training chain (``"kernel"``, :mod:`tedepr_cli.kernels.chain_train`) is a
+third way for a TT/TR Linear: the inference kernel's packed layout (each core a CSR over its
+kept entries) with a compiled backward, one C call per layer and direction, no GEMM over
+pruned entries, no permute copies, one autograd node. Measured (one thread, batch 128,
+99.5 %, whole training steps against dense): LeNet-300-100 1.24x on ``lighter``'s chain /
+rebuild mix, 0.55-0.60x on the kernel; LeNet-5's Linear layers and ViT-tiny's projections
+about as fast as the best of chain and rebuild (see ``benchmarks/results/train_speed.md``).
+
+Paths: ``"lighter"`` (the default: per Linear layer the compiled kernel where it runs
+-- float32, CPU, the library built -- else the path whose backward keeps fewer bytes;
+convolutions on their chain; no timings, so deterministic), ``"chain"`` (the method's own
+computation everywhere), ``"dense"`` (rebuild every linear chain), ``"kernel"`` (every
+TT/TR Linear on the compiled training chain; convolutions, and wherever it cannot run, the
+chain), ``"auto"`` (per layer the fastest of chain, kernel and rebuild by measurement; the
+choice depends on timing, so two runs may differ in float rounding: record it and pass it
+back for a bit-identical rerun). Nonlinear chains and TT-embeddings always run their chain
+(no single dense weight; an embedding's rebuild would be the whole table).
 """
 
 from __future__ import annotations
