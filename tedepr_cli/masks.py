@@ -128,9 +128,12 @@ def stored_and_mask(module: nn.Module, attr: str) -> tuple[Tensor, Tensor | None
     ``original * mask``). Reads compute nothing: a kernel that uses only the kept entries
     reads them here, and the gradient it returns at those entries is the masked tensor's
     (:mod:`tedepr_cli.kernels.chain_train`)."""
-    if not parametrize.is_parametrized(module, attr):
+    # parametrize.is_parametrized(module, attr), without nn.Module.__getattr__ (a training
+    # kernel asks once per core and step)
+    plists = module._modules.get("parametrizations")
+    if plists is None or attr not in plists:
         return getattr(module, attr), None
-    plist = module.parametrizations[attr]
+    plist = plists[attr]
     if len(plist) != 1 or not isinstance(plist[0], FixedMask):
         return None
     return plist.original, plist[0].mask

@@ -243,6 +243,14 @@ def linear(x: Tensor, cores: Sequence[Tensor], bias: Tensor | None, plan: TrainC
     if x.shape[-1] != plan.n_in or [tuple(c.shape) for c in cores] != plan.core_shapes or (
             bias is not None and tuple(bias.shape) != (plan.n_out,)):
         raise ValueError("compiled training chain: shapes do not match the packed layer")
+    return run(x, cores, bias, plan, reference)
+
+
+def run(x: Tensor, cores: Sequence[Tensor], bias: Tensor | None, plan: TrainChain, reference: Reference
+        ) -> Tensor:
+    """:func:`linear` without its checks, for callers that made them (the layers)."""
+    if x.dim() == 2:
+        return _ChainFn.apply(x, bias, plan, reference, *cores)
     lead = x.shape[:-1]
     y = _ChainFn.apply(x.reshape(-1, plan.n_in), bias, plan, reference, *cores)
     return y.reshape(*lead, plan.n_out)

@@ -173,7 +173,10 @@ class TensorizedLayer(nn.Module):
         if parts is None:
             return None
         stored, masks = parts
-        return chain_train.linear(x, stored, self.bias, self._train_chain(masks), self._reference)
+        plan = self._train_chain(masks)
+        if x.shape[-1] != plan.n_in:
+            raise ValueError(f"input has {x.shape[-1]} features, the layer {plan.n_in}")
+        return chain_train.run(x, stored, self.bias, plan, self._reference)
 
     def _require_linear_chain(self) -> None:
         if self.chain != "linear":
