@@ -6,12 +6,16 @@ defaults (``compress`` of ``speed_table.py``: TT at the auto rank, data-free pru
 timed as:
 
 ``dense``          the dense zoo model (the bar)
-``lighter``        ``finetune``'s default (``--train-path lighter``): per Linear the path whose
-                   backward keeps fewer bytes, convolutions on their chain
+``lighter``        ``finetune``'s default (``--train-path lighter``): per Linear the compiled
+                   kernel where it runs, else the path whose backward keeps fewer bytes;
+                   convolutions on their chain
 ``chain``          the compressed model, every tensorized layer on its chain (``--train-path chain``)
+``kernel``         every TT/TR Linear forward and backward in one compiled C call over its kept
+                   entries (``--train-path kernel``), convolutions on their chain
 ``rebuild``        every linear chain on its rebuilt dense weight, a pruned TT-matrix only the
                    block its masks keep (``--train-path dense``)
-``auto``           per layer the faster of the two, measured first (``--train-path auto``)
+``auto``           per layer the fastest of chain, kernel and rebuild, measured first
+                   (``--train-path auto``)
 
 Steps run interleaved (one step of each engine per round, rotating who goes first) on a
 fixed random batch (``--batch``, default 128: ``finetune``'s default), after warm-up
@@ -54,11 +58,11 @@ from tedepr_cli.surgery import example_input  # noqa: E402
 from tedepr_cli.tensorized.train_path import leaner, measure, rebuildable, set_train_paths, uniform  # noqa: E402
 from tedepr_cli.train import TrainOptions, _optimizer  # noqa: E402
 
-ENGINES = ("dense", "lighter", "chain", "rebuild", "auto")
+ENGINES = ("dense", "lighter", "chain", "kernel", "rebuild", "auto")
 
 
 def engines(family: str, sparsity: float, seed: int, x: torch.Tensor) -> tuple[dict[str, Any], dict]:
-    """The five models of a family, each with its own optimizer, and the auto and lighter
+    """The six models of a family, each with its own optimizer, and the auto and lighter
     choices."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -69,6 +73,7 @@ def engines(family: str, sparsity: float, seed: int, x: torch.Tensor) -> tuple[d
         models[name] = copy.deepcopy(art.model)
     set_train_paths(models["chain"], uniform(models["chain"], "chain"))  # every layer, whatever its default
     set_train_paths(models["rebuild"], uniform(models["rebuild"], "dense"))
+    set_train_paths(models["kernel"], uniform(models["kernel"], "kernel"))
     lighter = leaner(models["lighter"], x)
     set_train_paths(models["lighter"], lighter)
     timings = measure(models["auto"], x)
@@ -114,7 +119,9 @@ def run_family(family: str, args: argparse.Namespace) -> dict[str, Any]:
             "ratio_to_dense": {e: round(med[e] / med["dense"], 3) for e in ENGINES},
             "auto": ran["auto"], "auto_measured": {n: t["path"] for n, t in timings.items()},
             "auto_rebuilt": sum(p == "dense" for p in ran["auto"].values()), "layers": len(ran["auto"]),
-            "lighter": ran["lighter"], "lighter_rebuilt": sum(p == "dense" for p in ran["lighter"].values())}
+            "lighter": ran["lighter"], "lighter_rebuilt": sum(p == "dense" for p in ran["lighter"].values()),
+            "lighter_kernel": sum(p == "kernel" for p in ran["lighter"].values()),
+            "auto_kernel": sum(p == "kernel" for p in ran["auto"].values())}
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -124,18 +131,23 @@ def markdown(report: dict[str, Any]) -> str:
              f"before, {m['load_after']} after (1 min); sparsity {100 * report['sparsity']:g} %, batch "
              f"{report['batch']}, AdamW (finetune's); {report['rounds']} interleaved rounds after "
              f"{report['warmup']} warm-up; medians of per-step CPU time (ms) and their ratio to dense "
-             "(< 1: faster than dense). `lighter`: finetune's default, per Linear the path whose "
-             "backward keeps fewer bytes, convolutions on their chain; `auto`: per layer the faster "
-             "of chain and rebuild, measured first (rebuilt layers of all).", "",
-             "| model | dense | lighter | chain | rebuild | auto | lighter / dense | chain / dense "
-             "| rebuild / dense | auto / dense | lighter rebuilt | auto rebuilt |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(< 1: faster than dense). `lighter`: finetune's default, per Linear the compiled "
+             "kernel where it runs, else the path whose backward keeps fewer bytes, convolutions on "
+             "their chain; `kernel`: every TT/TR Linear on the compiled training chain; `auto`: per "
+             "layer the fastest of chain, kernel and rebuild, measured first (layers rebuilt / on the "
+             "kernel, of all).", "",
+             "| model | dense | lighter | chain | kernel | rebuild | auto | lighter / dense | chain / dense "
+             "| kernel / dense | rebuild / dense | auto / dense | lighter rebuilt / kernel "
+             "| auto rebuilt / kernel |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["families"]:
         ms, q = r["ms_per_step"], r["ratio_to_dense"]
         lines.append(f"| {r['family']} | {ms['dense']:.1f} | {ms['lighter']:.1f} | {ms['chain']:.1f} | "
-                     f"{ms['rebuild']:.1f} | {ms['auto']:.1f} | **{q['lighter']:.2f}** | {q['chain']:.2f} | "
-                     f"{q['rebuild']:.2f} | {q['auto']:.2f} | {r['lighter_rebuilt']}/{r['layers']} | "
-                     f"{r['auto_rebuilt']}/{r['layers']} |")
+                     f"{ms['kernel']:.1f} | {ms['rebuild']:.1f} | {ms['auto']:.1f} | "
+                     f"**{q['lighter']:.2f}** | {q['chain']:.2f} | {q['kernel']:.2f} | {q['rebuild']:.2f} | "
+                     f"{q['auto']:.2f} | "
+                     f"{r['lighter_rebuilt']}/{r['lighter_kernel']} of {r['layers']} | "
+                     f"{r['auto_rebuilt']}/{r['auto_kernel']} of {r['layers']} |")
     return "\n".join(lines) + "\n"
 
 

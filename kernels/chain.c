@@ -26,7 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define TEDEPR_ABI 3
+#define TEDEPR_ABI 4
 
 #ifndef TEDEPR_VB
 #if defined(__AVX512F__)
@@ -730,4 +730,203 @@ int tedepr_program_run(const tedepr_program *p, const float *x, float *y, int64_
 /* The same with the program's own workspace choice (one argument less per call). */
 int tedepr_program_forward(const tedepr_program *p, const float *x, float *y, int64_t batch) {
     return tedepr_program_run(p, x, y, batch, NULL);
+}
+
+/* ------------------------------------------------------------------------ training */
+/* A training forward keeps every step's input buffer X_k (feature-major, the whole batch
+ * at once: no chunks) for the backward; the backward walks the steps in reverse:
+ *
+ *     dY_k[o][g, b] = dX_{k+1}[roff[o] + goff[g]][b]      (the forward's store, read back)
+ *     dval[j]       = sum_{g live, b} dY_k[o][g, b] X_k[col[j]][g, b]     (kept entries only)
+ *     dX_k          = A_k^T dY_k                         (the transposed CSR, live groups)
+ *
+ * dY_k is gathered into a contiguous (n_rows, live * B) buffer (B floats per (o, g)); the
+ * transposed product runs through the same tile kernels as the forward, as a step whose
+ * CSR is A_k^T (built and valued by the caller: tsteps[k], rows kk, columns o) and whose
+ * stores put (kk, g) at kk * g_in + g_lo + g, so dX_k comes out in step k's input layout.
+ * Groups outside [g_lo, g_hi) get zero gradient (their outputs are never read). Every sum
+ * has a fixed order: deterministic, one thread. */
+
+/* Floats from one saved buffer to the next: X_0 (N x B), then each step's output but the
+ * last, each followed by the over-read slack the tile kernels need. */
+static int64_t saved_stride(const tedepr_chain *c, int32_t k, int64_t batch) {
+    const int64_t units = k == 0 ? c->n_in : (int64_t)c->steps[k].n_in_rows * c->steps[k].g_in;
+    return units * batch + OVERREAD_SLACK;
+}
+
+/* Floats the caller provides for tedepr_chain_train_forward's saved buffers. */
+int64_t tedepr_chain_train_saved(const tedepr_chain *c, int64_t batch) {
+    int64_t n = 0;
+    for (int32_t k = 0; k < c->n_steps; k++) n += saved_stride(c, k, batch);
+    return n;
+}
+
+/* Steps at most a training chain has (its struct copies live on the stack). */
+#define TRAIN_MAX_STEPS 64
+
+/* Copies of the chain's steps and their transposes pointing at this call's values:
+ * vals/tvals hold every step's kept entries in CSR / transposed-CSR order, step by step. */
+static void bind_values(const tedepr_chain *c, const tedepr_step *tsteps, const float *vals,
+                        const float *tvals, tedepr_step *st, tedepr_step *tt, int64_t *voff) {
+    int64_t off = 0;
+    for (int32_t k = 0; k < c->n_steps; k++) {
+        st[k] = c->steps[k];
+        tt[k] = tsteps[k];
+        st[k].val = vals + off;
+        tt[k].val = tvals + off;
+        voff[k] = off;
+        off += c->steps[k].row_ptr[c->steps[k].n_rows];
+    }
+    voff[c->n_steps] = off;
+}
+
+/* x (B, N) -> y (B, M) batch-major, plus bias (M floats or NULL), keeping the step inputs
+ * in saved (tedepr_chain_train_saved(c, batch) floats). The values come from the cores:
+ * core[k] is the (row-major) core step k contracts, src / tsrc each entry's index into it
+ * in CSR / transposed-CSR order (all steps, concatenated); they are gathered into vals /
+ * tvals (the backward reads them again). c->steps[k].val and c->bias are not used.
+ * Returns 0, -1 on bad arguments, -2 if no workspace could be allocated. */
+int tedepr_chain_train_forward(const tedepr_chain *c, const tedepr_step *tsteps,
+                               const float *const *core, const int32_t *src, const int32_t *tsrc,
+                               float *vals, float *tvals, const float *bias, const float *x, float *y,
+                               int64_t batch, float *saved) {
+    if (!c || !tsteps || !core || !x || !y || !saved || batch < 0 || c->n_steps < 1 ||
+        c->n_steps > TRAIN_MAX_STEPS)
+        return -1;
+    tedepr_step st[TRAIN_MAX_STEPS], tt[TRAIN_MAX_STEPS];
+    int64_t voff[TRAIN_MAX_STEPS + 1];
+    bind_values(c, tsteps, vals, tvals, st, tt, voff);
+    for (int32_t k = 0; k < c->n_steps; k++)
+        for (int64_t j = voff[k]; j < voff[k + 1]; j++) {
+            vals[j] = core[k][src[j]];
+            tvals[j] = core[k][tsrc[j]];
+        }
+    if (batch == 0) return 0;
+    const int64_t B = batch, M = c->n_out, N = c->n_in;
+    float *ybuf = thread_workspace(M * B + OVERREAD_SLACK);
+    if (!ybuf) return -2;
+    if (B == 1) memcpy(saved, x, 4 * (size_t)N);
+    else transpose(x, saved, B, N, NULL);
+    float *X = saved;
+    for (int32_t k = 0; k < c->n_steps; k++) {
+        const tedepr_step *s = &st[k];
+        const int last = k + 1 == c->n_steps;
+        float *out = last ? ybuf : X + saved_stride(c, k, B);
+        run_step(s, B, X, out, B, 1, 1, 0, n_tiles((int64_t)(s->g_hi - s->g_lo) * B, 1));
+        X = out;
+    }
+    if (B == 1) {
+        for (int64_t m = 0; m < M; m++) y[m] = ybuf[m] + (bias ? bias[m] : 0.0f);
+    } else {
+        transpose(ybuf, y, M, B, bias);
+    }
+    return 0;
+}
+
+/* sum_{i < G} <x + goff[i] * n, y + i * n> over n floats each (goff NULL: i): four
+ * vector partial sums (independent multiply-add chains) and a scalar one for the tail,
+ * combined in a fixed order, so deterministic. */
+static float dot_seg(const float *restrict x, const int32_t *restrict goff, int64_t G,
+                     const float *restrict y, int64_t n) {
+    vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+    float tail = 0.0f;
+    for (int64_t i = 0; i < G; i++) {
+        const float *xp = x + (goff ? (int64_t)goff[i] : i) * n, *yp = y + i * n;
+        int64_t b = 0;
+        for (; b + 4 * TEDEPR_VB <= n; b += 4 * TEDEPR_VB) {
+            a0 += *(const vfu *)(xp + b) * *(const vfu *)(yp + b);
+            a1 += *(const vfu *)(xp + b + TEDEPR_VB) * *(const vfu *)(yp + b + TEDEPR_VB);
+            a2 += *(const vfu *)(xp + b + 2 * TEDEPR_VB) * *(const vfu *)(yp + b + 2 * TEDEPR_VB);
+            a3 += *(const vfu *)(xp + b + 3 * TEDEPR_VB) * *(const vfu *)(yp + b + 3 * TEDEPR_VB);
+        }
+        for (; b + TEDEPR_VB <= n; b += TEDEPR_VB) a0 += *(const vfu *)(xp + b) * *(const vfu *)(yp + b);
+        for (; b < n; b++) tail += xp[b] * yp[b];
+    }
+    const vf sum = (a0 + a1) + (a2 + a3);
+    float r = 0.0f;
+    for (int l = 0; l < TEDEPR_VB; l++) r += sum[l];
+    return r + tail;
+}
+
+/* The backward of tedepr_chain_train_forward: dy (B, M) batch-major -> dx (B, N) (or NULL:
+ * not needed), the kept entries' gradients written into dcore[k] (the gradient of the core
+ * step k contracts, row-major, zero-filled by the caller; at src[j] for entry j; NULL: no
+ * core gradients) and dbias (M floats, or NULL). saved, vals, tvals: the forward's.
+ * tsteps[k]: A_k^T (n_rows = steps[k].n_in_rows, n_in_rows = steps[k].n_rows, g_in = g_hi
+ * = steps[k].g_hi - steps[k].g_lo, g_lo = 0, roff[kk] = kk * steps[k].g_in, goff[i] =
+ * steps[k].g_lo + i). Returns 0, -1 on bad arguments, -2 if no workspace could be
+ * allocated. */
+int tedepr_chain_train_backward(const tedepr_chain *c, const tedepr_step *tsteps, const float *vals,
+                                const float *tvals, const int32_t *src, float *const *dcore,
+                                const float *saved, const float *dy, float *dx, float *dbias,
+                                int64_t batch) {
+    if (!c || !tsteps || !saved || !dy || batch < 0 || c->n_steps < 1 || c->n_steps > TRAIN_MAX_STEPS)
+        return -1;
+    if (dbias) memset(dbias, 0, 4 * (size_t)c->n_out);
+    if (batch == 0) return 0;
+    tedepr_step st[TRAIN_MAX_STEPS], tt[TRAIN_MAX_STEPS];
+    int64_t voff[TRAIN_MAX_STEPS + 1];
+    bind_values(c, tsteps, vals, tvals, st, tt, voff);
+    const int64_t B = batch, M = c->n_out, N = c->n_in;
+    /* workspace: dy feature-major, the gathered dY_k, two dX buffers (ping-pong) */
+    int64_t gmax = 0, xmax = N * B;
+    for (int32_t k = 0; k < c->n_steps; k++) {
+        const tedepr_step *s = &st[k];
+        const int64_t g = (int64_t)s->n_rows * (s->g_hi - s->g_lo) * B;
+        const int64_t u = (int64_t)s->n_in_rows * s->g_in * B;
+        if (g > gmax) gmax = g;
+        if (u > xmax) xmax = u;
+    }
+    float *w = thread_workspace(M * B + gmax + 2 * xmax + 4 * OVERREAD_SLACK);
+    if (!w) return -2;
+    float *dnext = w, *dY = dnext + M * B + OVERREAD_SLACK;
+    float *dbuf[2] = {dY + gmax + OVERREAD_SLACK, dY + gmax + xmax + 2 * OVERREAD_SLACK};
+    if (B == 1) memcpy(dnext, dy, 4 * (size_t)M);
+    else transpose(dy, dnext, B, M, NULL);
+    if (dbias)
+        for (int64_t m = 0; m < M; m++) {
+            float acc = 0.0f;
+            for (int64_t b = 0; b < B; b++) acc += dnext[m * B + b];
+            dbias[m] = acc;
+        }
+    const float *Xk[TRAIN_MAX_STEPS];
+    for (int32_t k = 0; k < c->n_steps; k++) Xk[k] = k ? Xk[k - 1] + saved_stride(c, k - 1, B) : saved;
+    for (int32_t k = c->n_steps - 1; k >= 0; k--) {
+        const tedepr_step *s = &st[k];
+        const int64_t lo = s->g_lo, G = s->g_hi - s->g_lo, ld = (int64_t)s->g_in * B;
+        const int need_dx = k > 0 || dx;
+        if (need_dx) /* dY_k: the live groups of every output row, read back from where they were stored */
+            for (int32_t o = 0; o < s->n_rows; o++)
+                for (int64_t i = 0; i < G; i++)
+                    memcpy(dY + ((int64_t)o * G + i) * B,
+                           dnext + ((int64_t)s->roff[o] + s->goff[lo + i]) * B, 4 * (size_t)B);
+        if (dcore && dcore[k]) { /* SDDMM: one dot per kept entry over the live lanes */
+            const int32_t *rp = s->row_ptr;
+            for (int32_t o = 0; o < s->n_rows; o++)
+                for (int32_t j = rp[o]; j < rp[o + 1]; j++) {
+                    const int64_t kk = s->col_bytes == 2 ? ((const uint16_t *)s->col)[j]
+                                                         : ((const int32_t *)s->col)[j];
+                    const float *xr = Xk[k] + kk * ld + lo * B;
+                    /* the same sum in the same order either way (from the gathered dY_k, or
+                     * read in place where no dX_k is needed and dY_k is not gathered) */
+                    dcore[k][src[voff[k] + j]] =
+                        need_dx ? dot_seg(dY + (int64_t)o * G * B, NULL, G, xr, B)
+                                : dot_seg(dnext + (int64_t)s->roff[o] * B, s->goff + lo, G, xr, B);
+                }
+        }
+        if (!need_dx) break;
+        float *dcur = dbuf[k & 1];
+        if (G > 0) run_step(&tt[k], B, dY, dcur, B, 1, 1, 0, n_tiles(G * B, 1));
+        if (G < s->g_in)
+            for (int32_t kk = 0; kk < s->n_in_rows; kk++) {
+                memset(dcur + kk * ld, 0, 4 * (size_t)(lo * B));
+                memset(dcur + kk * ld + (lo + G) * B, 0, 4 * (size_t)((s->g_in - lo - G) * B));
+            }
+        dnext = dcur;
+    }
+    if (dx) {
+        if (B == 1) memcpy(dx, dnext, 4 * (size_t)N);
+        else transpose(dnext, dx, N, B, NULL);
+    }
+    return 0;
 }

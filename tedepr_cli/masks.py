@@ -121,6 +121,24 @@ def mask_of(module: nn.Module, attr: str) -> Tensor | None:
     return None if fm is None else fm.mask
 
 
+def stored_and_mask(module: nn.Module, attr: str) -> tuple[Tensor, Tensor | None] | None:
+    """``module``'s tensor ``attr`` as stored -- the trainable ``original`` of a masked one,
+    the parameter itself otherwise -- and its boolean mask (None: not pruned); None when a
+    parametrization other than one :class:`FixedMask` sits on it (its value is then not
+    ``original * mask``). Reads compute nothing: a kernel that uses only the kept entries
+    reads them here, and the gradient it returns at those entries is the masked tensor's
+    (:mod:`tedepr_cli.kernels.chain_train`)."""
+    # parametrize.is_parametrized(module, attr), without nn.Module.__getattr__ (a training
+    # kernel asks once per core and step)
+    plists = module._modules.get("parametrizations")
+    if plists is None or attr not in plists:
+        return getattr(module, attr), None
+    plist = plists[attr]
+    if len(plist) != 1 or not isinstance(plist[0], FixedMask):
+        return None
+    return plist.original, plist[0].mask
+
+
 def _masked(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, FixedMask]]:
     """(plain name, owning module, attribute, mask) of every masked parameter, in module order."""
     for mod_name, module in model.named_modules():

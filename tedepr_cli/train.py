@@ -94,7 +94,7 @@ class TrainOptions:
     teacher: str | None = None  # distill from this model (see distill.py)
     distill_alpha: float = 0.5  # weight of the soft (teacher) term
     distill_temperature: float = 4.0
-    train_path: str = "lighter"  # lighter | chain | dense | auto: how tensorized layers train (train_path.py)
+    train_path: str = "lighter"  # lighter | chain | dense | kernel | auto: how tensorized layers train
     distill_loss: str = "auto"  # kl (logits) | cosine | mse (outputs); auto: kl with labels, else cosine
 
     def validate(self) -> None:
@@ -167,9 +167,11 @@ def _train_paths(model: nn.Module, art: Artifact, opts: TrainOptions, saved: dic
     paths = {n: m.train_path for n, m in rebuildable(model).items()}
     if dist.main and paths:
         rebuilt = [n for n, p in paths.items() if p == "dense"]
+        kernel = [n for n, p in paths.items() if p == "kernel"]
         how = "kept from the run" if saved is not None and "train_paths" in saved else opts.train_path
         log.info(f"{opt('train-path')} {how}: {len(rebuilt)} of {len(paths)} tensorized layers train on "
-                 f"their rebuilt dense weight ({', '.join(rebuilt) or 'none'}), the others on their chain")
+                 f"their rebuilt dense weight ({', '.join(rebuilt) or 'none'}), {len(kernel)} on the "
+                 f"compiled kernel ({', '.join(kernel) or 'none'}), the others on their chain")
     return paths, timings
 
 

@@ -328,7 +328,7 @@ def test_ddp_with_a_measured_train_path_shares_rank_0s_choice(pruned, tmp_path):
     assert multi.returncode == 0, multi.stderr[-3000:]
     state = torch.load(tmp_path / "two" / "state.pt", weights_only=True)
     assert set(state["train_paths"]) == {"fc1", "fc2", "fc3"}
-    assert set(state["train_paths"].values()) <= {"chain", "dense"}
+    assert set(state["train_paths"].values()) <= {"chain", "dense", "kernel"}
     seen = [json.loads((tmp_path / f"two.paths{r}.json").read_text()) for r in (0, 1)]
     assert seen[0] == seen[1] and {n: t["path"] for n, t in seen[0].items()} == state["train_paths"]
 

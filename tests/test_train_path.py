@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tedepr_cli import kernels
 from tedepr_cli.arch import parse_arch
 from tedepr_cli.loading import load_model
 from tedepr_cli.masks import plain_named_parameters
@@ -191,19 +192,23 @@ def test_measure_chooses_per_layer_and_leaves_the_model_as_it_was(monkeypatch):
     got = measure(model, x, reps=2)
     assert set(got) == set(rebuildable(model)) == {"fc1", "fc2", "fc3"}
     for t in got.values():
-        assert t["path"] in ("chain", "dense") and t["chain_ms"] > 0 and t["dense_ms"] > 0
-        assert (t["path"] == "dense") == (t["dense_ms"] < 0.9 * t["chain_ms"])
+        assert t["path"] in ("chain", "dense", "kernel") and t["chain_ms"] > 0 and t["dense_ms"] > 0
+        best = "kernel" if t.get("kernel_ms", float("inf")) < t["chain_ms"] else "chain"
+        assert (t["path"] == "dense") == (t["dense_ms"] < 0.9 * t[f"{best}_ms"])
+        assert t["path"] == "dense" or t["path"] == best
     assert model.training and all(m.train_path == "chain" for m in rebuildable(model).values())
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(before[n], p.detach()) for n, p in params.items())
     # the choice follows the timings: a rebuild made slow is never chosen
     import tedepr_cli.tensorized.train_path as tp
 
-    times = iter([1.0, 5.0] * 100)  # chain 1 s, dense 5 s, whichever runs first
-    monkeypatch.setattr(tp, "_step", lambda layer, x, path: next(times) if path == "chain" else 5.0)
+    monkeypatch.setattr(tp, "_step", lambda layer, x, path: 1.0 if path == "chain" else 5.0)
     assert {t["path"] for t in measure(model, x, reps=2).values()} == {"chain"}
     monkeypatch.setattr(tp, "_step", lambda layer, x, path: 1.0 if path == "dense" else 5.0)
     assert {t["path"] for t in measure(model, x, reps=2).values()} == {"dense"}
+    if kernels.available():  # the compiled training chain is a third candidate where it runs
+        monkeypatch.setattr(tp, "_step", lambda layer, x, path: 1.0 if path == "kernel" else 5.0)
+        assert {t["path"] for t in measure(model, x, reps=2).values()} == {"kernel"}
 
 
 @pytest.fixture(scope="module")
@@ -266,9 +271,11 @@ def test_the_default_path_trains_linear_layers_on_the_lighter_path(pruned, tmp_p
         epochs=1, batch_size=64, limit_train=128, lr=3e-3, seed=2))
     x = example_input(pruned.model, pruned.input_shape, 64, "rand", torch.Generator().manual_seed(2))
     sizes = lighter(pruned.model, lambda: pruned.model(x))
-    want = {n: t["path"] for n, t in sizes.items()}
+    # every TT Linear on the compiled training chain where it runs, else the lighter of the two
+    want = {n: "kernel" if kernels.available() else t["path"] for n, t in sizes.items()}
     assert {n: t["path"] for n, t in summary["train_paths"].items()} == want == leaner(pruned.model, x)
-    assert set(want.values()) == {"chain", "dense"}  # here the wide first layer keeps its chain
+    # by bytes, the wide first layer keeps its chain (what runs where the kernel cannot)
+    assert {t["path"] for t in sizes.values()} == {"chain", "dense"}
 
 
 def test_lighter_keeps_convolutions_on_their_chain(monkeypatch):
@@ -284,6 +291,9 @@ def test_lighter_keeps_convolutions_on_their_chain(monkeypatch):
     assert set(rebuildable(model)) == {"0", "2"}
     monkeypatch.setattr(tp, "lighter", lambda model, run: {
         n: {"path": "dense", "chain_bytes": 2, "dense_bytes": 1} for n in rebuildable(model)})
+    monkeypatch.setattr(tp, "kernel_runs", lambda layer, x: True)  # even where it runs: no conv kernel
+    assert tp.leaner(model, torch.rand(4, 8, 6, 6)) == {"0": "chain", "2": "kernel"}
+    monkeypatch.setattr(tp, "kernel_runs", lambda layer, x: False)
     assert tp.leaner(model, torch.rand(4, 8, 6, 6)) == {"0": "chain", "2": "dense"}
 
 

@@ -90,12 +90,15 @@ def finetune(
     distill_temperature: Annotated[float, typer.Option(
         "--distill-temperature", help="With --teacher: softmax temperature of the soft targets.")] = 4.0,
     train_path: Annotated[str, typer.Option(
-        "--train-path", help="How tensorized layers train: lighter (each Linear on whichever of "
-        "the two below keeps fewer bytes for its backward, convolutions on their chain; "
-        "deterministic), chain (their cores' contractions), dense (the dense weight rebuilt from "
-        "the cores each step, only the block the masks keep, one GEMM/conv; same function, "
-        "gradients reach the cores), or auto (per layer the faster, measured on the batch shape "
-        "at the start: timing-dependent, so runs may differ in float rounding).")] = "lighter",
+        "--train-path", help="How tensorized layers train: lighter (each TT/TR Linear on the "
+        "compiled kernel where it runs, else on whichever of chain and dense keeps fewer bytes "
+        "for its backward; convolutions on their chain; deterministic), chain (their cores' "
+        "contractions), dense (the dense weight rebuilt from the cores each step, only the block "
+        "the masks keep, one GEMM/conv; same function, gradients reach the cores), kernel (each "
+        "TT/TR Linear forward and backward in one compiled C call over its kept entries, float32 "
+        "CPU; elsewhere, and for convolutions, the chain), or auto (per layer the fastest, "
+        "measured on the batch shape at the start: timing-dependent, so runs may differ in float "
+        "rounding).")] = "lighter",
     distill_loss: Annotated[str, typer.Option(
         "--distill-loss", help="With --teacher: kl (soft class probabilities), cosine or mse (match the "
         "outputs: embeddings, features); auto: kl with labels, cosine without.")] = "auto",

@@ -42,7 +42,7 @@ from ..fsutil import output_mode
 from ..logs import log
 from ..machine import cpu_features
 
-ABI = 3  # must equal TEDEPR_ABI in kernels/chain.c
+ABI = 4  # must equal TEDEPR_ABI in kernels/chain.c
 LSTM_ABI = 2  # must equal TEDEPR_LSTM_ABI in kernels/lstm.c
 DEFAULT_CFLAGS = "-O3 -march=native"
 REQUIRED_FLAGS = ("-shared", "-fPIC", "-pthread")
@@ -163,6 +163,12 @@ def _setup(lib: ctypes.CDLL) -> None:
     lib.tedepr_program_run.argtypes = [ptr, ptr, ptr, i64, ptr]
     lib.tedepr_program_forward.restype = ctypes.c_int
     lib.tedepr_program_forward.argtypes = [ptr, ptr, ptr, i64]
+    lib.tedepr_chain_train_saved.restype = i64
+    lib.tedepr_chain_train_saved.argtypes = [ptr, i64]
+    lib.tedepr_chain_train_forward.restype = ctypes.c_int
+    lib.tedepr_chain_train_forward.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr]
+    lib.tedepr_chain_train_backward.restype = ctypes.c_int
+    lib.tedepr_chain_train_backward.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64]
 
 
 def _setup_lstm(lib: ctypes.CDLL) -> None:

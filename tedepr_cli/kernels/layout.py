@@ -42,6 +42,7 @@ class StepLayout:
     goff: np.ndarray  # int32, g_in
     g_lo: int = 0  # live free groups [g_lo, g_hi): the compiled kernel computes only these
     g_hi: int = -1  # -1: g_in (see ChainLayout: outputs no later step reads are dead)
+    src: np.ndarray | None = None  # int64, nnz: each entry's flat index into its core (training)
 
     @property
     def nnz(self) -> int:
@@ -164,6 +165,7 @@ def make_step(core: np.ndarray, keep: np.ndarray, core_axes: list[str], sizes: M
     a = np.ascontiguousarray(core.transpose(perm)).reshape(n_rows, n_in).astype(np.float32)
     k = np.ascontiguousarray(keep.transpose(perm)).reshape(n_rows, n_in)
     rows, cols = np.nonzero(k)  # row-major: ascending column within each row
+    src = np.arange(core.size, dtype=np.int64).reshape(core.shape).transpose(perm).reshape(n_rows, n_in)
     row_ptr = np.zeros(n_rows + 1, dtype=np.int64)
     np.cumsum(np.bincount(rows, minlength=n_rows), out=row_ptr[1:])
     out_units = math.prod(sizes[x] for x in lout)
@@ -175,7 +177,7 @@ def make_step(core: np.ndarray, keep: np.ndarray, core_axes: list[str], sizes: M
         col=cols.astype(np.uint16 if n_in <= 2**16 else np.int32),
         val=a[rows, cols].astype(np.float32),
         roff=_offsets(produced, sizes, stride).astype(np.int32),
-        goff=_offsets(free, sizes, stride).astype(np.int32))
+        goff=_offsets(free, sizes, stride).astype(np.int32), src=src[rows, cols])
 
 
 def _np(t: Tensor) -> np.ndarray:

@@ -21,6 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..kernels import chain_train
+from ..masks import stored_and_mask
+
 CHAINS = ("linear", "nonlinear")
 
 
@@ -29,7 +32,8 @@ class TensorizedLayer(nn.Module):
 
     kind = "layer"
     format = "?"
-    # "dense": while autograd records, run on the rebuilt dense weight (train_path.py)
+    # "dense": while autograd records, run on the rebuilt dense weight; "kernel": on the
+    # compiled training chain where it can run (train_path.py)
     train_path = "chain"
 
     def __init__(self, spec: dict[str, Any], core_shapes: list[tuple[int, ...]], bias: bool) -> None:
@@ -105,6 +109,74 @@ class TensorizedLayer(nn.Module):
     def training_on_rebuild(self) -> bool:
         """Whether this call runs on the rebuilt dense weight (:mod:`.train_path`)."""
         return self.train_path == "dense" and self.chain == "linear" and torch.is_grad_enabled()
+
+    # -- the compiled training chain (train path "kernel") ------------------------------
+    def kernel_trainable(self) -> bool:
+        """Whether this layer has a compiled training chain (TT/TR Linear, linear chain)."""
+        return self.chain == "linear" and type(self)._train_layout is not TensorizedLayer._train_layout
+
+    def training_on_kernel(self, x: Tensor) -> bool:
+        """Whether this call runs on the compiled training chain
+        (:mod:`tedepr_cli.kernels.chain_train`): the train path is ``"kernel"``, autograd
+        records, the layer has one (:meth:`kernel_trainable`), and it can run here (float32
+        CPU tensors, the library built; each core plain or masked by one ``FixedMask``; no
+        ``torch.func`` transform, tracing, compiling or autocast active). Elsewhere the
+        layer runs its chain."""
+        return self._kernel_parts(x) is not None
+
+    def _kernel_parts(self, x: Tensor) -> tuple[list[Tensor], list[Tensor | None]] | None:
+        """Per core the stored (trainable) tensor and its mask, where this call runs on the
+        training kernel (see :meth:`training_on_kernel`); else None."""
+        if not (self.train_path == "kernel" and torch.is_grad_enabled() and self.kernel_trainable()):
+            return None
+        if (torch._C._functorch.is_functorch_wrapped_tensor(x) or torch._C._are_functorch_transforms_active()
+                or torch.jit.is_tracing() or torch.compiler.is_compiling()
+                or torch.is_autocast_enabled(x.device.type)):
+            return None
+        parts = [stored_and_mask(self.cores, str(k)) for k in range(len(self.cores))]
+        if any(p is None for p in parts):
+            return None
+        stored = [p[0] for p in parts]  # type: ignore[index]
+        if chain_train.usable(x, self.bias, *stored) is not None:
+            return None
+        return stored, [p[1] for p in parts]  # type: ignore[index]
+
+    def _train_layout(self, masks: list[Tensor]) -> tuple[Any, list[int]]:
+        """The layer packed for the training kernel with these per-core boolean ``masks``
+        (a :class:`~tedepr_cli.kernels.layout.ChainLayout`) and the core each step
+        contracts. Implemented by the layers that have one."""
+        raise NotImplementedError
+
+    def _reference(self, x: Tensor, cores: list[Tensor], bias: Tensor | None) -> Tensor:
+        """The layer's chain in torch ops on ``x`` ``(B, N)`` with the given cores and bias
+        (the training kernel's double backward differentiates it)."""
+        raise NotImplementedError
+
+    def _train_chain(self, masks: list[Tensor | None]) -> chain_train.TrainChain:
+        """The packed training chain of the cores' current ``masks`` (None: every entry
+        kept), cached while the mask tensors are the same, unmodified."""
+        key = [(None, -1) if m is None else (m, m._version) for m in masks]
+        cached = getattr(self, "_kernel_chain", None)
+        if cached is None or len(cached[0]) != len(key) or any(
+                a[0] is not b[0] or a[1] != b[1] for a, b in zip(cached[0], key, strict=True)):
+            shapes = [tuple(self.cores[k].shape) for k in range(len(masks))]
+            full = [torch.ones(s, dtype=torch.bool) if m is None else m.detach().cpu()
+                    for s, m in zip(shapes, masks, strict=True)]
+            layout, step_core = self._train_layout(full)
+            cached = self._kernel_chain = (key, chain_train.TrainChain(layout, step_core, shapes, masks))
+        return cached[1]
+
+    def _kernel_forward(self, x: Tensor) -> Tensor | None:
+        """The forward on the compiled training chain, or None where it cannot run (see
+        :meth:`training_on_kernel`): the caller then runs the chain."""
+        parts = self._kernel_parts(x)
+        if parts is None:
+            return None
+        stored, masks = parts
+        plan = self._train_chain(masks)
+        if x.shape[-1] != plan.n_in:
+            raise ValueError(f"input has {x.shape[-1]} features, the layer {plan.n_in}")
+        return chain_train.run(x, stored, self.bias, plan, self._reference)
 
     def _require_linear_chain(self) -> None:
         if self.chain != "linear":

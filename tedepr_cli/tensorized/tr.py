@@ -14,6 +14,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..kernels.layout import ChainLayout, tr_linear_layout
 from .base import TensorizedLayer, bn_relu
 from .chain import ring_dense, ring_input, ring_output
 from .conv import ChainConv2d
@@ -39,6 +40,8 @@ class TRLinear(TensorizedLayer):
     def forward(self, x: Tensor) -> Tensor:
         if self.training_on_rebuild():
             return F.linear(x, self.dense_weight(), self.bias)
+        if self.train_path == "kernel" and (y := self._kernel_forward(x)) is not None:
+            return y
         lead = x.shape[:-1]
         s = ring_input(x.reshape(-1, x.shape[-1]), list(self.cores)[: self.n_in],
                        self._spec["in_modes"])
@@ -52,6 +55,16 @@ class TRLinear(TensorizedLayer):
     def dense_weight(self) -> Tensor:
         self._require_linear_chain()
         return ring_dense(list(self.cores)[: self.n_in], list(self.cores)[self.n_in:])
+
+    def _train_layout(self, masks: list[Tensor]) -> tuple[ChainLayout, list[int]]:
+        spec, d = self._spec, self.n_in
+        # input cores in order, then the output cores from the last one back (layout.py)
+        return tr_linear_layout(list(self.cores), spec["in_modes"], spec["out_modes"], masks), \
+            list(range(d)) + list(range(len(self.cores) - 1, d - 1, -1))
+
+    def _reference(self, x: Tensor, cores: list[Tensor], bias: Tensor | None) -> Tensor:
+        y = ring_output(ring_input(x, cores[: self.n_in], self._spec["in_modes"]), cores[self.n_in:])
+        return y if bias is None else y + bias
 
     def dense_weight_shape_numel(self) -> int:
         return self.in_features * self.out_features

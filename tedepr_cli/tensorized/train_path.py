@@ -37,13 +37,23 @@ ViT-tiny's step went from about 1.5x to about 1.0x dense). It does not hold for
 convolutions, whose rebuild is a full dense convolution (compute-bound: LeNet-5 went from
 0.64x to 1.02x dense), so they keep their chain.
 
-Paths: ``"lighter"`` (the default: per Linear layer by those byte counts, convolutions on
-their chain; sizes, not timings, so deterministic), ``"chain"`` (the method's own
-computation everywhere), ``"dense"`` (rebuild every linear chain), ``"auto"`` (per layer,
-the faster by measurement; the choice depends on timing, so two runs may differ in float
-rounding: record it and pass it back for a bit-identical rerun). Nonlinear chains and
-TT-embeddings always run their chain (no single dense weight; an embedding's rebuild
-would be the whole table).
+The compiled training chain (``"kernel"``, :mod:`tedepr_cli.kernels.chain_train`) is a
+third way for a TT/TR Linear: the inference kernel's packed layout (each core a CSR over its
+kept entries) with a compiled backward, one C call per layer and direction, no GEMM over
+pruned entries, no permute copies, one autograd node. Measured (one thread, batch 128,
+99.5 %, whole training steps against dense): LeNet-300-100 1.24x on ``lighter``'s chain /
+rebuild mix, 0.55-0.60x on the kernel; LeNet-5's Linear layers and ViT-tiny's projections
+about as fast as the best of chain and rebuild (see ``benchmarks/results/train_speed.md``).
+
+Paths: ``"lighter"`` (the default: per Linear layer the compiled kernel where it runs
+-- float32, CPU, the library built -- else the path whose backward keeps fewer bytes;
+convolutions on their chain; no timings, so deterministic), ``"chain"`` (the method's own
+computation everywhere), ``"dense"`` (rebuild every linear chain), ``"kernel"`` (every
+TT/TR Linear on the compiled training chain; convolutions, and wherever it cannot run, the
+chain), ``"auto"`` (per layer the fastest of chain, kernel and rebuild by measurement; the
+choice depends on timing, so two runs may differ in float rounding: record it and pass it
+back for a bit-identical rerun). Nonlinear chains and TT-embeddings always run their chain
+(no single dense weight; an embedding's rebuild would be the whole table).
 """
 
 from __future__ import annotations
@@ -59,7 +69,8 @@ from torch import Tensor, nn
 
 from .base import TensorizedLayer
 
-PATHS = ("lighter", "chain", "dense", "auto")
+PATHS = ("lighter", "chain", "dense", "kernel", "auto")
+LAYER_PATHS = ("chain", "dense", "kernel")  # what one layer trains on
 MARGIN = 0.9  # "auto" takes the rebuild only when it is at least 10 % faster: the chain wins ties
 
 
@@ -91,17 +102,32 @@ def train_paths(model: nn.Module, choice: dict[str, str]) -> Iterator[None]:
 def set_train_paths(model: nn.Module, choice: dict[str, str]) -> None:
     """Set each named layer's path for good (a model the caller owns, e.g. the training
     copy); :func:`train_paths` sets them for a block. Raises KeyError for an unknown name,
-    ValueError for a path other than ``"chain"``/``"dense"``."""
+    ValueError for a path other than ``"chain"``/``"dense"``/``"kernel"``, or ``"kernel"``
+    for a layer without a compiled training chain (a convolution)."""
     layers = rebuildable(model)
     for n, path in choice.items():
-        if path not in ("chain", "dense"):
-            raise ValueError(f"layer {n}: train path must be chain or dense, got {path!r}")
+        if path not in LAYER_PATHS:
+            raise ValueError(f"layer {n}: train path must be one of {', '.join(LAYER_PATHS)}, got {path!r}")
+        if path == "kernel" and not layers[n].kernel_trainable():
+            raise ValueError(f"layer {n}: {type(layers[n]).__name__} has no compiled training chain")
         layers[n].train_path = path
 
 
 def uniform(model: nn.Module, path: str) -> dict[str, str]:
-    """``path`` (``"chain"`` or ``"dense"``) for every rebuildable layer of ``model``."""
-    return dict.fromkeys(rebuildable(model), path)
+    """``path`` (``"chain"``, ``"dense"`` or ``"kernel"``) for every rebuildable layer of
+    ``model``; ``"kernel"`` only for the layers that have a compiled training chain (TT/TR
+    Linear), the others on their chain."""
+    layers = rebuildable(model)
+    return {n: "chain" if path == "kernel" and not m.kernel_trainable() else path for n, m in layers.items()}
+
+
+def kernel_runs(layer: TensorizedLayer, x: Tensor) -> bool:
+    """Whether ``layer`` would train on the compiled training chain for input ``x``: it has
+    one and the kernel can run here (float32 CPU, the library built;
+    :func:`tedepr_cli.kernels.chain_train.usable`)."""
+    from ..kernels import chain_train
+
+    return layer.kernel_trainable() and chain_train.usable(x, *layer.parameters()) is None
 
 
 def layer_inputs(model: nn.Module, run: Callable[[], Any]) -> dict[str, Tensor]:
@@ -166,21 +192,35 @@ def lighter(model: nn.Module, run: Callable[[], Any]) -> dict[str, dict[str, int
 def leaner(model: nn.Module, x: Tensor | tuple[Tensor, ...]) -> dict[str, str]:
     """The ``"lighter"`` training path of every rebuildable layer of ``model`` on the input
     ``x`` (a training batch: the byte counts grow with its rows): for a tensorized Linear
-    the path whose backward keeps fewer bytes (:func:`lighter`), for a convolution its chain
-    (see the module doc). Deterministic: shapes and masks decide, not timings."""
+    the compiled training chain where it runs (:func:`kernel_runs`), else the path whose
+    backward keeps fewer bytes (:func:`lighter`); for a convolution its chain (see the
+    module doc). Deterministic: the machine (a C compiler), shapes and masks decide, not
+    timings."""
     from .conv import ChainConv2d
 
     layers = rebuildable(model)
+    inputs = layer_inputs(model, lambda: model(*x) if isinstance(x, tuple) else model(x))
     sizes = lighter(model, lambda: model(*x) if isinstance(x, tuple) else model(x))
-    return {n: "chain" if isinstance(layers[n], ChainConv2d) else str(t["path"]) for n, t in sizes.items()}
+    out = {}
+    for n, t in sizes.items():
+        if isinstance(layers[n], ChainConv2d):
+            out[n] = "chain"
+        elif kernel_runs(layers[n], inputs[n]):
+            out[n] = "kernel"
+        else:
+            out[n] = str(t["path"])
+    return out
 
 
 def measure(model: nn.Module, x: Tensor | tuple[Tensor, ...], reps: int = 5, margin: float = MARGIN
             ) -> dict[str, dict[str, float | str]]:
-    """Time one forward + backward of each rebuildable layer both ways, on the inputs that
+    """Time one forward + backward of each rebuildable layer on its chain, its rebuild and
+    (where it runs, :func:`kernel_runs`) the compiled training chain, on the inputs that
     layer sees when ``model`` runs on ``x`` (a training batch: its batch size is the one
     that matters), interleaved, ``reps`` rounds after one warm-up; per layer the path to
-    train with and the medians in ms: ``{name: {"path", "chain_ms", "dense_ms"}}``.
+    train with and the medians in ms: ``{name: {"path", "chain_ms", "dense_ms"[,
+    "kernel_ms"]}}``. The kernel is taken when it is faster than the chain; the rebuild
+    when it is ``margin`` times faster than the better of those two.
 
     CPU: per-call thread CPU time; CUDA: wall clock with the device synchronised. The
     model's parameters, their gradients, its train/eval mode and every layer's path are
@@ -197,10 +237,11 @@ def measure(model: nn.Module, x: Tensor | tuple[Tensor, ...], reps: int = 5, mar
         grads = [p.grad for p in params]
         for p in params:  # the measurement's gradients must not add to the caller's
             p.grad = None
-        times: dict[str, list[float]] = {"chain": [], "dense": []}
+        paths = ("chain", "dense", "kernel") if kernel_runs(layer, inputs[name]) else ("chain", "dense")
+        times: dict[str, list[float]] = {p: [] for p in paths}
         try:
             for r in range(reps + 1):
-                for path in (("chain", "dense") if r % 2 == 0 else ("dense", "chain")):
+                for path in paths[r % len(paths):] + paths[: r % len(paths)]:
                     t = _step(layer, inputs[name], path)
                     if r:  # round 0 warms up
                         times[path].append(t)
@@ -208,8 +249,9 @@ def measure(model: nn.Module, x: Tensor | tuple[Tensor, ...], reps: int = 5, mar
             for p, g in zip(params, grads, strict=True):
                 p.grad = g
         ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
-        path = "dense" if ms["dense"] < margin * ms["chain"] else "chain"
-        out[name] = {"path": path, "chain_ms": round(ms["chain"], 3), "dense_ms": round(ms["dense"], 3)}
+        best = "kernel" if "kernel" in ms and ms["kernel"] < ms["chain"] else "chain"
+        path = "dense" if ms["dense"] < margin * ms[best] else best
+        out[name] = {"path": path, **{f"{k}_ms": round(v, 3) for k, v in ms.items()}}
     return out
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..kernels.layout import ChainLayout, tt_linear_layout
 from ..masks import mask_of
 from .base import TensorizedLayer, bn_relu
 from .chain import tt_matrix_dense, tt_matrix_forward, tt_matrix_support
@@ -41,6 +42,8 @@ class TTLinear(TensorizedLayer):
     def forward(self, x: Tensor) -> Tensor:
         if self.training_on_rebuild():
             return self._rebuilt_forward(x)
+        if self.train_path == "kernel" and (y := self._kernel_forward(x)) is not None:
+            return y
         lead = x.shape[:-1]
         y = tt_matrix_forward(x.reshape(-1, x.shape[-1]), list(self.cores), self._spec["in_modes"],
                               self.act if self.chain == "nonlinear" else None, self.mid_after)
@@ -51,6 +54,15 @@ class TTLinear(TensorizedLayer):
     def dense_weight(self) -> Tensor:
         self._require_linear_chain()
         return tt_matrix_dense(list(self.cores))
+
+    def _train_layout(self, masks: list[Tensor]) -> tuple[ChainLayout, list[int]]:
+        spec = self._spec
+        return tt_linear_layout(list(self.cores), spec["in_modes"], spec["out_modes"], masks), \
+            list(range(len(self.cores)))
+
+    def _reference(self, x: Tensor, cores: list[Tensor], bias: Tensor | None) -> Tensor:
+        y = tt_matrix_forward(x, cores, self._spec["in_modes"])
+        return y if bias is None else y + bias
 
     def _rebuilt_forward(self, x: Tensor) -> Tensor:
         """``F.linear`` on the rebuilt weight (:mod:`.train_path`), restricted to the block of
