@@ -112,6 +112,8 @@ def test_ort_module_takes_and_returns_torch_tensors(lenet):
         assert torch.equal(m(x.double()), y)  # converted on the slow path
         wide = torch.cat([x, x], dim=1)[:, :784]  # a non-contiguous view holding x
         assert not wide.is_contiguous() and torch.equal(m(wide), y)
+    leaf = x.clone().requires_grad_()  # numpy() refuses it: detached on the slow path
+    assert torch.equal(m(leaf), y) and not m(leaf).requires_grad
     assert m.session.get_session_options().intra_op_num_threads == 1
 
 

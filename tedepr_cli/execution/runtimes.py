@@ -28,6 +28,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -105,6 +106,9 @@ def ort_session(source: Path | bytes, threads: int, device: torch.device | None 
     return ort.InferenceSession(src, so, providers=[provider])
 
 
+_FAST_DTYPES = (np.dtype(np.float32), np.dtype(np.int64))  # what OrtModule passes on without a copy
+
+
 class OrtModule(nn.Module):
     """An ONNX model in an onnxruntime CPU session as an ``nn.Module`` (inference only):
     takes a CPU tensor ``(B, *sample)`` (floats as float32, token ids as they are) and
@@ -121,11 +125,19 @@ class OrtModule(nn.Module):
         self._outputs = [o.name for o in self.session.get_outputs()]
 
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:
-        x = x.detach()
-        if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.int64) or not x.is_contiguous():
-            x = x.to("cpu")  # the common case (a contiguous CPU float32 batch) skips these copies
-            x = (x.to(torch.float32) if x.is_floating_point() else x).contiguous()  # ids stay int64
-        out = self.session.run(self._outputs, {self.input_name: x.numpy()})
+        # the common case (a CPU float32 or int64 batch, no grad) is one torch call, ``numpy()``,
+        # checked on the numpy side (onnxruntime copies a non-contiguous array itself): each
+        # torch call costs tens of µs when its code is out of cache (the cold regime of
+        # ``benchmarks/speed_table.py``)
+        try:
+            a = x.numpy()
+        except (RuntimeError, TypeError):  # requires grad, or not on the CPU
+            a = None
+        if a is None or a.dtype not in _FAST_DTYPES:
+            x = x.detach().to("cpu")
+            x = (x.to(torch.float32) if x.is_floating_point() else x).contiguous()  # ids stay as they are
+            a = x.numpy()
+        out = self.session.run(self._outputs, {self.input_name: a})
         if len(out) == 1:
             return torch.from_numpy(out[0])
         return tuple(torch.from_numpy(o) for o in out)
