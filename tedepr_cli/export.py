@@ -14,11 +14,13 @@ only after every format passed validation, so a failed export leaves nothing beh
   loads the model: this saves disk, not memory or time.
 * ``onnx-fast`` -- every compressed layer as one ``ai.onnx.contrib::TedeprChain`` node
   (:mod:`tedepr_cli.kernels.ort_ops`) with a model-local function of standard ops behind
-  it: the layer's chain ops, its dense rebuild or the nonzero block of that
-  (:func:`tedepr_cli.kernels.ort_ops.support_function`), as the fastest of three whole-model
-  candidates in onnxruntime at batches 1 and 32 (all chain ops, the per-layer choice,
-  all dense; :func:`fast_onnx`; measured at export, the choice and the timings are in
-  ``export.json``, so two exports may differ where candidates were a near tie). Any runtime
+  it: the layer's chain ops, its dense rebuild, the nonzero block of that
+  (:func:`tedepr_cli.kernels.ort_ops.support_function`) or (TT Linear) its cores as one
+  MatMul each without Transpose (:func:`tedepr_cli.kernels.ort_ops.cores_function`), as
+  the fastest of three whole-model candidates in onnxruntime at batches 1 and 32 (all
+  chain ops, the per-layer choice, all dense; :func:`fast_onnx`; measured at export, the
+  choice and the timings are in ``export.json``, so two exports may differ where
+  candidates were a near tie). Any runtime
   runs the function; onnxruntime with the custom-op library registered
   (:func:`tedepr_cli.kernels.ort_ops.session`) runs the compiled chain kernel instead.
   Validated both ways.
@@ -312,8 +314,8 @@ def fast_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int,
               batches: tuple[int, ...] = FAST_BATCHES) -> tuple[Any, dict[str, Any]]:
     """The ``onnx-fast`` graph of ``model`` (masks folded in): each layer with a sparse path
     (:func:`tedepr_cli.kernels.ort_ops.pack_layer`) as one ``TedeprChain`` node whose
-    function body is the layer's chain ops, its dense rebuild or (linear layers) the nonzero
-    block of that. Per layer the fastest alone
+    function body is the layer's chain ops, its dense rebuild, (linear layers) the nonzero
+    block of that or (TT Linear) its transpose-free cores. Per layer the fastest alone
     (:func:`tedepr_cli.kernels.ort_ops.choose_bodies`); then the whole model is timed in
     stock onnxruntime at ``batches`` with every layer on its chain ops, with the per-layer
     choice and with every layer dense, and the fastest end to end is kept (ties: the

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tedepr_cli.artifact import load_artifact, save_artifact
+from tedepr_cli.execution.runtimes import ORT_LEVELS
 
 from .conftest import LENET300, MNIST, run_cli
 
@@ -81,7 +82,7 @@ def test_onnxruntime_engines_run_at_the_plans_levels_even_without_the_tedepr_eng
     assert r.exit_code == 0, r.stderr
     plans = json.loads(r.stdout)["execution_plans"]
     assert set(plans) == {"1", "4"}
-    assert all(p["runtimes"]["ort_levels"]["dense-ort"] in ("all", "basic") for p in plans.values())
+    assert all(p["runtimes"]["ort_levels"]["dense-ort"] in ORT_LEVELS for p in plans.values())
     r = run_cli("bench", target, "--engines", "dense-torch,dense-ort", *FAST)
     assert r.exit_code == 0 and "onnxruntime graph optimization level: " in r.stdout
     assert "the onnxruntime engines ran there" in r.stdout

@@ -167,12 +167,14 @@ def test_export_onnx_fast_validates_both_ways_and_records_its_choices(tmp_path):
         assert all(c["ok"] for c in rep["validation"][label].values()), rep["validation"][label]
     layers = rep["fast"]["layers"]
     assert {r["layer"] for r in layers} == {"fc1", "fc2", "fc3"}
-    assert all(r["ok"] and r["body"] in ("chain", "dense", "support") for r in layers)
+    assert all(r["ok"] and r["body"] in ("chain", "dense", *ort_ops.BODIES) for r in layers)
     timed = [r for r in layers if "us" in r]  # those with an alternative body (dense trace, nonzero block)
     assert timed
-    assert all("chain" in r["us"] and len(r["us"]) >= 2 and set(r["us"]) <= {"chain", "dense", "support"}
+    bodies = {"chain", "dense", *ort_ops.BODIES}
+    assert all("chain" in r["us"] and len(r["us"]) >= 2 and set(r["us"]) <= bodies
                and set(r["us"]["chain"]) == {1, 32} for r in timed)
     assert all(r["body"] == "chain" and "no dense body" in r["note"] for r in layers if "us" not in r)
+    assert all("cores" in r["us"] for r in timed)  # every TT Linear also tried its transpose-free cores
     fast = rep["fast"]
     assert fast["choice"] in fast["model_us"] and "chain" in fast["model_us"]  # the plain graph competed
     m = onnx.load(str(tmp_path / "e" / "model.fast.onnx"))
@@ -189,13 +191,13 @@ def test_a_layer_without_an_alternative_body_says_why_in_export_json(tmp_path, m
     from tedepr_cli.artifact import Artifact
 
     monkeypatch.setattr(ort_ops, "_same_signature", lambda *a: False)  # no dense body
-    monkeypatch.setattr(ort_ops, "support_function", lambda *a: None)  # no nonzero-block body
+    monkeypatch.setattr(ort_ops, "BODIES", {})  # no nonzero-block or cores body
     art = Artifact(model=_compressed("tt"), arch=None, meta={})
     export(art, tmp_path / "e", ExportOptions(formats=["onnx-fast"]))
     rows = json.loads((tmp_path / "e" / "export.json").read_text())["fast"]["layers"]
     assert rows and all(r["ok"] and r["body"] == "chain" and "us" not in r for r in rows), rows
     assert all("no dense body: the dense export's region takes or gives other shapes" in r["note"]
-               and "no support body" in r["note"] for r in rows), rows
+               and "no support body" in r["note"] and "no cores body" in r["note"] for r in rows), rows
 
 
 def test_without_onnxruntime_extensions_the_file_is_still_made_and_said_so(tmp_path, monkeypatch):
@@ -293,3 +295,86 @@ def test_support_body_is_the_layer_on_its_nonzero_block(variant):
     dense = nn.Linear(48, 40)
     assert ort_ops.support_function(dense, "fc", 3, 3, 18) is None  # nothing to skip
     assert ort_ops.support_function(nn.Conv2d(3, 4, 3), "c", 4, 4, 18) is None
+
+
+def _one_node_model(fn, shape: tuple[int, ...]) -> bytes:
+    """A model running one ``TedeprChain`` node whose function is ``fn`` on an input of ``shape``."""
+    from onnx import helper
+
+    node = helper.make_node(ort_ops.OP_TYPE, ["x"], ["y"], domain=ort_ops.DOMAIN, key="k", kind="linear",
+                            chain="")
+    node.overload = fn.overload
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, shape)],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)])
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid(ort_ops.DOMAIN, 1)]
+    m = helper.make_model(g, opset_imports=opsets, functions=[fn])
+    m.ir_version = 10
+    return m.SerializeToString()
+
+
+@pytest.mark.parametrize("variant", ["2 cores", "3 cores", "no bias", "reshape"])
+def test_cores_body_is_the_tt_layer_without_transposes(variant):
+    """The `cores` body of a TT Linear (d MatMuls, the first from the right, the others from
+    the left, Reshapes that move no data) computes the layer, for any number of cores,
+    leading axes, with or without bias, and from a region whose input still has the
+    caller's trailing axes (the exporter folded a flatten into the layer)."""
+    from tedepr_cli.tensorized.tt import TTLinear
+
+    three = variant != "2 cores"
+    spec = {"in_modes": [4, 3, 4] if three else [6, 8], "out_modes": [2, 5, 3] if three else [5, 6],
+            "ranks": [1, 3, 4, 1] if three else [1, 4, 1], "bias": variant != "no bias"}
+    torch.manual_seed(1)
+    layer = TTLinear(spec).eval()
+    with torch.no_grad():
+        for c in layer.cores:
+            c.normal_().mul_(torch.rand_like(c) > 0.4)  # pruned entries: exact zeros
+        if layer.bias is not None:
+            layer.bias.normal_()
+    x_rank = 4 if variant == "reshape" else 3
+    fn = ort_ops.cores_function(layer, "fc", x_rank, 3, 18)
+    assert fn is not None and fn.overload == "fc"
+    ops = [n.op_type for n in fn.node if n.op_type != "Constant"]
+    d = len(spec["in_modes"])
+    assert "Transpose" not in ops and ops.count("MatMul") == d and ops.count("Reshape") == d + 1
+    assert ops.count("Add") == (variant != "no bias")
+    n = layer.in_features
+    shape = (5, 7, 6, n // 6) if variant == "reshape" else (5, 7, n)
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(2))
+    y = ort_ops.session(_one_node_model(fn, shape), sparse=False).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        ref = copy.deepcopy(layer).double()(x.reshape(5, 7, n).double()).numpy()
+    assert ref.std() > 1e-3 * np.abs(ref).max()
+    assert y.shape == ref.shape and _scaled_error(y, ref) <= 1e-5
+
+
+def test_cores_body_is_only_for_linear_tt_chains():
+    from tedepr_cli.tensorized.tr import TRLinear
+    from tedepr_cli.tensorized.tt import TTLinear
+
+    spec = {"in_modes": [6, 8], "out_modes": [5, 6], "ranks": [1, 4, 1]}
+    assert ort_ops.cores_function(TTLinear(spec), "fc", 2, 2, 18) is not None
+    assert ort_ops.cores_function(TTLinear({**spec, "chain": "nonlinear"}), "fc", 2, 2, 18) is None
+    assert ort_ops.cores_function(TRLinear({**spec, "ranks": [2, 3, 3, 3, 2]}), "fc", 2, 2, 18) is None
+    assert ort_ops.cores_function(nn.Linear(48, 30), "fc", 2, 2, 18) is None
+    assert ort_ops.cores_function(TTLinear(spec), "fc", 1, 2, 18) is None  # fewer axes than the layer
+
+
+def test_a_cores_body_in_the_model_runs_without_the_library():
+    """`add_sparse_path` with the `cores` body: the file runs on stock onnxruntime (the
+    function inlined) and equals the torch model at batches other than the traced one."""
+    model = _compressed("tt")
+    folded = folded_copy(model).eval()
+    proto = to_onnx(folded, torch.rand(3, *model.input_shape), 18, strip=False)
+    names = [n for n, m in folded.named_modules() if n and ort_ops.cores_function(m, n, 2, 2, 18)]
+    assert names
+    rows = ort_ops.add_sparse_path(proto, folded, choice={n: "cores" for n in names})
+    assert all(r["ok"] for r in rows) and {r["layer"] for r in rows if r["body"] == "cores"} == set(names)
+    onnx.checker.check_model(proto, full_check=True)
+    bodies = {f.overload: [n.op_type for n in f.node] for f in proto.functions}
+    assert all("Transpose" not in bodies[n] for n in names)
+    sess = ort_ops.session(proto.SerializeToString(), sparse=False)
+    for b in (1, 32):
+        x = torch.rand(b, *model.input_shape, generator=torch.Generator().manual_seed(b))
+        with torch.no_grad():
+            ref = copy.deepcopy(folded).double()(x.double()).numpy()
+        assert _scaled_error(sess.run(None, {"x": x.numpy()})[0], ref) <= 1e-4

@@ -157,7 +157,7 @@ def _progress(quiet: bool) -> Iterator[Callable[[str, int, int | None], None] | 
 
 def _levels_line(levels: dict[str, str]) -> str:
     """The onnxruntime graph optimization level the plan measured fastest per runtime
-    (SessionOptions.graph_optimization_level ORT_ENABLE_ALL / ORT_ENABLE_BASIC)."""
+    (SessionOptions.graph_optimization_level ORT_ENABLE_ALL / _BASIC / _EXTENDED)."""
     return "onnxruntime graph optimization level: " + ", ".join(
         f"{k} {v} (ORT_ENABLE_{v.upper()})" for k, v in sorted(levels.items()))
 

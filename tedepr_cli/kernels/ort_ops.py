@@ -9,7 +9,8 @@ The model also holds, for every such node, a *model-local function* of the same 
 name, overload = the layer's module path, whose body is the standard-op subgraph
 ``torch.onnx.export`` wrote for that layer (MatMul/Reshape/Transpose/Conv over the
 cores, folded into ``Constant`` nodes), or that of its dense rebuild, or (linear layers)
-the nonzero block of its dense weight (:func:`support_function`), whichever
+the nonzero block of its dense weight (:func:`support_function`), or (TT Linear) its
+cores as one MatMul each with no Transpose (:func:`cores_function`), whichever
 :func:`choose_bodies` measured fastest. What onnxruntime does with the file:
 
 * with :func:`register` called and onnxruntime-extensions' library registered on the
@@ -483,6 +484,67 @@ def support_function(layer: nn.Module, name: str, x_rank: int, in_rank: int, ops
     return fn
 
 
+def cores_function(layer: nn.Module, name: str, x_rank: int, in_rank: int, opset: int) -> Any | None:
+    """A ``TedeprChain`` function (overload ``name``) computing a linear-chain
+    :class:`~tedepr_cli.tensorized.tt.TTLinear` ``(..., N) -> (..., M)`` from its cores
+    ``G_k (r_{k-1}, n_k, m_k, r_k)`` with ``d`` MatMuls, ``d + 1`` Reshapes and the bias
+    Add, and no Transpose (the exporter's trace of the chain moves the contracted mode
+    last with a Transpose before each MatMul). The last input mode is contracted first,
+    ``(L, P, n_d) @ (n_d, r_{d-1} m_d)``; every later core multiplies from the left,
+    ``(r_{k-1} m_k, n_k r_k) @ (L, P_k, n_k r_k, m_{k+1}..m_d)``, so the state stays in
+    the order ``(lead, n_1..n_{k-1}, r_{k-1}, m_k..m_d)`` that a Reshape regroups without
+    moving data. The same function as the chain up to float summation order.
+
+    ``x_rank``/``in_rank``/``opset``: as in :func:`support_function` (the layer's leading
+    axes are the first ``in_rank - 1`` axes of the region's input; the rest are its
+    features). Returns None for any other layer (a TR or nonlinear chain, a conv) or when
+    ``x_rank < in_rank``."""
+    from onnx import helper, numpy_helper
+
+    from ..tensorized.tt import TTLinear
+
+    if not isinstance(layer, TTLinear) or layer.chain != "linear" or x_rank < in_rank:
+        return None
+    with torch.no_grad():
+        cores = [c.detach().float().numpy() for c in layer.cores]
+        bias = None if layer.bias is None else layer.bias.detach().float().numpy()
+    ins, outs = [c.shape[1] for c in cores], [c.shape[2] for c in cores]
+    lead, d, p = [0] * (in_rank - 1), len(cores), f"{name}/cores"
+    nodes: list[Any] = []
+
+    def const(key: str, arr: np.ndarray) -> str:
+        v = f"{p}/{key}"
+        nodes.append(helper.make_node("Constant", [], [v], value=numpy_helper.from_array(arr, v)))
+        return v
+
+    def reshape(v: str, dims: list[int], out: str) -> str:
+        nodes.append(helper.make_node("Reshape", [v, const(f"{out}_shape", np.array(lead + dims, np.int64))],
+                                      [f"{p}/{out}"]))
+        return f"{p}/{out}"
+
+    last = cores[-1]  # (r_{d-1}, n_d, m_d, 1)
+    v = reshape("x", [math.prod(ins[:-1]), ins[-1]], "x2")
+    w = np.ascontiguousarray(last[..., 0].transpose(1, 0, 2).reshape(ins[-1], -1))
+    nodes.append(helper.make_node("MatMul", [v, const(f"g{d - 1}", w)], [f"{p}/t{d - 1}"]))
+    v = f"{p}/t{d - 1}"
+    for k in range(d - 2, -1, -1):
+        r0, n, m, r1 = cores[k].shape
+        v = reshape(v, [math.prod(ins[:k]), n * r1, math.prod(outs[k + 1:])], f"s{k}")
+        w = np.ascontiguousarray(cores[k].transpose(0, 2, 1, 3).reshape(r0 * m, n * r1))
+        nodes.append(helper.make_node("MatMul", [const(f"g{k}", w), v], [f"{p}/t{k}"]))
+        v = f"{p}/t{k}"
+    if bias is None:
+        shape = const("y_shape", np.array(lead + [-1], np.int64))
+        nodes.append(helper.make_node("Reshape", [v, shape], ["y"]))
+    else:
+        v = reshape(v, [math.prod(outs)], "z")
+        nodes.append(helper.make_node("Add", [v, const("bias", bias)], ["y"]))
+    fn = helper.make_function(DOMAIN, OP_TYPE, ["x"], ["y"], nodes, [helper.make_opsetid("", opset)],
+                              attributes=list(ATTRS))
+    fn.overload = name
+    return fn
+
+
 def add_sparse_path(proto: Any, model: nn.Module, dense: Any = None, choice: dict[str, str] | None = None,
                     layers: list[str] | None = None,
                     io_shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] | None = None
@@ -528,12 +590,12 @@ def add_sparse_path(proto: Any, model: nn.Module, dense: Any = None, choice: dic
                 attrs["kind"], _value_shape(graph, x), _value_shape(graph, y), *io_shapes[name])):
             row["why"] = "the exporter merged a reshape across the layer's boundary"
             continue
-        if body == "support":
+        if body in BODIES:
             decl = _value_shape(graph, x)
-            fn = support_function(layer, name, len(decl) if decl else -1,
-                                  len(seen[0]) if seen else len(decl or ()), _opset(proto))
+            fn = BODIES[body](layer, name, len(decl) if decl else -1,
+                              len(seen[0]) if seen else len(decl or ()), _opset(proto))
             if fn is None:
-                raise ValueError(f"{name}: no support body for this layer")
+                raise ValueError(f"{name}: no {body} body for this layer")
         elif body == "dense":
             if dense is None:
                 raise ValueError(f"{name}: a dense body needs the dense trace")
@@ -569,6 +631,11 @@ def add_sparse_path(proto: Any, model: nn.Module, dense: Any = None, choice: dic
             proto.opset_import.append(helper.make_opsetid(DOMAIN, 1))
         proto.ir_version = max(proto.ir_version, 10)  # function overloads: IR 10
     return rows
+
+
+#: the bodies built from the layer's weights rather than from a trace, by name (a body
+#: ``choice`` of :func:`add_sparse_path`, a candidate of :func:`choose_bodies`)
+BODIES: dict[str, Callable[..., Any]] = {"support": support_function, "cores": cores_function}
 
 
 def _opset(proto: Any) -> int:
@@ -632,13 +699,15 @@ def pick(us: dict[str, dict[int, float]], prefer: str) -> str:
 def choose_bodies(proto: Any, dense: Any, model: nn.Module, shapes: dict[str, dict[int, tuple[int, ...]]],
                   reps: int = 15, calls: int = 20) -> dict[str, dict[str, Any]]:
     """Per layer, the fastest standard-op body in stock onnxruntime (one thread, no custom-op
-    library): the layer's chain ops, its dense rebuild, or (linear layers whose nonzero
-    block is at most half the weight) that block (:func:`support_function`). Each candidate
+    library): the layer's chain ops, its dense rebuild, and the bodies of :data:`BODIES`
+    that the layer has ((linear layers whose nonzero block is at most half the weight) that
+    block, :func:`support_function`; (TT Linear) the transpose-free cores,
+    :func:`cores_function`). Each candidate
     is the layer alone (:func:`layer_model`) at every batch of ``shapes[layer]`` (batch ->
     the layer's input shape), timed by :func:`time_sessions` and chosen by :func:`pick`
     (ties: the chain). Returns ``layer -> {"body", "us": {"chain": {batch: µs}, "dense":
-    ..., "support": ...}}``; a layer with no alternative to its chain body gets ``"us": {}``
-    and a ``"note"`` saying why."""
+    ..., "support": ..., "cores": ...}}``; a layer with no alternative to its chain body
+    gets ``"us": {}`` and a ``"note"`` saying why."""
     out: dict[str, dict[str, Any]] = {}
     for name, layer in model.named_modules():
         if name not in shapes:
@@ -660,12 +729,14 @@ def choose_bodies(proto: Any, dense: Any, model: nn.Module, shapes: dict[str, di
             no_dense = None
             sess["dense"] = session(layer_model(dense, _function(dense, *dreg, name), attrs), sparse=False)
         in_rank = len(next(iter(shapes[name].values())))
-        sup = support_function(layer, name, in_rank, in_rank, _opset(proto))
-        if sup is not None:
-            sess["support"] = session(layer_model(proto, sup, attrs), sparse=False)
+        for body, make in BODIES.items():
+            fn = make(layer, name, in_rank, in_rank, _opset(proto))
+            if fn is not None:
+                sess[body] = session(layer_model(proto, fn, attrs), sparse=False)
         if len(sess) == 1:  # no alternative: the layer keeps its chain body, and the report says why
             out[name] = {"body": "chain", "us": {}, "note": f"{no_dense}; no support body (the layer is "
-                         "not linear, or its nonzero block would multiply more than half of W)"}
+                         "not linear, or its nonzero block would multiply more than half of W) and no "
+                         "cores body (not a TT-matrix Linear)"}
             continue
         rng = np.random.default_rng(0)
         inputs = {b: rng.random(shape, dtype=np.float32) for b, shape in shapes[name].items()}
