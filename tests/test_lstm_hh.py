@@ -158,15 +158,27 @@ def test_prune_masks_the_hh_cores_within_the_budget(pruned_hh):
     assert pruned_hh.meta["tensorization"]["lstm_hh"] == "tensorized"
 
 
-def test_pruned_hh_core_entries_stay_zero_through_training(pruned_hh, tmp_path):
+def test_pruned_hh_core_entries_stay_zero_through_training(pruned_hh, tmp_path, monkeypatch):
+    import tedepr_cli.train as train_mod
     from tedepr_cli.train import TrainOptions, finetune
 
+    hh = [n for n in pruned_hh.masks if n.startswith("lstm.hh.")]
+    assert hh
+    live = []  # the model being trained, checked in memory at every epoch end (before any save,
+    # whose compact storage would re-zero pruned entries and hide a broken mask mechanism)
+    snapshot = train_mod._artifact
+
+    def spy(src, model, *args, **kwargs):
+        stored = plain_named_parameters(model)
+        live.append(all(torch.count_nonzero(stored[n].detach()[~pruned_hh.masks[n]]) == 0 for n in hh))
+        return snapshot(src, model, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "_artifact", spy)
     before = {n: t.detach().clone() for n, t in plain_named_parameters(pruned_hh.model).items()}
     best, _ = finetune(pruned_hh, MNIST, tmp_path / "run",
                        TrainOptions(epochs=1, batch_size=64, limit_train=256, lr=1e-2, seed=1))
+    assert live and all(live)
     params = plain_named_parameters(best.model)
-    hh = [n for n in pruned_hh.masks if n.startswith("lstm.hh.")]
-    assert hh
     for n in hh:
         m = pruned_hh.masks[n]
         assert torch.equal(best.masks[n], m)
@@ -240,3 +252,28 @@ def test_pretrained_init_decomposes_w_hh():
         errs.append(rel(out.model.lstm.weight_hh(0), dense))
         assert rep[0]["rel_error"] >= errs[-1] - 1e-6
     assert errs[1] < errs[0] < 1.0
+
+
+def test_reachability_follows_the_chain_w_hh():
+    """Input reaches only unit u (one kept W_ih path), the head reads only unit v != u: cut
+    while the W_hh chain keeps nothing, connected (one step later) once it keeps everything."""
+    from tedepr_cli.pruning.reachability import reachability
+    from tedepr_cli.tensorized.chain import tt_matrix_dense
+
+    arch = parse_arch("lstm", json.dumps({"hidden": 8}))
+    opts = DecomposeOptions(rank=1, init="random", lstm_hh="tensorized", include=["lstm"], modes=2)
+    dec, _ = decompose(Artifact(model=build(arch).eval(), arch=arch), opts)
+    model, h = dec.model, 8
+    ih = [torch.zeros(c.shape, dtype=torch.bool) for c in model.lstm.ih[0].cores]
+    ih[0].view(-1)[0] = ih[1].view(-1)[0] = True  # one path: one W_ih entry
+    row = int(tt_matrix_dense([m.double() for m in ih]).nonzero()[0, 0])
+    u = row % h
+    v = (u + 1) % h
+    fc = torch.zeros(model.fc.weight.shape, dtype=torch.bool)
+    fc[:, v] = True
+    masks = {"lstm.ih.0.cores.0": ih[0], "lstm.ih.0.cores.1": ih[1], "fc.weight": fc}
+    hh = {f"lstm.hh.0.cores.{i}": torch.zeros(c.shape, dtype=torch.bool)
+          for i, c in enumerate(model.lstm.hh[0].cores)}
+    assert not reachability(model, dec.input_shape, {**masks, **hh}).connected
+    full = {n: torch.ones_like(m) for n, m in hh.items()}
+    assert reachability(model, dec.input_shape, {**masks, **full}).connected
