@@ -42,8 +42,8 @@ the LSTM) and keeps the one with the best validation accuracy. PAI_SCORE_MODE=tr
 with BatchNorm in train mode, PAI_TT_RANK=R gives the tensorized methods a fixed rank R
 instead of "auto" and PAI_LSTM_HH=tensorized makes an LSTM's hidden-to-hidden matrices chains
 too (`lstm_hh`), PAI_RANK_ALLOCATION=criterion sizes each layer's rank by the criterion
-(`rank_allocation`) and PAI_MODES=N fixes the modes per side (experiment knobs: use another
---out). Cached results live in
+(`rank_allocation`), PAI_MODES=N fixes the modes per side and PAI_COARSE_RATIO=X sets the
+coarse ratio (default 4; experiment knobs: use another --out). Cached results live in
 benchmarks/results/<pai|fashion_mnist>/runs/*.json (one per run: delete one to redo it).
 """
 
@@ -77,7 +77,7 @@ TENSORIZED = ["tt-tedepr", "tr-tedepr", "tt-snip", "tt-synflow", "tt-random", "t
 DENSE_PAI = ["snip", "grasp", "synflow", "random", "magnitude"]
 METHODS = ["dense", *TENSORIZED, *DENSE_PAI]
 SPARSITIES = [0.99, 0.995, 0.999]
-COARSE_RATIO = 4.0
+COARSE_RATIO = float(os.environ.get("PAI_COARSE_RATIO") or 4.0)  # experiment knob: cores per kept entry
 SCORE_MODE = os.environ.get("PAI_SCORE_MODE", "eval")  # experiment knob: BatchNorm mode while scoring
 TT_RANK = int(os.environ.get("PAI_TT_RANK") or 0) or None  # experiment knob: a fixed TT rank (else auto)
 LSTM_HH = os.environ.get("PAI_LSTM_HH", "dense")  # experiment knob: "tensorized" makes every W_hh a chain too
@@ -270,8 +270,8 @@ def one_run(model: str, method: str, sparsity: float | None, seed: int, epochs: 
                 else f"rank {TT_RANK} (PAI_TT_RANK)" if TT_RANK else "")
         if LSTM_HH != "dense" and any(getattr(m, "hh_tensorized", False) for m in art.model.modules()):
             note += f", W_hh {LSTM_HH} (PAI_LSTM_HH)"
-        if RANK_ALLOCATION != "uniform" or MODES != "auto":
-            note += f", rank allocation {RANK_ALLOCATION}, modes {MODES}"
+        if RANK_ALLOCATION != "uniform" or MODES != "auto" or COARSE_RATIO != 4.0:
+            note += f", rank allocation {RANK_ALLOCATION}, modes {MODES}, coarse ratio {COARSE_RATIO:g}"
             ranks = (rep.get("rank_auto") or {}).get("ranks")
             if ranks:
                 note += " (" + ", ".join(f"{n} {r}" for n, r in ranks.items()) + ")"
