@@ -277,3 +277,27 @@ def test_reachability_follows_the_chain_w_hh():
     assert not reachability(model, dec.input_shape, {**masks, **hh}).connected
     full = {n: torch.ones_like(m) for n, m in hh.items()}
     assert reachability(model, dec.input_shape, {**masks, **full}).connected
+
+
+@pytest.mark.skipif(load_lstm() is None, reason="compiled LSTM kernel unavailable")
+def test_execution_planner_builds_the_chain_w_hh_lstm(pruned_hh, monkeypatch):
+    """The planner plans the LSTM as one layer with all three choices; the compiled
+    recurrence on the rebuilt W_hh, chosen, computes the artifact's function (the rebuilt
+    nn.LSTM and the module are the tests above)."""
+    from tedepr_cli import timing
+    from tedepr_cli.execution import build_layers, options, plan_execution
+    from tedepr_cli.kernels.lstm import KernelLSTM
+
+    model = folded_copy(pruned_hh.model).eval()
+    assert set(options("lstm", model.lstm, pruned_hh.masks, 1)) == {"torch", "dense", "kernel"}
+    x = torch.rand(3, *pruned_hh.input_shape)
+    with torch.no_grad():
+        ref = copy.deepcopy(pruned_hh.model).double()(x.double())
+    monkeypatch.setattr(timing, "medians", lambda fns, reps, warmup=2, clock=None:
+                        {k: 1e-6 if k == "kernel" else 3e-6 for k in fns})
+    plan = plan_execution(pruned_hh, 3, fuse=False)
+    assert plan["layers"]["lstm"]["choice"] == "kernel"
+    built = build_layers(pruned_hh, plan)
+    assert isinstance(built.lstm, KernelLSTM)
+    with torch.no_grad():
+        assert rel(built(x), ref) <= 1e-5
