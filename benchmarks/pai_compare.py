@@ -39,8 +39,11 @@ The training recipe is the same for every method of a model (AdamW, batch 128, c
 schedule, epochs per model below) and so is the tuning: every run trains once per learning
 rate in LRS (LRS_BY_MODEL for ResNet-20; on Fashion-MNIST the bench's `lrs`: 1e-2 only for
 the LSTM) and keeps the one with the best validation accuracy. PAI_SCORE_MODE=train scores
-with BatchNorm in train mode and PAI_TT_RANK=R gives the tensorized methods a fixed rank R
-instead of "auto" (experiment knobs: use another --out). Cached results live in
+with BatchNorm in train mode, PAI_TT_RANK=R gives the tensorized methods a fixed rank R
+instead of "auto" and PAI_LSTM_HH=tensorized makes an LSTM's hidden-to-hidden matrices chains
+too (`lstm_hh`), PAI_RANK_ALLOCATION=criterion sizes each layer's rank by the criterion
+(`rank_allocation`), PAI_MODES=N fixes the modes per side and PAI_COARSE_RATIO=X sets the
+coarse ratio (default 4; experiment knobs: use another --out). Cached results live in
 benchmarks/results/<pai|fashion_mnist>/runs/*.json (one per run: delete one to redo it).
 """
 
@@ -74,9 +77,12 @@ TENSORIZED = ["tt-tedepr", "tr-tedepr", "tt-snip", "tt-synflow", "tt-random", "t
 DENSE_PAI = ["snip", "grasp", "synflow", "random", "magnitude"]
 METHODS = ["dense", *TENSORIZED, *DENSE_PAI]
 SPARSITIES = [0.99, 0.995, 0.999]
-COARSE_RATIO = 4.0
+COARSE_RATIO = float(os.environ.get("PAI_COARSE_RATIO") or 4.0)  # experiment knob: cores per kept entry
 SCORE_MODE = os.environ.get("PAI_SCORE_MODE", "eval")  # experiment knob: BatchNorm mode while scoring
 TT_RANK = int(os.environ.get("PAI_TT_RANK") or 0) or None  # experiment knob: a fixed TT rank (else auto)
+LSTM_HH = os.environ.get("PAI_LSTM_HH", "dense")  # experiment knob: "tensorized" makes every W_hh a chain too
+RANK_ALLOCATION = os.environ.get("PAI_RANK_ALLOCATION", "uniform")  # experiment knob: "criterion" (issue 19)
+MODES = int(os.environ.get("PAI_MODES") or 0) or "auto"  # experiment knob: a fixed number of modes per side
 LRS = (1e-3, 1e-2)
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")  # where `dataset-fashion-mnist` installs
@@ -255,12 +261,20 @@ def one_run(model: str, method: str, sparsity: float | None, seed: int, epochs: 
         note = f"{modes} modes, rank {rank}"
     else:
         fmt, crit = method.split("-")
-        dopts = DecomposeOptions(format=fmt, rank=TT_RANK, init="random", seed=seed)
+        dopts = DecomposeOptions(format=fmt, rank=TT_RANK, init="random", seed=seed, lstm_hh=LSTM_HH,
+                                 modes=MODES)
         popts = PruneOptions(sparsity=sparsity, criterion=crit, seed=seed, coarse_ratio=COARSE_RATIO,
-                             score_mode=SCORE_MODE)
+                             score_mode=SCORE_MODE, rank_allocation=RANK_ALLOCATION)
         art, rep = prune(art, popts, source, dopts)
         note = (f"rank {rep['rank_auto']['rank']}" if rep.get("rank_auto")
                 else f"rank {TT_RANK} (PAI_TT_RANK)" if TT_RANK else "")
+        if LSTM_HH != "dense" and any(getattr(m, "hh_tensorized", False) for m in art.model.modules()):
+            note += f", W_hh {LSTM_HH} (PAI_LSTM_HH)"
+        if RANK_ALLOCATION != "uniform" or MODES != "auto" or COARSE_RATIO != 4.0:
+            note += f", rank allocation {RANK_ALLOCATION}, modes {MODES}, coarse ratio {COARSE_RATIO:g}"
+            ranks = (rep.get("rank_auto") or {}).get("ranks")
+            if ranks:
+                note += " (" + ", ".join(f"{n} {r}" for n, r in ranks.items()) + ")"
     prune_s = time.perf_counter() - t0
     params = prunable_params(art.model)
     kept = sum(int(art.masks[n].sum()) if n in art.masks else p.numel() for n, p in params.items())

@@ -69,7 +69,8 @@ def tensorize(model: nn.Module, *, example_input: Tensor | None = None, format: 
               rank: int | str = "auto", sparsity: float | None = None, coarse_ratio: float = 4.0,
               compression: float | None = None, modes: int | str = "auto", chain: str = "linear",
               init: str = "pretrained", init_variance: str = "he", include: Iterable[str] = (),
-              exclude: Iterable[str] = (), seed: int = 0, inplace: bool = False) -> nn.Module:
+              exclude: Iterable[str] = (), seed: int = 0, inplace: bool = False,
+              lstm_hh: str = "dense") -> nn.Module:
     """Coarse grain: replace ``model``'s Linear, Conv2d (groups=1), LSTM,
     MultiheadAttention and Embedding layers by tensor-train (``format="tt"``; TT-matrix,
     Novikov et al. 2015; TT-embedding, Khrulkov et al. 2019) or tensor-ring (``"tr"``;
@@ -86,6 +87,9 @@ def tensorize(model: nn.Module, *, example_input: Tensor | None = None, format: 
         modes: modes per side (``"auto"``: 2-4, the least chain work), ``format``, ``chain``
             (``"linear"`` or ``"nonlinear"``), ``include``/``exclude`` (module-name globs):
             as ``tedepr decompose``.
+        lstm_hh: an LSTM's hidden-to-hidden matrices ``W_hh``: ``"dense"`` (default, the
+            TT-LSTM protocol) or ``"tensorized"`` (chains H -> 4H like ``W_ih``; as
+            ``tedepr decompose --lstm-hh``).
         init: ``"pretrained"`` (TT-SVD/TR-SVD of the layer's weights, tensorly) or
             ``"random"`` (variance-preserving, ``init_variance`` ``"he"`` or ``"lecun"``).
 
@@ -96,7 +100,7 @@ def tensorize(model: nn.Module, *, example_input: Tensor | None = None, format: 
     out = model if inplace else copy.deepcopy(model)
     opts = DecomposeOptions(format=format, chain=chain, init=init, init_variance=init_variance,
                             modes=modes, compression=compression, include=list(include),
-                            exclude=list(exclude), seed=seed, rank=8)
+                            exclude=list(exclude), seed=seed, rank=8, lstm_hh=lstm_hh)
     if rank == "auto":
         if sparsity is not None and compression is None:
             popts = PruneOptions(sparsity=sparsity, coarse_ratio=coarse_ratio, seed=seed)

@@ -56,7 +56,7 @@ def decompose(art: Artifact, opts: DecomposeOptions) -> tuple[Artifact, list[dic
     options = asdict(opts)
     meta["tensorization"] = {
         **{k: options[k] for k in ("format", "chain", "init", "init_variance", "modes", "rank",
-                                   "rank_overrides", "compression", "include", "exclude")},
+                                   "rank_overrides", "compression", "include", "exclude", "lstm_hh")},
         "variance_target": f"{opts.init_variance} ({'2' if opts.init_variance == 'he' else '1'}/fan_in)"
         if opts.init == "random" else None,
         "layers": tensorized_specs(model),

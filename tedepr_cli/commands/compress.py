@@ -99,6 +99,12 @@ def _parse_modes(values: list[str]) -> tuple[str | int, dict[str, tuple[list[int
     return mode, overrides
 
 
+LstmHH = Annotated[str, typer.Option(
+    "--lstm-hh", help="An LSTM's hidden-to-hidden matrices W_hh: dense (the TT-LSTM protocol, pruned "
+    "entry by entry) or tensorized (TT/TR chains H -> 4H like W_ih, in the layer's format; trains on "
+    "torch's fused LSTM, not the compiled training recurrence).")]
+
+
 def _split_globs(values: list[str]) -> list[str]:
     return [p.strip() for v in values for p in v.split(",") if p.strip()]
 
@@ -137,6 +143,7 @@ def decompose(
     chain: Annotated[str, typer.Option(
         "--chain", help="linear (exactly a low-rank weight) or nonlinear (BN+ReLU between "
         "chain steps).")] = "linear",
+    lstm_hh: LstmHH = "dense",
     init: Annotated[str, typer.Option(
         "--init", help="pretrained (TT/TR-SVD of the checkpoint's weights) or random "
         "(variance-preserving; then PATH may name an architecture: a fresh model, seeded by "
@@ -169,7 +176,7 @@ def decompose(
                             mode_overrides=mode_overrides,
                             rank_overrides=overrides, compression=compression, modes=m,
                             include=_split_globs(include or []), exclude=_split_globs(exclude or []),
-                            chain=chain, init=init, init_variance=init_variance, seed=seed)
+                            chain=chain, init=init, init_variance=init_variance, seed=seed, lstm_hh=lstm_hh)
     if compression is not None:
         opts.rank = None
     opts.validate()
@@ -286,6 +293,7 @@ def prune(
     fmt: Annotated[list[str] | None, typer.Option(
         "--format", help="Tensor format when decomposing first: tt or tr, and/or per-layer name=F "
         "(globs, repeatable). Default tt.")] = None,
+    lstm_hh: LstmHH = "dense",
     rank: Annotated[str, typer.Option("--rank", help="Rank when decomposing first: an integer, or auto "
                                       "(the largest rank whose cores hold about --coarse-ratio x the "
                                       "budget).")] = "auto",
@@ -378,7 +386,7 @@ def prune(
     f, format_overrides = _parse_formats(fmt or [])
     dopts = DecomposeOptions(format=f, format_overrides=format_overrides,
                              rank=rank_value if rank_value is not None else 8, seed=seed,
-                             init=init, init_variance=init_variance)
+                             init=init, init_variance=init_variance, lstm_hh=lstm_hh)
     dopts.validate()
     dopts.rank = rank_value
     scratch = _from_scratch(path, init, arch)

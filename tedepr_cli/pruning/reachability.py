@@ -499,7 +499,11 @@ def _recurrent(mod: nn.Module, q: str, targs: tuple, args: tuple, kwargs: dict, 
         else:
             gx = layer_in @ pats[f"{q}.weight_ih_{name}"].T
         gx = gx.reshape(b, steps, gates, hidden).sum(2)
-        a_hh = pats[f"{q}.weight_hh_{name}"].reshape(gates, hidden, hidden).sum(0)
+        if isinstance(mod, TensorizedLSTM) and mod.hh_tensorized:  # the chain's pattern, (4H, H)
+            w_hh = _chain(mod.hh[idx], f"{q}.hh.{idx}", torch.eye(hidden, dtype=_F64), pats).T
+        else:
+            w_hh = pats[f"{q}.weight_hh_{name}"]
+        a_hh = w_hh.reshape(gates, hidden, hidden).sum(0)
         h = h0[idx] if isinstance(h0, Tensor) else torch.zeros(b, hidden, dtype=_F64)
         outs: list[Tensor] = [h] * steps
         for t in (range(steps) if d == 0 else range(steps - 1, -1, -1)):

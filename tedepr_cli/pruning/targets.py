@@ -67,8 +67,8 @@ def _groups(model: nn.Module) -> list[Group]:
 def _recurrent_weights(mod: nn.Module) -> list[str]:
     """The weight matrices of a (tensorized) LSTM/GRU/RNN in the module's own order; masked ones
     included (a mask moves a parameter out of ``named_parameters(recurse=False)``)."""
-    if isinstance(mod, TensorizedLSTM):
-        return [f"weight_hh_{s}" for s in mod._suffixes()]
+    if isinstance(mod, TensorizedLSTM):  # a chain W_hh: its cores are a layer of their own (hh.<i>)
+        return [] if mod.hh_tensorized else [f"weight_hh_{s}" for s in mod._suffixes()]
     return [n for n in mod._flat_weights_names if n.startswith("weight_")]
 
 

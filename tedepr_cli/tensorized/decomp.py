@@ -162,8 +162,15 @@ def init_module(new: nn.Module, old: nn.Module | None, init: str, target: str,
                 _copy(lin.bias, getattr(old, f"bias_ih_{name}", None))
             else:
                 init_random(lin, target, generator)
-            _copy_or_default(getattr(new, f"weight_hh_{name}"), getattr(old, f"weight_hh_{name}"), init,
-                             generator)
+            if new.hh_tensorized:  # W_hh as a chain: TT/TR-SVD of the checkpoint's, or random
+                hh, w_hh = new.hh[idx], getattr(old, f"weight_hh_{name}")
+                if init == "pretrained":
+                    errors.append(decompose_into(hh, w_hh))
+                else:  # the variance of nn.LSTM's U(±1/√H): 1/(3H)
+                    init_random(hh, "lecun", generator, fan_in=3 * new.hidden_size)
+            else:
+                _copy_or_default(getattr(new, f"weight_hh_{name}"), getattr(old, f"weight_hh_{name}"), init,
+                                 generator)
             b = getattr(new, f"bias_hh_{name}", None)
             if b is not None:
                 _copy_or_zero(b, getattr(old, f"bias_hh_{name}", None), init)

@@ -36,6 +36,7 @@ MIN_STEM_CHANNELS = 4
 # at 30 GFLOP/s on one core (DESIGN §4), so `--modes auto` does not trade a few FLOPs for
 # an extra step.
 STEP_COST_FLOPS = 60_000
+LSTM_HH = ("dense", "tensorized")
 
 
 @dataclass
@@ -53,6 +54,9 @@ class PlanOptions:
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     chain: str = "linear"
+    # an LSTM's hidden-to-hidden W_hh: "dense" (the TT-LSTM protocol: pruned entry by entry) or
+    # "tensorized" (a TT/TR-matrix H -> 4H in the layer's format, like W_ih; spec key "hh")
+    lstm_hh: str = "dense"
 
     def validate(self) -> None:
         if self.format not in FORMATS:
@@ -60,6 +64,8 @@ class PlanOptions:
         for k, v in self.format_overrides.items():
             if v not in FORMATS:
                 raise UsageError(f"{opt('format')} {k}={v}: the format must be one of {', '.join(FORMATS)}")
+        if self.lstm_hh not in LSTM_HH:
+            raise UsageError(f"{opt('lstm-hh')} must be one of {', '.join(LSTM_HH)}, got {self.lstm_hh!r}")
         if self.chain not in ("linear", "nonlinear"):
             raise UsageError(f"{opt('chain')} must be linear or nonlinear, got {self.chain!r}")
         if self.compression is not None and self.rank_overrides and self.rank is None:
@@ -182,7 +188,7 @@ def _spec_params(spec: dict[str, Any]) -> int:
 
 
 def _spec_for(kind: str, mod: nn.Module, fmt: str, d: int, r: int, chain: str,
-              hw: tuple[int, int] | None) -> dict[str, Any]:
+              hw: tuple[int, int] | None, lstm_hh: str = "dense") -> dict[str, Any]:
     if kind == "linear":
         return _linear_spec(fmt, mod.in_features, mod.out_features, d, r, chain, mod.bias is not None)
     if kind == "embedding":  # a TT-matrix with vocab modes in, dim modes out (TT only)
@@ -208,9 +214,14 @@ def _spec_for(kind: str, mod: nn.Module, fmt: str, d: int, r: int, chain: str,
             for _ in range(dirs):
                 ih.append(_linear_spec(fmt, n, 4 * h, d, r, chain, mod.bias,
                                        out_modes=_gate_modes(h, d, 4)))
-        return {"type": "lstm", "input_size": mod.input_size, "hidden_size": h,
+        spec = {"type": "lstm", "input_size": mod.input_size, "hidden_size": h,
                 "num_layers": mod.num_layers, "bidirectional": mod.bidirectional,
                 "batch_first": mod.batch_first, "bias": mod.bias, "ih": ih}
+        if lstm_hh == "tensorized":  # H -> 4H, the gates folded into the first output mode as for W_ih;
+            # always a linear chain (the recurrence runs on the rebuilt W_hh); b_hh stays the LSTM's
+            spec["hh"] = [_linear_spec(fmt, h, 4 * h, d, r, "linear", False, out_modes=_gate_modes(h, d, 4))
+                          for _ in ih]
+        return spec
     e = mod.embed_dim
     return {"type": "mha", "embed_dim": e, "num_heads": mod.num_heads,
             "batch_first": mod.batch_first, "dropout": float(mod.dropout),
@@ -221,7 +232,7 @@ def _spec_for(kind: str, mod: nn.Module, fmt: str, d: int, r: int, chain: str,
 
 def _sub_specs(spec: dict[str, Any]) -> list[dict[str, Any]]:
     if spec["type"] == "lstm":
-        return spec["ih"]
+        return [*spec["ih"], *spec.get("hh", [])]
     if spec["type"] == "mha":
         return [spec["in_proj"], spec["out_proj"]]
     return [spec]
@@ -232,11 +243,12 @@ def sub_specs(spec: dict[str, Any]) -> list[dict[str, Any]]:
     return _sub_specs(spec)
 
 
-def _dense_weight_params(kind: str, mod: nn.Module) -> int:
+def _dense_weight_params(kind: str, mod: nn.Module, lstm_hh: str = "dense") -> int:
     """Entries of the matrices the plan replaces (what the cores stand in for)."""
     if kind == "lstm":
-        return sum(getattr(mod, f"weight_ih_l{k}{s}").numel() for k in range(mod.num_layers)
-                   for s in (["", "_reverse"] if mod.bidirectional else [""]))
+        mats = ("ih", "hh") if lstm_hh == "tensorized" else ("ih",)
+        return sum(getattr(mod, f"weight_{w}_l{k}{s}").numel() for k in range(mod.num_layers)
+                   for s in (["", "_reverse"] if mod.bidirectional else [""]) for w in mats)
     if kind == "mha":
         return mod.in_proj_weight.numel() + mod.out_proj.weight.numel()
     return mod.weight.numel()
@@ -410,7 +422,7 @@ def plan_model(model: nn.Module, input_shape: tuple[int, ...], opts: PlanOptions
                 raise BadInput(f"{name} is a {why}, which tedepr cannot tensorize")
             plans.append(_untensorized_row(name, mod, why))
             continue
-        dense = _dense_weight_params(kind, mod)
+        dense = _dense_weight_params(kind, mod, opts.lstm_hh)
         shape = [int(s) for s in getattr(mod, "weight", getattr(mod, "in_proj_weight", None)).shape] \
             if kind in ("linear", "conv2d", "mha", "embedding") else [4 * mod.hidden_size, mod.input_size]
         if kind == "conv2d" and mod.in_channels < MIN_STEM_CHANNELS and not explicit:
@@ -433,7 +445,7 @@ def _plan_layer(name: str, kind: str, mod: nn.Module, shape: list[int], dense: i
     candidates: list[tuple[int, int, dict[str, Any]]] = []
     for d in mode_choices:
         def build(r: int, d: int = d) -> dict[str, Any]:
-            spec = _spec_for(kind, mod, opts.format, d, r, opts.chain, hw)
+            spec = _spec_for(kind, mod, opts.format, d, r, opts.chain, hw, opts.lstm_hh)
             if fixed:
                 spec["in_modes"], spec["out_modes"] = list(fixed[0]), list(fixed[1])
                 spec["ranks"] = ranks_for(chain_dims(spec), r, ring=opts.format == "tr")

@@ -84,8 +84,21 @@ class TensorizedLSTM(nn.Module):
         for m in self.ih:  # trained on the rebuilt W_ih, as the fused path does (train_path.py)
             m.train_path = "dense"
         h = self.hidden_size
+        hh = spec.get("hh")
+        if hh is not None:  # W_hh as chains too (PlanOptions.lstm_hh "tensorized")
+            if len(hh) != self.num_layers * dirs:
+                raise ValueError("LSTM spec needs one hidden-to-hidden chain per layer and direction")
+            self.hh = nn.ModuleList([_linear(s) for s in hh])
+            for m in self.hh:
+                if m.in_features != h or m.out_features != 4 * h or m.bias is not None:
+                    raise ValueError(f"a hidden-to-hidden chain must map {h} -> {4 * h} without bias, got "
+                                     f"{m.in_features} -> {m.out_features}")
+                if m.chain != "linear":
+                    raise ValueError("a hidden-to-hidden chain must be a linear chain (its rebuilt W_hh runs "
+                                     "the recurrence)")
         for name in self._suffixes():
-            self.register_parameter(f"weight_hh_{name}", nn.Parameter(torch.zeros(4 * h, h)))
+            if hh is None:
+                self.register_parameter(f"weight_hh_{name}", nn.Parameter(torch.zeros(4 * h, h)))
             if spec.get("bias", True):
                 self.register_parameter(f"bias_hh_{name}", nn.Parameter(torch.zeros(4 * h)))
         self.recurrence = "auto"
@@ -97,7 +110,37 @@ class TensorizedLSTM(nn.Module):
         return [f"l{k}{d}" for k in range(self.num_layers) for d in dirs]
 
     def spec(self) -> dict[str, Any]:
-        return {**self._spec, "type": self.kind, "ih": [m.spec() for m in self.ih]}
+        out = {**self._spec, "type": self.kind, "ih": [m.spec() for m in self.ih]}
+        if self.hh_tensorized:
+            out["hh"] = [m.spec() for m in self.hh]
+        return out
+
+    @property
+    def hh_tensorized(self) -> bool:
+        """Whether every ``W_hh`` is a chain (spec key ``hh``) rather than a dense parameter."""
+        return "hh" in self._modules
+
+    def weight_hh(self, idx: int) -> Tensor:
+        """The ``(4H, H)`` hidden-to-hidden matrix of layer/direction ``idx`` (the order of
+        :meth:`_suffixes`): the dense parameter (masked, when pruned), or the matrix rebuilt
+        from its chain's cores (differentiable in them; pruned core entries contribute zeros).
+        The one place every path of this module reads ``W_hh`` from."""
+        if self.hh_tensorized:
+            return self.hh[idx].dense_weight()
+        return getattr(self, f"weight_hh_{self._suffixes()[idx]}")
+
+    def __getattr__(self, name: str) -> Any:
+        # ``weight_hh_<sfx>`` of a chain W_hh: its rebuilt matrix, under nn.LSTM's name, so that
+        # code reading an LSTM's weights (kernels, the planner's cost model) keeps working;
+        # computed on each read, never stored (as TensorizedLayer.weight)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("weight_hh_") and "hh" in self.__dict__.get("_modules", {}):
+                sfx = name[len("weight_hh_"):]
+                if sfx in self._suffixes():
+                    return self.weight_hh(self._suffixes().index(sfx))
+            raise
 
     def fused(self) -> bool:
         """Whether :meth:`forward` runs torch's fused LSTM where it does not run the compiled
@@ -117,6 +160,8 @@ class TensorizedLSTM(nn.Module):
     def hh_density(self) -> float | None:
         """The largest kept fraction of any ``W_hh`` (its pruning mask's), or None when some
         ``W_hh`` carries no mask (unpruned)."""
+        if self.hh_tensorized:  # no mask on a rebuilt W_hh: its chain's cores carry them
+            return None
         worst = 0.0
         for sfx in self._suffixes():
             mask = mask_of(self, f"weight_hh_{sfx}")
@@ -133,8 +178,8 @@ class TensorizedLSTM(nn.Module):
         autocast active)."""
         if self.recurrence not in self.RECURRENCES:
             raise ValueError(f"recurrence must be one of {self.RECURRENCES}, got {self.recurrence!r}")
-        if self.recurrence in ("fused", "loop") or x.dim() != 3:
-            return False
+        if self.recurrence in ("fused", "loop") or x.dim() != 3 or self.hh_tensorized:
+            return False  # a chain W_hh: the kernel's kept-entry pattern is a mask of a dense W_hh
         if self.recurrence == "auto":
             records = x.requires_grad or any(p.requires_grad for p in self.parameters())
             if not (torch.is_grad_enabled() and records):
@@ -204,7 +249,7 @@ class TensorizedLSTM(nn.Module):
         for idx, sfx in enumerate(self._suffixes()):
             ih = self.ih[idx]
             out[f"weight_ih_{sfx}"] = ih.dense_weight()
-            out[f"weight_hh_{sfx}"] = getattr(self, f"weight_hh_{sfx}")
+            out[f"weight_hh_{sfx}"] = self.weight_hh(idx)
             if bias:
                 out[f"bias_ih_{sfx}"] = ih.bias if ih.bias is not None else \
                     out[f"weight_hh_{sfx}"].new_zeros(4 * self.hidden_size)
@@ -227,7 +272,7 @@ class TensorizedLSTM(nn.Module):
         if x.dim() == 3 and self.fused():
             return functional_call(self._lstm_template(), self.dense_weights(), (x, hx))
         return self._by_layer(x, hx, lambda idx, sfx, gx, h0, c0, reverse: lstm_train.torch_recurrence(
-            gx, getattr(self, f"weight_hh_{sfx}"), getattr(self, f"bias_hh_{sfx}", None), h0, c0, reverse))
+            gx, self.weight_hh(idx), getattr(self, f"bias_hh_{sfx}", None), h0, c0, reverse))
 
 
 class TensorizedMHA(nn.Module):
