@@ -13,9 +13,10 @@ from ..logs import log
 from ..machine import cpu_features, cpu_model
 from .runtimes import renamed_plan
 
-PLANNER_VERSION = 5  # stored plans of another version are re-made (2: fusions; 3: LSTMs planned whole;
+PLANNER_VERSION = 6  # stored plans of another version are re-made (2: fusions; 3: LSTMs planned whole;
 #                      4: whole-model runtime; 5: chain-ort runs the onnx-fast graph, onnxruntime
-#                      runtimes at their fastest graph optimization level)
+#                      runtimes at their fastest graph optimization level; 6: the 'extended' level
+#                      and the onnx-fast 'cores' body join the candidates)
 
 
 def fingerprint() -> dict[str, Any]:
