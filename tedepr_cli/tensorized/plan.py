@@ -8,7 +8,8 @@ asked. Ranks come from ``--rank`` (with per-layer ``name=R`` overrides) or from
 ``--compression X`` (the largest uniform rank whose cores are ``X`` times smaller than the
 dense layer). Default layer selection follows the literature (Novikov 2015; Garipov
 2016; TR-Nets 2018; Khrulkov et al. 2019): every Linear, Conv2d (groups=1), LSTM input
-projection, MultiheadAttention projection and Embedding (as a TT-embedding: vocab modes
+projection (and hidden-to-hidden matrix with ``lstm_hh="tensorized"``), MultiheadAttention
+projection and Embedding (as a TT-embedding: vocab modes
 in, dim modes out; the vocab padded up to a product of near-balanced modes), except a
 conv with fewer than 4 input channels (the stem on raw pixels) and any layer whose
 factorized form would not be smaller than it is.

@@ -2,7 +2,10 @@
 
 LSTM (TT-LSTM/TR-LSTM protocol, Yang et al. 2017; Pan et al. 2019): every input-to-hidden
 matrix ``W_ih`` (4H × D, the four gates folded into the first output mode) becomes a
-tensorized Linear; hidden-to-hidden ``W_hh`` stays dense. The recurrence is the one of
+tensorized Linear; hidden-to-hidden ``W_hh`` stays dense, or, with a spec key ``hh``
+(``PlanOptions.lstm_hh="tensorized"``), is a tensorized Linear H -> 4H too, rebuilt
+wherever ``W_hh`` is read (:meth:`TensorizedLSTM.weight_hh`; the compiled training
+recurrence, which needs a masked dense ``W_hh``, is then not taken). The recurrence is the one of
 ``nn.LSTM`` (gates i, f, g, o), so outputs match a dense LSTM with the equivalent weights.
 Three ways run it (:attr:`TensorizedLSTM.recurrence`): ``"fused"`` rebuilds each ``W_ih``
 from its cores (differentiably, a few thousand multiply-adds) and runs torch's own fused
@@ -61,7 +64,9 @@ KERNEL_MAX_DENSITY = 0.1
 
 
 class TensorizedLSTM(nn.Module):
-    """``nn.LSTM`` with tensorized input projections (batch_first, layers, bidirectional).
+    """``nn.LSTM`` with tensorized input projections (batch_first, layers, bidirectional),
+    and optionally tensorized hidden-to-hidden matrices (``hh``: linear chains H -> 4H
+    without bias; ``b_hh`` stays a parameter of this module).
 
     ``recurrence``: ``"auto"``, ``"fused"``, ``"loop"`` or ``"kernel"`` (see the module
     doc); a plain attribute, not part of the spec (every way computes the same function).
