@@ -11,6 +11,7 @@ from torch import nn
 
 from .artifact import Artifact
 from .errors import BadInput, UsageError, opt
+from .logs import log
 from .tensorized.decomp import VARIANCE_TARGETS, init_module
 from .tensorized.layers import tensorized_specs
 from .tensorized.plan import PlanOptions, apply_plan, plan_model
@@ -85,6 +86,8 @@ def tensorize_model(model: nn.Module, input_shape: tuple[int, ...], opts: Decomp
     opts.validate()
     plans = plan_model(model, tuple(input_shape), opts)
     specs = {p.name: p.spec for p in plans if p.spec is not None}
+    if opts.lstm_hh != "dense" and not any(p.type == "lstm" for p in plans if p.spec is not None):
+        log.warning(f"{opt('lstm-hh')} {opts.lstm_hh} has no effect: no LSTM is tensorized in this model")
     old = apply_plan(model, specs)
     gen = torch.Generator().manual_seed(opts.seed)
     report = []

@@ -238,6 +238,12 @@ def test_cli_flag(tmp_path):
     assert r.stderr.strip().splitlines() == [
         "tedepr: usage error: --lstm-hh must be one of dense, tensorized, got 'sparse'"]
     assert not (tmp_path / "e").exists()
+    assert "--lstm-hh" not in run_cli("decompose", "lstm", "-o", tmp_path / "f", "--init", "random",
+                                      "--rank", "2", "--lstm-hh", "tensorized").stderr
+    r = run_cli("decompose", "lenet300", "-o", tmp_path / "g", "--init", "random", "--rank", "2",
+                "--lstm-hh", "tensorized")  # no LSTM: the option is said to do nothing, once
+    assert r.exit_code == 0, r.output
+    assert r.stderr.count("--lstm-hh tensorized has no effect: no LSTM is tensorized") == 1, r.stderr
 
 
 def test_pretrained_init_decomposes_w_hh():
