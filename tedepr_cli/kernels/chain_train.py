@@ -39,31 +39,14 @@ import torch
 from torch import Tensor
 
 from . import build
+from .abi import Chain as _Chain
+from .abi import Step as _Step
 from .layout import ChainLayout
 
 _F32 = torch.float32
 SLACK = 64  # floats after each saved buffer (chain.c's OVERREAD_SLACK)
 MAX_STEPS = 64  # chain.c's TRAIN_MAX_STEPS
 Reference = Callable[[Tensor, list[Tensor], Tensor | None], Tensor]
-
-
-class _Step(ctypes.Structure):
-    """Mirror of ``tedepr_step`` in chain.c (as :class:`.cpu._Step`)."""
-
-    _fields_ = [("n_rows", ctypes.c_int32), ("n_in_rows", ctypes.c_int32),
-                ("g_in", ctypes.c_int32), ("col_bytes", ctypes.c_int32),
-                ("g_lo", ctypes.c_int32), ("g_hi", ctypes.c_int32),
-                ("row_ptr", ctypes.c_void_p), ("col", ctypes.c_void_p), ("val", ctypes.c_void_p),
-                ("roff", ctypes.c_void_p), ("goff", ctypes.c_void_p)]
-
-
-class _Chain(ctypes.Structure):
-    """Mirror of ``tedepr_chain`` in chain.c."""
-
-    _fields_ = [("n_steps", ctypes.c_int32), ("n_in", ctypes.c_int32), ("n_out", ctypes.c_int32),
-                ("buf_units", ctypes.c_int32), ("steps", ctypes.POINTER(_Step)),
-                ("bias", ctypes.c_void_p), ("nthreads", ctypes.c_int32), ("pad_", ctypes.c_int32),
-                ("chunk", ctypes.c_int64)]
 
 
 def _ptr(a: np.ndarray) -> int | None:

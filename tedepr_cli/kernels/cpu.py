@@ -26,6 +26,9 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _mm
 
 from . import build
+from .abi import Chain as _Chain
+from .abi import Program as _Program
+from .abi import Step as _Step
 from .layout import (
     ChainLayout,
     MaskArg,
@@ -37,33 +40,6 @@ from .layout import (
     tt_linear_layout,
 )
 from .torch_path import TorchChain
-
-
-class _Step(ctypes.Structure):
-    """Mirror of ``tedepr_step`` in chain.c."""
-
-    _fields_ = [("n_rows", ctypes.c_int32), ("n_in_rows", ctypes.c_int32),
-                ("g_in", ctypes.c_int32), ("col_bytes", ctypes.c_int32),
-                ("g_lo", ctypes.c_int32), ("g_hi", ctypes.c_int32),
-                ("row_ptr", ctypes.c_void_p), ("col", ctypes.c_void_p), ("val", ctypes.c_void_p),
-                ("roff", ctypes.c_void_p), ("goff", ctypes.c_void_p)]
-
-
-class _Chain(ctypes.Structure):
-    """Mirror of ``tedepr_chain`` in chain.c."""
-
-    _fields_ = [("n_steps", ctypes.c_int32), ("n_in", ctypes.c_int32), ("n_out", ctypes.c_int32),
-                ("buf_units", ctypes.c_int32), ("steps", ctypes.POINTER(_Step)),
-                ("bias", ctypes.c_void_p), ("nthreads", ctypes.c_int32), ("pad_", ctypes.c_int32),
-                ("chunk", ctypes.c_int64)]
-
-
-class _Program(ctypes.Structure):
-    """Mirror of ``tedepr_program`` in chain.c."""
-
-    _fields_ = [("n_layers", ctypes.c_int32), ("nthreads", ctypes.c_int32), ("layers", ctypes.c_void_p),
-                ("act", ctypes.c_void_p), ("chunk", ctypes.c_int64)]
-
 
 ACTIVATIONS = {None: 0, "relu": 1}
 _F32 = torch.float32  # activation after a fused layer -> its code in chain.c
