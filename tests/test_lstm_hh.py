@@ -207,9 +207,11 @@ def test_onnx_export_validates(pruned_hh, tmp_path):
 
     from tedepr_cli.export import ExportOptions, export
 
-    export(pruned_hh, tmp_path / "e", ExportOptions(formats=["onnx"]))  # raises ValidationError on mismatch
+    # raises ValidationError on mismatch; onnx-fast traces a copy whose W_hh chains are nn.Linear
+    rep = export(pruned_hh, tmp_path / "e", ExportOptions(formats=["onnx", "onnx-fast"]))
     graph = onnx.load(str(tmp_path / "e" / "model.onnx")).graph
     assert [n.op_type for n in graph.node].count("LSTM") == 1
+    assert all(c["ok"] for c in rep["validation"]["onnx-fast"].values()), rep["validation"]
 
 
 @pytest.mark.skipif(load_lstm() is None, reason="compiled LSTM kernel unavailable")

@@ -131,7 +131,8 @@ class TensorizedLSTM(nn.Module):
         from its chain's cores (differentiable in them; pruned core entries contribute zeros).
         The one place every path of this module reads ``W_hh`` from."""
         if self.hh_tensorized:
-            return self.hh[idx].dense_weight()
+            m = self.hh[idx]  # a chain swapped for its dense nn.Linear (e.g. onnx-fast's dense trace)
+            return m.dense_weight() if isinstance(m, TensorizedLayer) else m.weight
         return getattr(self, f"weight_hh_{self._suffixes()[idx]}")
 
     def __getattr__(self, name: str) -> Any:
