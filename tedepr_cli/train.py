@@ -166,12 +166,16 @@ def _train_paths(model: nn.Module, art: Artifact, opts: TrainOptions, saved: dic
     # default, e.g. an LSTM's input projections: their rebuild), recorded for a resume
     paths = {n: m.train_path for n, m in rebuildable(model).items()}
     if dist.main and paths:
-        rebuilt = [n for n, p in paths.items() if p == "dense"]
-        kernel = [n for n, p in paths.items() if p == "kernel"]
         how = "kept from the run" if saved is not None and "train_paths" in saved else opts.train_path
-        log.info(f"{opt('train-path')} {how}: {len(rebuilt)} of {len(paths)} tensorized layers train on "
-                 f"their rebuilt dense weight ({', '.join(rebuilt) or 'none'}), {len(kernel)} on the "
-                 f"compiled kernel ({', '.join(kernel) or 'none'}), the others on their chain")
+        if how == "kernel" and not any(p == "kernel" for p in paths.values()):
+            log.warning(f"{opt('train-path')} kernel: no layer can train on the compiled kernel here "
+                        "(it takes TT/TR Linear layers, float32 on the CPU, with the library built: "
+                        "`tedepr kernels`); every layer trains on its chain")
+        where = {"kernel": "on the compiled kernel", "dense": "on their rebuilt dense weight",
+                 "chain": "on their chain"}
+        groups = [f"{len(ns)} {where[p]} ({', '.join(ns)})"
+                  for p in where if (ns := [n for n, q in paths.items() if q == p])]
+        log.info(f"{opt('train-path')} {how}: of {len(paths)} tensorized layers, {'; '.join(groups)}")
     return paths, timings
 
 

@@ -239,3 +239,33 @@ def test_the_kernel_path_is_for_linear_chains_only():
         set_train_paths(model, {"0": "kernel"})
     with pytest.raises(ValueError, match="train path must be one of"):
         set_train_paths(model, {"2": "fast"})
+
+
+def test_kernel_asked_where_it_cannot_run_records_and_says_the_chain(pruned, tmp_path, monkeypatch, caplog):
+    """--train-path kernel without the library: the run records what ran (the chain) and
+    says so in one warning, rather than recording 'kernel'."""
+    monkeypatch.setenv("TEDEPR_KERNELS", "0")
+    build.reset()
+    try:
+        assert set(uniform(pruned.model, "kernel").values()) == {"chain"}
+        with caplog.at_level("WARNING", logger="tedepr"):
+            _, summary = finetune(pruned, MNIST, tmp_path / "k", TrainOptions(
+                epochs=1, batch_size=32, limit_train=64, seed=1, train_path="kernel"))
+    finally:
+        monkeypatch.delenv("TEDEPR_KERNELS")
+        build.reset()
+    assert {t["path"] for t in summary["train_paths"].values()} == {"chain"}
+    assert "no layer can train on the compiled kernel here" in caplog.text
+
+
+def test_an_lstm_chain_w_hh_has_no_train_path_of_its_own():
+    """A chain W_hh is only read rebuilt (TensorizedLSTM.weight_hh): no path is listed for it."""
+    from tedepr_cli.tensorized.plan import PlanOptions, plan_model
+    from tedepr_cli.zoo import lstm
+
+    model = lstm()
+    plans = plan_model(model, (28, 28), PlanOptions(lstm_hh="tensorized", rank=2))
+    lstm_spec = next(p.spec for p in plans if p.name == "lstm")
+    layer = build_layer(lstm_spec)
+    assert [n for n in rebuildable(layer)] == ["ih.0"]
+    assert "ih.0" in uniform(layer, "kernel")

@@ -76,11 +76,14 @@ MARGIN = 0.9  # "auto" takes the rebuild only when it is at least 10 % faster: t
 
 def rebuildable(model: nn.Module) -> dict[str, TensorizedLayer]:
     """The layers of ``model`` that can train on their rebuilt dense weight (linear-chain
-    tensorized Linear and Conv2d layers), by module name."""
+    tensorized Linear and Conv2d layers), by module name; not a layer whose owner only ever
+    reads its rebuilt weight (``rebuilt_by_owner``: a chain ``W_hh`` of a
+    :class:`~.wrappers.TensorizedLSTM`), which has no path to choose."""
     from .embedding import TTEmbedding
 
     return {n: m for n, m in model.named_modules()
-            if isinstance(m, TensorizedLayer) and not isinstance(m, TTEmbedding) and m.chain == "linear"}
+            if isinstance(m, TensorizedLayer) and not isinstance(m, TTEmbedding) and m.chain == "linear"
+            and not getattr(m, "rebuilt_by_owner", False)}
 
 
 @contextmanager
@@ -116,9 +119,15 @@ def set_train_paths(model: nn.Module, choice: dict[str, str]) -> None:
 def uniform(model: nn.Module, path: str) -> dict[str, str]:
     """``path`` (``"chain"``, ``"dense"`` or ``"kernel"``) for every rebuildable layer of
     ``model``; ``"kernel"`` only for the layers that have a compiled training chain (TT/TR
-    Linear), the others on their chain."""
+    Linear) that can run here (the library built, float32 CPU parameters:
+    :func:`tedepr_cli.kernels.chain_train.usable`), the others on their chain."""
+    from ..kernels import chain_train
+
+    def runs(m: TensorizedLayer) -> bool:
+        return m.kernel_trainable() and chain_train.usable(*m.parameters()) is None
+
     layers = rebuildable(model)
-    return {n: "chain" if path == "kernel" and not m.kernel_trainable() else path for n, m in layers.items()}
+    return {n: "chain" if path == "kernel" and not runs(m) else path for n, m in layers.items()}
 
 
 def kernel_runs(layer: TensorizedLayer, x: Tensor) -> bool:

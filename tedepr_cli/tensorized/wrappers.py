@@ -95,6 +95,7 @@ class TensorizedLSTM(nn.Module):
                 raise ValueError("LSTM spec needs one hidden-to-hidden chain per layer and direction")
             self.hh = nn.ModuleList([_linear(s) for s in hh])
             for m in self.hh:
+                m.rebuilt_by_owner = True  # read only through weight_hh: no train path (train_path.py)
                 if m.in_features != h or m.out_features != 4 * h or m.bias is not None:
                     raise ValueError(f"a hidden-to-hidden chain must map {h} -> {4 * h} without bias, got "
                                      f"{m.in_features} -> {m.out_features}")
