@@ -382,10 +382,10 @@ def fast_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int,
     best = ort_ops.pick(whole, "chain")
     proto, rows = built[best]
     for r in rows:
-        t = timed.get(r["layer"])
-        if t is not None and t["us"]:
+        t = timed.get(r["layer"], {})
+        if t.get("us"):
             r["us"] = t["us"]
-        elif t is not None:
+        if "note" in t:
             r["note"] = t["note"]
     strip_metadata(proto)
     return proto, {"layers": rows, "batches": list(batches), "choice": best, "model_us": whole}

@@ -198,6 +198,12 @@ def test_a_layer_without_an_alternative_body_says_why_in_export_json(tmp_path, m
     assert rows and all(r["ok"] and r["body"] == "chain" and "us" not in r for r in rows), rows
     assert all("no dense body: the dense export's region takes or gives other shapes" in r["note"]
                and "no support body" in r["note"] and "no cores body" in r["note"] for r in rows), rows
+    monkeypatch.undo()
+    monkeypatch.setattr(ort_ops, "_same_signature", lambda *a: False)  # other bodies, but no dense one
+    export(art, tmp_path / "f", ExportOptions(formats=["onnx-fast"]))
+    rows = json.loads((tmp_path / "f" / "export.json").read_text())["fast"]["layers"]
+    assert rows and all("cores" in r["us"] and "dense" not in r["us"] for r in rows), rows
+    assert all(r["note"].startswith("no dense body: the dense export's region") for r in rows), rows
 
 
 def test_without_onnxruntime_extensions_the_file_is_still_made_and_said_so(tmp_path, monkeypatch):

@@ -706,8 +706,9 @@ def choose_bodies(proto: Any, dense: Any, model: nn.Module, shapes: dict[str, di
     is the layer alone (:func:`layer_model`) at every batch of ``shapes[layer]`` (batch ->
     the layer's input shape), timed by :func:`time_sessions` and chosen by :func:`pick`
     (ties: the chain). Returns ``layer -> {"body", "us": {"chain": {batch: µs}, "dense":
-    ..., "support": ..., "cores": ...}}``; a layer with no alternative to its chain body
-    gets ``"us": {}`` and a ``"note"`` saying why."""
+    ..., "support": ..., "cores": ...}}``, and a ``"note"`` saying why when the dense body
+    was not a candidate; a layer with no alternative to its chain body at all gets
+    ``"us": {}`` and a ``"note"`` saying why."""
     out: dict[str, dict[str, Any]] = {}
     for name, layer in model.named_modules():
         if name not in shapes:
@@ -741,5 +742,5 @@ def choose_bodies(proto: Any, dense: Any, model: nn.Module, shapes: dict[str, di
         rng = np.random.default_rng(0)
         inputs = {b: rng.random(shape, dtype=np.float32) for b, shape in shapes[name].items()}
         us = time_sessions(sess, inputs, reps, calls)
-        out[name] = {"body": pick(us, "chain"), "us": us}
+        out[name] = {"body": pick(us, "chain"), "us": us, **({"note": no_dense} if no_dense else {})}
     return out
