@@ -22,8 +22,9 @@ def kernels(
         "exit 10 if it cannot be built (or fails the test).")] = False,
     json_out: JsonOut = False, verbose: Verbose = 0, quiet: Quiet = False,
 ) -> None:
-    """Report the inference kernels this machine can run: the C compiler, flags and cache
-    of the compiled CPU chain kernel (built on first use), Triton and CUDA."""
+    """Report the kernels this machine can run: the C compiler, flags and cache of the
+    compiled CPU chain kernel (inference and training chain, built on first use), Triton
+    and CUDA."""
     from ..errors import EngineUnavailable
     from ..kernels.report import report
 
@@ -44,7 +45,9 @@ def kernels(
             chk = rep["check"]
             rows.append(["self-test", "ok" if chk["ok"] else "FAILED",
                          f"max rel. error {chk['max_rel_error']:.2e} (tolerance {chk['tolerance']:g}, "
-                         f"{len(chk['cases'])} cases)"])
+                         f"{len(chk['cases'])} cases, "
+                         f"{sum(c['case'].endswith(' training') for c in chk['cases'])} of them the "
+                         "training chain's output and gradients)"])
         stdout.print(table("kernels", ["engine", "available", "detail"], rows, right=set()))
     if check and not cpu["available"]:
         raise EngineUnavailable(f"compiled kernel cannot be built here: {cpu['reason']}")
