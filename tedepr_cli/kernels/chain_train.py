@@ -126,12 +126,20 @@ class TrainChain:
         return self._ptrs(*[None if (t := tensors[k]) is None else t.data_ptr() for k in self.step_core])
 
 
-def usable(*tensors: Tensor | None) -> str | None:
-    """Why the compiled training chain cannot take these tensors (None: it can): the
-    library cannot be built or loaded here, or a tensor is not float32 on the CPU."""
+def not_f32_cpu(*tensors: Tensor | None) -> str | None:
+    """Why a compiled training kernel (this chain, :mod:`.lstm_train`'s recurrence) cannot
+    take these tensors: one that is not float32 on the CPU (None: all are, or are None)."""
     for t in tensors:
         if t is not None and (t.dtype is not _F32 or t.device.type != "cpu"):
             return f"tensors are {t.dtype} on {t.device.type} (the kernel is float32 CPU)"
+    return None
+
+
+def usable(*tensors: Tensor | None) -> str | None:
+    """Why the compiled training chain cannot take these tensors (None: it can): the
+    library cannot be built or loaded here, or a tensor is not float32 on the CPU."""
+    if (why := not_f32_cpu(*tensors)) is not None:
+        return why
     if build.load() is None:
         return "the compiled kernel is unavailable (see `tedepr kernels`)"
     return None

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from . import build
+from .chain_train import not_f32_cpu
 
 _F32 = torch.float32
 
@@ -68,9 +69,8 @@ class KeptPattern:
 def usable(*tensors: Tensor | None) -> str | None:
     """Why the compiled training recurrence cannot take these tensors (None: it can):
     the library cannot be built or loaded here, or a tensor is not float32 on the CPU."""
-    for t in tensors:
-        if t is not None and (t.dtype is not _F32 or t.device.type != "cpu"):
-            return f"tensors are {t.dtype} on {t.device.type} (the kernel is float32 CPU)"
+    if (why := not_f32_cpu(*tensors)) is not None:
+        return why
     if build.load_lstm() is None:
         return "the compiled LSTM kernel is unavailable (see `tedepr kernels`)"
     return None
