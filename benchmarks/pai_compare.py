@@ -575,7 +575,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None,
                     help="cached runs (default: benchmarks/results/<pai|fashion_mnist>)")
     ap.add_argument("--doc", default=None,
-                    help="the report (default: docs/pai_results.md or docs/fashion_mnist.md)")
+                    help="the report (default: docs/pai_results.md or docs/fashion_mnist.md; with --out or "
+                         "--quick: OUT/report.md)")
     ap.add_argument("--quick", action="store_true",
                     help="LeNet-300-100, 99.5 %%, 3 epochs, 1 seed (fashion-mnist: a fixed "
                          f"{QUICK_SUBSET:,}-image training pool); report in OUT/report.md")
@@ -662,7 +663,9 @@ def main(argv: list[str] | None = None) -> int:
             if row["model"] in models and Path(row["artifact"]).exists():
                 p.write_text(json.dumps(measure(row, latency=not fashion), indent=1))
     wall = time.time() - start
-    doc = (Path(args.doc) if args.doc else bench.doc) if not args.quick else out / "report.md"
+    # the documented report only from the documented cache: an experiment's --out (or --quick)
+    # reports next to its runs unless --doc says otherwise
+    doc = Path(args.doc) if args.doc else bench.doc if not (args.out or args.quick) else out / "report.md"
     if args.plot is not None:
         svg = Path(args.plot) if args.plot else (doc.parent / bench.svg)
         print(f"plot: {plot(out, svg)}")

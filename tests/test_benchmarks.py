@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -449,3 +450,24 @@ def test_pai_ablation_distills_from_a_cached_seed_matched_dense_teacher(tmp_path
     acc = f"{100 * rows['lenet300|1|1']['test']:.1f} (1 seed) % test over seeds 1"
     assert f"Dense teacher of lenet300 (distillation rows; the same recipe, 1 epochs, seed-matched): " \
            f"{acc}" in doc
+
+
+def test_pai_compare_out_reports_next_to_its_runs(tmp_path):
+    """An experiment's --out cache must not overwrite the documented report: without --doc it
+    reports in OUT/report.md, and docs/pai_results.md keeps its bytes."""
+    runs = tmp_path / "exp" / "runs"
+    runs.mkdir(parents=True)
+    row = {"model": "lenet300", "method": "dense", "sparsity": None, "test_accuracy": 0.9, "kept": 1000,
+           "dense_prunable": 1000, "seconds_per_epoch": 1.0, "epochs": 1}
+    (runs / "r.json").write_text(json.dumps(row))
+    doc = ROOT / "docs" / "pai_results.md"
+    before = doc.read_bytes()
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "pai_compare.py"), "--report-only",
+           "--models", "lenet300", "--out", str(tmp_path / "exp")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    after = doc.read_bytes()
+    if after != before:
+        doc.write_bytes(before)  # put the documented report back before failing
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert after == before
+    assert "| dense |" in (tmp_path / "exp" / "report.md").read_text()
