@@ -42,8 +42,9 @@ the LSTM) and keeps the one with the best validation accuracy. PAI_SCORE_MODE=tr
 with BatchNorm in train mode, PAI_TT_RANK=R gives the tensorized methods a fixed rank R
 instead of "auto" and PAI_LSTM_HH=tensorized makes an LSTM's hidden-to-hidden matrices chains
 too (`lstm_hh`), PAI_RANK_ALLOCATION=criterion sizes each layer's rank by the criterion
-(`rank_allocation`), PAI_MODES=N fixes the modes per side and PAI_COARSE_RATIO=X sets the
-coarse ratio (default 4; experiment knobs: use another --out). Cached results live in
+(`rank_allocation`), PAI_MODES=N fixes the modes per side, PAI_COARSE_RATIO=X sets the
+coarse ratio (default 4) and PAI_LRS=A,B replaces the lr sweep (experiment knobs: use another
+--out). Cached results live in
 benchmarks/results/<pai|fashion_mnist>/runs/*.json (one per run: delete one to redo it).
 """
 
@@ -84,6 +85,8 @@ LSTM_HH = os.environ.get("PAI_LSTM_HH", "dense")  # experiment knob: "tensorized
 RANK_ALLOCATION = os.environ.get("PAI_RANK_ALLOCATION", "uniform")  # experiment knob: "criterion" (issue 19)
 MODES = int(os.environ.get("PAI_MODES") or 0) or "auto"  # experiment knob: a fixed number of modes per side
 LRS = (1e-3, 1e-2)
+# experiment knob: another lr sweep for every model and method, e.g. PAI_LRS=0.01,0.03
+LRS_OVERRIDE = tuple(float(x) for x in os.environ.get("PAI_LRS", "").split(",") if x)
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")  # where `dataset-fashion-mnist` installs
 FASHION_FILES = ("train-images", "train-labels", "t10k-images", "t10k-labels")
@@ -109,7 +112,7 @@ class Bench:
 
     def sweep(self, model: str) -> tuple[float, ...]:
         """The learning rates every method of ``model`` trains with on this data set."""
-        return self.lrs.get(model, LRS_BY_MODEL.get(model, LRS))
+        return LRS_OVERRIDE or self.lrs.get(model, LRS_BY_MODEL.get(model, LRS))
 
 
 BENCHES = {

@@ -161,7 +161,7 @@ def _take_batches(batches: Iterable[Any], n: int) -> list[tuple[Tensor, Tensor]]
 def prune(model: nn.Module, *, sparsity: float, batches: Iterable[Any] | None = None,
           criterion: str | None = None, example_input: Tensor | None = None, scope: str = "global",
           min_density: float = 0.0, connectivity: bool = True, score_mode: str = "eval",
-          min_paths: int = 0, grain: str = "entry", path_pool: float = 1.0,
+          min_paths: int = 0, grain: str = "entry", path_pool: float = 1.0, reconnect: bool = True,
           seed: int = 0, **criterion_options: Any) -> dict[str, Any]:
     """Fine grain: prune ``model`` in place at initialization and attach the masks to it.
 
@@ -184,6 +184,10 @@ def prune(model: nn.Module, *, sparsity: float, batches: Iterable[Any] | None = 
             saliency per kept entry; :mod:`tedepr_cli.pruning.paths`). ``path_pool``: 1 keeps
             whole paths only (at most the budget), ``F > 1`` pools paths up to ``F ×`` the
             budget and keeps exactly the budget's best entries within them.
+        reconnect: where the selection leaves some outputs depending on no input (constant
+            logits), swap the fewest best-scored entries that reconnect them for as many of
+            the lowest-scored kept ones (the kept count stays the budget; the report's
+            ``repair`` says what moved). ``False``: keep the selection and warn.
         criterion_options: ``steps``, ``inner_lr``, ``rounds``, ``iterations``,
             ``temperature``, ``micro_batch`` (samples differentiated at a time; memory only;
             see ``tedepr prune --help``).
@@ -199,7 +203,8 @@ def prune(model: nn.Module, *, sparsity: float, batches: Iterable[Any] | None = 
         raise UsageError(f"unknown criterion option: {e}") from None
     opts = PruneOptions(sparsity=sparsity, criterion=criterion, scope=scope, min_density=min_density,
                         connectivity=connectivity, score_mode=score_mode, seed=seed, decompose=False,
-                        min_paths=min_paths, grain=grain, path_pool=path_pool, criterion_options=copts)
+                        min_paths=min_paths, grain=grain, path_pool=path_pool, reconnect=reconnect,
+                        criterion_options=copts)
     opts.validate()
     scored = None
     if batches is not None:

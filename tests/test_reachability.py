@@ -501,3 +501,58 @@ def test_cli_budget_below_the_guard_is_a_collapse_with_fitting_advice(tmp_path):
     r = run_cli(*base, "--sparsity", "0.999", "--min-density", "0.01", "-o", tmp_path / "b")
     assert r.exit_code == 7 and "lower --min-density" in r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------- reconnect
+def test_reconnect_swaps_within_the_budget_and_keeps_every_layer_alive():
+    """Where the selection cuts some outputs off the input, the default swaps the entries that
+    reconnect them for as many of the lowest-scored kept ones that no output needs: the kept
+    count stays the budget. The cut branch's lone entries score lowest but are their layers'
+    last paths, so the per-layer guard keeps them and an unread unit's entry goes instead."""
+    model = Residual()
+    with torch.no_grad():
+        model.out.weight[2, 2] = 0.5  # output 2's best entry: the 13th by magnitude
+    opts = PruneOptions(sparsity=1 - 12 / 216, criterion="magnitude", decompose=False)
+    cut, rep_cut = prune(Artifact(model=copy.deepcopy(model), arch=ArchSpec("x")),
+                         PruneOptions(**{**opts.__dict__, "reconnect": False}))
+    assert rep_cut["kept"] == 12 and rep_cut["reachability"]["outputs_reached"] == 2
+    assert any("1 of 3 outputs depend on no input" in w for w in rep_cut["warnings"])
+    out, rep = prune(Artifact(model=model, arch=ArchSpec("x")), opts)
+    assert rep["kept"] == 12 and rep["reachability"]["outputs_reached"] == 3
+    assert rep["repair"]["tensors"] == {"out.weight": 1}
+    assert rep["repair"]["dropped_tensors"] == {"inp.weight": 1}
+    assert bool(out.masks["out.weight"][2, 2]) and int(out.masks["b1.weight"].sum()) == 1
+    dropped = torch.nonzero(cut.masks["inp.weight"] & ~out.masks["inp.weight"]).tolist()
+    assert len(dropped) == 1 and dropped[0][0] == dropped[0][1] >= 3  # a unit no output reads
+    assert not any("outputs depend on no input" in w for w in rep["warnings"])
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert float(out.model(x)[:, 2].std()) > 0 and float(cut.model(x)[:, 2].std()) == 0
+
+
+def test_reconnect_drops_from_the_pool_it_added_to():
+    """Per-layer pools (a per-layer budget): the drops come from the layer that gained."""
+    from tedepr_cli.pruning.reachability import reconnect_within_budget
+
+    model = MLP((4, 6, 3))
+    with torch.no_grad():
+        for w in model.parameters():
+            w.abs_()
+    masks = _masks(model, {"layers.0.weight": [(0, 0), (2, 1), (5, 3), (3, 2)],
+                           "layers.1.weight": [(0, 0), (1, 4), (0, 3)]})
+    gen = torch.Generator().manual_seed(0)
+    scores = {n: 1.0 + torch.rand(m.shape, generator=gen) for n, m in masks.items()}
+    scores["layers.1.weight"][1, 2] = scores["layers.1.weight"][2, 5] = 9.0  # the reconnecting entries
+    scores["layers.0.weight"][3, 2] = 0.1  # the lowest kept entry: unit 3 ... (read by layers.1 (0, 3))
+    scores["layers.1.weight"][1, 4] = 0.2  # ... and an entry reading the unreached unit 4
+    scores["layers.1.weight"][0, 3] = 0.3
+    before = {n: m.clone() for n, m in masks.items()}
+    whole = reconnect_within_budget(model, model.input_shape, masks, scores)
+    pools = reconnect_within_budget(model, model.input_shape, masks, scores,
+                                    pools=[["layers.0.weight"], ["layers.1.weight"]])
+    for fixed in (whole, pools):
+        assert fixed.reach.outputs_reached == 3 and fixed.added == {"layers.1.weight": 2}
+        assert sum(int(m.sum()) for m in fixed.masks.values()) == 7
+    assert whole.dropped == {"layers.0.weight": 1, "layers.1.weight": 1}  # the two lowest: 0.1, 0.2
+    assert pools.dropped == {"layers.1.weight": 2}  # (1, 4) and (0, 3): layer 1 keeps its count
+    assert all(torch.equal(masks[n], before[n]) for n in masks)  # the input masks are left alone

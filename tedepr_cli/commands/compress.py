@@ -333,6 +333,11 @@ def prune(
         "--repair-paths/--no-repair-paths", help="If no input unit would reach the output any more "
         "(whole-network collapse, otherwise refused with exit 7), add the fewest best-scored entries "
         "that reconnect every output, beyond the budget (the report says how many).")] = False,
+    reconnect: Annotated[bool, typer.Option(
+        "--reconnect/--no-reconnect", help="If only some outputs would depend on no input (constant "
+        "logits), swap the fewest best-scored entries that reconnect them for as many of the "
+        "lowest-scored kept entries: the kept count stays the budget. --no-reconnect keeps the "
+        "selection and warns.")] = True,
     score_mode: Annotated[str, typer.Option(
         "--score-mode", help="Normalization layers while scoring: eval (running statistics) or "
         "train (batch statistics; running statistics are restored).")] = "eval",
@@ -372,7 +377,8 @@ def prune(
                         path_guard=path_guard, connectivity=connectivity, batch_size=batch_size, seed=seed,
                         decompose=decompose_first, coarse_ratio=coarse_ratio, score_mode=score_mode,
                         rank_allocation=rank_allocation,
-                        repair_paths=repair_paths, min_paths=min_paths, grain=grain, path_pool=path_pool,
+                        repair_paths=repair_paths, reconnect=reconnect, min_paths=min_paths, grain=grain,
+                        path_pool=path_pool,
                         criterion_options=CriterionOptions(steps=steps, inner_lr=inner_lr, rounds=rounds,
                                                            iterations=iterations, micro_batch=micro_batch))
     opts.validate()

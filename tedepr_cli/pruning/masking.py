@@ -74,6 +74,22 @@ def _unravel(flat: int, shape: tuple[int, int, int]) -> tuple[int, int, int]:
     return a, m, b
 
 
+def compared_scores(scores: dict[str, Tensor], groups: list[Group], scope: str) -> dict[str, Tensor]:
+    """The scores as the selection compares them: raw for ``global`` and ``layer`` (a layer
+    compares only its own), each layer's relative to its own mean for ``normalized``."""
+    if scope != "normalized":
+        return scores
+    # every layer's scores relative to its own mean: layers compete on *relative*
+    # importance, so a layer whose entries have small raw scores (many rank paths
+    # share each entry, e.g. tensor-ring cores) is not starved by a dense one
+    scores = dict(scores)
+    for g in groups:
+        m = torch.cat([_clean(scores[n]).clamp_min(0) for n in g.params]).mean()
+        for n in g.params:
+            scores[n] = _clean(scores[n]).reshape(scores[n].shape) / (float(m) if float(m) > 0 else 1.0)
+    return scores
+
+
 def select(scores: dict[str, Tensor], groups: list[Group], kept: int, scope: str = "global",
            min_density: float = 0.0, path_guard: bool = True, connect: bool = True,
            min_paths: int = 0, grain: str = "entry", pool: float = 1.0) -> dict[str, Tensor]:
@@ -92,17 +108,9 @@ def select(scores: dict[str, Tensor], groups: list[Group], kept: int, scope: str
             out.update(select({n: scores[n] for n in g.params}, [g], k, "global", min_density,
                               path_guard, connect, min_paths, grain, pool))
         return out
-    if scope == "normalized":
-        # every layer's scores relative to its own mean: layers compete on *relative*
-        # importance, so a layer whose entries have small raw scores (many rank paths
-        # share each entry, e.g. tensor-ring cores) is not starved by a dense one
-        scores = dict(scores)
-        for g in groups:
-            m = torch.cat([_clean(scores[n]).clamp_min(0) for n in g.params]).mean()
-            for n in g.params:
-                scores[n] = _clean(scores[n]).reshape(scores[n].shape) / (float(m) if float(m) > 0 else 1.0)
-    elif scope != "global":
+    if scope not in ("global", "normalized"):
         raise BadInput(f"scope must be global, normalized or layer, got {scope!r}")
+    scores = compared_scores(scores, groups, scope)
     names = [n for g in groups for n in g.params]
     sizes = [scores[n].numel() for n in names]
     total = sum(sizes)

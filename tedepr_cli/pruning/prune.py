@@ -29,8 +29,8 @@ from ..tensorized.embedding import TTEmbedding
 from ..tensorized.train_path import lighter, train_paths
 from ..tensorized.tt import TTLinear
 from .criteria import CRITERIA, CriterionOptions, ScoreContext, differentiable_attention
-from .masking import budget, check_collapse, layer_shares, rank_paths, select
-from .reachability import Reachability, check_reachability, repair_paths
+from .masking import budget, check_collapse, compared_scores, connected, layer_shares, rank_paths, select
+from .reachability import Reachability, check_reachability, reconnect_within_budget, repair_paths
 from .targets import kept_counts, prunable_groups
 
 DEFAULT_CRITERION = "tedepr"
@@ -57,6 +57,9 @@ class PruneOptions:
     coarse_ratio: float = 4.0  # one-shot path, rank "auto": cores hold about this x the budget
     score_mode: str = "eval"  # normalization layers while scoring: eval (running stats) or train (batch)
     repair_paths: bool = False  # a cut network: add the cheapest entries that reconnect it (else refuse)
+    # some outputs cut off the input (constant logits): swap in the entries that reconnect them
+    # for as many of the lowest-scored kept ones (the kept count stays the budget)
+    reconnect: bool = True
     min_paths: int = 0  # path floor: every tensorized layer keeps >= this many rank paths (0/1: off)
     grain: str = "entry"  # entry: single core entries; path: whole rank paths (paths.py)
     path_pool: float = 1.0  # grain path: pool whole paths up to this x the budget, then single entries
@@ -307,7 +310,10 @@ def prune(art: Artifact, opts: PruneOptions, data: Path | None = None,
     Raises :class:`~tedepr_cli.errors.CollapseError` when a layer, or the whole network
     (:func:`~tedepr_cli.pruning.reachability.check_reachability`: no input unit reaches any
     output), would collapse; with ``opts.repair_paths`` the cheapest reconnecting entries are
-    added beyond the budget instead (``report["repair"]``)."""
+    added beyond the budget instead (``report["repair"]``). Where only some outputs are cut
+    off the input, ``opts.reconnect`` (the default) swaps the entries that reconnect them
+    for as many of the lowest-scored kept ones, so the kept count stays the budget
+    (:func:`~tedepr_cli.pruning.reachability.reconnect_within_budget`)."""
     opts.validate()
     if art.masks:
         raise BadInput(f"{art.source or 'the model'} is already pruned; prune the unpruned artifact")
@@ -461,6 +467,7 @@ def prune_model(model: torch.nn.Module, opts: PruneOptions,
     score_s = time.perf_counter() - t0
     check_collapse(groups, masks)
     added: dict[str, int] = {}
+    dropped: dict[str, int] = {}
     # the activity of ReLUs: on real data if given (token ids only)
     samples = token_ids(batches[0][0][:16]) if batches else None
     if opts.repair_paths:  # whole network: reconnect a cut input -> output, say what it cost
@@ -468,12 +475,32 @@ def prune_model(model: torch.nn.Module, opts: PruneOptions,
         masks, added, reach = fixed.masks, fixed.added, fixed.reach
     else:  # whole network: refuse (exit 7) when no input unit reaches the output
         reach = check_reachability(model, input_shape, masks, samples)
+        partly_cut = reach.connected and reach.outputs_reached < reach.outputs
+        if opts.reconnect and scores is not None and partly_cut:
+            compared = compared_scores(scores, groups, opts.scope)
+            pools = [g.params for g in groups] if opts.scope == "layer" else None
+            group_of = {n: g for g in groups for n in g.params}
+
+            def keeps(name: str, trial: dict[str, torch.Tensor]) -> bool:  # the per-layer guard holds
+                g = group_of[name]
+                return connected([trial[n] for n in g.params], g.kind)
+
+            fixed = reconnect_within_budget(model, input_shape, masks, compared, pools, samples, keeps)
+            masks, added, dropped, reach = fixed.masks, fixed.added, fixed.dropped, fixed.reach
     attach_masks(model, masks)
     report = _report(model, groups, masks, dense, opts, criterion, fallback, data_note, score_s)
     report["reachability"] = reach.as_dict()
     report["scored_on_rebuild"] = sorted(n for n, p in paths.items() if p == "dense")
-    report["repair"] = {"added": sum(added.values()), "tensors": added}
-    if added:
+    report["repair"] = {"added": sum(added.values()), "tensors": added, "dropped": sum(dropped.values()),
+                        "dropped_tensors": dropped}
+    beyond = sum(added.values()) - sum(dropped.values())
+    if added and dropped:
+        log.info(f"reconnected {reach.outputs_reached} of {reach.outputs} outputs within the budget: swapped "
+                 f"{sum(dropped.values()):,} of the lowest-scored kept entries "
+                 f"({', '.join(f'{n} {k}' for n, k in dropped.items())}) for {sum(added.values()):,} that "
+                 f"reach the cut ones ({', '.join(f'{n} {k}' for n, k in added.items())})"
+                 + (f"; {beyond:,} beyond the budget (nothing else could go)" if beyond else ""))
+    elif added:
         log.info(f"path repair: added {sum(added.values()):,} entries beyond the budget of "
                  f"{report['budget']:,} to reconnect the input to every output "
                  f"({', '.join(f'{n} {k}' for n, k in added.items())})")

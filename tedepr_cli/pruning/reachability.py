@@ -29,7 +29,8 @@ only), which does not see skip connections; the result says so.
 search where the gradient of the reached outputs with respect to the kept pattern marks
 exactly the entries that alone would complete a path (highest score first); when no single
 entry can, a relaxed pattern (unkept entries at ``ε``) orders entries by how few others a
-path through them still needs.
+path through them still needs. :func:`reconnect_within_budget` makes that a swap: as many
+of the lowest-scored kept entries that no reached output needs are dropped again.
 """
 
 from __future__ import annotations
@@ -161,15 +162,21 @@ class Reachability:
 
 @dataclass
 class Repair:
-    """Masks after :func:`repair_paths`: ``added`` entries per tensor (beyond the budget)."""
+    """Masks after :func:`repair_paths` (``added`` entries per tensor, beyond the budget) or
+    :func:`reconnect_within_budget` (as many ``dropped`` as added: the kept count unchanged)."""
 
     masks: dict[str, Tensor]
     added: dict[str, int]
     reach: Reachability
+    dropped: dict[str, int] = field(default_factory=dict)
 
     @property
     def total_added(self) -> int:
         return sum(self.added.values())
+
+    @property
+    def total_dropped(self) -> int:
+        return sum(self.dropped.values())
 
 
 # ---------------------------------------------------------------------------- public API
@@ -277,6 +284,61 @@ def repair_paths(model: nn.Module, input_shape: tuple[int, ...], masks: dict[str
     for name, _ in added:
         per[name] = per.get(name, 0) + 1
     return Repair(masks, per, reach)
+
+
+def reconnect_within_budget(model: nn.Module, input_shape: tuple[int, ...], masks: dict[str, Tensor],
+                            scores: dict[str, Tensor], pools: list[list[str]] | None = None,
+                            inputs: Tensor | None = None,
+                            keeps: Callable[[str, dict[str, Tensor]], bool] | None = None) -> Repair:
+    """Reconnect the outputs a selection left depending on no input, keeping its size.
+
+    A swap: :func:`repair_paths` (every output) adds the fewest best-scored entries that
+    reach the cut outputs, then as many kept entries are dropped again, lowest score first,
+    skipping the entries added here and any whose loss would lower the number of reached
+    outputs. The drops come from the same ``pools`` as the additions (lists of parameter
+    names, e.g. one per layer for a per-layer budget; ``None``: the whole model, the global
+    top-K's own order), so the kept count, and each pool's, is what the selection kept.
+
+    ``masks``: boolean kept pattern per prunable parameter (not modified); ``scores``: the
+    selection's scores of the same shapes, comparable within a pool (higher = keep);
+    ``inputs``: the sample batch of :func:`reachability`; ``keeps(name, masks)``: whether
+    the masks after a drop from tensor ``name`` are still acceptable (e.g. its layer keeps a
+    path: the per-layer collapse guard). Where no droppable entry is left
+    the result keeps the remainder beyond the budget (``total_added > total_dropped``).
+    Raises :class:`~tedepr_cli.errors.CollapseError` if the network cannot be reconnected.
+    Costs one :func:`reachability` evaluation per added entry and per tried drop.
+    """
+    fixed = repair_paths(model, input_shape, masks, scores, inputs=inputs)
+    if not fixed.total_added:
+        return fixed
+    prog = _program(model, input_shape, inputs)
+    new = {n: fixed.masks[n] & ~masks[n].bool() for n in masks}
+    goal = fixed.reach.outputs_reached
+    pools = pools or [list(masks)]
+    dropped: dict[str, int] = {}
+    out = {n: m.clone() for n, m in fixed.masks.items()}
+    for pool in pools:
+        owed = sum(int(new[n].sum()) for n in pool if n in new)
+        if not owed:
+            continue
+        cand = [(float(v), n, int(i)) for n in pool if n in out
+                for i, v in zip(torch.nonzero(masks[n].bool().reshape(-1)).reshape(-1).tolist(),
+                                _clean(scores[n])[masks[n].bool().reshape(-1)].tolist(), strict=True)]
+        cand.sort(key=lambda t: (t[0], t[1], t[2]))  # lowest score first; ties by name and position
+        for _, n, i in cand[:64 + 8 * fixed.total_added]:
+            if not owed:
+                break
+            out[n].view(-1)[i] = False
+            if keeps is not None and not keeps(n, out):
+                out[n].view(-1)[i] = True
+                continue
+            trial = prog.evaluate(_Patterns(model, out))
+            if trial.connected and trial.outputs_reached >= goal:
+                dropped[n] = dropped.get(n, 0) + 1
+                owed -= 1
+            else:
+                out[n].view(-1)[i] = True
+    return Repair(out, fixed.added, prog.evaluate(_Patterns(model, out)), dropped)
 
 
 # ---------------------------------------------------------------------------- patterns
@@ -1130,4 +1192,4 @@ def _pick(prog: _Program, model: nn.Module, masks: dict[str, Tensor], target: Te
 
 
 __all__ = ["Reachability", "Repair", "check_reachability", "collapse_message", "output_units",
-           "reachability", "repair_paths"]
+           "reachability", "reconnect_within_budget", "repair_paths"]
