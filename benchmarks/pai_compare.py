@@ -6,6 +6,8 @@ One command, resumable, results cached per run:
     python benchmarks/pai_compare.py --quick                 # LeNet-300-100, 99.5 %, 3 epochs (CI)
     python benchmarks/pai_compare.py --report-only           # re-aggregate cached runs
     python benchmarks/pai_compare.py --report-only --plot    # + docs/pai_accuracy.svg (the `plot` extra)
+    PAI_LRS=0.03 python benchmarks/pai_compare.py --out EXT ...    # the same runs at another lr, then
+    python benchmarks/pai_compare.py --report-only --merge-from EXT  # each run keeps its best lr (validation)
     python benchmarks/pai_compare.py --dataset fashion-mnist --models lenet300,lenet5 \
         --methods dense,tt-tedepr,snip,grasp,synflow --sparsities 0.995   # docs/fashion_mnist.md
 
@@ -311,6 +313,41 @@ def one_run(model: str, method: str, sparsity: float | None, seed: int, epochs: 
             "val_by_lr": {f"{k:g}": v["best_score"] for k, v in tried.items()}}
 
 
+def merge_sweep(base: dict, ext: dict) -> dict:
+    """One run's row after more learning rates: ``ext`` is the same run (model, method,
+    sparsity, seed: the same masks) trained at other rates; the row with the better
+    validation accuracy wins (ties keep ``base``), ``val_by_lr`` holds every rate tried and
+    the times cover the whole sweep."""
+    sweep = {**(base.get("val_by_lr") or {f"{base['lr']:g}": base["best_val_accuracy"]}),
+             **(ext.get("val_by_lr") or {f"{ext['lr']:g}": ext["best_val_accuracy"]})}
+    out = dict(ext if ext["best_val_accuracy"] > base["best_val_accuracy"] else base)
+    n_base, n_ext = len(base.get("val_by_lr") or [0]), len(ext.get("val_by_lr") or [0])
+    train_s = (base["train_seconds"] * n_base + ext["train_seconds"] * n_ext) / (n_base + n_ext)
+    out.update(val_by_lr=sweep, wall_seconds=round(base["wall_seconds"] + ext["wall_seconds"], 1),
+               train_seconds=round(train_s, 2), seconds_per_epoch=round(train_s / out["epochs"], 3))
+    return out
+
+
+def merge_runs(out: Path, ext: Path) -> tuple[int, list[str]]:
+    """Fold the runs cached under ``ext`` (the same grid at more learning rates, e.g.
+    ``PAI_LRS=0.03 --out EXT``) into ``out``'s (:func:`merge_sweep`); returns how many merged
+    and the keys ``out`` lacks (skipped)."""
+    merged, skipped = 0, []
+    for p in sorted((ext / "runs").glob("*.json")):
+        target = out / "runs" / p.name
+        if not target.exists():
+            skipped.append(p.stem)
+            continue
+        base, more = json.loads(target.read_text()), json.loads(p.read_text())
+        if set(more.get("val_by_lr", {})) <= set(base.get("val_by_lr", {})):
+            continue  # already merged
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_text(json.dumps(merge_sweep(base, more), indent=1))
+        tmp.replace(target)
+        merged += 1
+    return merged, skipped
+
+
 def grid(models, methods, sparsities, seeds):
     for model in models:
         for seed in seeds:
@@ -593,6 +630,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", nargs="?", const="", default=None, metavar="SVG",
                     help="also draw accuracy vs sparsity (needs `pip install -e '.[plot]'`); "
                          "default file: next to the report (pai_accuracy.svg / fashion_mnist_accuracy.svg)")
+    ap.add_argument("--merge-from", default=None, metavar="EXT",
+                    help="fold the runs cached in EXT (the same runs at more learning rates: "
+                         "PAI_LRS=... --out EXT) into OUT's: each run keeps the rate with the best "
+                         "validation accuracy over both sweeps")
     ap.add_argument("--remeasure", action="store_true",
                     help="re-time every cached run (same code and machine state for all rows)")
     args = ap.parse_args(argv)
@@ -660,6 +701,10 @@ def main(argv: list[str] | None = None) -> int:
                 tmp.replace(out / "runs" / f"{key}.json")
                 print(f"{key}: test {100 * row['test_accuracy']:.1f} % kept {row['kept']} effective "
                       f"{row['effective_nonzero']} ({row['wall_seconds']:.0f} s)", flush=True)
+    if args.merge_from:
+        n, skipped = merge_runs(out, Path(args.merge_from))
+        print(f"merged {n} run(s) from {args.merge_from}" + (f"; not in {out}: {', '.join(skipped)}"
+                                                             if skipped else ""))
     if args.remeasure:
         for p in sorted((out / "runs").glob("*.json")):
             row = json.loads(p.read_text())

@@ -471,3 +471,38 @@ def test_pai_compare_out_reports_next_to_its_runs(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert after == before
     assert "| dense |" in (tmp_path / "exp" / "report.md").read_text()
+
+
+def test_pai_compare_merges_a_wider_lr_sweep(tmp_path):
+    """--merge-from: each run keeps the learning rate with the best validation accuracy over
+    both sweeps (its test accuracy with it), records every rate tried, and merging twice
+    changes nothing."""
+    def row(lr_vals, test, wall):
+        lr = max(lr_vals, key=lr_vals.get)
+        return {"model": "lenet300", "method": "tt-tedepr", "sparsity": 0.99, "seed": 0, "epochs": 4,
+                "test_accuracy": test, "best_val_accuracy": lr_vals[lr], "lr": float(lr), "kept": 10,
+                "dense_prunable": 1000, "wall_seconds": wall, "train_seconds": 2.0 * wall / 10,
+                "seconds_per_epoch": 0.5, "val_by_lr": lr_vals}
+    base, ext = tmp_path / "base", tmp_path / "ext"
+    for d in (base, ext):
+        (d / "runs").mkdir(parents=True)
+    (base / "runs" / "a.json").write_text(json.dumps(row({"0.001": 0.70, "0.01": 0.80}, 0.79, 20.0)))
+    (ext / "runs" / "a.json").write_text(json.dumps(row({"0.03": 0.85}, 0.84, 10.0)))
+    (base / "runs" / "b.json").write_text(json.dumps(row({"0.001": 0.70, "0.01": 0.80}, 0.79, 20.0)))
+    (ext / "runs" / "b.json").write_text(json.dumps(row({"0.03": 0.60}, 0.59, 10.0)))
+    (ext / "runs" / "c.json").write_text(json.dumps(row({"0.03": 0.60}, 0.59, 10.0)))
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "pai_compare.py"), "--report-only",
+           "--models", "lenet300", "--out", str(base), "--merge-from", str(ext)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "merged 2 run(s)" in r.stdout and "not in" in r.stdout and "c" in r.stdout
+    a = json.loads((base / "runs" / "a.json").read_text())
+    b = json.loads((base / "runs" / "b.json").read_text())
+    assert a["lr"] == 0.03 and a["test_accuracy"] == 0.84 and a["best_val_accuracy"] == 0.85
+    assert b["lr"] == 0.01 and b["test_accuracy"] == 0.79  # the wider sweep lost: the old pick stays
+    for m in (a, b):
+        assert set(m["val_by_lr"]) == {"0.001", "0.01", "0.03"} and m["wall_seconds"] == 30.0
+        assert m["train_seconds"] == 3.33  # (4 s x 2 rates + 2 s x 1) / 3
+    assert "lr 0.001/0.01/0.03" in (base / "report.md").read_text()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert "merged 0 run(s)" in r.stdout and json.loads((base / "runs" / "a.json").read_text()) == a
