@@ -165,6 +165,9 @@ def _train_paths(model: nn.Module, art: Artifact, opts: TrainOptions, saved: dic
     # every rebuildable layer as it will train (a layer the choice did not reach keeps its
     # default, e.g. an LSTM's input projections: their rebuild), recorded for a resume
     paths = {n: m.train_path for n, m in rebuildable(model).items()}
+    if dist.main and not paths and opts.train_path != "lighter" and saved is None:
+        log.warning(f"{opt('train-path')} {opts.train_path}: the model has no tensorized layer to train "
+                    "on a chain, kernel or rebuilt weight, so it changes nothing")
     if dist.main and paths:
         how = "kept from the run" if saved is not None and "train_paths" in saved else opts.train_path
         if how == "kernel" and not any(p == "kernel" for p in paths.values()):

@@ -269,3 +269,15 @@ def test_an_lstm_chain_w_hh_has_no_train_path_of_its_own():
     layer = build_layer(lstm_spec)
     assert [n for n in rebuildable(layer)] == ["ih.0"]
     assert "ih.0" in uniform(layer, "kernel")
+
+
+def test_a_train_path_asked_of_a_model_without_tensorized_layers_says_it_changes_nothing(tmp_path, caplog):
+    art = load_model(LENET300, parse_arch("lenet300"))
+    with caplog.at_level("WARNING", logger="tedepr"):
+        finetune(art, MNIST, tmp_path / "d", TrainOptions(epochs=1, batch_size=32, limit_train=64, seed=1,
+                                                        train_path="kernel"))
+    assert "train_path kernel: the model has no tensorized layer" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tedepr"):  # the default asks nothing: it says nothing
+        finetune(art, MNIST, tmp_path / "l", TrainOptions(epochs=1, batch_size=32, limit_train=64, seed=1))
+    assert "train_path" not in caplog.text
