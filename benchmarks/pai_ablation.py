@@ -78,6 +78,9 @@ VARIANTS = {
                                                   "criterion_options": {"inner_lr": 0.03}},
     "rank allocation criterion + inner lr 0.3": {"rank_allocation": "criterion",
                                                  "criterion_options": {"inner_lr": 0.3}},
+    # every TEDEPR run above picked 1e-2, the sweep's top: the sweep moved up one step
+    "rank allocation criterion + lr sweep 1e-2/3e-2": {"rank_allocation": "criterion", "lrs": (1e-2, 3e-2)},
+    "lr sweep 1e-2/3e-2": {"lrs": (1e-2, 3e-2)},
 }
 
 
@@ -160,7 +163,7 @@ def run(model: str, sparsity: float, seed: int, knobs: dict, out: Path, epochs: 
     if prototype:
         rep["rank_auto"] = {"rank": dopts.rank, "ranks": dopts.rank_overrides}
     best = None
-    for lr in (1e-3, 1e-2):
+    for lr in knobs.get("lrs", (1e-3, 1e-2)):
         _, s = finetune(art, DATA, out / f"s{seed}-lr{lr:g}",
                         TrainOptions(epochs=knobs.get("epochs", epochs), lr=lr, seed=seed,
                                                  **train), overwrite=True)
