@@ -235,6 +235,10 @@ def test_cli_flag(tmp_path):
                 json.dumps(ZOO_CASES["lstm"]), "--rank", "2", "--lstm-hh", "tensorized")
     assert r.exit_code == 0, r.output
     assert load_artifact(tmp_path / "d").model.lstm.hh_tensorized
+    # the plan shows the chain W_hh on its own line (H -> 4H), its cores counted in the LSTM's row
+    hh_row = next(line for line in r.stdout.splitlines() if "lstm W_hh" in line)
+    h = ZOO_CASES["lstm"].get("hidden", 128)
+    assert f"{4 * h}x{h}" in hh_row and "params in the row above" in hh_row
     r = run_cli("decompose", "lstm", "-o", tmp_path / "e", "--init", "random", "--lstm-hh", "sparse")
     assert r.exit_code == 2
     assert r.stderr.strip().splitlines() == [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any
@@ -231,6 +232,12 @@ def _print_plan(report: list[dict[str, Any]], summary: dict[str, Any]) -> None:
         rows.append([x["name"], x["type"], "x".join(map(str, x["shape"])), modes,
                      ",".join(map(str, x["ranks"])) if x["ranks"] else "-", x["params"],
                      x["compression"], x["work_ratio"], x.get("rel_error"), x["note"]])
+        if x.get("hh"):  # an LSTM's chain W_hh: its own line, its cores counted in the row above
+            hh = x["hh"]
+            shape = f"{math.prod(hh['out_modes'])}x{math.prod(hh['in_modes'])}"
+            rows.append([f"{x['name']} W_hh", "lstm", shape,
+                         f"{'x'.join(map(str, hh['in_modes']))}->{'x'.join(map(str, hh['out_modes']))}",
+                         ",".join(map(str, hh["ranks"])), "", "", "", "", "params in the row above"])
     stdout.print(table("tensorization plan", ["layer", "type", "shape", "modes", "ranks", "params",
                                               "compr.", "work/dense", "rel.err", "note"],
                        rows, right={5, 6, 7, 8}))

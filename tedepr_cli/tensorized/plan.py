@@ -109,7 +109,11 @@ class LayerPlan:
                 "dense_params": self.dense_params,
                 "compression": round(self.compression, 3) if self.spec else 1.0,
                 "work_ratio": None if self.work_ratio is None else round(self.work_ratio, 4),
-                "note": self.note}
+                "note": self.note,
+                # an LSTM's chain W_hh (lstm_hh="tensorized"): its own modes and ranks; its cores
+                # are counted in this row's params
+                **({"hh": {k: s["hh"][0].get(k) for k in ("in_modes", "out_modes", "ranks")}}
+                   if s.get("hh") else {})}
 
 
 # ---------------------------------------------------------------------------- modes
