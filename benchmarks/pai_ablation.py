@@ -81,6 +81,8 @@ VARIANTS = {
     # every TEDEPR run above picked 1e-2, the sweep's top: the sweep moved up one step
     "rank allocation criterion + lr sweep 1e-2/3e-2": {"rank_allocation": "criterion", "lrs": (1e-2, 3e-2)},
     "lr sweep 1e-2/3e-2": {"lrs": (1e-2, 3e-2)},
+    "rank allocation criterion + distill + lr sweep 1e-2/3e-2": {
+        "rank_allocation": "criterion", "teacher": True, "lrs": (1e-2, 3e-2)},
 }
 
 

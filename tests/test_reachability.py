@@ -556,3 +556,22 @@ def test_reconnect_drops_from_the_pool_it_added_to():
     assert whole.dropped == {"layers.0.weight": 1, "layers.1.weight": 1}  # the two lowest: 0.1, 0.2
     assert pools.dropped == {"layers.1.weight": 2}  # (1, 4) and (0, 3): layer 1 keeps its count
     assert all(torch.equal(masks[n], before[n]) for n in masks)  # the input masks are left alone
+
+
+def test_cli_reconnects_cut_outputs_within_the_budget(tmp_path):
+    """Dense magnitude pruning of the trained LeNet-300-100 at 99.9 % leaves 5 of its 10 classes
+    on no input: by default `prune` swaps entries that reach them in, at the same kept count;
+    --no-reconnect keeps the selection and warns."""
+    args = ["prune", LENET300, "--arch", "lenet300", "--no-decompose", "--criterion", "magnitude",
+            "--sparsity", "0.999"]
+    r = run_cli(*args, "-o", tmp_path / "on")
+    assert r.exit_code == 0, r.stderr
+    assert "reconnect:" in r.stdout and "(within the budget)" in r.stdout
+    m = json.loads((tmp_path / "on" / "manifest.json").read_text())["pruning"]
+    assert m["kept"] == m["budget"] and m["repair"]["added"] == m["repair"]["dropped"] >= 1
+    assert m["reachability"]["outputs_reached"] == 10
+    r = run_cli(*args, "-o", tmp_path / "off", "--no-reconnect")
+    assert r.exit_code == 0, r.stderr
+    assert "5 of 10 outputs depend on no input" in r.stderr and "reconnect:" not in r.stdout
+    m = json.loads((tmp_path / "off" / "manifest.json").read_text())["pruning"]
+    assert m["kept"] == m["budget"] and m["reachability"]["outputs_reached"] == 5

@@ -444,6 +444,13 @@ def prune(
                  f"{report['all_params']:,} parameters" + (
                      f"; weights not pruned: {', '.join(f'{n} ({k:,})' for n, k in left.items())}"
                      if left else ""))
-    if report["repair"]["added"]:
-        stdout.print(f"path repair: {report['repair']['added']:,} entries added beyond the budget of "
+    rep = report["repair"]
+    beyond = rep["added"] - rep.get("dropped", 0)
+    if rep.get("dropped"):
+        stdout.print(f"reconnect: {rep['dropped']:,} of the lowest-scored kept entries swapped for "
+                     f"{rep['added']:,} that reconnect the cut outputs"
+                     + (f", {beyond:,} beyond the budget of {report['budget']:,}" if beyond else
+                        " (within the budget)"))
+    elif rep["added"]:
+        stdout.print(f"path repair: {rep['added']:,} entries added beyond the budget of "
                      f"{report['budget']:,} to reconnect the input to the output")
