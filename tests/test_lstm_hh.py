@@ -238,7 +238,9 @@ def test_cli_flag(tmp_path):
     # the plan shows the chain W_hh on its own line (H -> 4H), its cores counted in the LSTM's row
     hh_row = next(line for line in r.stdout.splitlines() if "lstm W_hh" in line)
     h = ZOO_CASES["lstm"].get("hidden", 128)
-    assert f"{4 * h}x{h}" in hh_row and "params in the row above" in hh_row
+    assert f"{4 * h}x{h}" in hh_row and "counted in the row above" in hh_row
+    lstm_row = next(line for line in r.stdout.splitlines() if line.startswith("│ lstm "))
+    assert f"+ {4 * h}x{h}" in lstm_row  # the row's params cover W_ih and W_hh: its shape says both
     r = run_cli("decompose", "lstm", "-o", tmp_path / "e", "--init", "random", "--lstm-hh", "sparse")
     assert r.exit_code == 2
     assert r.stderr.strip().splitlines() == [

@@ -521,6 +521,7 @@ def test_reconnect_swaps_within_the_budget_and_keeps_every_layer_alive():
     assert rep["kept"] == 12 and rep["reachability"]["outputs_reached"] == 3
     assert rep["repair"]["tensors"] == {"out.weight": 1}
     assert rep["repair"]["dropped_tensors"] == {"inp.weight": 1}
+    assert rep["repair"]["cut_outputs"] == 1 and rep["repair"]["mode"] == "swap"
     assert bool(out.masks["out.weight"][2, 2]) and int(out.masks["b1.weight"].sum()) == 1
     dropped = torch.nonzero(cut.masks["inp.weight"] & ~out.masks["inp.weight"]).tolist()
     assert len(dropped) == 1 and dropped[0][0] == dropped[0][1] >= 3  # a unit no output reads
@@ -566,12 +567,23 @@ def test_cli_reconnects_cut_outputs_within_the_budget(tmp_path):
             "--sparsity", "0.999"]
     r = run_cli(*args, "-o", tmp_path / "on")
     assert r.exit_code == 0, r.stderr
-    assert "reconnect:" in r.stdout and "(within the budget)" in r.stdout
+    assert "reconnect: 5 output(s) were cut off the input" in r.stdout
+    assert "(10 of 10 outputs now reached), within the budget" in r.stdout
     m = json.loads((tmp_path / "on" / "manifest.json").read_text())["pruning"]
     assert m["kept"] == m["budget"] and m["repair"]["added"] == m["repair"]["dropped"] >= 1
     assert m["reachability"]["outputs_reached"] == 10
+    assert m["repair"]["mode"] == "swap" and m["repair"]["cut_outputs"] == 5
     r = run_cli(*args, "-o", tmp_path / "off", "--no-reconnect")
     assert r.exit_code == 0, r.stderr
-    assert "5 of 10 outputs depend on no input" in r.stderr and "reconnect:" not in r.stdout
+    assert "5 of 10 outputs depend on no input" in r.stderr and "--reconnect (swaps" in r.stderr
+    assert "5 of 10 outputs depend on no input (constant logits): kept as selected" in r.stdout
     m = json.loads((tmp_path / "off" / "manifest.json").read_text())["pruning"]
     assert m["kept"] == m["budget"] and m["reachability"]["outputs_reached"] == 5
+    assert m["repair"]["mode"] == "off"
+    r = run_cli(*args, "-o", tmp_path / "add", "--repair-paths")  # beyond the budget instead
+    m = json.loads((tmp_path / "add" / "manifest.json").read_text())["pruning"]
+    assert m["repair"]["mode"] == "beyond budget" and m["repair"]["cut_outputs"] == 5
+    assert m["kept"] == m["budget"] + m["repair"]["added"] and m["reachability"]["outputs_reached"] == 10
+    r = run_cli(*args, "-o", tmp_path / "both", "--reconnect", "--repair-paths")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "not both" in r.stderr
+    assert not (tmp_path / "both").exists()

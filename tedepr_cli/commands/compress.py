@@ -229,15 +229,17 @@ def _print_plan(report: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     for x in report:
         modes = (f"{'x'.join(map(str, x['in_modes']))}->{'x'.join(map(str, x['out_modes']))}"
                  if x["tensorized"] else "-")
-        rows.append([x["name"], x["type"], "x".join(map(str, x["shape"])), modes,
+        hh = x.get("hh")  # an LSTM's chain W_hh: the row's params and compression cover W_ih and W_hh
+        shape = "x".join(map(str, x["shape"])) + (
+            f" + {math.prod(hh['out_modes'])}x{math.prod(hh['in_modes'])}" if hh else "")
+        rows.append([x["name"], x["type"], shape, modes,
                      ",".join(map(str, x["ranks"])) if x["ranks"] else "-", x["params"],
                      x["compression"], x["work_ratio"], x.get("rel_error"), x["note"]])
-        if x.get("hh"):  # an LSTM's chain W_hh: its own line, its cores counted in the row above
-            hh = x["hh"]
-            shape = f"{math.prod(hh['out_modes'])}x{math.prod(hh['in_modes'])}"
-            rows.append([f"{x['name']} W_hh", "lstm", shape,
+        if hh:  # its own line: modes and ranks; its cores are counted in the row above (W_ih + W_hh)
+            hh_shape = f"{math.prod(hh['out_modes'])}x{math.prod(hh['in_modes'])}"
+            rows.append([f"{x['name']} W_hh", "lstm", hh_shape,
                          f"{'x'.join(map(str, hh['in_modes']))}->{'x'.join(map(str, hh['out_modes']))}",
-                         ",".join(map(str, hh["ranks"])), "", "", "", "", "params in the row above"])
+                         ",".join(map(str, hh["ranks"])), "", "", "", "", "counted in the row above"])
     stdout.print(table("tensorization plan", ["layer", "type", "shape", "modes", "ranks", "params",
                                               "compr.", "work/dense", "rel.err", "note"],
                        rows, right={5, 6, 7, 8}))
@@ -338,13 +340,14 @@ def prune(
         "them.")] = 1.0,
     repair_paths: Annotated[bool, typer.Option(
         "--repair-paths/--no-repair-paths", help="If no input unit would reach the output any more "
-        "(whole-network collapse, otherwise refused with exit 7), add the fewest best-scored entries "
-        "that reconnect every output, beyond the budget (the report says how many).")] = False,
-    reconnect: Annotated[bool, typer.Option(
+        "(whole-network collapse, otherwise refused with exit 7) or only some outputs would (instead "
+        "of --reconnect's swap), add the fewest best-scored entries that reconnect every output, "
+        "beyond the budget (the report says how many).")] = False,
+    reconnect: Annotated[bool | None, typer.Option(
         "--reconnect/--no-reconnect", help="If only some outputs would depend on no input (constant "
         "logits), swap the fewest best-scored entries that reconnect them for as many of the "
-        "lowest-scored kept entries: the kept count stays the budget. --no-reconnect keeps the "
-        "selection and warns.")] = True,
+        "lowest-scored kept entries: the kept count stays the budget (the default, unless "
+        "--repair-paths). --no-reconnect keeps the selection and warns.", show_default=False)] = None,
     score_mode: Annotated[str, typer.Option(
         "--score-mode", help="Normalization layers while scoring: eval (running statistics) or "
         "train (batch statistics; running statistics are restored).")] = "eval",
@@ -379,6 +382,9 @@ def prune(
     if (sparsity is None) == (density is None):
         raise UsageError("give exactly one of --sparsity or --density")
     s = sparsity if sparsity is not None else 1.0 - density
+    if reconnect and repair_paths:
+        raise UsageError("give --reconnect (within the budget) or --repair-paths (beyond it), not both")
+    reconnect = not repair_paths if reconnect is None else reconnect
     use_threads(threads)  # checks --threads (>= 1) before anything else is done
     opts = PruneOptions(sparsity=s, criterion=criterion, scope=scope, min_density=min_density,
                         path_guard=path_guard, connectivity=connectivity, batch_size=batch_size, seed=seed,
@@ -446,11 +452,16 @@ def prune(
                      if left else ""))
     rep = report["repair"]
     beyond = rep["added"] - rep.get("dropped", 0)
+    reach = report["reachability"]
     if rep.get("dropped"):
-        stdout.print(f"reconnect: {rep['dropped']:,} of the lowest-scored kept entries swapped for "
-                     f"{rep['added']:,} that reconnect the cut outputs"
+        stdout.print(f"reconnect: {rep['cut_outputs']} output(s) were cut off the input; "
+                     f"{rep['dropped']:,} of the lowest-scored kept entries swapped for {rep['added']:,} "
+                     f"that reach them ({reach['outputs_reached']} of {reach['outputs']} outputs now reached)"
                      + (f", {beyond:,} beyond the budget of {report['budget']:,}" if beyond else
-                        " (within the budget)"))
+                        ", within the budget"))
     elif rep["added"]:
         stdout.print(f"path repair: {rep['added']:,} entries added beyond the budget of "
-                     f"{report['budget']:,} to reconnect the input to the output")
+                     f"{report['budget']:,} to reconnect the input to every output")
+    elif rep.get("mode") == "off" and reach.get("checked") and reach["outputs_reached"] < reach["outputs"]:
+        stdout.print(f"{reach['outputs'] - reach['outputs_reached']} of {reach['outputs']} outputs depend on "
+                     "no input (constant logits): kept as selected (--no-reconnect)")

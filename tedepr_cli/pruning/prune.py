@@ -30,7 +30,13 @@ from ..tensorized.train_path import lighter, train_paths
 from ..tensorized.tt import TTLinear
 from .criteria import CRITERIA, CriterionOptions, ScoreContext, differentiable_attention
 from .masking import budget, check_collapse, compared_scores, connected, layer_shares, rank_paths, select
-from .reachability import Reachability, check_reachability, reconnect_within_budget, repair_paths
+from .reachability import (
+    Reachability,
+    check_reachability,
+    reachability,
+    reconnect_within_budget,
+    repair_paths,
+)
 from .targets import kept_counts, prunable_groups
 
 DEFAULT_CRITERION = "tedepr"
@@ -468,14 +474,18 @@ def prune_model(model: torch.nn.Module, opts: PruneOptions,
     check_collapse(groups, masks)
     added: dict[str, int] = {}
     dropped: dict[str, int] = {}
+    cut_before = 0  # outputs the selection left on no input (before any repair)
     # the activity of ReLUs: on real data if given (token ids only)
     samples = token_ids(batches[0][0][:16]) if batches else None
     if opts.repair_paths:  # whole network: reconnect a cut input -> output, say what it cost
+        before = reachability(model, input_shape, masks, samples)
+        cut_before = before.outputs - before.outputs_reached if before.checked else 0
         fixed = repair_paths(model, input_shape, masks, scores, inputs=samples)
         masks, added, reach = fixed.masks, fixed.added, fixed.reach
     else:  # whole network: refuse (exit 7) when no input unit reaches the output
         reach = check_reachability(model, input_shape, masks, samples)
         partly_cut = reach.connected and reach.outputs_reached < reach.outputs
+        cut_before = reach.outputs - reach.outputs_reached if partly_cut else 0
         if opts.reconnect and scores is not None and partly_cut:
             compared = compared_scores(scores, groups, opts.scope)
             pools = [g.params for g in groups] if opts.scope == "layer" else None
@@ -491,11 +501,13 @@ def prune_model(model: torch.nn.Module, opts: PruneOptions,
     report = _report(model, groups, masks, dense, opts, criterion, fallback, data_note, score_s)
     report["reachability"] = reach.as_dict()
     report["scored_on_rebuild"] = sorted(n for n, p in paths.items() if p == "dense")
-    report["repair"] = {"added": sum(added.values()), "tensors": added, "dropped": sum(dropped.values()),
-                        "dropped_tensors": dropped}
+    mode = "beyond budget" if opts.repair_paths else "swap" if opts.reconnect else "off"
+    report["repair"] = {"mode": mode, "cut_outputs": cut_before, "added": sum(added.values()),
+                        "tensors": added, "dropped": sum(dropped.values()), "dropped_tensors": dropped}
     beyond = sum(added.values()) - sum(dropped.values())
     if added and dropped:
-        log.info(f"reconnected {reach.outputs_reached} of {reach.outputs} outputs within the budget: swapped "
+        log.info(f"reconnected the {cut_before} output(s) cut off the input within the budget "
+                 f"({reach.outputs_reached} of {reach.outputs} now reached): swapped "
                  f"{sum(dropped.values()):,} of the lowest-scored kept entries "
                  f"({', '.join(f'{n} {k}' for n, k in dropped.items())}) for {sum(added.values()):,} that "
                  f"reach the cut ones ({', '.join(f'{n} {k}' for n, k in added.items())})"
@@ -504,13 +516,13 @@ def prune_model(model: torch.nn.Module, opts: PruneOptions,
         log.info(f"path repair: added {sum(added.values()):,} entries beyond the budget of "
                  f"{report['budget']:,} to reconnect the input to every output "
                  f"({', '.join(f'{n} {k}' for n, k in added.items())})")
-    report["warnings"] += score_warnings + _reach_warnings(reach)
+    report["warnings"] += score_warnings + _reach_warnings(reach, opts.reconnect)
     for w in report["warnings"]:
         log.warning(w)
     return report
 
 
-def _reach_warnings(reach: Reachability) -> list[str]:
+def _reach_warnings(reach: Reachability, reconnect: bool = True) -> list[str]:
     """Warnings of the whole-network check that do not refuse the result."""
     out = []
     if not reach.checked:
@@ -521,7 +533,9 @@ def _reach_warnings(reach: Reachability) -> list[str]:
                    "around it counts as cut) nor check that kept paths stay active behind ReLUs")
     if reach.checked and 0 < reach.outputs_reached < reach.outputs:
         out.append(f"{reach.outputs - reach.outputs_reached} of {reach.outputs} outputs depend on no "
-                   f"input (constant logits); use a lower sparsity or {opt('repair-paths')}")
+                   f"input (constant logits); use a lower sparsity, "
+                   + (f"{opt('reconnect')} (swaps entries that reach them in, within the budget), "
+                      if not reconnect else "") + f"or {opt('repair-paths')}")
     if reach.cut_layers:
         shown = ", ".join(reach.cut_layers[:6]) + (f" and {len(reach.cut_layers) - 6} more"
                                                    if len(reach.cut_layers) > 6 else "")
